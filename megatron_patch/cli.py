@@ -1,0 +1,54 @@
+"""The `megatron-patch` command. Each subcommand lives in its own module that exposes
+`register(subparsers)`; the module is imported only when listed here, and heavy imports
+(torch, megatron) happen inside the command's run function so `--help` stays fast."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from megatron_patch.errors import UserError
+
+# module path -> registers one or more subcommands
+COMMAND_MODULES = (
+    "megatron_patch.runtime.env_check",
+    "megatron_patch.models.mini",
+    "megatron_patch.convert.cli",
+    "megatron_patch.verify.cli",
+    "megatron_patch.training.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-patch",
+        description="Megatron-Core patch layer: models, checkpoint conversion, HF comparison, training "
+        "on CPU (gloo), CUDA (nccl) and Ascend NPU (hccl).",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:  # command not built yet in this checkout
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

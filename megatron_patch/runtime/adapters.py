@@ -1,0 +1,214 @@
+"""The patches that make megatron-core run beyond CUDA + Transformer Engine.
+
+Each patch names its target, why it exists, the megatron-core versions and the devices it is for.
+They are applied only by `megatron_patch.runtime.setup()`. See ../shared/notes/megatron-core-on-cpu.md
+for the measurements behind each one.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import inspect
+import sys
+
+import torch
+
+from megatron_patch.runtime.accelerator import get_accelerator
+from megatron_patch.runtime.patching import MISSING, Patch, PatchRegistry
+from megatron_patch.runtime.torch_proxy import TORCH_PROXY
+
+NON_CUDA = ("cpu", "npu")
+ALL = ("cpu", "cuda", "npu")
+TESTED = ">=0.16.1,<0.20"
+
+REGISTRY = PatchRegistry()
+patch = REGISTRY.add
+
+# Importing these pulls in everything GPTModel, the schedules, DDP, the optimizer and
+# dist_checkpointing use; the torch proxy is then installed in each loaded module that mentions CUDA.
+ENTRY_MODULES = (
+    "megatron.core.models.gpt.gpt_model",
+    "megatron.core.models.gpt.gpt_layer_specs",
+    "megatron.core.transformer.multi_latent_attention",
+    "megatron.core.transformer.moe.moe_layer",
+    "megatron.core.transformer.moe.token_dispatcher",
+    "megatron.core.transformer.moe.router",
+    "megatron.core.transformer.moe.experts",
+    "megatron.core.transformer.moe.shared_experts",
+    "megatron.core.transformer.multi_token_prediction",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.distributed",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer_param_scheduler",
+    "megatron.core.dist_checkpointing",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.torch",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.rerun_state_machine",
+)
+
+
+def import_entry_modules() -> None:
+    for name in ENTRY_MODULES:
+        importlib.import_module(name)
+
+
+def register_torch_proxies(registry: PatchRegistry) -> None:
+    """One patch per loaded megatron.core module whose source talks to CUDA through `torch`."""
+    known = {p.target for p in registry.patches}
+    for name, module in sorted(sys.modules.items()):
+        if not name.startswith("megatron.core") or module is None or getattr(module, "torch", None) is not torch:
+            continue
+        try:
+            source = inspect.getsource(module)
+        except (OSError, TypeError):
+            continue
+        if "cuda" not in source or f"{name}.torch" in known:
+            continue
+        registry.register(Patch(
+            f"{name}.torch", lambda original: TORCH_PROXY,
+            "device='cuda' and torch.cuda.* answered by the accelerator (torch proxy)",
+            TESTED, NON_CUDA))
+
+
+# --- RNG -------------------------------------------------------------------------------------------
+@patch("megatron.core.tensor_parallel.random._set_cuda_rng_state",
+       "the RNG tracker sets the CUDA generator via torch.cuda._lazy_call; use the accelerator's", TESTED,
+       NON_CUDA)
+def _set_rng_state(original):
+    def set_state(new_state, device=-1, graph_safe=False):
+        get_accelerator().set_rng_state(new_state)
+
+    return set_state
+
+
+@patch("megatron.core.tensor_parallel.random._get_cuda_rng_state",
+       "the RNG tracker reads the CUDA generator; use the accelerator's", TESTED, NON_CUDA)
+def _get_rng_state(original):
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        state = get_accelerator().get_rng_state()
+        return state.clone() if clone else state
+
+    return get_state
+
+
+# --- MLA -------------------------------------------------------------------------------------------
+def _no_transformer_engine() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is None
+
+
+@patch("megatron.core.transformer.multi_latent_attention.HAVE_TE",
+       "MLA thinks TE is present (its extension imports without TE) and calls isinstance(x, None)",
+       TESTED, ALL, needed=_no_transformer_engine)
+def _mla_without_te(original):
+    return False
+
+
+# --- MoE -------------------------------------------------------------------------------------------
+@patch("megatron.core.transformer.moe.moe_utils.te_general_gemm",
+       "router gemm references te_general_gemm, undefined without Transformer Engine", TESTED, ALL,
+       needed=lambda: not hasattr(sys.modules.get("megatron.core.transformer.moe.moe_utils"), "te_general_gemm"))
+def _no_te_gemm(original):
+    return None
+
+
+@patch("megatron.core.transformer.moe.moe_utils.maybe_move_tensor_to_cpu",
+       "alltoall split sizes must become host lists on every device, not only for CUDA tensors",
+       TESTED, NON_CUDA)
+def _move_to_host(original):
+    def move(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor):
+            tensor = tensor.to("cpu")
+            if as_numpy:
+                tensor = tensor.numpy()
+        return tensor
+
+    return move
+
+
+@patch("megatron.core.tensor_parallel.mappings._gather_along_first_dim",
+       "gloo's all_gather needs equal sizes: pad uneven splits to the max and trim", TESTED, ("cpu",))
+def _gather_uneven(original):
+    @functools.wraps(original)
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or len(set(output_split_sizes)) <= 1 or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        gathered = original(padded.contiguous(), group, None, False)
+        pieces = gathered.split(longest, dim=0)
+        return torch.cat([p[:n] for p, n in zip(pieces, output_split_sizes)], dim=0)
+
+    return gather
+
+
+# --- optimizer: tensor type-name checks ------------------------------------------------------------
+@contextlib.contextmanager
+def _cuda_type_names():
+    """Inside megatron's optimizer set-up, CPU/NPU tensors report CUDA type names
+    ('torch.cuda.FloatTensor') so the dtype checks written against those strings pass."""
+    original = torch.Tensor.type
+
+    def type_(self, *args, **kwargs):
+        name = original(self, *args, **kwargs)
+        if not args and not kwargs and isinstance(name, str) and not name.startswith("torch.cuda."):
+            return "torch.cuda." + name[len("torch."):]
+        return name
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _with_cuda_type_names(original):
+    @functools.wraps(original)
+    def call(*args, **kwargs):
+        with _cuda_type_names():
+            return original(*args, **kwargs)
+
+    return call
+
+
+for _target in (
+    "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups",
+    "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.__init__",
+    "megatron.core.optimizer.optimizer.Float16OptimizerWithFloat16Params.__init__",
+    "megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32",
+):
+    REGISTRY.register(Patch(_target, _with_cuda_type_names,
+                            "dtype checks compare tensor.type() with 'torch.cuda.*' strings", TESTED, NON_CUDA))
+
+
+# --- portable modules and kernels --------------------------------------------------------------------
+@patch("megatron.core.models.backends.LocalSpecProvider.core_attention",
+       "local DotProductAttention rejects MLA's k/v_channels and is unfused; use PortableCoreAttention",
+       TESTED, ALL)
+def _core_attention(original):
+    def core_attention(self):
+        from megatron_patch.runtime.modules import PortableCoreAttention
+
+        return PortableCoreAttention
+
+    return core_attention
+
+
+@patch("megatron.core.transformer.torch_norm.WrappedTorchNorm",
+       "WrappedTorchNorm asserts sequence_parallel off; PortableNorm supports SP and device kernels",
+       TESTED, ALL)
+def _norm(original):
+    from megatron_patch.runtime.modules import PortableNorm
+
+    return PortableNorm
+
+
+__all__ = ["REGISTRY", "import_entry_modules", "register_torch_proxies", "MISSING"]

@@ -1,0 +1,96 @@
+"""megatron-core modules built on the portable kernels, swapped into the local spec by the adapter.
+
+* PortableNorm replaces WrappedTorchNorm: it supports sequence parallelism (WrappedTorchNorm asserts
+  it off) and runs the device's RMSNorm kernel (torch on CPU/CUDA, npu_rms_norm on Ascend).
+* PortableCoreAttention replaces the local DotProductAttention: it accepts the k_channels/v_channels
+  MLA passes (the local class does not, megatron-core 0.16-0.19) and runs one fused attention call
+  (SDPA / npu_fusion_attention) instead of the unfused baddbmm + softmax path.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import divide
+
+from megatron_patch.runtime import kernels
+from megatron_patch.runtime.accelerator import get_accelerator
+
+
+class PortableNorm(torch.nn.Module):
+    """RMSNorm / LayerNorm with megatron's norm constructor signature."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                 zero_centered_gamma: bool = False, normalization: str = "LayerNorm"):
+        super().__init__()
+        if config.layernorm_zero_centered_gamma or zero_centered_gamma:
+            raise ValueError("PortableNorm: zero_centered_gamma is not supported; turn it off")
+        self.normalization = config.normalization
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.bias = None
+        if self.normalization == "LayerNorm":
+            self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        elif self.normalization != "RMSNorm":
+            raise ValueError(f"PortableNorm: unknown normalization {self.normalization!r}")
+        # With SP each TP rank sees a different slice of the sequence, so norm weight grads differ
+        # per rank; megatron all-reduces grads of params marked sequence_parallel.
+        for p in self.parameters():
+            setattr(p, "sequence_parallel", bool(config.sequence_parallel))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalization == "RMSNorm":
+            return kernels.get("rms_norm", get_accelerator().type)(x, self.weight, self.eps)
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+class PortableCoreAttention(MegatronModule):
+    """Core attention: softmax(q k^T * scale + mask) v for [s, b, heads, dim] inputs."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 k_channels: int | None = None, v_channels: int | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("PortableCoreAttention: context parallelism needs TE attention; set CP=1")
+        self.attn_mask_type = attn_mask_type
+        k_channels = k_channels or config.kv_channels
+        v_channels = v_channels or config.kv_channels
+        tp = pg_collection.tp.size() if pg_collection is not None else _tp_size()
+        self.num_heads_per_partition = divide(config.num_attention_heads, tp)
+        # MLA: the output width is v_head_dim per head, not kv_channels.
+        self.hidden_size_per_partition = v_channels * self.num_heads_per_partition
+        self.softmax_scale = softmax_scale if softmax_scale is not None else k_channels ** -0.5
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("PortableCoreAttention: packed sequences / attention bias need TE attention")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if k.shape[1] != q.shape[1]:  # GQA: repeat each KV group over its query heads
+            repeat = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+        causal = mask_type == AttnMaskType.causal and attention_mask is None
+        attention = kernels.get("core_attention", get_accelerator().type)
+        dropout = self.dropout_p if self.training else 0.0
+        if dropout:
+            with get_cuda_rng_tracker().fork():
+                out = attention(q, k, v, scale=self.softmax_scale, causal=causal,
+                                attn_mask=attention_mask, dropout_p=dropout)
+        else:
+            out = attention(q, k, v, scale=self.softmax_scale, causal=causal, attn_mask=attention_mask)
+        # [b, n, s, dv] -> [s, b, n*dv]
+        b, n, s, dv = out.shape
+        return out.permute(2, 0, 1, 3).reshape(s, b, n * dv)
+
+
+def _tp_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_world_size()

@@ -1,0 +1,98 @@
+"""Run a function on N ranks of a local process group (gloo on CPU), with a hard timeout.
+
+    results = run_ranks(my_fn, world_size=4, timeout=120, args=(...,))
+
+`my_fn(rank, world_size, *args)` must be importable (module level). Each rank is a spawned process with
+torch.distributed initialised and the runtime set up. If any rank raises, or the deadline passes, the
+remaining ranks are killed and RankFailure carries the first traceback, so a hang or a crash fails the
+test instead of stalling CI. Returns the list of per-rank return values (via torch.save files).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+
+class RankFailure(RuntimeError):
+    def __init__(self, message: str, exitcodes: list[int | None]):
+        super().__init__(message)
+        self.exitcodes = exitcodes
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(fn, rank, world_size, port, out_dir, args, device, env):
+    import torch
+
+    os.environ.update(env)
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    try:
+        from megatron_patch.runtime import setup
+
+        acc = setup(device)
+        acc.set_device(rank)
+        torch.distributed.init_process_group(acc.backend, rank=rank, world_size=world_size,
+                                             timeout=timedelta(seconds=60))
+        result = fn(rank, world_size, *args)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    except BaseException:  # noqa: BLE001 - report every failure to the parent, then exit non-zero
+        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        os._exit(1)
+    try:
+        torch.distributed.destroy_process_group()
+    except Exception:  # noqa: BLE001
+        pass
+    os._exit(0)
+
+
+def run_ranks(fn, world_size: int, timeout: float = 180.0, args: tuple = (), device: str = "cpu",
+              env: dict | None = None) -> list:
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="mp-ranks-") as out_dir:
+        procs = [ctx.Process(target=_rank_main,
+                             args=(fn, r, world_size, port, out_dir, args, device, dict(env or {})),
+                             daemon=True)
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        failure = None
+        while True:
+            codes = [p.exitcode for p in procs]
+            if any(c not in (None, 0) for c in codes):
+                failure = "a rank failed"
+                break
+            if all(c == 0 for c in codes):
+                break
+            if time.monotonic() > deadline:
+                failure = f"timed out after {timeout:.0f} s (a rank hung)"
+                break
+            time.sleep(0.05)
+        if failure:
+            for p in procs:
+                if p.exitcode is None:
+                    p.kill()
+            for p in procs:
+                p.join(5)
+            errors = sorted(Path(out_dir).glob("rank*.err"))
+            detail = "\n".join(f"--- {e.stem} ---\n{e.read_text()}" for e in errors)
+            raise RankFailure(f"{failure}; exit codes {[p.exitcode for p in procs]}\n{detail}",
+                              [p.exitcode for p in procs])
+        for p in procs:
+            p.join()
+        import torch
+
+        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
