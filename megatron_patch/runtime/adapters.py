@@ -111,6 +111,15 @@ def _mla_without_te(original):
     return False
 
 
+@patch("megatron.core.transformer.multi_latent_attention.Linear",
+       "MLA accepts only TE/modelopt Linear as a replicated down-projection; let it accept ours",
+       TESTED, ALL, needed=_no_transformer_engine)
+def _mla_duplicated_linear(original):
+    from megatron_patch.models.spec import DuplicatedLinear
+
+    return DuplicatedLinear
+
+
 # --- MoE -------------------------------------------------------------------------------------------
 @patch("megatron.core.transformer.moe.moe_utils.te_general_gemm",
        "router gemm references te_general_gemm, undefined without Transformer Engine", TESTED, ALL,

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import torch
-from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
@@ -63,7 +62,10 @@ class PortableCoreAttention(MegatronModule):
         # MLA: the output width is v_head_dim per head, not kv_channels.
         self.hidden_size_per_partition = v_channels * self.num_heads_per_partition
         self.softmax_scale = softmax_scale if softmax_scale is not None else k_channels ** -0.5
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            # DeepSeek and Qwen train with attention_dropout=0; the fused kernels here take none.
+            raise ValueError(f"PortableCoreAttention: attention_dropout={dropout} unsupported; set it to 0")
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -78,13 +80,7 @@ class PortableCoreAttention(MegatronModule):
             v = v.repeat_interleave(repeat, dim=1)
         causal = mask_type == AttnMaskType.causal and attention_mask is None
         attention = kernels.get("core_attention", get_accelerator().type)
-        dropout = self.dropout_p if self.training else 0.0
-        if dropout:
-            with get_cuda_rng_tracker().fork():
-                out = attention(q, k, v, scale=self.softmax_scale, causal=causal,
-                                attn_mask=attention_mask, dropout_p=dropout)
-        else:
-            out = attention(q, k, v, scale=self.softmax_scale, causal=causal, attn_mask=attention_mask)
+        out = attention(q, k, v, scale=self.softmax_scale, causal=causal, attn_mask=attention_mask)
         # [b, n, s, dv] -> [s, b, n*dv]
         b, n, s, dv = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, n * dv)

@@ -63,36 +63,47 @@ def run_ranks(fn, world_size: int, timeout: float = 180.0, args: tuple = (), dev
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="mp-ranks-") as out_dir:
         procs = [ctx.Process(target=_rank_main,
-                             args=(fn, r, world_size, port, out_dir, args, device, dict(env or {})),
-                             daemon=True)
+                             args=(fn, r, world_size, port, out_dir, args, device, dict(env or {})))
                  for r in range(world_size)]
+        # Not daemonic: megatron's checkpoint writer starts a multiprocessing Manager inside a rank.
+        # The loop below kills every rank on failure, timeout or interrupt instead.
         for p in procs:
             p.start()
-        deadline = time.monotonic() + timeout
-        failure = None
-        while True:
-            codes = [p.exitcode for p in procs]
-            if any(c not in (None, 0) for c in codes):
-                failure = "a rank failed"
-                break
-            if all(c == 0 for c in codes):
-                break
-            if time.monotonic() > deadline:
-                failure = f"timed out after {timeout:.0f} s (a rank hung)"
-                break
-            time.sleep(0.05)
-        if failure:
+        try:
+            return _wait(procs, out_dir, world_size, timeout)
+        finally:
             for p in procs:
                 if p.exitcode is None:
                     p.kill()
-            for p in procs:
-                p.join(5)
-            errors = sorted(Path(out_dir).glob("rank*.err"))
-            detail = "\n".join(f"--- {e.stem} ---\n{e.read_text()}" for e in errors)
-            raise RankFailure(f"{failure}; exit codes {[p.exitcode for p in procs]}\n{detail}",
-                              [p.exitcode for p in procs])
-        for p in procs:
-            p.join()
-        import torch
 
-        return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+def _wait(procs, out_dir, world_size, timeout):
+    """Poll the ranks; the first non-zero exit or the deadline fails the whole run."""
+    deadline = time.monotonic() + timeout
+    failure = None
+    while True:
+        codes = [p.exitcode for p in procs]
+        if any(c not in (None, 0) for c in codes):
+            failure = "a rank failed"
+            break
+        if all(c == 0 for c in codes):
+            break
+        if time.monotonic() > deadline:
+            failure = f"timed out after {timeout:.0f} s (a rank hung)"
+            break
+        time.sleep(0.05)
+    if failure:
+        for p in procs:
+            if p.exitcode is None:
+                p.kill()
+        for p in procs:
+            p.join(5)
+        errors = sorted(Path(out_dir).glob("rank*.err"))
+        detail = "\n".join(f"--- {e.stem} ---\n{e.read_text()}" for e in errors)
+        raise RankFailure(f"{failure}; exit codes {[p.exitcode for p in procs]}\n{detail}",
+                          [p.exitcode for p in procs])
+    for p in procs:
+        p.join()
+    import torch
+
+    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

@@ -199,6 +199,9 @@ class ParamRow:
     mcore: str
     hf: tuple[str, ...]
     split: SplitKind
+    # Global decoder layers the row exists in (for `{layer}` rows whose module is only in some layers,
+    # e.g. MoE vs dense MLP); None means every decoder layer (or the row has no `{layer}`).
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if len(self.hf) != self.split.num_hf:
@@ -209,8 +212,10 @@ class ParamRow:
         return "{expert}" in self.mcore
 
 
-def row(mcore: str, hf: str | tuple[str, ...], split: SplitKind = Replicated) -> ParamRow:
-    return ParamRow(mcore, (hf,) if isinstance(hf, str) else tuple(hf), split)
+def row(mcore: str, hf: str | tuple[str, ...], split: SplitKind = Replicated,
+        layers: Sequence[int] | None = None) -> ParamRow:
+    return ParamRow(mcore, (hf,) if isinstance(hf, str) else tuple(hf), split,
+                    None if layers is None else tuple(layers))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,220 @@
+"""Megatron-LM's legacy `--ckpt-format torch` checkpoint layout, as megatron/training/checkpointing.py
+writes and reads it:
+
+    ROOT/latest_checkpointed_iteration.txt      "<iteration>" or "release"
+    ROOT/iter_0000100/ (or ROOT/release/)
+        mp_rank_{tp:02d}                         PP == 1, EP == 1
+        mp_rank_{tp:02d}_{pp:03d}                PP  > 1, EP == 1
+        mp_rank_{tp:02d}_{ep:03d}                PP == 1, EP  > 1
+        mp_rank_{tp:02d}_{pp:03d}_{ep:03d}       PP  > 1, EP  > 1
+            model_optim_rng.pt                   {"model": sd} or {"model0": sd0, "model1": ...} (VPP),
+                                                 "checkpoint_version": 3.0, "iteration", "args"
+
+`sizes` is a dict with keys tp, pp, ep and optionally etp (expert tensor parallel, defaults to tp)
+and vpp (virtual pipeline chunks per stage, 1 = none).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from megatron_patch.errors import UserError
+
+TRACKER_NAME = "latest_checkpointed_iteration.txt"
+MODEL_FILE = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
+
+
+def iteration_dir_name(iteration: int | str) -> str:
+    if iteration == "release":
+        return "release"
+    return f"iter_{int(iteration):07d}"
+
+
+def rank_dir_name(tp: int, pp: int, ep: int, pp_size: int, ep_size: int) -> str:
+    # Megatron adds the PP rank only when PP > 1 and the EP rank only when EP > 1.
+    name = f"mp_rank_{tp:02d}" if pp_size == 1 else f"mp_rank_{tp:02d}_{pp:03d}"
+    if ep_size > 1:
+        name += f"_{ep:03d}"
+    return name
+
+
+def checkpoint_rank_dir(root, iteration, tp: int, pp: int, ep: int, pp_size: int, ep_size: int) -> Path:
+    return Path(root) / iteration_dir_name(iteration) / rank_dir_name(tp, pp, ep, pp_size, ep_size)
+
+
+def _normalise_sizes(sizes: dict) -> dict:
+    out = {"tp": int(sizes["tp"]), "pp": int(sizes.get("pp", 1)), "ep": int(sizes.get("ep", 1))}
+    out["etp"] = int(sizes.get("etp") or out["tp"])
+    out["vpp"] = int(sizes.get("vpp") or 1)
+    if min(out.values()) < 1:
+        raise ValueError(f"parallel sizes must be >= 1, got {sizes}")
+    return out
+
+
+def build_args(sizes: dict, args: dict) -> argparse.Namespace:
+    """The `args` Namespace Megatron-LM's loader reads (check_checkpoint_args, load_args_from_checkpoint)."""
+    sizes = _normalise_sizes(sizes)
+    merged = dict(args)
+    merged.update(
+        tensor_model_parallel_size=sizes["tp"],
+        pipeline_model_parallel_size=sizes["pp"],
+        expert_model_parallel_size=sizes["ep"],
+        expert_tensor_parallel_size=sizes["etp"],
+        # Megatron uses None (not 1) for "no virtual pipeline".
+        virtual_pipeline_model_parallel_size=sizes["vpp"] if sizes["vpp"] > 1 else None,
+    )
+    merged.setdefault("ckpt_format", "torch")
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
+        if key in args and args[key] is not None and int(args[key]) != merged[key]:
+            raise ValueError(f"args[{key!r}]={args[key]} disagrees with sizes {sizes}")
+    return argparse.Namespace(**merged)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_rank(root, iteration, tp: int, pp: int, ep: int, sizes: dict, state_dicts: list, args: dict) -> Path:
+    """Write one (tp, pp, ep) rank's model_optim_rng.pt; state_dicts holds one dict per VPP chunk."""
+    norm = _normalise_sizes(sizes)
+    if not (0 <= tp < norm["tp"] and 0 <= pp < norm["pp"] and 0 <= ep < norm["ep"]):
+        raise ValueError(f"rank (tp={tp}, pp={pp}, ep={ep}) outside sizes {norm}")
+    if len(state_dicts) != norm["vpp"]:
+        raise ValueError(f"got {len(state_dicts)} state dicts for vpp={norm['vpp']}")
+    checkpoint = {
+        "args": build_args(sizes, args),
+        "checkpoint_version": CHECKPOINT_VERSION,
+        # Megatron ignores the stored iteration of a release checkpoint and uses 0.
+        "iteration": 0 if iteration == "release" else int(iteration),
+    }
+    if len(state_dicts) == 1:
+        checkpoint["model"] = state_dicts[0]
+    else:
+        for i, sd in enumerate(state_dicts):
+            checkpoint[f"model{i}"] = sd
+    rank_dir = checkpoint_rank_dir(root, iteration, tp, pp, ep, norm["pp"], norm["ep"])
+    rank_dir.mkdir(parents=True, exist_ok=True)
+    path = rank_dir / MODEL_FILE
+    _atomic_torch_save(checkpoint, path)
+    return path
+
+
+def write_latest(root, iteration) -> None:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    # Megatron writes the bare value, no newline.
+    (root / TRACKER_NAME).write_text("release" if iteration == "release" else str(int(iteration)))
+
+
+def read_iteration(root) -> int | str:
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"Megatron checkpoint directory not found: {root} (check the path)")
+    tracker = root / TRACKER_NAME
+    if not tracker.is_file():
+        raise UserError(f"no {TRACKER_NAME} in {root}: not a Megatron torch checkpoint (point at the folder that holds it)")
+    text = tracker.read_text().strip()
+    if text == "release":
+        return "release"
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{tracker} contains {text!r}, expected an iteration number or 'release' (fix the file)") from None
+
+
+def _load(path: Path) -> dict:
+    # weights_only=False: Megatron stores `args` as an argparse.Namespace, which the safe
+    # unpickler rejects. Only load checkpoints you trust. mmap=True: tensors are not read until used.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        raise UserError(f"cannot load {path} ({err}); the file is corrupt or truncated (re-copy it)") from None
+
+
+def read_layout(root) -> tuple[int | str, dict]:
+    """Return (iteration, sizes) deduced from the rank directory names and the stored args."""
+    iteration = read_iteration(root)
+    iter_dir = Path(root) / iteration_dir_name(iteration)
+    if not iter_dir.is_dir():
+        raise UserError(f"{TRACKER_NAME} points at {iter_dir.name}, which does not exist in {root} (fix the tracker file)")
+    ranks: dict[str, tuple] = {}  # directory name -> its numbers (2 to 3 of them are optional)
+    for entry in iter_dir.iterdir():
+        m = _RANK_DIR.match(entry.name)
+        if m and (entry / MODEL_FILE).is_file():
+            ranks[entry.name] = tuple(int(g) for g in m.groups() if g is not None)
+    if not ranks:
+        raise UserError(f"no mp_rank_*/{MODEL_FILE} in {iter_dir}: not a torch-format checkpoint (dist checkpoints are not supported here)")
+    parts = {len(r) for r in ranks.values()}
+    if len(parts) != 1:
+        raise UserError(f"{iter_dir} mixes mp_rank_* naming schemes (remove stale rank directories)")
+    parts = parts.pop()
+
+    first = _load(iter_dir / min(ranks) / MODEL_FILE)  # min(): the all-zero rank
+    args = first.get("args")
+    tp_size = max(r[0] for r in ranks.values()) + 1
+    if parts == 1:
+        pp_size = ep_size = 1
+    elif parts == 3:
+        pp_size = max(r[1] for r in ranks.values()) + 1
+        ep_size = max(r[2] for r in ranks.values()) + 1
+    else:
+        # mp_rank_TT_XXX is ambiguous (XXX = PP rank or EP rank): the stored args decide.
+        second = max(r[1] for r in ranks.values()) + 1
+        if (getattr(args, "pipeline_model_parallel_size", None) or 1) > 1:
+            pp_size, ep_size = second, 1
+        elif (getattr(args, "expert_model_parallel_size", None) or 1) > 1:
+            pp_size, ep_size = 1, second
+        else:
+            raise UserError(f"cannot tell whether the mp_rank_XX_YYY directories in {iter_dir} are PP or EP ranks: the stored args give no parallel sizes (re-save with args)")
+    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None) or len(model_chunks(first))
+    etp = getattr(args, "expert_tensor_parallel_size", None) or tp_size
+    sizes = {"tp": tp_size, "pp": pp_size, "ep": ep_size, "etp": etp, "vpp": vpp}
+
+    for key, arg_name in (("tp", "tensor_model_parallel_size"), ("pp", "pipeline_model_parallel_size"), ("ep", "expert_model_parallel_size")):
+        stored = getattr(args, arg_name, None)
+        if stored is not None and stored != sizes[key]:
+            raise UserError(f"{iter_dir}: rank directories give {key.upper()}={sizes[key]} but the stored args say {arg_name}={stored} (rank directories are missing; re-copy the checkpoint)")
+    expected = {rank_dir_name(t, p, e, pp_size, ep_size) for t in range(tp_size) for p in range(pp_size) for e in range(ep_size)}
+    missing = sorted(expected - set(ranks))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(f"{iter_dir} is incomplete: missing {missing[0]}/{MODEL_FILE}{more} (re-copy the checkpoint)")
+    return iteration, sizes
+
+
+def load_rank_checkpoint(root, tp: int, pp: int, ep: int, sizes: dict | None = None, iteration=None) -> dict:
+    """The whole saved dict of one rank (model chunks, args, iteration, ...)."""
+    if sizes is None or iteration is None:
+        found_iteration, found_sizes = read_layout(root)
+        iteration = found_iteration if iteration is None else iteration
+        sizes = found_sizes if sizes is None else sizes
+    norm = _normalise_sizes(sizes)
+    path = checkpoint_rank_dir(root, iteration, tp, pp, ep, norm["pp"], norm["ep"]) / MODEL_FILE
+    if not path.is_file():
+        raise UserError(f"missing {path} (re-copy the checkpoint)")
+    return _load(path)
+
+
+def model_chunks(checkpoint: dict) -> list[dict]:
+    """The model state dicts of a loaded rank checkpoint, one per VPP chunk, in order."""
+    if "model" in checkpoint:
+        return [checkpoint["model"]]
+    keys = sorted((k for k in checkpoint if re.fullmatch(r"model\d+", k)), key=lambda k: int(k[5:]))
+    if not keys:
+        raise UserError("checkpoint holds no 'model' or 'model0' entry: not a Megatron model checkpoint")
+    return [checkpoint[k] for k in keys]
+
+
+def read_rank(root, tp: int, pp: int, ep: int, sizes: dict | None = None, iteration=None) -> list[dict]:
+    """One rank's model state dicts, one per VPP chunk. Pass sizes/iteration from read_layout to
+    avoid re-deducing the layout for every rank."""
+    return model_chunks(load_rank_checkpoint(root, tp, pp, ep, sizes, iteration))

@@ -1,0 +1,141 @@
+"""Build megatron-core GPTModel chunks for this rank under a parallel layout."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from megatron_patch.errors import UserError
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None  # expert tensor parallel; None = same as TP (megatron's default)
+    vpp: int | None = None  # virtual pipeline chunks per stage
+    sp: bool | None = None  # sequence parallel; None = on when TP > 1 (MoE with TP needs it)
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.tp > 1 if self.sp is None else self.sp
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
+    def describe(self) -> str:
+        parts = [f"TP{self.tp}", f"PP{self.pp}", f"EP{self.ep}", f"ETP{self.expert_tp}"]
+        if self.vpp:
+            parts.append(f"VPP{self.vpp}")
+        if self.sequence_parallel:
+            parts.append("SP")
+        return "x".join(parts)
+
+    def config_overrides(self) -> dict:
+        return dict(
+            tensor_model_parallel_size=self.tp,
+            pipeline_model_parallel_size=self.pp,
+            virtual_pipeline_model_parallel_size=self.vpp,
+            expert_model_parallel_size=self.ep,
+            expert_tensor_parallel_size=self.expert_tp,
+            sequence_parallel=self.sequence_parallel,
+        )
+
+
+def check_layout(layout: ParallelLayout, config, world_size: int | None = None) -> None:
+    """Fail early with a one-line message instead of an assertion deep inside megatron."""
+    heads = config.num_attention_heads
+    if heads % layout.tp:
+        raise UserError(f"TP={layout.tp} does not divide num_attention_heads={heads}; pick a TP that divides it")
+    groups = getattr(config, "num_query_groups", None) or heads
+    if groups % layout.tp:
+        raise UserError(f"TP={layout.tp} does not divide num_query_groups={groups}; pick a TP that divides it")
+    if config.ffn_hidden_size % layout.tp:
+        raise UserError(f"TP={layout.tp} does not divide ffn_hidden_size={config.ffn_hidden_size}")
+    experts = config.num_moe_experts or 0
+    if experts and experts % layout.ep:
+        raise UserError(f"EP={layout.ep} does not divide num_experts={experts}; pick an EP that divides it")
+    if not experts and layout.ep > 1:
+        raise UserError(f"EP={layout.ep} given for a dense model; use EP=1")
+    stages = layout.pp * (layout.vpp or 1)
+    if config.num_layers < stages or config.num_layers % stages:
+        raise UserError(f"PP={layout.pp} x VPP={layout.vpp or 1} does not divide num_layers={config.num_layers}")
+    if world_size is not None:
+        model_parallel = layout.tp * layout.pp
+        expert_parallel = layout.expert_tp * layout.ep * layout.pp
+        if world_size % model_parallel or world_size % expert_parallel:
+            raise UserError(f"world size {world_size} is not a multiple of TPxPP={model_parallel} and "
+                            f"ETPxEPxPP={expert_parallel}; change the layout or the number of ranks")
+
+
+def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
+    """megatron parallel_state + the model-parallel RNG tracker for this layout."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def apply_layout(config, layout: ParallelLayout):
+    """A copy of the megatron config with the layout's parallel fields and device settings."""
+    from megatron_patch.runtime import get_accelerator
+    from megatron_patch.runtime.settings import settings_for
+
+    acc = get_accelerator()
+    fields = layout.config_overrides()
+    fields["batch_p2p_comm"] = settings_for(acc.type).batch_p2p_comm
+    fields["use_cpu_initialization"] = acc.type == "cpu" or config.use_cpu_initialization
+    if layout.pp > 1:
+        fields["pipeline_dtype"] = config.params_dtype
+    return dataclasses.replace(config, **fields)
+
+
+def build_gpt_chunks(config, layer_spec_fn, vocab_size: int, max_sequence_length: int,
+                     layout: ParallelLayout, untie: bool = True, rotary_base: int | float = 10000,
+                     position_embedding_type: str = "rope", mtp_block_spec_fn=None) -> list:
+    """One GPTModel per virtual pipeline chunk of this rank (a single one without VPP)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_patch.runtime import get_accelerator
+
+    device = get_accelerator().current_device()
+    chunks = []
+    for vp_stage in range(layout.vpp or 1):
+        vpp_arg = vp_stage if layout.vpp else None
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vpp_arg)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vpp_arg)
+        spec = layer_spec_fn(config, vp_stage=vpp_arg)
+        kwargs = {}
+        if mtp_block_spec_fn is not None:
+            kwargs["mtp_block_spec"] = mtp_block_spec_fn(config, spec, vp_stage=vpp_arg)
+        model = GPTModel(
+            config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length, pre_process=pre, post_process=post,
+            share_embeddings_and_output_weights=not untie,
+            position_embedding_type="none" if config.multi_latent_attention else position_embedding_type,
+            rotary_base=rotary_base, vp_stage=vpp_arg, **kwargs,
+        )
+        chunks.append(model.to(device))
+    return chunks
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron-LM's rule: pad to a multiple of make_vocab_size_divisible_by * TP."""
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)

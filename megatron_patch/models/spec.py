@@ -1,0 +1,73 @@
+"""The megatron-core layer spec every family builds with: the local spec with two changes for MLA.
+
+Why not the plain local spec: it makes MLA's q/kv down-projections ColumnParallelLinear and gathers
+their output. The RoPE part of kv_down_proj's output (k_pos_emb) is then used by each TP rank for its
+own heads only, and nothing sums its gradient over TP: with TP>1 the forward pass and loss are right
+but the kv_down_proj gradients are wrong (measured: up to 2.4e-4 off in fp32 at TP2+SP; megatron-core
+0.16.1). Transformer Engine's spec avoids this with "duplicated" (replicated) down-projections, where
+MLA gathers k_pos_emb over the sequence and the gather's backward sums it. DuplicatedLinear gives the
+local spec the same structure without TE. It requires sequence parallelism when TP>1 (see
+check_mla_layout), as MoE with TP already does.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_patch.errors import UserError
+
+
+class DuplicatedLinear(MegatronModule):
+    """y = x W^T with W replicated on every TP rank (TE's parallel_mode='duplicated').
+
+    With sequence parallelism each rank sees its own slice of tokens, so W's gradient is partial per
+    rank; `sequence_parallel=True` on W makes megatron's finalize_model_grads sum it over TP."""
+
+    def __init__(self, input_size: int, output_size: int, *, config, init_method, bias: bool = False,
+                 skip_bias_add: bool = False, is_expert: bool = False, **_ignored):
+        super().__init__(config=config)
+        if bias:
+            raise ValueError("DuplicatedLinear: bias is not used by MLA down-projections")
+        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype))
+        if config.perform_initialization:
+            init_method(self.weight)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+        self.weight.allreduce = True
+
+    def forward(self, x: torch.Tensor):
+        return torch.nn.functional.linear(x, self.weight), None
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        # No TP axis: the tensor is the same on every TP rank (a replica).
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix,
+                                                   {}, sharded_offsets)
+
+
+def check_mla_layout(config) -> None:
+    if config.multi_latent_attention and config.tensor_model_parallel_size > 1 and not config.sequence_parallel:
+        raise UserError("MLA with TP>1 needs sequence parallelism (its down-projection gradients are "
+                        "summed over the sequence split); turn SP on")
+
+
+def _duplicate_mla_down_projections(layer_spec) -> None:
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
+
+    attention = getattr(layer_spec.submodules, "self_attention", None)
+    subs = getattr(attention, "submodules", None)
+    if isinstance(subs, MLASelfAttentionSubmodules):
+        subs.linear_q_down_proj = DuplicatedLinear
+        subs.linear_kv_down_proj = DuplicatedLinear
+
+
+def local_block_spec(config, vp_stage: int | None = None):
+    """Decoder block spec for this (virtual) pipeline stage: dense and MoE layers per moe_layer_freq."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    check_mla_layout(config)
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
+                                       vp_stage=vp_stage)
+    for layer_spec in block.layer_specs:
+        _duplicate_mla_down_projections(layer_spec)
+    return block

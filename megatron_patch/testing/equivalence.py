@@ -1,0 +1,175 @@
+"""Layout equivalence: the same tiny MLA + MoE model, the same global batch, at TP1/PP1/EP1 and at a
+parallel layout, must give the same loss, gradients and post-step weights.
+
+The reference run (one rank) saves its weights, gradients and post-step weights as megatron-core
+dist_checkpointing (torch_dist) checkpoints. A layout run loads the weights from that checkpoint
+(resharding on load: dist_checkpointing is the independent reference for "which slice is mine"),
+trains one step, then loads the reference gradients / post-step weights into its own sharding and
+compares them with its local tensors.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from megatron_patch.models.spec import local_block_spec
+from megatron_patch.models.builder import ParallelLayout, apply_layout, build_gpt_chunks, initialize_parallel
+from megatron_patch.training.setup_model import build_optimizer, wrap_ddp
+from megatron_patch.training.step import batch_from_tokens, forward_backward
+
+VOCAB = 256
+SEQ = 16
+GLOBAL_BATCH = 4
+MICRO_BATCH = 1
+LR = 0.1
+
+
+def tiny_deepseek_config(**overrides):
+    """DeepSeek-V3 shaped: MLA with q_lora, YaRN, first layer dense, sigmoid group-limited routing with
+    expert bias and scaling, shared experts. Dimensions divide TP 1/2/4 and EP 1/2/4."""
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    fields = dict(
+        num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+        q_lora_rank=32, kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16,
+        qk_layernorm=True, normalization="RMSNorm", layernorm_epsilon=1e-6,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32,
+        moe_shared_expert_intermediate_size=32, moe_layer_freq=[0, 1, 1, 1],
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=2.5, moe_router_num_groups=4, moe_router_group_topk=2,
+        moe_router_dtype="fp32", moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=1e-2,
+        rope_type="yarn", rotary_scaling_factor=4.0, mscale=1.0, mscale_all_dim=1.0,
+        original_max_position_embeddings=8, rotary_base=10000,
+        params_dtype=torch.float32, bf16=False, hidden_dropout=0.0, attention_dropout=0.0,
+        use_cpu_initialization=True, deterministic_mode=True,
+    )
+    fields.update(overrides)
+    return MLATransformerConfig(**fields)
+
+
+def global_batch(seed: int = 7):
+    gen = torch.Generator().manual_seed(seed)
+    return batch_from_tokens(torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=gen))
+
+
+def _sharded(chunks):
+    """model-chunk sharded state dicts (dist_checkpointing's view of what each rank holds)."""
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _tensor_leaves(sharded):
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    return [v for v in nested_values(sharded) if isinstance(v, (ShardedTensor, ShardedTensorFactory))]
+
+
+def _params_only(sharded, chunks, replace=None):
+    """Keep the parameter leaves of a sharded state dict; optionally swap each param for replace(param)."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    params = {id(p): p for c in chunks for p in c.parameters()}
+
+    def keep(v):
+        if isinstance(v, (ShardedTensor, ShardedTensorFactory)) and id(v.data) in params:
+            if replace is not None:
+                v.data = replace(params[id(v.data)])
+            return v
+        return None
+
+    dict_list_map_inplace(keep, sharded)
+    return _prune(sharded)
+
+
+def _prune(d):
+    if isinstance(d, dict):
+        return {k: _prune(v) for k, v in d.items() if v is not None and _prune(v) != {}}
+    return d
+
+
+def _grad_of(param):
+    grad = getattr(param, "main_grad", None)
+    return (grad if grad is not None else param.grad).detach().clone()
+
+
+def _build(layout: ParallelLayout, dist_opt: bool = False):
+    initialize_parallel(layout)
+    config = apply_layout(tiny_deepseek_config(), layout)
+    chunks = build_gpt_chunks(config, local_block_spec, VOCAB, 64, layout)
+    chunks = wrap_ddp(chunks, config, use_distributed_optimizer=dist_opt)
+    optimizer = build_optimizer(chunks, lr=LR, optimizer="sgd", clip_grad=1.0,
+                                use_distributed_optimizer=dist_opt)
+    return config, chunks, optimizer
+
+
+def _broadcast_loss(loss):
+    """The loss lives on the last pipeline stage; give it to every rank."""
+    from megatron.core import parallel_state
+
+    value = torch.tensor([float("nan") if loss is None else loss.item()], dtype=torch.float64)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        last = parallel_state.get_pipeline_model_parallel_last_rank()
+        torch.distributed.broadcast(value, last, group=parallel_state.get_pipeline_model_parallel_group())
+    return value.item()
+
+
+def _save(sharded, path: str) -> None:
+    from megatron.core import dist_checkpointing
+
+    os.makedirs(path, exist_ok=True)
+    dist_checkpointing.save(sharded, path)
+
+
+def reference_run(rank: int, world: int, out_dir: str) -> dict:
+    """TP1/PP1/EP1: save weights, grads and post-step weights; return the loss."""
+    _, chunks, optimizer = _build(ParallelLayout())
+    _save(_params_only(_sharded(chunks), chunks), os.path.join(out_dir, "weights"))
+    loss = forward_backward(chunks, global_batch(), MICRO_BATCH)
+    _save(_params_only(_sharded(chunks), chunks, _grad_of), os.path.join(out_dir, "grads"))
+    _, grad_norm, _ = optimizer.step()
+    _save(_params_only(_sharded(chunks), chunks), os.path.join(out_dir, "stepped"))
+    return {"loss": loss.item(), "grad_norm": grad_norm}
+
+
+def _max_diff_to_checkpoint(chunks, ckpt_dir, take) -> dict:
+    """Load the reference checkpoint into this rank's sharding; max |local - reference| per key."""
+    from megatron.core import dist_checkpointing
+
+    expected = dist_checkpointing.load(
+        _params_only(_sharded(chunks), chunks, lambda p: torch.empty_like(p)), ckpt_dir)
+    local = _params_only(_sharded(chunks), chunks, take)
+    diffs = {}
+    _diff_walk(expected, local, "", diffs)
+    return diffs
+
+
+def _diff_walk(expected, local, prefix, out):
+    if isinstance(expected, dict):
+        for key in expected:
+            _diff_walk(expected[key], local[key], f"{prefix}{key}.", out)
+    elif torch.is_tensor(expected):
+        out[prefix[:-1]] = (expected - local.data).abs().max().item()
+
+
+def layout_run(rank: int, world: int, layout: ParallelLayout, ref_dir: str, dist_opt: bool = False) -> dict:
+    from megatron.core import dist_checkpointing
+
+    _, chunks, optimizer = _build(layout, dist_opt)
+    loaded = dist_checkpointing.load(_params_only(_sharded(chunks), chunks), os.path.join(ref_dir, "weights"))
+    del loaded  # loaded in place into the params
+    loss = _broadcast_loss(forward_backward(chunks, global_batch(), MICRO_BATCH))
+    result = {"loss": loss}
+    if not dist_opt:  # the distributed optimizer reduce-scatters: each rank holds only its grad shard
+        result["grad_diff"] = _max_diff_to_checkpoint(chunks, os.path.join(ref_dir, "grads"), _grad_of)
+    _, grad_norm, _ = optimizer.step()
+    result["grad_norm"] = grad_norm
+    result["step_diff"] = _max_diff_to_checkpoint(chunks, os.path.join(ref_dir, "stepped"),
+                                                  lambda p: p.detach().clone())
+    return result

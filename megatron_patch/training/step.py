@@ -1,0 +1,89 @@
+"""One forward/backward over a global batch with megatron-core's pipeline schedules.
+
+Shared by training, the layout-equivalence tests and the comparison tool, so "the loss at layout X"
+means the same computation everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # [b, s] int64
+    labels: torch.Tensor  # [b, s] int64
+    loss_mask: torch.Tensor  # [b, s] float
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        b, s = self.tokens.shape
+        return torch.arange(s, device=self.tokens.device).unsqueeze(0).expand(b, s)
+
+    def slice(self, start: int, stop: int) -> "Batch":
+        return Batch(self.tokens[start:stop], self.labels[start:stop], self.loss_mask[start:stop])
+
+    def to(self, device) -> "Batch":
+        return Batch(self.tokens.to(device), self.labels.to(device), self.loss_mask.to(device))
+
+
+def batch_from_tokens(tokens: torch.Tensor) -> Batch:
+    """Next-token prediction: labels are tokens shifted left; the last position is masked."""
+    labels = torch.roll(tokens, -1, dims=1)
+    mask = torch.ones_like(tokens, dtype=torch.float32)
+    mask[:, -1] = 0
+    return Batch(tokens, labels, mask)
+
+
+def data_parallel_share(batch: Batch) -> Batch:
+    """The rows of the global batch this data-parallel rank trains on."""
+    from megatron.core import parallel_state
+
+    dp = parallel_state.get_data_parallel_world_size()
+    rank = parallel_state.get_data_parallel_rank()
+    rows = batch.tokens.shape[0]
+    if rows % dp:
+        raise ValueError(f"global batch {rows} is not divisible by data-parallel size {dp}")
+    per = rows // dp
+    return batch.slice(rank * per, (rank + 1) * per)
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """(loss sum, token count, report): the schedule divides by the count (and by the number of
+    micro-batches); the report keeps sum and count so the logged loss is an exact token mean."""
+    mask = loss_mask.float()
+    loss_sum = (output_tensor.float() * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach().clone(), mask.sum()])}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
+    return output, partial(_loss_func, batch.loss_mask)
+
+
+def forward_backward(chunks: list, batch: Batch, micro_batch_size: int, forward_only: bool = False):
+    """Run this rank's data-parallel share of `batch` in micro-batches through the schedule.
+
+    Returns the mean loss over micro-batches on the last pipeline stage (None elsewhere)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    share = data_parallel_share(batch)
+    rows, seq = share.tokens.shape
+    if rows % micro_batch_size:
+        raise ValueError(f"per-rank batch {rows} is not divisible by micro batch size {micro_batch_size}")
+    micro = [share.slice(i, i + micro_batch_size) for i in range(0, rows, micro_batch_size)]
+    iterators = [iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro)
+    losses = get_forward_backward_func()(
+        forward_step_func=_forward_step, data_iterator=iterators,
+        model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(micro),
+        seq_length=seq, micro_batch_size=micro_batch_size, forward_only=forward_only,
+    )
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    totals = torch.stack([l["lm loss"] for l in losses]).sum(dim=0)
+    return totals[0] / totals[1]

@@ -1,0 +1,45 @@
+"""Same loss, gradients and post-step weights at every parallel layout as at TP1/PP1/EP1 (gloo ranks)."""
+import pytest
+
+from megatron_patch.models.builder import ParallelLayout
+from megatron_patch.testing.equivalence import layout_run, reference_run
+from megatron_patch.testing.multirank import run_ranks
+
+# fp32, one SGD step: differences come only from reduction order across ranks.
+LOSS_TOL = 1e-6
+GRAD_TOL = 1e-7
+STEP_TOL = 1e-7
+
+LAYOUTS = {
+    "TP2+SP": (2, ParallelLayout(tp=2, sp=True), False),
+    "PP2": (2, ParallelLayout(pp=2), False),
+    "PP2xVPP2": (2, ParallelLayout(pp=2, vpp=2), False),
+    "EP2": (2, ParallelLayout(ep=2), False),
+    "TP2xEP2xETP1": (4, ParallelLayout(tp=2, ep=2, etp=1), False),
+    "TP2xEP2xETP2": (4, ParallelLayout(tp=2, ep=2, etp=2), False),
+    "PP2xEP2": (4, ParallelLayout(pp=2, ep=2), False),
+    "DP2+distopt": (2, ParallelLayout(), True),
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    (result,) = run_ranks(reference_run, 1, timeout=240, args=(str(out),))
+    return str(out), result
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_rank(reference, name):
+    ref_dir, ref = reference
+    world, layout, dist_opt = LAYOUTS[name]
+    results = run_ranks(layout_run, world, timeout=240, args=(layout, ref_dir, dist_opt))
+    for rank, res in enumerate(results):
+        assert abs(res["loss"] - ref["loss"]) <= LOSS_TOL, (rank, res["loss"], ref["loss"])
+        assert abs(res["grad_norm"] - ref["grad_norm"]) <= 1e-5 * max(1.0, ref["grad_norm"])
+        if "grad_diff" in res:
+            worst = max(res["grad_diff"].items(), key=lambda kv: kv[1])
+            assert worst[1] <= GRAD_TOL, (rank, worst)
+        worst = max(res["step_diff"].items(), key=lambda kv: kv[1])
+        assert worst[1] <= STEP_TOL, (rank, worst)
+        assert len(res["step_diff"]) > 0
