@@ -5,7 +5,7 @@ from megatron_patch.models.builder import ParallelLayout
 from megatron_patch.testing.equivalence import layout_run, reference_run
 from megatron_patch.testing.multirank import run_ranks
 
-# fp32, one SGD step: differences come only from reduction order across ranks.
+# fp32, one Adam step: differences come only from reduction order across ranks.
 LOSS_TOL = 1e-6
 GRAD_TOL = 1e-7
 STEP_TOL = 1e-7

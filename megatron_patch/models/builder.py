@@ -98,6 +98,9 @@ def apply_layout(config, layout: ParallelLayout):
     fields["use_cpu_initialization"] = acc.type == "cpu" or config.use_cpu_initialization
     if layout.pp > 1:
         fields["pipeline_dtype"] = config.params_dtype
+    if layout.vpp:
+        # Interleaved schedule: micro-batches are taken PP at a time per virtual stage.
+        fields["microbatch_group_size_per_vp_stage"] = layout.pp
     return dataclasses.replace(config, **fields)
 
 
@@ -139,3 +142,22 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
+
+
+def build_family_model(hf_config, layout: ParallelLayout, **config_overrides):
+    """The GPTModel chunks of this rank for an HF config: (chunks, megatron config, ModelArgs).
+    Parallel state must be initialised for `layout` (initialize_parallel)."""
+    from megatron_patch.models.families import family_for_config, model_args, mtp_block_spec
+
+    family = family_for_config(hf_config)
+    config = apply_layout(family.to_mcore_config(hf_config, **config_overrides), layout)
+    check_layout(layout, config)
+    args = model_args(hf_config)
+    kw = args.gpt_model_kwargs(layout.tp)
+    chunks = build_gpt_chunks(
+        config, family.layer_spec, kw["vocab_size"], kw["max_sequence_length"], layout,
+        untie=not kw["share_embeddings_and_output_weights"], rotary_base=kw["rotary_base"],
+        position_embedding_type=kw["position_embedding_type"],
+        mtp_block_spec_fn=mtp_block_spec if getattr(config, "mtp_num_layers", None) else None,
+    )
+    return chunks, config, args

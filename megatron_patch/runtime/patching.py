@@ -110,7 +110,8 @@ class PatchRegistry:
             original = getattr(owner, name, MISSING)
             # Class attributes: keep staticmethod/classmethod wrappers as they are declared.
             raw = owner.__dict__.get(name, original) if isinstance(owner, type) else original
-            replacement = p.make(original)
+            # Wrap the plain function under a staticmethod/classmethod, then re-declare it as such.
+            replacement = p.make(raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else original)
             if isinstance(raw, staticmethod):
                 replacement = staticmethod(replacement)
             elif isinstance(raw, classmethod):

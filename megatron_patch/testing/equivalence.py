@@ -23,7 +23,8 @@ VOCAB = 256
 SEQ = 16
 GLOBAL_BATCH = 4
 MICRO_BATCH = 1
-LR = 0.1
+LR = 1e-3
+ADAM_EPS = 1e-3  # first Adam step is ~lr*sign(g) with a tiny eps; a larger eps keeps it smooth in g
 
 
 def tiny_deepseek_config(**overrides):
@@ -104,7 +105,7 @@ def _build(layout: ParallelLayout, dist_opt: bool = False):
     config = apply_layout(tiny_deepseek_config(), layout)
     chunks = build_gpt_chunks(config, local_block_spec, VOCAB, 64, layout)
     chunks = wrap_ddp(chunks, config, use_distributed_optimizer=dist_opt)
-    optimizer = build_optimizer(chunks, lr=LR, optimizer="sgd", clip_grad=1.0,
+    optimizer = build_optimizer(chunks, lr=LR, optimizer="adam", adam_eps=ADAM_EPS, clip_grad=1.0,
                                 use_distributed_optimizer=dist_opt)
     return config, chunks, optimizer
 

@@ -68,7 +68,7 @@ def _forward_step(data_iterator, model):
 def forward_backward(chunks: list, batch: Batch, micro_batch_size: int, forward_only: bool = False):
     """Run this rank's data-parallel share of `batch` in micro-batches through the schedule.
 
-    Returns the mean loss over micro-batches on the last pipeline stage (None elsewhere)."""
+    Returns the token-mean loss over the whole global batch on the last pipeline stage (None elsewhere)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -85,5 +85,8 @@ def forward_backward(chunks: list, batch: Batch, micro_batch_size: int, forward_
     )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
+    # Token-weighted mean over micro-batches and data-parallel ranks.
     totals = torch.stack([l["lm loss"] for l in losses]).sum(dim=0)
+    if parallel_state.get_data_parallel_world_size() > 1:
+        torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     return totals[0] / totals[1]

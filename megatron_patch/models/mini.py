@@ -1,0 +1,273 @@
+"""`make-mini`: write a tiny random HF model of a family (config, safetensors weights, tokenizer) with
+transformers itself, so tests and examples never download anything.
+
+    megatron-patch make-mini --family deepseek_v3 --out /tmp/ds3-mini [--layers 4] [--hidden 64]
+        [--experts 8] [--seed 0] [--set key=value ...] [--preset mini|real-config] [--force]
+
+Presets (per family, in megatron_patch/models/families/<family>.py):
+  mini         shaped like the real model (DeepSeek-V2-Lite, DeepSeek-V3, Qwen2.5-32B, Qwen3-30B-A3B),
+               scaled down: hidden 64-128, 4 layers, 8 experts, vocab 512, dims divisible for TP 1/2/4 and
+               EP 1/2/4/8. Weights are written (fp32) with a byte-level BPE tokenizer trained in-process
+               on megatron_patch/models/mini_corpus.txt. initializer_range is 0.1 (not 0.02) so that
+               every layer visibly moves the residual stream and a comparison with megatron is sensitive.
+  real-config  the published config values except the layer count; config.json only (shape tests).
+
+DeepSeek-V3 specifics: the router's e_score_correction_bias is set to random values (transformers
+initialises it to zeros, which would hide a missing bias), and with num_nextn_predict_layers > 0 random
+MTP weights are appended at model.layers.{num_hidden_layers + i}.* as in the real checkpoint
+(transformers 5.23 does not build them and ignores them on load).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from megatron_patch.errors import UserError
+
+CORPUS = Path(__file__).with_name("mini_corpus.txt")
+SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"]  # ids 0, 1, 2 (bos, eos, pad)
+PRESETS = ("mini", "real-config")
+_EXPERT_KEY = {"deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts", "qwen3_moe": "num_experts"}
+
+
+def parse_value(text: str) -> Any:
+    """--set values: JSON (ints, floats, true/false/null, lists, dicts), else True/False/None, else str."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    return text
+
+
+def parse_sets(items: list[str] | None) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        if not key.strip():
+            raise UserError(f"--set {item!r}: empty key")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def _apply(cfg: dict, key: str, value: Any) -> None:
+    """key or dotted key (rope_parameters.factor=32) into the config dict."""
+    parts = key.split(".")
+    target = cfg
+    for p in parts[:-1]:
+        if not isinstance(target.get(p), dict):
+            target[p] = dict(target.get(p) or {})
+        target = target[p]
+    target[parts[-1]] = value
+
+
+def config_dict(family: str, preset: str = "mini", layers: int | None = None, hidden: int | None = None,
+                experts: int | None = None, overrides: dict | None = None) -> dict:
+    """The HF config values make-mini would write (before the config class adds its defaults)."""
+    from megatron_patch.models.families import get_family
+
+    fam = get_family(family)
+    if preset not in fam.presets:
+        raise UserError(f"unknown preset {preset!r} for {family}; choose one of {', '.join(fam.presets)}")
+    cfg = json.loads(json.dumps(fam.presets[preset]))  # deep copy
+    if layers is None and preset == "real-config":
+        layers = max(2, (cfg.get("first_k_dense_replace") or 0) + 1)  # keep at least one MoE layer
+    if layers is not None:
+        if layers < 1:
+            raise UserError(f"--layers {layers}: must be >= 1")
+        cfg["num_hidden_layers"] = layers
+        if "max_window_layers" in cfg:
+            cfg["max_window_layers"] = layers
+    if hidden is not None:
+        cfg["hidden_size"] = hidden
+    if experts is not None:
+        if family not in _EXPERT_KEY:
+            raise UserError(f"--experts: {family} is a dense family")
+        cfg[_EXPERT_KEY[family]] = experts
+    for key, value in (overrides or {}).items():
+        _apply(cfg, key, value)
+    return cfg
+
+
+def build_hf_config(family: str, cfg: dict):
+    from transformers import CONFIG_MAPPING
+
+    from megatron_patch.models.families import get_family
+
+    fam = get_family(family)
+    try:
+        config = CONFIG_MAPPING[fam.hf_model_type](**cfg)
+    except (TypeError, ValueError, KeyError) as err:
+        raise UserError(f"{family}: transformers rejects the config: {err}") from err
+    config.architectures = [fam.hf_architectures[0]]
+    fam.to_mcore_config(config)  # refuse configs the megatron mapping cannot represent
+    return config
+
+
+def train_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer with exactly vocab_size entries (specials first, then bytes, merges,
+    then reserved filler tokens if the corpus runs out of merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
+        raise UserError(f"vocab_size={vocab_size} is too small for a byte-level tokenizer "
+                        f"(needs >= {len(alphabet) + len(SPECIAL_TOKENS)})")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator(CORPUS.read_text(encoding="utf-8").splitlines(), trainer=trainer)
+    missing = vocab_size - tok.get_vocab_size()
+    if missing > 0:
+        tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(missing)])
+    if tok.get_vocab_size() != vocab_size:
+        raise UserError(f"tokenizer has {tok.get_vocab_size()} entries, wanted {vocab_size}")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL_TOKENS[0], eos_token=SPECIAL_TOKENS[1],
+                                   pad_token=SPECIAL_TOKENS[2], unk_token=SPECIAL_TOKENS[1])
+    # unk_token set explicitly: AutoTokenizer picks e.g. Qwen2Tokenizer for a qwen2 config, which would
+    # otherwise add its own "<|endoftext|>" (one entry past vocab_size).
+
+
+def _randomise_expert_bias(model, seed: int) -> None:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape, generator=gen, dtype=torch.float32).to(buf.dtype) * 0.05)
+
+
+def build_model(config, seed: int = 0):
+    """The random fp32 HF model make-mini saves (deterministic for a config and seed)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomise_expert_bias(model, seed)
+    return model.eval()
+
+
+def _append_mtp_weights(out: Path, config, seed: int) -> list[str]:
+    """Random DeepSeek-V3 MTP modules at model.layers.{L + i}.*, as in the real checkpoint: a transformer
+    layer shaped like the last decoder layer plus enorm, hnorm, eh_proj, shared_head.norm, and copies of
+    embed_tokens / lm_head (embed_tokens, shared_head.head)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    n = getattr(config, "num_nextn_predict_layers", 0) or 0
+    files = sorted(out.glob("*.safetensors"))
+    if not n or len(files) != 1:
+        return []
+    path = files[0]
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    gen = torch.Generator().manual_seed(seed + 2)
+    L, h, std = config.num_hidden_layers, config.hidden_size, config.initializer_range
+    last = f"model.layers.{L - 1}."
+    added = []
+
+    def rand(shape, norm=False):
+        x = torch.randn(shape, generator=gen, dtype=torch.float32)
+        return (1.0 + 0.1 * x) if norm else x * std
+
+    for i in range(n):
+        p = f"model.layers.{L + i}."
+        new = {}
+        for k, t in tensors.items():
+            if k.startswith(last):
+                rest = k[len(last):]
+                norm = rest.endswith("layernorm.weight") or rest.endswith("_layernorm.weight")
+                new[p + rest] = rand(t.shape, norm=norm).to(t.dtype)
+        emb = tensors["model.embed_tokens.weight"]
+        new[p + "embed_tokens.weight"] = emb.clone()
+        new[p + "shared_head.head.weight"] = tensors.get("lm_head.weight", emb).clone()
+        new[p + "enorm.weight"] = rand((h,), norm=True).to(emb.dtype)
+        new[p + "hnorm.weight"] = rand((h,), norm=True).to(emb.dtype)
+        new[p + "shared_head.norm.weight"] = rand((h,), norm=True).to(emb.dtype)
+        new[p + "eh_proj.weight"] = rand((h, 2 * h)).to(emb.dtype)
+        tensors.update(new)
+        added += sorted(new)
+    save_file(tensors, str(path), metadata=metadata)
+    return added
+
+
+def make_mini(family: str, out_dir: str | os.PathLike, layers: int | None = None, hidden: int | None = None,
+              experts: int | None = None, seed: int = 0, overrides: dict | None = None, preset: str = "mini",
+              force: bool = False) -> Path:
+    """Write the model to out_dir atomically (a temp dir next to it, then rename). Returns out_dir."""
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to replace it")
+    cfg = config_dict(family, preset, layers, hidden, experts, overrides)
+    config = build_hf_config(family, cfg)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        info = {"family": family, "preset": preset, "seed": seed, "layers": layers, "hidden": hidden,
+                "experts": experts, "overrides": overrides or {}}
+        if preset == "real-config":
+            config.save_pretrained(tmp)
+            info["weights"] = False
+        else:
+            model = build_model(config, seed)
+            model.save_pretrained(tmp, safe_serialization=True)
+            info["weights"] = True
+            info["mtp_tensors"] = _append_mtp_weights(tmp, config, seed)
+            train_tokenizer(config.vocab_size).save_pretrained(tmp)
+        (tmp / "make_mini.json").write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def run(args) -> int:
+    out = make_mini(args.family, args.out, layers=args.layers, hidden=args.hidden, experts=args.experts,
+                    seed=args.seed, overrides=parse_sets(args.set), preset=args.preset, force=args.force)
+    print(f"wrote {args.preset} {args.family} model to {out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    families = ("deepseek_v2", "deepseek_v3", "qwen2", "qwen3_moe")
+    p = subparsers.add_parser("make-mini", help="write a tiny random HF model + tokenizer (no download)",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", required=True, choices=families)
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--layers", type=int, default=None, help="num_hidden_layers")
+    p.add_argument("--hidden", type=int, default=None, help="hidden_size")
+    p.add_argument("--experts", type=int, default=None, help="number of routed experts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="HF config override (repeatable; JSON values; dotted keys for nested dicts)")
+    p.add_argument("--preset", choices=PRESETS, default="mini")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=run)
