@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
+from megatron_patch.convert.atomic import atomic_output_dir
 from megatron_patch.errors import UserError
 
 CORPUS = Path(__file__).with_name("mini_corpus.txt")
@@ -213,17 +213,10 @@ def make_mini(family: str, out_dir: str | os.PathLike, layers: int | None = None
               force: bool = False) -> Path:
     """Write the model to out_dir atomically (a temp dir next to it, then rename). Returns out_dir."""
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise UserError(f"{out} exists; pass --force to replace it")
     cfg = config_dict(family, preset, layers, hidden, experts, overrides)
     config = build_hf_config(family, cfg)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_output_dir(out, force=force) as tmp:
         info = {"family": family, "preset": preset, "seed": seed, "layers": layers, "hidden": hidden,
                 "experts": experts, "overrides": overrides or {}}
         if preset == "real-config":
@@ -236,16 +229,6 @@ def make_mini(family: str, out_dir: str | os.PathLike, layers: int | None = None
             info["mtp_tensors"] = _append_mtp_weights(tmp, config, seed)
             train_tokenizer(config.vocab_size).save_pretrained(tmp)
         (tmp / "make_mini.json").write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
