@@ -12,25 +12,13 @@ import torch.nn.functional as F
 from megatron_patch.runtime import kernels
 from megatron_patch.runtime.kernels import attention, moe, rms_norm, rope, swiglu
 
-NPU_DOUBLE = Path(__file__).resolve().parent / "npu_double"
+from conftest import NPU_DOUBLE
 
 ATOL = RTOL = 1e-6
 
 
 def close(a, b, atol=ATOL, rtol=RTOL):
     torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
-
-
-@pytest.fixture
-def npu_double(monkeypatch):
-    """Make the torch_npu test double importable for one test; monkeypatch removes it again afterwards."""
-    monkeypatch.syspath_prepend(str(NPU_DOUBLE))
-    # Record "no torch_npu module" so that teardown deletes whatever the test imports.
-    monkeypatch.setitem(sys.modules, "torch_npu", None)
-    del sys.modules["torch_npu"]
-    module = importlib.import_module("torch_npu")
-    assert Path(module.__file__).is_relative_to(NPU_DOUBLE)
-    return module
 
 
 def gen(seed=0):
