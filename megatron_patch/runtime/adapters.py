@@ -29,6 +29,7 @@ patch = REGISTRY.add
 # dist_checkpointing use; the torch proxy is then installed in each loaded module that mentions CUDA.
 ENTRY_MODULES = (
     "megatron.core.models.gpt.gpt_model",
+    "megatron.core.models.common.language_module.language_module",
     "megatron.core.models.gpt.gpt_layer_specs",
     "megatron.core.transformer.multi_latent_attention",
     "megatron.core.transformer.moe.moe_layer",
@@ -179,13 +180,29 @@ def _cuda_type_names():
         torch.Tensor.type = original
 
 
-def _with_cuda_type_names(original):
-    @functools.wraps(original)
-    def call(*args, **kwargs):
-        with _cuda_type_names():
-            return original(*args, **kwargs)
+@contextlib.contextmanager
+def _tensor_cuda_is_accelerator():
+    """Inside megatron's embedding set-up, `tensor.cuda()` moves to the accelerator's device instead."""
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self.to(get_accelerator().current_device())
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
 
-    return call
+
+def _inside(context):
+    """Patch maker: run the original function inside `context()`."""
+
+    def make(original):
+        @functools.wraps(original)
+        def call(*args, **kwargs):
+            with context():
+                return original(*args, **kwargs)
+
+        return call
+
+    return make
 
 
 for _target in (
@@ -194,8 +211,13 @@ for _target in (
     "megatron.core.optimizer.optimizer.Float16OptimizerWithFloat16Params.__init__",
     "megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32",
 ):
-    REGISTRY.register(Patch(_target, _with_cuda_type_names,
+    REGISTRY.register(Patch(_target, _inside(_cuda_type_names),
                             "dtype checks compare tensor.type() with 'torch.cuda.*' strings", TESTED, NON_CUDA))
+
+REGISTRY.register(Patch(
+    "megatron.core.models.common.language_module.language_module.LanguageModule.setup_embeddings_and_output_layer",
+    _inside(_tensor_cuda_is_accelerator),
+    "PP>1 syncs the last stage's embedding copy (tied embeddings, MTP) with weight.data.cuda()", TESTED, NON_CUDA))
 
 
 # --- portable modules and kernels --------------------------------------------------------------------

@@ -446,9 +446,9 @@ def standard_hooks(has_moe: bool, has_shared: bool = False) -> list:
         HookPoint("attention", "decoder.layers.{layer}.self_attention", "model.layers.{layer}.self_attn"),
         HookPoint("pre_mlp_layernorm", "decoder.layers.{layer}.pre_mlp_layernorm",
                   "model.layers.{layer}.post_attention_layernorm"),
-        HookPoint("mlp", "decoder.layers.{layer}.mlp", "model.layers.{layer}.mlp"),
-        HookPoint("layer", "decoder.layers.{layer}", "model.layers.{layer}"),
     ]
+    # Listed in execution order (router and shared experts run inside the MLP): the comparison reports
+    # rows in table order, so its first FAIL row is the first place the two models diverge.
     if has_moe:
         hooks.append(HookPoint("router", "decoder.layers.{layer}.mlp.router", "model.layers.{layer}.mlp.gate",
                                kind="router"))
@@ -456,6 +456,8 @@ def standard_hooks(has_moe: bool, has_shared: bool = False) -> list:
         hooks.append(HookPoint("shared_experts", "decoder.layers.{layer}.mlp.shared_experts",
                                "model.layers.{layer}.mlp.shared_experts"))
     hooks += [
+        HookPoint("mlp", "decoder.layers.{layer}.mlp", "model.layers.{layer}.mlp"),
+        HookPoint("layer", "decoder.layers.{layer}", "model.layers.{layer}"),
         HookPoint("final_norm", "decoder.final_layernorm", "model.norm"),
         HookPoint("logits", "output_layer", "lm_head", kind="logits"),
     ]

@@ -1,0 +1,167 @@
+"""Forward hooks on the HF model and on this rank's Megatron chunks, driven by the family's hook table.
+
+A hook point (models/families/base.py HookPoint) names a Megatron module path and the HF module path
+computing the same thing; `{layer}` expands over decoder layers (global index on the HF side; on the
+Megatron side the chunk's stage-local index, mapped back to the global one with the layer's own
+`layer_number`). Every call of a hooked module is recorded (`output.detach().clone()`: megatron updates
+some outputs in place), so micro-batches and modules that run twice (MTP reuses the embedding and the
+output layer) can be sorted out afterwards in normalize.py.
+
+What is kept of an output, by kind:
+  hidden  the tensor (first element of a (output, bias) / (output, weights) tuple)
+  logits  the same
+  router  Megatron: probs [tokens, E] (zeros where not routed);  HF: (top-k weights, top-k indices)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Key = tuple[str, int | None]  # (component, global layer or None)
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _keep_mcore(kind: str, output):
+    if kind == "router":
+        probs = output[0] if isinstance(output, (tuple, list)) else output
+        return probs.detach().clone()
+    return _first(output).detach().clone()
+
+
+def _keep_hf(kind: str, output):
+    if kind == "router":
+        # transformers 5 gates return (router_logits, top-k weights, top-k indices)
+        if not (isinstance(output, (tuple, list)) and len(output) >= 3):
+            raise TypeError(f"unexpected HF router output: {type(output).__name__}; expected (logits, weights, "
+                            "indices)")
+        return (output[1].detach().clone(), output[2].detach().clone())
+    return _first(output).detach().clone()
+
+
+@dataclass
+class Target:
+    key: Key
+    kind: str
+    module: torch.nn.Module
+    path: str
+
+
+class Recorder:
+    """Forward hooks that append every call's output to `calls[key]`; `remove()` takes them off."""
+
+    def __init__(self, keep):
+        self._keep = keep
+        self.calls: dict[Key, list] = {}
+        self.kinds: dict[Key, str] = {}
+        self.paths: dict[Key, str] = {}
+        self._handles = []
+
+    def add(self, target: Target) -> None:
+        self.calls.setdefault(target.key, [])
+        self.kinds[target.key] = target.kind
+        self.paths[target.key] = target.path
+        keep, key, kind = self._keep, target.key, target.kind
+
+        def hook(_module, _inputs, output):
+            self.calls[key].append(keep(kind, output))
+
+        self._handles.append(target.module.register_forward_hook(hook))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _get(module: torch.nn.Module, path: str):
+    try:
+        return module.get_submodule(path) if path else module
+    except AttributeError:
+        return None
+
+
+def split_hooks(hooks) -> tuple[list, list, list]:
+    """(pre, per-layer, post) hook points in table order: non-layer points listed before the first
+    `{layer}` point run before the decoder (embedding), the others after it (final norm, logits)."""
+    pre, layer, post = [], [], []
+    for h in hooks:
+        if "{layer}" in h.mcore or "{layer}" in h.hf:
+            layer.append(h)
+        elif layer:
+            post.append(h)
+        else:
+            pre.append(h)
+    return pre, layer, post
+
+
+def hook_order(hooks, num_layers: int) -> list[Key]:
+    """All keys in execution order: pre points, then per layer its points in table order, then post."""
+    pre, layer, post = split_hooks(hooks)
+    keys: list[Key] = [(h.component, None) for h in pre]
+    for i in range(num_layers):
+        keys += [(h.component, i) for h in layer]
+    keys += [(h.component, None) for h in post]
+    return keys
+
+
+def hf_targets(model: torch.nn.Module, hooks, num_layers: int) -> list[Target]:
+    pre, layer, post = split_hooks(hooks)
+    out = []
+    for h in pre + post:
+        mod = _get(model, h.hf)
+        if mod is not None:
+            out.append(Target((h.component, None), h.kind, mod, h.hf))
+    for i in range(num_layers):
+        for h in layer:
+            path = h.hf.format(layer=i)
+            mod = _get(model, path)
+            if mod is not None:
+                out.append(Target((h.component, i), h.kind, mod, path))
+    return out
+
+
+def mcore_targets(chunks: list, hooks) -> list[Target]:
+    """Hook targets on this rank's chunks. Pre points only on the chunk that runs the embedding
+    (pre_process), post points only on the chunk with the output layer (post_process): the last
+    stage of a DeepSeek-V3 model with MTP holds an embedding too (MTP reuses it)."""
+    pre, layer, post = split_hooks(hooks)
+    out = []
+    for chunk in chunks:
+        model = getattr(chunk, "module", chunk)
+        if getattr(model, "pre_process", False):
+            for h in pre:
+                mod = _get(model, h.mcore)
+                if mod is not None:
+                    out.append(Target((h.component, None), h.kind, mod, h.mcore))
+        if getattr(model, "post_process", False):
+            for h in post:
+                mod = _get(model, h.mcore)
+                if mod is not None:
+                    out.append(Target((h.component, None), h.kind, mod, h.mcore))
+        decoder = getattr(model, "decoder", None)
+        for local, layer_module in enumerate(getattr(decoder, "layers", [])):
+            global_layer = layer_module.layer_number - 1  # megatron's layer_number is global, 1-based
+            for h in layer:
+                path = h.mcore.format(layer=local)
+                mod = _get(model, path)
+                if mod is not None:
+                    out.append(Target((h.component, global_layer), h.kind, mod, path))
+    return out
+
+
+def hf_recorder(model, hooks, num_layers: int) -> Recorder:
+    rec = Recorder(_keep_hf)
+    for t in hf_targets(model, hooks, num_layers):
+        rec.add(t)
+    return rec
+
+
+def mcore_recorder(chunks, hooks) -> Recorder:
+    rec = Recorder(_keep_mcore)
+    for t in mcore_targets(chunks, hooks):
+        rec.add(t)
+    return rec

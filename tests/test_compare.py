@@ -1,0 +1,245 @@
+"""megatron-patch compare: Megatron activations against HF, hook point by hook point, at several layouts.
+
+The mini models of all four families must PASS at fp32 (logits within 1e-5) at TP1 and at a multi-rank
+layout; deliberately broken conversions must FAIL with the first FAIL row at the broken place. To keep the
+suite fast on a small CPU box, the comparisons share rank start-up: one 1-rank group runs every TP1 case
+(and the broken ones), one 4-rank group runs the multi-rank layouts (data parallel fills the world).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megatron_patch.models.builder import ParallelLayout
+from megatron_patch.testing.multirank import run_ranks
+from megatron_patch.verify.compare import CompareSpec, minimal_world_size, run_specs_in_group
+
+FAMILIES = ("deepseek_v2", "deepseek_v3", "qwen2", "qwen3_moe")
+ENV = {"TORCHDYNAMO_DISABLE": "1"}
+LOGITS_BAR = 1e-5
+
+
+@pytest.fixture(scope="module")
+def minis(tmp_path_factory):
+    from megatron_patch.models.mini import make_mini
+
+    root = tmp_path_factory.mktemp("compare-minis")
+    return {f: str(make_mini(f, root / f, seed=3)) for f in FAMILIES}
+
+
+# ---------------------------------------------------------------------------------------------------
+# broken conversions, applied on the rank after loading (CompareSpec.mutate)
+# ---------------------------------------------------------------------------------------------------
+def _swap_halves(weight):
+    with torch.no_grad():
+        gate, up = weight.chunk(2, dim=0)
+        weight.copy_(torch.cat([up, gate], dim=0))
+
+
+def swap_gate_up_dense_layer2(chunks, config, layout):
+    """fc1 built as [up; gate] instead of [gate; up] in layer 2's dense MLP."""
+    _swap_halves(chunks[0].decoder.layers[2].mlp.linear_fc1.weight)
+
+
+def swap_gate_up_shared_experts_layer2(chunks, config, layout):
+    _swap_halves(chunks[0].decoder.layers[2].mlp.shared_experts.linear_fc1.weight)
+
+
+def wrong_rope_interleave(chunks, config, layout):
+    """RoPE applied to interleaved pairs instead of the halves HF rotates (every attention layer)."""
+    config.rotary_interleaved = not config.rotary_interleaved
+
+
+def wrong_yarn_scaling(chunks, config, layout):
+    """MLA YaRN with twice the scaling factor (a mis-mapped rope_parameters.factor): the interpolated
+    frequencies are inv_freq / factor, fixed when the rotary embedding is built."""
+    for layer in chunks[0].decoder.layers:
+        rope = layer.self_attention.rotary_pos_emb
+        rope.scaling_factor = rope.scaling_factor * 2
+        rope.inv_freq_inter = rope.inv_freq_inter / 2
+        rope.forward.cache_clear()
+
+
+def zero_expert_bias(chunks, config, layout):
+    """DeepSeek-V3's e_score_correction_bias dropped (left at megatron's zeros)."""
+    for layer in chunks[0].decoder.layers:
+        router = getattr(layer.mlp, "router", None)
+        if router is not None:
+            with torch.no_grad():
+                router.expert_bias.zero_()
+
+
+BROKEN = [
+    # (family, mutation, expected first FAIL row)
+    ("qwen2", swap_gate_up_dense_layer2, ("mlp", 2)),
+    ("deepseek_v3", swap_gate_up_shared_experts_layer2, ("shared_experts", 2)),
+    ("qwen3_moe", wrong_rope_interleave, ("attention", 0)),
+    ("deepseek_v3", wrong_yarn_scaling, ("attention", 0)),
+    ("deepseek_v3", zero_expert_bias, ("router", 1)),
+]
+
+
+def _torch_format_checkpoint(hf_path: str, root) -> str:
+    """The mini model written in Megatron-LM's torch per-rank layout at TP1 (via the engine's table)."""
+    from transformers import AutoConfig
+
+    from megatron_patch.convert.engine import RankPosition, ShardPlan
+    from megatron_patch.convert.hf_reader import HFCheckpoint
+    from megatron_patch.convert.mcore_layout import write_latest, write_rank
+    from megatron_patch.models.families import family_for_config
+
+    hf = AutoConfig.from_pretrained(hf_path)
+    plan = ShardPlan(family_for_config(hf), hf, ParallelLayout())
+    with HFCheckpoint(hf_path) as ckpt:
+        state_dicts = plan.rank_state_dicts(ckpt.get_slice, RankPosition())
+    write_rank(root, "release", 0, 0, 0, {"tp": 1, "pp": 1, "ep": 1}, state_dicts, args={})
+    write_latest(root, "release")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def single_rank_reports(minis, tmp_path_factory):
+    mcore = _torch_format_checkpoint(minis["deepseek_v3"], tmp_path_factory.mktemp("mcore") / "ds3")
+    specs = [CompareSpec(hf_path=minis[f]) for f in FAMILIES]
+    specs.append(CompareSpec(hf_path=minis["deepseek_v3"], mcore_path=mcore))
+    specs += [CompareSpec(hf_path=minis[f], mutate=fn) for f, fn, _ in BROKEN]
+    reports = run_ranks(run_specs_in_group, 1, timeout=300, args=(specs,), env=ENV)[0]
+    return reports
+
+
+MULTI = {  # family -> layout (4 ranks: the rest is data parallel)
+    "qwen2": ParallelLayout(tp=2),
+    "qwen3_moe": ParallelLayout(ep=2, etp=1),
+    "deepseek_v2": ParallelLayout(pp=2),
+    "deepseek_v3": ParallelLayout(tp=2, pp=2, ep=2, etp=1),
+}
+
+
+@pytest.fixture(scope="module")
+def multi_rank_reports(minis):
+    specs = [CompareSpec(hf_path=minis[f], layout=MULTI[f]) for f in FAMILIES]
+    specs.append(CompareSpec(hf_path=minis["qwen2"], layout=ParallelLayout(pp=2, vpp=2)))
+    return run_ranks(run_specs_in_group, 4, timeout=400, args=(specs,), env=ENV)[0]
+
+
+def _check_pass(report, family):
+    assert report["family"] == family
+    failed = [(r["component"], r["layer"], r["max_abs"]) for r in report["rows"] if not r["passed"]]
+    assert report["result"] == "PASS", failed
+    assert report["logits"]["max_abs"] <= LOGITS_BAR, report["logits"]
+    assert report["logits"]["top1_agreement"] == 1.0
+    components = {r["component"] for r in report["rows"]}
+    assert {"embedding", "attention", "mlp", "final_norm", "logits"} <= components
+    if family != "qwen2":
+        assert "router" in components
+        routers = [r for r in report["rows"] if r["component"] == "router"]
+        assert all(r["selection_mismatch"] == 0 for r in routers)
+    if family.startswith("deepseek"):
+        assert "shared_experts" in components
+    layers = {r["layer"] for r in report["rows"] if r["component"] == "attention"}
+    assert layers == set(range(report["model"]["num_layers"]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tp1_fp32_passes(single_rank_reports, family):
+    _check_pass(single_rank_reports[FAMILIES.index(family)], family)
+
+
+def test_torch_format_mcore_path_passes(single_rank_reports):
+    report = single_rank_reports[len(FAMILIES)]
+    _check_pass(report, "deepseek_v3")
+    assert "(torch)" in report["weights"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_multi_rank_fp32_passes(multi_rank_reports, family):
+    report = multi_rank_reports[FAMILIES.index(family)]
+    _check_pass(report, family)
+    lay = MULTI[family]
+    assert (report["layout"]["tp"], report["layout"]["pp"], report["layout"]["ep"]) == (lay.tp, lay.pp, lay.ep)
+
+
+def test_vpp_passes(multi_rank_reports):
+    report = multi_rank_reports[len(FAMILIES)]
+    _check_pass(report, "qwen2")
+    assert report["layout"]["vpp"] == 2
+
+
+@pytest.mark.parametrize("case", range(len(BROKEN)), ids=[fn.__name__ for _, fn, _ in BROKEN])
+def test_broken_conversion_fails_at_the_first_wrong_row(single_rank_reports, case):
+    family, _, (component, layer) = BROKEN[case]
+    report = single_rank_reports[len(FAMILIES) + 1 + case]
+    assert report["result"] == "FAIL"
+    first = next(i for i, r in enumerate(report["rows"]) if not r["passed"])
+    assert (report["rows"][first]["component"], report["rows"][first]["layer"]) == (component, layer)
+    assert report["first_failure"]["component"] == component and report["first_failure"]["layer"] == layer
+    assert all(r["passed"] for r in report["rows"][:first])
+    if component == "router":  # other experts chosen (weights are compared on the tokens that agree)
+        assert report["rows"][first]["selection_mismatch"] > 0
+    else:
+        assert report["rows"][first]["max_abs"] > 1e-3  # a real difference, not a tolerance hair
+
+
+# ---------------------------------------------------------------------------------------------------
+# the command line
+# ---------------------------------------------------------------------------------------------------
+def test_cli_pass_writes_json_and_plot(minis, tmp_path, capsys, monkeypatch):
+    from megatron_patch.cli import main
+
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    out_json, out_png = tmp_path / "r" / "report.json", tmp_path / "r" / "diff.png"
+    code = main(["compare", "--hf-path", minis["qwen3_moe"], "--tp", "2", "--pp", "1", "--ep", "2", "--etp", "1",
+                 "--json", str(out_json), "--plot", str(out_png)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "Testing Results" in text and "Overall Result" in text and text.rstrip().endswith("PASS")
+    assert "router" in text and "TP2xPP1xEP2xETP1xSP on 2 rank(s)" in text
+    report = json.loads(out_json.read_text())
+    assert report["result"] == "PASS"
+    assert report["layout"] == {"tp": 2, "pp": 1, "ep": 2, "etp": 1, "vpp": None, "sp": True, "world_size": 2,
+                                "name": "TP2xPP1xEP2xETP1xSP"}
+    assert report["dtype"] == "fp32" and report["dtypes"]["hf"] == "float32"
+    assert report["tolerances"]["atol"] == 1e-5
+    assert set(report["logits"]) >= {"max_abs", "mean_abs", "top1_agreement"}
+    for row in report["rows"]:
+        assert {"component", "layer", "max_abs", "mean_abs", "cos", "pass"} <= set(row)
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_fail_exit_code(minis, capsys, monkeypatch):
+    from megatron_patch.cli import main
+
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    # fp32 differences are ~1e-7..1e-6 (summation order in the MoE): a 1e-9 bar must fail there
+    code = main(["compare", "--hf-path", minis["deepseek_v3"], "--atol", "1e-9"])
+    text = capsys.readouterr().out
+    assert code == 1, text
+    assert text.rstrip().endswith("FAIL") and "First mismatch: layer 1 mlp" in text
+    assert "1e-09" in text  # the tolerance is printed
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--hf-path", "/nonexistent/model"], "directory not found"),
+    (["--ep", "3"], "EP=3 does not divide"),
+    (["--tp", "2", "--seq-length", "7"], "divisible by TP=2"),
+    (["--mcore-path", "/nonexistent/ckpt"], "--mcore-path"),
+])
+def test_cli_bad_input_exits_2(minis, capsys, args, match):
+    from megatron_patch.cli import main
+
+    if "--hf-path" not in args:
+        args = ["--hf-path", minis["qwen3_moe"]] + args
+    assert main(["compare"] + args) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_minimal_world_size():
+    assert minimal_world_size(ParallelLayout()) == 1
+    assert minimal_world_size(ParallelLayout(tp=2, pp=2, ep=2, etp=1)) == 4
+    assert minimal_world_size(ParallelLayout(ep=2, etp=1)) == 2
+    assert minimal_world_size(ParallelLayout(tp=2, ep=2)) == 4  # ETP defaults to TP
+    assert minimal_world_size(ParallelLayout(tp=2, pp=2, vpp=2)) == 4
