@@ -7,9 +7,16 @@ make a Megatron parameter and how it is split. This module decides, for a parall
   * which TP (or expert-TP) slice a rank takes,
 and applies the split kinds in both directions. It reads tensors through a callable, so a converter
 can pass lazy safetensors slices (only the bytes a rank needs are read) and a test can pass a dict.
+
+Besides the table rows, a layout may need copies of a row on another stage ("placed" rows that are not
+primary): megatron-core gives the last pipeline stage its own embedding when it runs MTP, and its own
+output_layer.weight when embeddings are tied. Imports write them; exports read the primary only. HF
+tensors that duplicate a table tensor (`hf_copies`, e.g. DeepSeek-V3 MTP's embed_tokens) are skipped
+on import and written back as copies on export.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -17,12 +24,17 @@ import torch
 
 from megatron_patch.errors import UserError
 from megatron_patch.models.builder import ParallelLayout
-from megatron_patch.models.families.base import ShardContext, Vocab
+from megatron_patch.models.families.base import Replicated, ShardContext, Vocab
 from megatron_patch.models.families.common import ConcreteRow, expand_rows
 
 # Rows without {layer} live on the first stage (embedding) or on the last one (everything else:
 # final norm, output layer, MTP).
 FIRST_STAGE_PREFIXES = ("embedding.",)
+EMBEDDING = "embedding.word_embeddings.weight"
+OUTPUT_LAYER = "output_layer.weight"
+# megatron-core keeps these in fp32 whatever params_dtype is (TopKRouter.expert_bias): never cast them.
+KEEP_DTYPE_SUFFIXES = (".expert_bias",)
+EXTRA_STATE = "._extra_state"
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,29 @@ class Placement:
     local_expert: int | None
 
 
+@dataclass(frozen=True)
+class Placed:
+    """A row at one place of the layout; `primary` is False for a stage-local copy (import only)."""
+
+    row: ConcreteRow
+    place: Placement
+    primary: bool = True
+
+
+def cast(name: str, tensor, dtype: torch.dtype | None):
+    """Cast a floating tensor to dtype (None: keep), except the ones megatron keeps in fp32."""
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype or name.endswith(KEEP_DTYPE_SUFFIXES):
+        return tensor
+    return tensor.to(dtype)
+
+
+def has_extra_state(row: ConcreteRow) -> bool:
+    """Whether the row's module is a megatron Column/RowParallelLinear (its state dict carries an
+    `_extra_state` entry, None for the local modules). Every split-kind except Replicated is one, the
+    vocab-parallel embedding aside; replicated linears are the spec's DuplicatedLinear (none)."""
+    return row.row.split is not Replicated and not row.mcore.startswith(FIRST_STAGE_PREFIXES)
+
+
 class ShardPlan:
     """The family table expanded for one model config and one layout."""
 
@@ -60,6 +95,13 @@ class ShardPlan:
         self._check()
         self.rows: list[ConcreteRow] = expand_rows(family.params(hf_config), self.num_layers, self.num_experts)
         self.ctx = _shard_context(self.mcore_config, self.model_args.padded_vocab_size(layout.tp))
+        self.placed: list[Placed] = self._place_rows()
+        from megatron_patch.models.families import hf_copies
+
+        self.copies: dict[str, str] = hf_copies(hf_config)  # HF copy name -> Megatron (global) name
+        self._copies_of: dict[str, list[str]] = {}
+        for hf_name, mcore in self.copies.items():
+            self._copies_of.setdefault(mcore, []).append(hf_name)
 
     def _check(self) -> None:
         from megatron_patch.models.builder import check_layout
@@ -99,47 +141,121 @@ class ShardPlan:
         """Expert rows are split over expert-TP, everything else over TP."""
         return ("etp", self.layout.expert_tp) if row.row.is_expert else ("tp", self.layout.tp)
 
-    def rows_for(self, pos: RankPosition) -> Iterator[tuple[ConcreteRow, Placement]]:
+    def _place_rows(self) -> list[Placed]:
+        first, last = (0, 0), (self.layout.pp - 1, self.vpp - 1)
+        out = []
+        embedding = None
         for row in self.rows:
-            place = self.placement(row)
-            if place.pp == pos.pp and (place.ep is None or place.ep == pos.ep):
-                yield row, place
+            out.append(Placed(row, self.placement(row)))
+            if row.mcore == EMBEDDING:
+                embedding = row
+        if embedding is not None and first != last:
+            end = Placement(last[0], last[1], None, None, None)
+            if getattr(self.mcore_config, "mtp_num_layers", None):  # GPTModel: mtp_process builds an embedding
+                out.append(Placed(embedding, end, primary=False))
+            if not self.model_args.untie_embeddings_and_output_weights:  # tied: the last stage's output
+                tied = dataclasses.replace(embedding.row, mcore=OUTPUT_LAYER)  # layer holds a copy
+                out.append(Placed(ConcreteRow(OUTPUT_LAYER, embedding.hf, tied), end, primary=False))
+        return out
+
+    def rows_for(self, pos: RankPosition) -> Iterator[tuple[ConcreteRow, Placement]]:
+        for p in self.placed:
+            if p.place.pp == pos.pp and (p.place.ep is None or p.place.ep == pos.ep):
+                yield p.row, p.place
+
+    def shard_ranks(self, row: ConcreteRow) -> int:
+        """How many distinct shards a row has (1 for replicated rows)."""
+        return 1 if row.row.split is Replicated else self.split_group(row)[1]
+
+    def positions(self, pp: int) -> list[RankPosition]:
+        """Every (tp, ep) position of a stage, as Megatron-LM's torch format names its files. A rank's
+        expert-TP rank follows megatron's order (TP fastest; expert grid ETP fastest): etp = tp % ETP,
+        which needs ETP to divide TP (checked by the writers that use this)."""
+        etp = self.layout.expert_tp
+        return [RankPosition(tp=t, pp=pp, ep=e, etp=t % etp) for t in range(self.layout.tp)
+                for e in range(self.layout.ep)]
 
     # --- HF -> Megatron ---------------------------------------------------------------------------
-    def rank_state_dicts(self, read: Callable[[str], object], pos: RankPosition,
-                         dtype: torch.dtype | None = None) -> list[dict[str, torch.Tensor]]:
-        """This rank's state dict for each virtual chunk. `read(hf_name)` returns a lazy tensor."""
-        chunks: list[dict[str, torch.Tensor]] = [{} for _ in range(self.vpp)]
-        for row, place in self.rows_for(pos):
-            group, size = self.split_group(row)
-            rank = pos.etp if group == "etp" else pos.tp
+    def shard_row(self, row: ConcreteRow, read: Callable[[str], object], rank: int,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One shard (TP or ETP rank `rank`) of a row, cast to dtype."""
+        group, size = self.split_group(row)
+        try:
             tensor = row.row.split.shard([read(name) for name in row.hf], rank, size, self.ctx)
-            if dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            chunks[place.chunk][self.local_name(row, place)] = tensor.contiguous()
+        except ValueError as err:  # a dimension the layout does not divide
+            raise UserError(f"{row.mcore}: {err}; pick a {group.upper()} size that divides it") from None
+        return cast(row.mcore, tensor, dtype).contiguous()
+
+    def rank_state_dicts(self, read: Callable[[str], object], pos: RankPosition,
+                         dtype: torch.dtype | None = None, extra_state: bool = False) -> list[dict]:
+        """This rank's state dict for each virtual chunk. `read(hf_name)` returns a lazy tensor (a meta
+        tensor gives a dry run: shapes and dtypes only). extra_state adds the `_extra_state: None`
+        entries megatron's linear layers put in a state dict (Megatron-LM loads strictly)."""
+        chunks: list[dict] = [{} for _ in range(self.vpp)]
+        for row, place in self.rows_for(pos):
+            rank = pos.etp if self.split_group(row)[0] == "etp" else pos.tp
+            chunks[place.chunk][self.local_name(row, place)] = self.shard_row(row, read, rank, dtype)
+        if extra_state:
+            for chunk, sd in enumerate(chunks):
+                for key in self.extra_state_keys(pos, chunk):
+                    sd[key] = None
         return chunks
 
+    def extra_state_keys(self, pos: RankPosition, chunk: int) -> list[str]:
+        keys = {self.local_name(row, place).rsplit(".", 1)[0] + EXTRA_STATE
+                for row, place in self.rows_for(pos) if place.chunk == chunk and has_extra_state(row)}
+        if (pos.pp, chunk) == (self.layout.pp - 1, self.vpp - 1):  # post_process: output_layer exists even
+            keys.add(OUTPUT_LAYER.rsplit(".", 1)[0] + EXTRA_STATE)  # when tied (then without a weight)
+        return sorted(keys)
+
     # --- Megatron -> HF ---------------------------------------------------------------------------
-    def hf_tensors(self, local: Callable[[RankPosition, int, str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (hf_name, tensor) for every HF tensor, merging TP/ETP shards.
+    def merge_row(self, row: ConcreteRow, place: Placement,
+                  local: Callable[[RankPosition, int, str], torch.Tensor]) -> list[torch.Tensor]:
+        """The HF tensors of one row from its TP/ETP shards (vocab padding stripped)."""
+        group, size = self.split_group(row)
+        name = self.local_name(row, place)
+        if row.row.split is Replicated:
+            size = 1
+        shards = []
+        for rank in range(size):
+            pos = RankPosition(tp=rank if group == "tp" else 0, pp=place.pp, ep=place.ep or 0,
+                               etp=rank if group == "etp" else 0)
+            shards.append(local(pos, place.chunk, name))
+        merged = row.row.split.merge(shards, self.ctx)
+        if row.row.split is Vocab:
+            merged = [m[: self.model_args.vocab_size] for m in merged]
+        elif row.row.split is Replicated:  # never alias a rank tensor (a memory-mapped file stays mapped
+            merged = [m.clone() for m in merged]  # as long as any view of it lives)
+        return merged
 
-        `local(position, chunk, mcore_name)` returns one rank's tensor."""
-        for row in self.rows:
-            place = self.placement(row)
-            group, size = self.split_group(row)
-            name = self.local_name(row, place)
-            shards = []
-            for rank in range(size):
-                pos = RankPosition(tp=rank if group == "tp" else 0, pp=place.pp, ep=place.ep or 0,
-                                   etp=rank if group == "etp" else 0)
-                shards.append(local(pos, place.chunk, name))
-            merged = row.row.split.merge(shards, self.ctx)
-            if row.row.split is Vocab:
-                merged = [m[: self.model_args.vocab_size] for m in merged]
+    def hf_tensors(self, local: Callable[[RankPosition, int, str], torch.Tensor], pp: int | None = None,
+                   dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (hf_name, tensor) for every HF tensor (copies included), merging TP/ETP shards.
+
+        `local(position, chunk, mcore_name)` returns one rank's tensor. `pp` keeps the rows stored on
+        that pipeline stage (to read a checkpoint one stage at a time); dtype casts (see `cast`)."""
+        for p in self.placed:
+            row, place = p.row, p.place
+            if not p.primary or (pp is not None and place.pp != pp):
+                continue
+            copies = self._copies_of.get(row.mcore, [])
+            merged = [cast(row.mcore, t, dtype) for t in self.merge_row(row, place, local)]
             yield from zip(row.hf, merged)
+            for copy in copies:
+                yield copy, merged[0].clone()  # a tensor of its own: safetensors refuses shared storage
 
-    def hf_names(self) -> list[str]:
-        return [name for row in self.rows for name in row.hf]
+    def primary_rows(self) -> dict[str, Placed]:
+        """HF name (copies included) -> the primary placed row that makes it."""
+        out = {}
+        for p in self.placed:
+            if p.primary:
+                for name in list(p.row.hf) + self._copies_of.get(p.row.mcore, []):
+                    out[name] = p
+        return out
+
+    def hf_names(self, copies: bool = False) -> list[str]:
+        names = [name for row in self.rows for name in row.hf]
+        return names + list(self.copies) if copies else names
 
 
 def _shard_context(mcore_config, padded_vocab: int) -> ShardContext:
@@ -152,8 +268,9 @@ def _shard_context(mcore_config, padded_vocab: int) -> ShardContext:
 
 
 def check_hf_coverage(plan: ShardPlan, hf_keys: Iterable[str]) -> None:
-    """Every tensor the table needs is in the checkpoint, and every checkpoint tensor is used."""
-    keys = set(hf_keys)
+    """Every tensor the table needs is in the checkpoint, and every checkpoint tensor is used (HF copies
+    of a table tensor are allowed, not required: export writes them)."""
+    keys = set(hf_keys) - set(plan.copies)
     needed = plan.hf_names()
     missing = [n for n in needed if n not in keys]
     if missing:

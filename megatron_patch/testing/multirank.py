@@ -31,6 +31,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_checkpoint_workers() -> None:
+    """megatron's dist_checkpointing writer keeps a multiprocessing Manager (a server process) for its
+    results queue; a rank that ends with os._exit would leave it running forever, holding the caller's
+    stdout. Shut it down."""
+    import sys
+
+    filesystem_async = sys.modules.get("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    if filesystem_async is None:
+        return
+    manager = getattr(getattr(filesystem_async, "_results_queue", None), "_manager", None)
+    if manager is not None:
+        manager.shutdown()
+    filesystem_async._results_queue = None
+
+
 def _rank_main(fn, rank, world_size, port, out_dir, args, device, env):
     import torch
 
@@ -49,7 +64,9 @@ def _rank_main(fn, rank, world_size, port, out_dir, args, device, env):
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     except BaseException:  # noqa: BLE001 - report every failure to the parent, then exit non-zero
         (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        stop_checkpoint_workers()
         os._exit(1)
+    stop_checkpoint_workers()
     try:
         torch.distributed.destroy_process_group()
     except Exception:  # noqa: BLE001

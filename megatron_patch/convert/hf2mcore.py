@@ -1,0 +1,549 @@
+"""HF -> Megatron (`megatron-patch convert hf2mcore`), and the Megatron writers reshard reuses.
+
+    hf2mcore("/models/DeepSeek-V2-Lite", "/ckpt/dsv2", ParallelLayout(tp=2, ep=4), fmt="torch")
+
+Everything that can be wrong is checked before the output exists: the HF directory (hf_reader), the
+architecture (families), the layout (builder.check_layout + a dry run of every rank's shards on meta
+tensors, which also sizes the progress bar), the tensor names (engine.check_hf_coverage) and shapes
+(against the shapes transformers builds from config.json, on the meta device).
+
+torch format (Megatron-LM's `--ckpt-format torch`, iteration `release`): one file per (tp, pp, ep)
+rank, as Megatron-LM names them. It streams: each rank file is first written with its pickled structure
+and reserved (sparse) space for the tensor bytes (`torch.serialization.skip_data`), then every shard is
+computed once, from lazy safetensors slices, and written with pwrite into every file that holds it (an
+EP-replicated dense weight goes into all EP files of its TP rank). Peak memory is about one tensor,
+whatever the model size; every HF byte is read once per distinct shard.
+
+torch_dist: the layout's ranks are spawned (gloo, CPU), each builds its model chunks, fills them
+through the family table and saves with megatron-core dist_checkpointing.
+
+Every output holds `hf_config/` (config.json + tokenizer files) and `convert_meta.json` (family,
+format, layout, dtype), so mcore2hf and reshard need nothing else.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import types
+import zipfile
+from pathlib import Path
+
+import torch
+
+from megatron_patch.errors import UserError
+
+from . import mcore_layout
+from .atomic import atomic_output_dir
+from .engine import EMBEDDING, RankPosition, ShardPlan, check_hf_coverage
+from .hf_reader import HFCheckpoint
+from .hf_writer import copy_tokenizer_files
+from .progress import ConversionProgress
+from megatron_patch.testing.multirank import stop_checkpoint_workers
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FORMATS = ("torch", "torch_dist")
+ITERATION = "release"  # no optimizer state: Megatron-LM loads a release checkpoint as iteration 0
+META_NAME = "convert_meta.json"
+HF_CONFIG_DIR = "hf_config"
+RELEASE_BYTES = 128 * 1024**2  # unmap the input after about this many bytes read (bounds the resident set)
+RUN_TIMEOUT = 7 * 24 * 3600.0
+
+
+class VerificationFailed(RuntimeError):
+    """--verify found a tensor that did not survive the round trip bit for bit (exit code 1)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# small helpers shared by hf2mcore, mcore2hf and reshard
+# ---------------------------------------------------------------------------------------------------
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def dtype_overrides(dtype: torch.dtype) -> dict:
+    """TransformerConfig fields for building a model in dtype."""
+    return {"params_dtype": dtype, "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+
+
+def check_layout_values(layout) -> None:
+    for name in ("tp", "pp", "ep"):
+        if getattr(layout, name) < 1:
+            raise UserError(f"--{name} {getattr(layout, name)}: must be >= 1")
+    if layout.expert_tp < 1:
+        raise UserError(f"--etp {layout.expert_tp}: must be >= 1")
+    if layout.vpp is not None and layout.vpp < 1:
+        raise UserError(f"--vpp {layout.vpp}: must be >= 1")
+    if layout.vpp and layout.vpp > 1 and layout.pp == 1:
+        raise UserError(f"--vpp {layout.vpp} needs pipeline parallelism: pass --pp > 1 (virtual stages split a stage)")
+
+
+def refuse_existing(out, force: bool) -> None:
+    """Fail before any work (atomic_output_dir checks again when the writing starts)."""
+    if Path(out).exists() and not force:
+        raise UserError(f"output {Path(out).absolute()} already exists (pass --force to replace it, or choose "
+                        "another path)")
+
+
+def load_hf_config(config_dir):
+    """The transformers config of config.json in config_dir; unsupported architectures fail by name first."""
+    from megatron_patch.models.families import family_for_config
+
+    path = Path(config_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except OSError:
+        raise UserError(f"no config.json in {config_dir} (point at the HF model directory)") from None
+    except ValueError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); fix or re-download it") from None
+    family_for_config(types.SimpleNamespace(architectures=raw.get("architectures"), model_type=raw.get("model_type")))
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(config_dir))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"transformers cannot read {path} ({str(err).splitlines()[0]})") from None
+
+
+def layout_dict(layout) -> dict:
+    return {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp, "vpp": layout.vpp or 1}
+
+
+def describe(layout) -> str:
+    """TP2xPP1xEP4xETP2 (+VPPn): the sizes a checkpoint depends on (sequence parallel does not matter)."""
+    text = f"TP{layout.tp}xPP{layout.pp}xEP{layout.ep}xETP{layout.expert_tp}"
+    return text + (f"xVPP{layout.vpp}" if layout.vpp and layout.vpp > 1 else "")
+
+
+def min_world_size(layout) -> int:
+    """The fewest ranks megatron accepts for a layout: a multiple of TPxPP and of ETPxEPxPP."""
+    dense = layout.tp * layout.pp
+    expert = layout.expert_tp * layout.ep * layout.pp
+    return dense * expert // math.gcd(dense, expert)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def raw_bytes(t: torch.Tensor):
+    """The bytes of a CPU tensor as a buffer (bf16 has no numpy dtype: view as uint8)."""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (NaN payloads and -0.0 included), dtype and shape too."""
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
+
+
+def megatron_args(plan: ShardPlan, dtype: torch.dtype, fmt: str) -> dict:
+    """The `args` fields Megatron-LM's loader checks (check_checkpoint_args) or adopts with
+    --use-checkpoint-args (load_args_from_checkpoint)."""
+    cfg, ma, lay = plan.mcore_config, plan.model_args, plan.layout
+    heads = cfg.num_attention_heads
+    groups = cfg.num_query_groups or heads
+    stages = lay.pp * (lay.vpp or 1)
+    args = dict(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=heads, num_query_groups=groups, group_query_attention=groups != heads,
+        kv_channels=cfg.kv_channels, max_position_embeddings=ma.max_position_embeddings,
+        position_embedding_type=ma.position_embedding_type, add_position_embedding=False,
+        use_rotary_position_embeddings=ma.position_embedding_type == "rope", rotary_base=ma.rotary_base,
+        rotary_percent=ma.rotary_percent, add_bias_linear=cfg.add_bias_linear, add_qkv_bias=cfg.add_qkv_bias,
+        swiglu=cfg.gated_linear_unit, untie_embeddings_and_output_weights=ma.untie_embeddings_and_output_weights,
+        normalization=cfg.normalization, norm_epsilon=cfg.layernorm_epsilon, qk_layernorm=cfg.qk_layernorm,
+        vocab_size=ma.vocab_size, padded_vocab_size=ma.padded_vocab_size(lay.tp),
+        make_vocab_size_divisible_by=ma.make_vocab_size_divisible_by, tokenizer_type="HuggingFaceTokenizer",
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        num_experts=cfg.num_moe_experts, moe_router_topk=cfg.moe_router_topk,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
+        moe_layer_freq=cfg.moe_layer_freq, moe_grouped_gemm=cfg.moe_grouped_gemm,
+        multi_latent_attention=bool(getattr(cfg, "multi_latent_attention", False)),
+        q_lora_rank=getattr(cfg, "q_lora_rank", None), kv_lora_rank=getattr(cfg, "kv_lora_rank", None),
+        qk_head_dim=getattr(cfg, "qk_head_dim", None), qk_pos_emb_head_dim=getattr(cfg, "qk_pos_emb_head_dim", None),
+        v_head_dim=getattr(cfg, "v_head_dim", None), mtp_num_layers=getattr(cfg, "mtp_num_layers", None),
+        num_layers_per_virtual_pipeline_stage=cfg.num_layers // stages if lay.vpp and lay.vpp > 1 else None,
+        sequence_parallel=lay.sequence_parallel, consumed_train_samples=0, consumed_valid_samples=0,
+        ckpt_format=fmt,
+    )
+    return args
+
+
+def write_side_files(out: Path, fmt: str, family: str, layout, dtype: torch.dtype, config_dir: Path,
+                     tokenizer_dir: Path | None, source: str, command: str) -> None:
+    """hf_config/ (config.json + tokenizer files) and convert_meta.json."""
+    dst = out / HF_CONFIG_DIR
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(config_dir) / "config.json", dst / "config.json")
+    for src in dict.fromkeys(p for p in (config_dir, tokenizer_dir) if p is not None):
+        copy_tokenizer_files(src, dst)
+    meta = {"format": fmt, "family": family, "iteration": ITERATION, "layout": layout_dict(layout),
+            "dtype": dtype_name(dtype), "source": str(source), "created_by": f"megatron-patch convert {command}"}
+    (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def user_error_from_ranks(err: Exception) -> Exception:
+    """A UserError raised inside a spawned rank arrives as RankFailure text: give it back its type."""
+    found = re.findall(r"megatron_patch\.errors\.UserError: (.+)", str(err))
+    return UserError(found[-1]) if found else err
+
+
+# ---------------------------------------------------------------------------------------------------
+# the HF side
+# ---------------------------------------------------------------------------------------------------
+class HFSource:
+    """A validated HF checkpoint as the converters read it: `read(name)` (lazy slice), `meta(name)`
+    (shape/dtype only), `release()` (unmap the shards: bounds the resident set)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.ckpt = HFCheckpoint(self.path)
+        self.hf_config = load_hf_config(self.path)
+        from megatron_patch.models.families import family_for_config
+
+        self.family = family_for_config(self.hf_config)
+        self.config_dir = self.path
+
+    def read(self, name: str):
+        return self.ckpt.get_slice(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.ckpt.get(name)
+
+    def meta(self, name: str) -> torch.Tensor:
+        return torch.empty(self.ckpt.shape(name), dtype=self.ckpt.dtype(name), device="meta")
+
+    def keys(self) -> list[str]:
+        return self.ckpt.keys()
+
+    def release(self) -> None:
+        self.ckpt.close()
+
+    def spec(self) -> tuple[str, str]:
+        return ("hf", str(self.path))
+
+
+def expected_hf_shapes(hf_config) -> dict[str, tuple]:
+    """The on-disk tensor shapes transformers would build from the config (a meta-device model, saved
+    names via transformers' own weight-conversion revert: per-expert names for fused experts). DeepSeek
+    MTP layers (model.layers.{L + i}) are shaped as decoder layers; their extra tensors are unchecked."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(hf_config)
+    mtp = getattr(cfg, "num_nextn_predict_layers", 0) or 0
+    if mtp:
+        cfg.num_hidden_layers += mtp
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        state = model.state_dict()
+    except Exception:  # noqa: BLE001 - an optional check: transformers could not build it
+        return {}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = revert_weight_conversion(model, state)
+    except Exception:  # noqa: BLE001 - older/newer transformers: the model's own names
+        pass
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def check_not_fp8(source: HFSource) -> None:
+    keys = source.keys()
+    fp8 = [k for k in keys if k.endswith("_scale_inv") or str(source.ckpt.dtype(k)).startswith("torch.float8")]
+    if fp8:
+        raise UserError(f"{source.path} holds FP8 weights (e.g. {fp8[0]}); convert them first: megatron-patch "
+                        f"convert fp8-to-bf16 --in {source.path} --out DIR")
+
+
+def check_hf_input(source: HFSource, plan: ShardPlan) -> None:
+    """Names, dtypes and shapes of the checkpoint against the config (no tensor data read)."""
+    keys = source.keys()
+    check_hf_coverage(plan, keys)
+    expected = expected_hf_shapes(source.hf_config)
+    for name in keys:
+        want = expected.get(name)
+        if want is not None and source.ckpt.shape(name) != want:
+            raise UserError(f"tensor {name} has shape {list(source.ckpt.shape(name))} but config.json implies "
+                            f"{list(want)}: the config does not match the weights (use the config.json of this model)")
+
+
+def declared_size_check(model_size: str | None, source: HFSource) -> str | None:
+    """MODEL_SIZE (e.g. 16B, 0.5B, A3B) against the checkpoint's parameter count: a number that is off
+    by more than 2x is an error; anything without a number is informational."""
+    if not model_size:
+        return None
+    count = sum(math.prod(source.ckpt.shape(k)) for k in source.keys())
+    match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBtT])", model_size)
+    if not match:
+        return f"model size {model_size!r} (informational; checkpoint has {count / 1e9:.3g}B parameters)"
+    declared = float(match.group(1)) * {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[match.group(2).lower()]
+    if not declared / 2 <= count <= declared * 2:
+        raise UserError(f"MODEL_SIZE {model_size} does not match the checkpoint: it has {count / 1e9:.3g}B "
+                        "parameters (wrong model directory or size argument?)")
+    return f"model size {model_size}: checkpoint has {count / 1e9:.3g}B parameters"
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch format writer (streaming)
+# ---------------------------------------------------------------------------------------------------
+class _RankFile:
+    """One model_optim_rng.pt written as structure first, tensor bytes later (pwrite at their offsets)."""
+
+    def __init__(self, path: Path, offsets: dict[tuple[int, str], int]):
+        self.path = path
+        self.offsets = offsets
+        self.fd = os.open(path, os.O_RDWR)
+
+    @classmethod
+    def create(cls, root: Path, pos: RankPosition, sizes: dict, metas: list[dict], args: dict) -> "_RankFile":
+        placeholders = [{k: None if v is None else torch.empty(v.shape, dtype=v.dtype) for k, v in sd.items()}
+                        for sd in metas]  # never touched: no resident memory
+        with torch.serialization.skip_data():
+            path = mcore_layout.write_rank(root, ITERATION, pos.tp, pos.pp, pos.ep, sizes, placeholders, args)
+        del placeholders
+        return cls(path, cls._offsets(path))
+
+    @staticmethod
+    def _offsets(path: Path) -> dict[tuple[int, str], int]:
+        """(chunk, name) -> byte offset of the tensor's record. torch.load(mmap=True) maps the whole file
+        once, so a storage's address minus the mapping base is its record offset (nothing is read)."""
+        reader = torch._C.PyTorchFileReader(str(path))
+        with zipfile.ZipFile(path) as zf:
+            sizes = {i.filename.split("/", 1)[1]: i.file_size for i in zf.infolist() if "/" in i.filename}
+        records = {reader.get_record_offset(n): sizes.get(n, 0) for n in reader.get_all_records()
+                   if n.startswith("data/")}
+        loaded = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        ptrs = {(c, k): (v.untyped_storage().data_ptr(), tensor_bytes(v))
+                for c, sd in enumerate(mcore_layout.model_chunks(loaded)) for k, v in sd.items()
+                if torch.is_tensor(v) and v.numel()}
+        del loaded
+        if not ptrs:
+            return {}
+        base = min(p for p, _ in ptrs.values()) - min(o for o, n in records.items() if n)
+        out = {}
+        for key, (ptr, nbytes) in ptrs.items():
+            offset = ptr - base
+            if records.get(offset) != nbytes:
+                raise RuntimeError(f"{path}: cannot locate the record of {key} (torch serialization changed?)")
+            out[key] = offset
+        return out
+
+    def write(self, chunk: int, name: str, tensor: torch.Tensor) -> None:
+        view = memoryview(raw_bytes(tensor))
+        offset, done = self.offsets[(chunk, name)], 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def dry_run(plan: ShardPlan, meta, dtype: torch.dtype | None) -> dict[RankPosition, list[dict]]:
+    """Every rank's state dicts on meta tensors (shapes, dtypes, _extra_state): checks that the layout
+    divides every tensor and sizes the output, without reading data."""
+    return {pos: plan.rank_state_dicts(meta, pos, dtype, extra_state=True)
+            for pp in range(plan.layout.pp) for pos in plan.positions(pp)}
+
+
+def output_bytes(metas: dict) -> int:
+    return sum(tensor_bytes(t) for sds in metas.values() for sd in sds for t in sd.values() if t is not None)
+
+
+def check_torch_layout(plan: ShardPlan) -> None:
+    lay = plan.layout
+    if plan.num_experts and lay.tp % lay.expert_tp:
+        raise UserError(f"the torch format cannot hold ETP={lay.expert_tp} with TP={lay.tp}: Megatron-LM names rank "
+                        "files by TP and EP rank only, so ETP must divide TP; use --format torch_dist")
+
+
+def write_torch(plan: ShardPlan, source, root: Path, dtype: torch.dtype | None, args: dict, progress,
+                metas: dict | None = None) -> None:
+    """Megatron-LM torch-format rank files for plan.layout from `source.read(hf_name)`."""
+    check_torch_layout(plan)
+    metas = metas if metas is not None else dry_run(plan, source.meta, dtype)
+    lay = plan.layout
+    sizes = layout_dict(lay)
+    read_since = 0
+    for pp in range(lay.pp):
+        files = {(pos.tp, pos.ep): _RankFile.create(root, pos, sizes, metas[pos], args) for pos in plan.positions(pp)}
+        try:
+            for p in plan.placed:
+                if p.place.pp != pp:
+                    continue
+                row, place = p.row, p.place
+                group, _ = plan.split_group(row)
+                name = plan.local_name(row, place)
+                for rank in range(plan.shard_ranks(row)):
+                    tensor = plan.shard_row(row, source.read, rank, dtype)
+                    targets = [f for (tp, ep), f in files.items()  # every file holding this shard
+                               if (place.ep is None or ep == place.ep)
+                               and (plan.shard_ranks(row) == 1
+                                    or (tp if group == "tp" else tp % lay.expert_tp) == rank)]
+                    for f in targets:
+                        f.write(place.chunk, name, tensor)
+                    nbytes = tensor_bytes(tensor)
+                    progress.update(nbytes * len(targets), len(targets))
+                    read_since += nbytes * plan.shard_ranks(row)  # ~ the mapped input bytes it touched
+                    del tensor
+                    if read_since >= RELEASE_BYTES:
+                        source.release()
+                        read_since = 0
+        finally:
+            for f in files.values():
+                f.close()
+        source.release()
+    mcore_layout.write_latest(root, ITERATION)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch_dist writer (spawned ranks)
+# ---------------------------------------------------------------------------------------------------
+def open_source(spec: tuple[str, str], hf_config_dir: str | None = None):
+    """A source from a picklable spec: ('hf', dir) or ('torch', mcore root)."""
+    kind, path = spec
+    if kind == "hf":
+        return HFSource(path)
+    from .mcore2hf import TorchSource, open_mcore
+
+    return TorchSource(open_mcore(path, hf_config_dir))
+
+
+def sharded_model_state(chunks) -> dict:
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def dist_save_rank(rank: int, world: int, spec, hf_config_dir, layout, dtype_str: str, ckpt_dir: str) -> dict:
+    """One rank of a torch_dist save: build this rank's chunks, fill them through the family table from
+    the source (HF dir or torch-format checkpoint), save with dist_checkpointing."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_patch.models.builder import initialize_parallel
+
+    from .engine import load_into_chunks
+    from .mcore2hf import build_chunks
+
+    dtype = DTYPES[dtype_str]
+    initialize_parallel(layout)
+    source = open_source(spec, hf_config_dir)
+    chunks, plan = build_chunks(source.hf_config, layout, dtype)
+    load_into_chunks(chunks, plan, source.read)  # copies into the model's dtype
+    source.release()
+    state = sharded_model_state(chunks)
+    state.update(checkpoint_version=mcore_layout.CHECKPOINT_VERSION, iteration=0,
+                 args=mcore_layout.build_args(layout_dict(layout), megatron_args(plan, dtype, "torch_dist")))
+    try:
+        dist_checkpointing.save(state, ckpt_dir)
+    finally:
+        stop_checkpoint_workers()
+    params = [t for c in chunks for t in c.state_dict().values() if torch.is_tensor(t)]
+    return {"tensors": len(params), "bytes": sum(tensor_bytes(t) for t in params)}
+
+
+def write_torch_dist(spec, hf_config_dir, layout, dtype: torch.dtype, root: Path) -> dict:
+    """A torch_dist checkpoint at root (Megatron-LM layout: tracker + release/) from a source spec."""
+    ckpt_dir = root / mcore_layout.iteration_dir_name(ITERATION)
+    ckpt_dir.mkdir(parents=True)
+    results = spawn(dist_save_rank, min_world_size(layout), spec,
+                    None if hf_config_dir is None else str(hf_config_dir), layout, dtype_name(dtype), str(ckpt_dir))
+    mcore_layout.write_latest(root, ITERATION)
+    return {"tensors": sum(r["tensors"] for r in results), "bytes": sum(r["bytes"] for r in results)}
+
+
+def spawn(fn, world: int, *args) -> list:
+    """run_ranks on CPU/gloo; a UserError raised in a rank comes back as a UserError."""
+    from megatron_patch.testing.multirank import RankFailure, run_ranks
+
+    try:
+        return run_ranks(fn, world, timeout=RUN_TIMEOUT, args=args)
+    except RankFailure as err:
+        raise user_error_from_ranks(err) from None
+
+
+def check_dist_layout(plan: ShardPlan) -> None:
+    if plan.layout.pp > 1 and getattr(plan.mcore_config, "mtp_num_layers", None):
+        raise UserError("torch_dist with PP>1 and MTP layers is not supported on the CPU ranks the converter "
+                        "uses (megatron-core 0.16 copies the MTP embedding with .cuda()); use --format torch or PP=1")
+
+
+# ---------------------------------------------------------------------------------------------------
+# hf2mcore
+# ---------------------------------------------------------------------------------------------------
+def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None, force: bool = False,
+             verify: bool = False, model_size: str | None = None, show_progress: bool = False) -> dict:
+    """Convert; returns the summary (tensors, bytes, seconds, gb_per_s, peak_rss_gib, line, verify)."""
+    from megatron_patch.models.builder import ParallelLayout
+
+    target = parse_dtype(dtype)
+    if fmt not in FORMATS:
+        raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    check_layout_values(layout)
+    refuse_existing(out, force)
+    source = HFSource(hf_path)
+    check_not_fp8(source)
+    size_note = declared_size_check(model_size, source)
+    layout = ParallelLayout(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.expert_tp,
+                            vpp=layout.vpp if layout.vpp and layout.vpp > 1 else None)
+    plan = ShardPlan(source.family, source.hf_config, layout)
+    check_hf_input(source, plan)
+    embedding = next((r.hf[0] for r in plan.rows if r.mcore == EMBEDDING), plan.rows[0].hf[0])
+    out_dtype = target or source.meta(embedding).dtype  # the checkpoint's dtype when none is asked for
+    if fmt == "torch":
+        check_torch_layout(plan)
+    else:
+        check_dist_layout(plan)
+    metas = dry_run(plan, source.meta, target)
+    total = output_bytes(metas)
+    args = megatron_args(plan, out_dtype, fmt)
+    result: dict = {}
+    with atomic_output_dir(out, force) as tmp:
+        with ConversionProgress(total, f"hf2mcore {fmt}", force=show_progress) as progress:
+            if fmt == "torch":
+                write_torch(plan, source, tmp, target, args, progress, metas)
+            else:
+                stats = write_torch_dist(source.spec(), None, layout, out_dtype, tmp)
+                progress.update(stats["bytes"], stats["tensors"])
+            write_side_files(tmp, fmt, source.family.name, layout, out_dtype, source.config_dir, source.path,
+                             hf_path, "hf2mcore")
+            stats, line = progress.summary()
+        result.update(stats, line=line, out=str(Path(out).absolute()), format=fmt, layout=describe(layout),
+                      dtype=dtype_name(out_dtype), size_note=size_note)
+        if verify:
+            result["verify"] = verify_against_hf(tmp, source, target)
+    return result
+
+
+def verify_against_hf(ckpt_root: Path, source: HFSource, dtype: torch.dtype | None) -> str:
+    """Convert the written checkpoint back in memory and compare every tensor bit for bit with the input
+    (cast to dtype when one was asked for). Raises VerificationFailed on any difference."""
+    from .mcore2hf import compare_stream, dist_to_hf_rank, open_mcore, torch_hf_stream
+
+    ck = open_mcore(ckpt_root, None)
+    if ck.fmt == "torch":
+        result = compare_stream(torch_hf_stream(ck), source, dtype, ck.plan())
+    else:
+        result = spawn(dist_to_hf_rank, 1, str(ck.ckpt_dir), str(ck.config_dir), dtype_name(ck.dtype()),
+                       ck.padded_vocab(), None if dtype is None else dtype_name(dtype), "", 0, str(source.path))[0]
+    bad, missing = result["bad"], result["missing"]
+    if bad or missing:
+        what = (f"{len(bad)} tensor(s) differ (e.g. {bad[0]})" if bad
+                else f"{len(missing)} tensor(s) missing (e.g. {missing[0]})")
+        raise VerificationFailed(f"verify FAILED: {what} after converting the output back to HF in memory")
+    how = "the input" if dtype is None else f"the input cast to {dtype_name(dtype)}"
+    return (f"verify OK: {result['seen']} tensors ({result['bytes'] / 1e9:.3f} GB) bit-identical to {how} after "
+            "converting the output back to HF in memory")

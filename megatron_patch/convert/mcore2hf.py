@@ -1,0 +1,374 @@
+"""Megatron -> HF (`megatron-patch convert mcore2hf`), and the Megatron checkpoint readers.
+
+    mcore2hf("/ckpt/dsv2", "/models/dsv2-hf")            # hf_config/ stored by hf2mcore
+    mcore2hf("/megatron/run1", "/hf/out", hf_config_dir="/models/DeepSeek-V2-Lite")
+
+torch format: the rank files of one pipeline stage at a time are memory-mapped, the TP/ETP shards of
+each row merged back (engine.ShardPlan.hf_tensors) and written through ShardedSafetensorsWriter; the
+mappings are dropped before the next stage, so the resident set is about one stage plus one output
+shard. torch_dist: one spawned rank builds the model at TP1/PP1/EP1 (with the saved vocab padding),
+loads it with dist_checkpointing (resharding on load) and writes the HF tensors from there (the whole
+model is in that rank's memory).
+
+The HF config comes from the checkpoint's own hf_config/ (written by hf2mcore and reshard), else from
+--hf-config; --hf-config also supplies the tokenizer files.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from megatron_patch.errors import UserError
+
+from . import mcore_layout
+from .atomic import atomic_output_dir
+from .engine import EMBEDDING, KEEP_DTYPE_SUFFIXES, ShardPlan, cast
+from .hf2mcore import (DTYPES, HF_CONFIG_DIR, META_NAME, RELEASE_BYTES, dtype_name, dtype_overrides,
+                       load_hf_config, parse_dtype, refuse_existing, same_bits, spawn, tensor_bytes)
+from .hf_writer import ShardedSafetensorsWriter, copy_tokenizer_files
+from .progress import ConversionProgress
+
+DEFAULT_MAX_SHARD_BYTES = 1024**3
+
+
+# ---------------------------------------------------------------------------------------------------
+# opening a Megatron checkpoint
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class McoreCheckpoint:
+    root: Path
+    fmt: str                  # "torch" or "torch_dist"
+    iteration: object         # "release" / int (None for a bare dist_checkpointing directory)
+    ckpt_dir: Path            # the iteration directory (torch: rank dirs; torch_dist: the dist checkpoint)
+    hf_config: object
+    family: object
+    config_dir: Path          # where config.json came from
+    tokenizer_dir: Path
+    sizes: dict | None = None  # torch: tp, pp, ep, etp, vpp from the rank files and stored args
+    meta: dict = field(default_factory=dict)
+
+    def layout(self):
+        from megatron_patch.models.builder import ParallelLayout
+
+        s = self.sizes or {}
+        return ParallelLayout(tp=s.get("tp", 1), pp=s.get("pp", 1), ep=s.get("ep", 1), etp=s.get("etp"),
+                              vpp=s["vpp"] if s.get("vpp", 1) > 1 else None)
+
+    def plan(self) -> ShardPlan:
+        return ShardPlan(self.family, self.hf_config, self.layout())
+
+    def common_args(self):
+        from megatron.core import dist_checkpointing
+
+        try:
+            return dist_checkpointing.load_common_state_dict(str(self.ckpt_dir)).get("args")
+        except Exception:  # noqa: BLE001 - older checkpoints may not carry args
+            return None
+
+    def dtype(self) -> torch.dtype:
+        """The stored parameter dtype."""
+        if self.meta.get("dtype") in DTYPES:
+            return DTYPES[self.meta["dtype"]]
+        if self.fmt == "torch":
+            s = self.sizes
+            chunks = mcore_layout.read_rank(self.root, 0, 0, 0, s, self.iteration)
+            for sd in chunks:
+                if EMBEDDING in sd:
+                    return sd[EMBEDDING].dtype
+            return next(t.dtype for sd in chunks for t in sd.values() if torch.is_tensor(t) and t.is_floating_point())
+        args = self.common_args()
+        return getattr(args, "params_dtype", None) or torch.float32
+
+    def padded_vocab(self) -> int | None:
+        """torch_dist: the saved embedding's rows (the model to load into must have the same)."""
+        from megatron_patch.models.families import model_args
+
+        layout = self.meta.get("layout")
+        if layout:
+            return model_args(self.hf_config).padded_vocab_size(layout["tp"])
+        return getattr(self.common_args(), "padded_vocab_size", None)
+
+
+def open_mcore(path, hf_config_dir=None) -> McoreCheckpoint:
+    """Detect the format, read the stored metadata and the HF config; fail with one line otherwise."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"Megatron checkpoint directory not found: {root} (check --mcore-path)")
+    meta_root = root
+    if (root / "metadata.json").is_file():  # a bare dist_checkpointing directory
+        fmt, iteration, ckpt_dir = "torch_dist", None, root
+        if not (root / META_NAME).is_file() and (root.parent / META_NAME).is_file():
+            meta_root = root.parent
+    elif (root / mcore_layout.TRACKER_NAME).is_file():
+        iteration = mcore_layout.read_iteration(root)
+        ckpt_dir = root / mcore_layout.iteration_dir_name(iteration)
+        fmt = "torch_dist" if (ckpt_dir / "metadata.json").is_file() else "torch"
+    else:
+        raise UserError(f"{root} is not a Megatron checkpoint: neither {mcore_layout.TRACKER_NAME} nor a "
+                        "dist_checkpointing metadata.json (point --mcore-path at the checkpoint root)")
+    meta = {}
+    if (meta_root / META_NAME).is_file():
+        try:
+            meta = json.loads((meta_root / META_NAME).read_text())
+        except ValueError as err:
+            raise UserError(f"{meta_root / META_NAME} is not valid JSON ({err}); fix or delete it") from None
+    stored = meta_root / HF_CONFIG_DIR
+    if (stored / "config.json").is_file():
+        config_dir = stored
+    elif hf_config_dir is not None:
+        config_dir = Path(hf_config_dir)
+        if not (config_dir / "config.json").is_file():
+            raise UserError(f"no config.json in --hf-config {config_dir} (point at the HF model directory)")
+    else:
+        raise UserError(f"{root} holds no {HF_CONFIG_DIR}/config.json: pass --hf-config DIR (the HF model "
+                        "directory the checkpoint was made from)")
+    hf_config = load_hf_config(config_dir)
+    from megatron_patch.models.families import family_for_config
+
+    family = family_for_config(hf_config)
+    tokenizer_dir = Path(hf_config_dir) if hf_config_dir is not None else config_dir
+    sizes = None
+    if fmt == "torch":
+        iteration, sizes = mcore_layout.read_layout(root)
+    return McoreCheckpoint(root, fmt, iteration, ckpt_dir, hf_config, family, config_dir, tokenizer_dir,
+                           sizes, meta)
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading: a plan over rank-local tensors -> HF tensors
+# ---------------------------------------------------------------------------------------------------
+class PlanSource:
+    """HF tensors made from a Megatron state (one row at a time): `read(name)`, `meta(name)`,
+    `release()`, the same interface as hf2mcore.HFSource, so the writers take either."""
+
+    def __init__(self, plan: ShardPlan, local, hf_config, family, config_dir=None):
+        self.plan, self.local = plan, local
+        self.hf_config, self.family, self.config_dir = hf_config, family, config_dir
+        self._rows = plan.primary_rows()
+        self._cached = None
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _row(self, name: str):
+        try:
+            return self._rows[name]
+        except KeyError:
+            raise UserError(f"tensor {name} is not made by the {self.family.name} table") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        p = self._row(name)
+        if p is not self._cached:  # GateUp / QKV rows make several HF tensors: merge once
+            merged = self.plan.merge_row(p.row, p.place, self.local)
+            self._cache = dict(zip(p.row.hf, merged))
+            for copy in self.plan._copies_of.get(p.row.mcore, []):
+                self._cache[copy] = merged[0]
+            self._cached = p
+        return self._cache[name]
+
+    def meta(self, name: str) -> torch.Tensor:
+        p = self._row(name)
+        merged = self.plan.merge_row(p.row, p.place, lambda pos, c, n: self.local(pos, c, n).to("meta"))
+        return merged[p.row.hf.index(name) if name in p.row.hf else 0]
+
+    def keys(self) -> list[str]:
+        return list(self._rows)
+
+    def release(self) -> None:
+        self._cached, self._cache = None, {}
+
+
+class TorchSource(PlanSource):
+    """A torch-format checkpoint; rank files are memory-mapped on first use and dropped by release()."""
+
+    def __init__(self, ck: McoreCheckpoint):
+        self.ck = ck
+        self._files: dict[tuple, list] = {}
+        super().__init__(ck.plan(), self._local, ck.hf_config, ck.family, ck.config_dir)
+
+    def _local(self, pos, chunk: int, name: str) -> torch.Tensor:
+        # An expert shard of ETP rank e lives in the file of TP rank e (etp = tp % ETP, ETP divides TP).
+        tp = pos.etp if pos.etp else pos.tp
+        key = (tp, pos.pp, pos.ep)
+        if key not in self._files:
+            self._files[key] = mcore_layout.read_rank(self.ck.root, *key, self.ck.sizes, self.ck.iteration)
+        chunks = self._files[key]
+        try:
+            return chunks[chunk][name]
+        except (KeyError, IndexError):
+            where = mcore_layout.rank_dir_name(*key, self.ck.sizes["pp"], self.ck.sizes["ep"])
+            raise UserError(f"{where}: no tensor {name} in model chunk {chunk}; the checkpoint does not match "
+                            f"{self.ck.config_dir / 'config.json'} (wrong --hf-config?)") from None
+
+    def release(self) -> None:
+        super().release()
+        self._files.clear()
+
+    def spec(self) -> tuple[str, str]:
+        return ("torch", str(self.ck.root))
+
+
+def torch_hf_stream(ck: McoreCheckpoint, dtype=None):
+    """(hf_name, tensor) for a torch-format checkpoint, one pipeline stage's files mapped at a time."""
+    source = TorchSource(ck)
+    touched = 0
+    for pp in range(ck.sizes["pp"]):
+        for name, tensor in source.plan.hf_tensors(source.local, pp=pp, dtype=dtype):
+            touched += tensor_bytes(tensor)
+            if touched >= RELEASE_BYTES:  # merged tensors own their memory: unmap what was read so far
+                source.release()  # (files are mapped again lazily)
+                touched = 0
+            yield name, tensor
+        source.release()
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch_dist: one rank at TP1/PP1/EP1
+# ---------------------------------------------------------------------------------------------------
+def build_chunks(hf_config, layout, dtype: torch.dtype, padded_vocab: int | None = None):
+    """builder.build_family_model with an optional embedding size (a torch_dist checkpoint saved at TP=n
+    is padded for n; the model that loads it must have the same rows). Returns (chunks, plan)."""
+    from megatron_patch.models.builder import apply_layout, build_gpt_chunks, check_layout
+    from megatron_patch.models.families import family_for_config, model_args, mtp_block_spec
+
+    family = family_for_config(hf_config)
+    config = apply_layout(family.to_mcore_config(hf_config, **dtype_overrides(dtype)), layout)
+    check_layout(layout, config)
+    args = model_args(hf_config)
+    kw = args.gpt_model_kwargs(layout.tp)
+    chunks = build_gpt_chunks(
+        config, family.layer_spec, padded_vocab or kw["vocab_size"], kw["max_sequence_length"], layout,
+        untie=not kw["share_embeddings_and_output_weights"], rotary_base=kw["rotary_base"],
+        position_embedding_type=kw["position_embedding_type"],
+        mtp_block_spec_fn=mtp_block_spec if getattr(config, "mtp_num_layers", None) else None,
+    )
+    return chunks, ShardPlan(family, hf_config, layout, config, args)
+
+
+def load_dist_state(ckpt_dir, config_dir, dtype: torch.dtype, padded_vocab) -> PlanSource:
+    """In a rank (parallel state for TP1): the dist checkpoint loaded into a TP1 model, as a source."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_patch.models.builder import ParallelLayout, initialize_parallel
+
+    layout = ParallelLayout()
+    initialize_parallel(layout)
+    hf_config = load_hf_config(config_dir)
+    (chunk,), plan = build_chunks(hf_config, layout, dtype, padded_vocab)
+    loaded = dist_checkpointing.load({"model": chunk.sharded_state_dict()}, str(ckpt_dir))
+    chunk.load_state_dict(loaded["model"], strict=True)
+    state = chunk.state_dict()
+    return PlanSource(plan, lambda pos, c, name: state[name], hf_config, plan.family, Path(config_dir))
+
+
+def dist_to_hf_rank(rank, world, ckpt_dir, config_dir, saved: str, padded, target: str | None, out_dir: str,
+                    max_shard_bytes: int, verify_hf: str | None = None) -> dict:
+    """Write the HF tensors (or, with verify_hf, compare them with that HF checkpoint)."""
+    source = load_dist_state(ckpt_dir, config_dir, DTYPES[saved], padded)
+    stream = source.plan.hf_tensors(source.local, dtype=None if target is None else DTYPES[target])
+    if verify_hf is not None:
+        from .hf2mcore import HFSource
+
+        return compare_stream(stream, HFSource(verify_hf), None if target is None else DTYPES[target], source.plan)
+    return write_hf_stream(stream, Path(out_dir), max_shard_bytes, None)
+
+
+def dist_to_torch_rank(rank, world, ckpt_dir, config_dir, saved: str, padded, layout, out_dir: str,
+                       source_label: str) -> dict:
+    """Reshard a torch_dist checkpoint into the torch format at `layout` (through a TP1 model)."""
+    from .hf2mcore import megatron_args, write_side_files, write_torch
+
+    source = load_dist_state(ckpt_dir, config_dir, DTYPES[saved], padded)
+    plan = ShardPlan(source.family, source.hf_config, layout)
+    dtype = DTYPES[saved]
+    with ConversionProgress(0, "reshard", force=False) as progress:
+        write_torch(plan, source, Path(out_dir), None, megatron_args(plan, dtype, "torch"), progress)
+        write_side_files(Path(out_dir), "torch", source.family.name, layout, dtype, Path(config_dir), None,
+                         source_label, "reshard")
+        return {"tensors": progress.tensors, "bytes": progress.bytes}
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing / comparing HF tensor streams
+# ---------------------------------------------------------------------------------------------------
+def write_hf_stream(stream, out: Path, max_shard_bytes: int, progress) -> dict:
+    writer = ShardedSafetensorsWriter(out, max_shard_bytes)
+    tensors = nbytes = 0
+    for name, tensor in stream:
+        writer.add(name, tensor)
+        tensors, nbytes = tensors + 1, nbytes + tensor_bytes(tensor)
+        if progress is not None:
+            progress.update(tensor_bytes(tensor))
+        del tensor
+    writer.close()
+    return {"tensors": tensors, "bytes": nbytes}
+
+
+def compare_stream(stream, hf_source, dtype, plan: ShardPlan) -> dict:
+    """Compare (name, tensor) pairs with an HF checkpoint bit for bit (input cast to dtype if given)."""
+    mcore_of = {n: p.row.mcore for n, p in plan.primary_rows().items()}
+    wanted = set(hf_source.keys())
+    seen, bad, nbytes, since = [], [], 0, 0
+    for name, got in stream:
+        if name not in wanted:  # an HF copy the input lacked (export adds it)
+            continue
+        mcore = mcore_of.get(name, name)
+        expected = cast(mcore, hf_source.get(name), dtype)
+        if mcore.endswith(KEEP_DTYPE_SUFFIXES) and got.dtype != expected.dtype:
+            # megatron holds these in fp32 whatever the checkpoint had: exact if the values round trip
+            got = got.to(expected.dtype) if torch.equal(got.to(expected.dtype).to(got.dtype), got) else got
+        seen.append(name)
+        nbytes += tensor_bytes(got)
+        if not same_bits(got, expected):
+            bad.append(name)
+        del got, expected
+        since += tensor_bytes(hf_source.meta(name))
+        if since >= RELEASE_BYTES:  # unmap the input read so far
+            hf_source.release()
+            since = 0
+    hf_source.release()
+    return {"seen": len(seen), "bad": bad, "missing": sorted(wanted - set(seen)), "bytes": nbytes}
+
+
+def write_hf_config(config_dir: Path, out: Path, dtype: torch.dtype | None) -> None:
+    config = json.loads((Path(config_dir) / "config.json").read_text())
+    if dtype is not None:
+        name = str(dtype).replace("torch.", "")
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = name
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# mcore2hf
+# ---------------------------------------------------------------------------------------------------
+def mcore2hf(mcore_path, out, hf_config_dir=None, dtype: str | None = None, force: bool = False,
+             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, show_progress: bool = False) -> dict:
+    target = parse_dtype(dtype)
+    if max_shard_bytes <= 0:
+        raise UserError("--max-shard-size must be positive")
+    refuse_existing(out, force)
+    ck = open_mcore(mcore_path, hf_config_dir)
+    with atomic_output_dir(out, force) as tmp:
+        if ck.fmt == "torch":
+            source = TorchSource(ck)
+            total = sum(tensor_bytes(cast(p.row.mcore, source.meta(n), target))
+                        for n, p in source.plan.primary_rows().items())
+            source.release()
+            with ConversionProgress(total, "mcore2hf", force=show_progress) as progress:
+                write_hf_stream(torch_hf_stream(ck, target), tmp, max_shard_bytes, progress)
+                stats, line = progress.summary()
+        else:
+            with ConversionProgress(0, "mcore2hf", force=False) as progress:
+                result = spawn(dist_to_hf_rank, 1, str(ck.ckpt_dir), str(ck.config_dir), dtype_name(ck.dtype()),
+                               ck.padded_vocab(), None if target is None else dtype_name(target), str(tmp),
+                               max_shard_bytes)[0]
+                progress.update(result["bytes"], result["tensors"])
+                stats, line = progress.summary()
+        write_hf_config(ck.config_dir, tmp, target or ck.dtype())
+        for src in dict.fromkeys((ck.config_dir, ck.tokenizer_dir)):
+            copy_tokenizer_files(src, tmp)
+    return {**stats, "line": line, "out": str(Path(out).absolute()), "format": ck.fmt}
+
