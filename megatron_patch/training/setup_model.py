@@ -22,13 +22,14 @@ def wrap_ddp(chunks: list, config, use_distributed_optimizer: bool = False) -> l
 
 def build_optimizer(chunks: list, lr: float, optimizer: str = "adam", weight_decay: float = 0.0,
                     clip_grad: float = 1.0, use_distributed_optimizer: bool = False, bf16: bool = False,
-                    min_lr: float = 0.0, adam_eps: float = 1e-8):
+                    min_lr: float = 0.0, adam_eps: float = 1e-8, adam_beta1: float = 0.9,
+                    adam_beta2: float = 0.999):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = OptimizerConfig(
         optimizer=optimizer, lr=lr, min_lr=min_lr, weight_decay=weight_decay, clip_grad=clip_grad,
         use_distributed_optimizer=use_distributed_optimizer, bf16=bf16,
-        adam_eps=adam_eps,
+        adam_eps=adam_eps, adam_beta1=adam_beta1, adam_beta2=adam_beta2,
     )
     return get_megatron_optimizer(config, chunks)
 

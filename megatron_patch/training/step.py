@@ -61,7 +61,8 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
-    output = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
+    # loss_mask also masks the multi-token-prediction loss (DeepSeek-V3 MTP) inside GPTModel.
+    output = model(batch.tokens, batch.position_ids, None, labels=batch.labels, loss_mask=batch.loss_mask)
     return output, partial(_loss_func, batch.loss_mask)
 
 

@@ -1,0 +1,228 @@
+"""Training throughput: megatron-core through megatron_patch vs plain HF transformers, same models.
+
+    .venv/bin/python benchmarks/train_bench.py [--steps 8] [--seq-length 256] [--global-batch-size 8]
+                                               [--micro-batch-size 2] [--threads N] [--device cpu|cuda|npu]
+
+Two models from make-mini, 4 layers, hidden 256, fp32 on CPU (bf16 on an accelerator):
+  dense  Qwen2 (GQA 8 heads / 4 groups, SwiGLU 768)
+  moe    DeepSeek-V3 (MLA, 8 routed experts top-2 + 1 shared, first layer dense; no MTP, which HF does
+         not train)
+Both are trained on the shipped corpus (examples/data/corpus.txt) with the same global batch and micro
+batches: megatron by `python -m megatron_patch.training.pretrain` at TP1 in a subprocess (its per-step
+times come from --metrics-file), HF by a loop with torch AdamW, gradient accumulation and clipping.
+The first WARMUP steps of each are not timed.
+
+Reported per model: model FLOPs per token (megatron_patch.training.flops: 3 x forward GEMM FLOPs, MLA
+and active experts included), tok/s, and MFU. On CPU, "CPU MFU" is model FLOP/s over this machine's
+GEMM FLOP/s measured in the same run (a torch.matmul loop, same thread count), since a CPU has no
+datasheet peak; on an accelerator it is against the accelerator's peak (runtime.Accelerator.peak_flops).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "examples" / "data" / "corpus.txt"
+WARMUP = 2
+
+MODELS = {
+    "dense": ("qwen2", dict(hidden=256, layers=4, overrides={
+        "intermediate_size": 768, "num_attention_heads": 8, "num_key_value_heads": 4}),
+        "Qwen2 dense"),
+    "moe": ("deepseek_v3", dict(hidden=256, layers=4, experts=8, overrides={
+        "intermediate_size": 768, "moe_intermediate_size": 256, "num_attention_heads": 8, "num_key_value_heads": 8,
+        "q_lora_rank": 128, "kv_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16,
+        "v_head_dim": 32, "num_nextn_predict_layers": 0}),
+        "DeepSeek-V3 MoE"),
+}
+
+
+def gemm_flops(threads: int, device, n: int = 1024, seconds: float = 3.0, dtype=None) -> float:
+    """Sustained matmul FLOP/s of this machine (n x n x n, fp32 on CPU), best of 3 timed bursts."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = dtype or torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        torch.matmul(a, b)
+    best = 0.0
+    for _ in range(3):
+        iters, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            torch.matmul(a, b)
+            iters += 1
+        if device.type != "cpu":
+            getattr(torch, device.type).synchronize()
+        best = max(best, 2.0 * n ** 3 * iters / (time.perf_counter() - start))
+    return best
+
+
+def prepare(root: Path) -> dict:
+    from megatron_patch.data.preprocess import preprocess
+    from megatron_patch.models.mini import make_mini
+
+    out = {}
+    for name, (family, kw, _) in MODELS.items():
+        out[name] = make_mini(family, root / name, **kw)
+    out["data"] = str(root / "corpus")
+    preprocess([str(CORPUS)], str(out["dense"]), out["data"], append_eod=True, progress=False)
+    return out
+
+
+def flops_per_token(model_dir: Path, seq_length: int) -> float:
+    """Training FLOPs per token of the megatron config the trainer builds."""
+    from transformers import AutoConfig
+
+    from megatron_patch.models.families import family_for_config, model_args
+    from megatron_patch.training.flops import training_flops_per_token
+
+    hf = AutoConfig.from_pretrained(model_dir)
+    cfg = family_for_config(hf).to_mcore_config(hf)
+    return training_flops_per_token(cfg, model_args(hf).padded_vocab_size(1), seq_length)
+
+
+def megatron_steps(model_dir: Path, data: str, args, threads: int, work: Path) -> list[float]:
+    metrics = work / f"{model_dir.name}-metrics.jsonl"
+    cmd = [sys.executable, "-m", "megatron_patch.training.pretrain", "--load-hf", str(model_dir),
+           "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
+           "--seq-length", str(args.seq_length), "--train-iters", str(args.steps + WARMUP), "--lr", "1e-4",
+           "--lr-decay-style", "constant", "--data-path", data, "--data-cache-path", str(work / "cache"),
+           "--metrics-file", str(metrics), "--log-interval", "1000"]
+    if args.device:
+        cmd += ["--device", args.device]
+    if args.bf16:
+        cmd += ["--bf16"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TORCHDYNAMO_DISABLE="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode:
+        raise SystemExit(f"megatron run failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+    steps = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [s["step_time"] for s in steps[WARMUP:]]
+
+
+def hf_steps(model_dir: Path, data: str, args, threads: int, device) -> tuple[list[float], int]:
+    """Step times of the HF loop (after warm-up) and the model's parameter count."""
+    import numpy
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    ds = IndexedDataset(data)
+    tokens = torch.from_numpy(numpy.concatenate([ds[i] for i in range(len(ds))]).astype("int64"))
+    span = args.seq_length + 1
+    gbs, mbs = args.global_batch_size, args.micro_batch_size
+
+    def batch(step):
+        rows = []
+        for i in range(gbs):
+            start = ((step * gbs + i) * span) % (len(tokens) - span)
+            rows.append(tokens[start:start + span])
+        return torch.stack(rows).to(device)
+
+    times = []
+    for step in range(args.steps + WARMUP):
+        data_step = batch(step)
+        sync(device)
+        start = time.perf_counter()
+        for m in range(0, gbs, mbs):
+            chunk = data_step[m:m + mbs]
+            targets = chunk[:, 1:].contiguous()  # already shifted, like megatron's labels
+            out = model(input_ids=chunk[:, :-1], labels=targets, shift_labels=targets)
+            (out.loss * mbs / gbs).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times[WARMUP:], model.num_parameters()
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=8, help="timed steps (after %d warm-up steps)" % WARMUP)
+    p.add_argument("--seq-length", type=int, default=256)
+    p.add_argument("--global-batch-size", type=int, default=8)
+    p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--device", choices=("cpu", "cuda", "npu"), default=None)
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    args = p.parse_args()
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from megatron_patch.runtime import get_accelerator, set_accelerator
+
+    hf_logging.disable_progress_bar()
+
+    acc = set_accelerator(args.device) if args.device else get_accelerator()
+    args.bf16 = acc.type != "cpu"
+    threads = args.threads or os.cpu_count() or 1
+    device = acc.current_device()
+    if acc.type == "cpu":
+        # The machine may be shared: GEMM throughput is measured again after every timed run and the best
+        # figure is the reference (contention only ever lowers it).
+        gemms = [gemm_flops(threads, device)]
+        peak, peak_name = None, "CPU MFU (vs measured GEMM)"
+    else:
+        peak, peak_name = acc.peak_flops(torch.bfloat16), f"MFU (vs {acc.device_name()} bf16 peak)"
+    tokens_per_step = args.global_batch_size * args.seq_length
+    print(f"device: {acc.type} ({acc.device_name()}), threads {threads}; global batch {args.global_batch_size} x "
+          f"{args.seq_length} tokens, micro batch {args.micro_batch_size}; {args.steps} timed steps")
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
+        work = Path(tmp)
+        prepared = prepare(work)
+        for name in args.models:
+            model_dir = Path(prepared[name])
+            fpt = flops_per_token(model_dir, args.seq_length)
+            mcore = statistics.median(megatron_steps(model_dir, prepared["data"], args, threads, work))
+            if acc.type == "cpu":
+                gemms.append(gemm_flops(threads, device))
+            hf_times, params = hf_steps(model_dir, prepared["data"], args, threads, device)
+            if acc.type == "cpu":
+                gemms.append(gemm_flops(threads, device))
+            runs += [(name, params, fpt, "megatron-core", mcore), (name, params, fpt, "HF transformers",
+                                                                   statistics.median(hf_times))]
+    if acc.type == "cpu":
+        peak = max(gemms)
+        print(f"GEMM throughput (1024^3 fp32 matmul, {threads} threads): best {peak / 1e9:.1f} GFLOP/s of "
+              f"{', '.join(f'{g / 1e9:.1f}' for g in gemms)}")
+    rows = []
+    for name, params, fpt, impl, step in runs:
+        tps = tokens_per_step / step
+        mfu = fpt * tps / peak if peak else None
+        rows.append((MODELS[name][2], f"{params / 1e6:.2f}M", f"{fpt / 1e6:.1f}", impl, f"{step:.3f}",
+                     f"{tps:.0f}", f"{100 * mfu:.1f}%" if mfu is not None else "n/a"))
+    header = ("model", "params", "MFLOP/token", "implementation", "step s", "tok/s", peak_name)
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for r in [header] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""`preprocess`: text -> Megatron indexed dataset (PREFIX_text_document.bin/.idx is Megatron-LM's name;
+here the output is exactly OUTPUT_PREFIX.bin / OUTPUT_PREFIX.idx), written with megatron-core's
+IndexedDatasetBuilder so megatron's GPTDataset reads it.
+
+Inputs: .jsonl / .json (one JSON object per line, text under --json-key) or plain text (.txt and
+anything else: one document per paragraph, paragraphs separated by blank lines).
+The output is written next to its final name and renamed at the end, so an interrupted run leaves
+no half-written dataset behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from megatron_patch.errors import UserError
+
+BATCH = 256  # documents per tokenizer call (the fast tokenizer parallelises inside a batch)
+
+
+def iter_documents(path: Path, json_key: str = "text") -> Iterator[tuple[str | None, int]]:
+    """(document text, bytes of input consumed) for a .jsonl file or a paragraph-separated text file;
+    text is None for input that holds no document (blank lines)."""
+    if path.suffix in (".jsonl", ".json"):
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = raw.strip()
+                if not line:
+                    yield None, len(raw)
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg}); one JSON object per line expected") from None
+                if not isinstance(obj, dict) or json_key not in obj:
+                    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+                    raise UserError(f"{path}:{lineno}: no {json_key!r} key (found {keys}); pass --json-key")
+                text = obj[json_key]
+                if not isinstance(text, str):
+                    raise UserError(f"{path}:{lineno}: {json_key!r} is {type(text).__name__}, expected a string")
+                yield text, len(raw)
+        return
+    paragraph: list[str] = []
+    consumed = 0
+    with path.open("rb") as f:
+        for raw in f:
+            consumed += len(raw)
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            if line.strip():
+                paragraph.append(line.strip())
+            elif paragraph:
+                yield " ".join(paragraph), consumed
+                paragraph, consumed = [], 0
+    yield (" ".join(paragraph) if paragraph else None), consumed
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise UserError(f"--tokenizer {path}: not a directory (give the HF model directory holding tokenizer.json)")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--tokenizer {path}: cannot load a tokenizer ({err})") from None
+
+
+def preprocess(inputs: list[str], tokenizer_dir: str, output_prefix: str, json_key: str = "text",
+               append_eod: bool = False, progress: bool | None = None) -> dict:
+    """Tokenize `inputs` into OUTPUT_PREFIX.bin/.idx; returns counts (documents, tokens, dtype)."""
+    import numpy
+    from tqdm import tqdm
+
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    paths = [Path(p) for p in inputs]
+    for p in paths:
+        if not p.is_file():
+            raise UserError(f"--input {p}: file not found")
+    tok = load_tokenizer(tokenizer_dir)
+    vocab = len(tok)
+    eod = tok.eos_token_id
+    if append_eod and eod is None:
+        raise UserError(f"--append-eod: the tokenizer in {tokenizer_dir} has no eos token")
+    dtype = DType.optimal_dtype(vocab)
+    out = Path(output_prefix)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_bin = out.with_name(out.name + f".bin.tmp-{os.getpid()}")
+    tmp_idx = out.with_name(out.name + f".idx.tmp-{os.getpid()}")
+    builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
+    stats = {"documents": 0, "tokens": 0, "empty": 0, "dtype": numpy.dtype(dtype).name, "vocab_size": vocab}
+
+    def flush(batch: list[str]) -> None:
+        if not batch:
+            return
+        for ids in tok(batch, add_special_tokens=False)["input_ids"]:
+            if append_eod:
+                ids = ids + [eod]
+            if not ids:
+                stats["empty"] += 1
+                continue
+            builder.add_document(ids, [len(ids)])
+            stats["documents"] += 1
+            stats["tokens"] += len(ids)
+
+    total = sum(p.stat().st_size for p in paths)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="preprocess",
+               disable=progress is False, dynamic_ncols=True)
+    try:
+        for path in paths:
+            batch: list[str] = []
+            for text, nbytes in iter_documents(path, json_key):
+                bar.update(nbytes)
+                if text is None:
+                    continue
+                if text.strip():
+                    batch.append(text)
+                else:
+                    stats["empty"] += 1
+                if len(batch) >= BATCH:
+                    flush(batch)
+                    batch = []
+            flush(batch)
+        if stats["documents"] == 0:
+            raise UserError(f"no non-empty documents in {', '.join(map(str, paths))}")
+        builder.finalize(str(tmp_idx))
+        os.replace(tmp_bin, out.with_name(out.name + ".bin"))
+        os.replace(tmp_idx, out.with_name(out.name + ".idx"))
+    finally:
+        bar.close()
+        for leftover in (tmp_bin, tmp_idx):
+            if leftover.exists():
+                leftover.unlink()
+    return stats
+
+
+def run(args) -> int:
+    stats = preprocess(args.input, args.tokenizer, args.output_prefix, json_key=args.json_key,
+                       append_eod=args.append_eod)
+    print(f"wrote {args.output_prefix}.bin/.idx: {stats['documents']} documents, {stats['tokens']} tokens "
+          f"({stats['dtype']}, vocab {stats['vocab_size']}; {stats['empty']} empty skipped)")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("preprocess", help="tokenize text into a Megatron indexed dataset (.bin/.idx)",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", required=True, nargs="+",
+                   help=".jsonl (one JSON object per line) or plain text (one document per paragraph)")
+    p.add_argument("--tokenizer", required=True, help="HF model/tokenizer directory")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--json-key", default="text", help="JSON field holding the text (default: text)")
+    p.add_argument("--append-eod", action="store_true", help="end every document with the eos token")
+    p.set_defaults(func=run)

@@ -1,0 +1,150 @@
+"""Command-line arguments of the trainer, with Megatron-LM's flag names (a subset; see `--help`).
+
+Import-light (argparse only) so `megatron-patch --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+
+from megatron_patch.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = p.add_argument_group("model and checkpoints")
+    g.add_argument("--hf-config", metavar="DIR",
+                   help="HF model directory whose config.json defines the model (default: --load-hf, or the "
+                   "hf_config/ folder `convert hf2mcore` writes into --load)")
+    g.add_argument("--load", metavar="DIR", help="Megatron checkpoint: a training checkpoint to resume, or "
+                   "model weights (torch per-rank layout or torch_dist, e.g. from `convert hf2mcore`) to start from")
+    g.add_argument("--load-hf", metavar="DIR", help="start from HF safetensors weights")
+    g.add_argument("--save", metavar="DIR", help="checkpoint directory; a run resumes from it when it holds a "
+                   "training checkpoint")
+    g.add_argument("--save-interval", type=int, default=None, metavar="N")
+    g.add_argument("--exit-interval", type=int, default=None, metavar="N",
+                   help="save (with --save) and stop when the iteration is a multiple of N")
+    g.add_argument("--no-load-optim", action="store_true", help="resume the model only (fresh optimizer)")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true",
+                   help="take only the model from --load; start at iteration 0 with a fresh optimizer")
+    g.add_argument("--device", choices=("cpu", "cuda", "npu"), default=None,
+                   help="default: detected (MP_DEVICE overrides)")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-virtual-stages-per-pipeline-rank", "--virtual-pipeline-model-parallel-size",
+                   dest="virtual_pipeline_model_parallel_size", type=int, default=None)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="on by default whenever TP > 1 (megatron's MoE with TP requires it)")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data parallel")
+    g.add_argument("--seq-length", type=int, required=False, default=None)
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root"),
+                   default="linear")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true", help="not supported (use --bf16)")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
+                   help="default: from the HF config (DeepSeek aux_loss_alpha)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", metavar="PREFIX",
+                   help="Megatron indexed dataset prefix (PREFIX.bin/.idx), or WEIGHT PREFIX pairs")
+    g.add_argument("--valid-data-path", nargs="+", metavar="PREFIX", default=None)
+    g.add_argument("--split", default=None, help="train,valid,test weights of --data-path (default 100,0,0)")
+    g.add_argument("--data-cache-path", default=None, metavar="DIR",
+                   help="where GPTDataset caches its sample indices (default: next to the data)")
+    g.add_argument("--eval-interval", type=int, default=None, metavar="N")
+    g.add_argument("--eval-iters", type=int, default=0, metavar="N")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--metrics-file", default=None, metavar="PATH",
+                   help="also write each step's metrics as a JSON line (exact float values)")
+    g.add_argument("--exit-on-nan", dest="exit_on_nan", action="store_true", default=True,
+                   help="stop with exit status 3 when the loss or grad norm is NaN/Inf (default)")
+    g.add_argument("--no-exit-on-nan", dest="exit_on_nan", action="store_false",
+                   help="report NaN/Inf, skip that update and go on")
+    return p
+
+
+def parse_data_blend(values: list[str] | None, flag: str) -> tuple[list[str], list[float] | None] | None:
+    """Megatron's --data-path: one prefix, several prefixes, or WEIGHT PREFIX pairs."""
+    if not values:
+        return None
+    try:
+        weights = [float(v) for v in values[0::2]]
+    except ValueError:
+        return list(values), None
+    if len(values) % 2:
+        raise UserError(f"{flag}: weighted blends are WEIGHT PREFIX pairs, got an odd number of values")
+    return list(values[1::2]), weights
+
+
+def validate(args) -> None:
+    """Refuse unsupported or inconsistent settings with a message naming the flag."""
+    if args.fp16:
+        raise UserError("--fp16 is not supported (no loss scaling here); use --bf16 or fp32")
+    if args.context_parallel_size != 1:
+        raise UserError(f"--context-parallel-size {args.context_parallel_size}: context parallelism is not supported; use 1")
+    if args.load and args.load_hf:
+        raise UserError("give either --load (Megatron checkpoint) or --load-hf (HF weights), not both")
+    if args.train_iters is None or args.train_iters < 1:
+        raise UserError("--train-iters N (>= 1) is required")
+    if args.seq_length is None or args.seq_length < 2:
+        raise UserError("--seq-length N (>= 2) is required")
+    if not args.data_path:
+        raise UserError("--data-path PREFIX is required (make one with `megatron-patch preprocess`)")
+    for flag in ("micro_batch_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "expert_model_parallel_size", "log_interval"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
+    for flag in ("save_interval", "exit_interval", "eval_interval"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.lr_warmup_iters >= (args.lr_decay_iters or args.train_iters):
+        raise UserError(f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than the decay iterations "
+                        f"({args.lr_decay_iters or args.train_iters})")
+    if args.min_lr > args.lr:
+        raise UserError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    if args.recompute_granularity == "full" and not args.recompute_method:
+        raise UserError("--recompute-granularity full needs --recompute-method uniform|block")
+    if args.save_interval and not args.save:
+        raise UserError("--save-interval needs --save DIR")
+    from megatron_patch.data.gpt import check_prefix
+
+    for flag in ("--data-path", "--valid-data-path"):
+        blend = parse_data_blend(getattr(args, flag[2:].replace("-", "_")), flag)
+        for prefix in blend[0] if blend else ():
+            check_prefix(prefix, flag)  # fail before the model is built
+    if args.valid_data_path and args.split:
+        raise UserError("--split applies to --data-path only; do not combine it with --valid-data-path")
+
+
+def build_parser(prog: str = "megatron-patch train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Pretrain a DeepSeek-V2/V3 or Qwen model on megatron-core "
+                                "(run under torchrun; CPU/gloo, CUDA/nccl or NPU/hccl).")
+    return add_arguments(p)

@@ -1,0 +1,408 @@
+"""Training checkpoints (megatron-core dist_checkpointing, "torch_dist") and model initialisation.
+
+Layout, as Megatron-LM writes it, so its tools (and `megatron-patch convert`) read it:
+
+    SAVE/latest_checkpointed_iteration.txt     "<iteration>"
+    SAVE/iter_0000100/                         dist_checkpointing: metadata.json, common.pt, shards
+        model | model0, model1 ...             sharded model state (one per virtual pipeline chunk)
+        optimizer                              sharded optimizer state
+        rng_state                              one object per rank (python, numpy, torch, device, tracker)
+        common: iteration, consumed_train_samples (the data position), opt_param_scheduler, args,
+                world_size, parallel (layout + optimizer kind the optimizer state belongs to), checkpoint_version
+
+A save is atomic: every rank writes into SAVE/.iter_0000100.tmp, then rank 0 renames it to
+iter_0000100 and only then rewrites the tracker (write + rename). A process killed at any point leaves
+the tracker on the previous complete checkpoint. `MP_TEST_CRASH_IN_SAVE=<iteration>` makes every rank
+os._exit(43) after the files are written and before they are published (used by the tests).
+
+Initialisation for a fresh run: `init_from_megatron` (--load of a model-only Megatron checkpoint: torch
+per-rank layout via convert.mcore_layout, or torch_dist) or `init_from_hf` (--load-hf: HF safetensors
+through the family table and convert.engine).
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy
+import torch
+
+from megatron_patch.convert.mcore_layout import TRACKER_NAME, iteration_dir_name
+from megatron_patch.errors import UserError
+
+CHECKPOINT_VERSION = 3.0
+CRASH_ENV = "MP_TEST_CRASH_IN_SAVE"
+# The distributed optimizer saves its own DP shards in parallel ('dp_reshardable', Megatron-LM's default:
+# no gather on one rank; reshardable in DP only). ('fully_reshardable' gathers with tensor.cuda() in
+# megatron-core 0.16.1, which the CPU runtime does not cover.) The regular optimizer is saved per parameter.
+DISTRIBUTED_OPTIMIZER_FORMAT = "dp_reshardable"
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _unwrap(chunk):
+    return getattr(chunk, "module", chunk)
+
+
+def model_keys(chunks) -> list[str]:
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def _optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _is_distributed(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return optimizer is not None and any(isinstance(o, DistributedOptimizer) for o in _optimizers(optimizer))
+
+
+def sharded_metadata(optimizer=None) -> dict:
+    """What Megatron-LM passes to sharded_state_dict(): the optimizer save format plus the DP(+CP) group
+    (needed e.g. for MTP's tied embedding copy on the last pipeline stage)."""
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+    metadata = {"chained_optim_avoid_prefix": True}
+    if _is_distributed(optimizer):
+        metadata["distrib_optim_sharding_type"] = DISTRIBUTED_OPTIMIZER_FORMAT
+    return ensure_metadata_has_dp_cp_group(metadata)
+
+
+def model_sharded_state_dict(chunks) -> dict:
+    metadata = sharded_metadata()
+    return {key: _unwrap(c).sharded_state_dict(metadata=metadata) for key, c in zip(model_keys(chunks), chunks)}
+
+
+def parallel_signature(optimizer) -> dict:
+    """The model-parallel layout and optimizer kind a checkpoint's optimizer state belongs to."""
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "ep": ps.get_expert_model_parallel_world_size(), "etp": ps.get_expert_tensor_parallel_world_size(),
+            "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+            "distributed_optimizer": _is_distributed(optimizer), "optimizers": len(_optimizers(optimizer))}
+
+
+def _describe(sig: dict) -> str:
+    return (f"TP{sig['tp']} PP{sig['pp']} EP{sig['ep']} ETP{sig['etp']} VPP{sig['vpp']} with the "
+            f"{'distributed' if sig['distributed_optimizer'] else 'regular'} optimizer")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the tracker
+# ---------------------------------------------------------------------------------------------------
+def read_tracker(root) -> int | str | None:
+    """The iteration the tracker names, or None when `root` holds no checkpoint."""
+    tracker = Path(root) / TRACKER_NAME
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if text == "release":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{tracker} contains {text!r}, expected an iteration number (fix or remove it)") from None
+
+
+def _write_tracker(root: Path, iteration: int) -> None:
+    tmp = root / (TRACKER_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / TRACKER_NAME)
+
+
+def is_dist_checkpoint(path) -> bool:
+    return (Path(path) / "metadata.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# rng
+# ---------------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    from megatron_patch.runtime import get_accelerator
+
+    return {
+        "random": random.getstate(),
+        "numpy": numpy.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "device": get_accelerator().get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    from megatron_patch.runtime import get_accelerator
+
+    random.setstate(state["random"])
+    numpy.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    get_accelerator().set_rng_state(state["device"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded(state) -> "object":
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject("rng_state", state, (_world(),), (_rank(),), replica_id=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------------------------------
+def _train_state(chunks, optimizer, scheduler, iteration: int, consumed: int, args: dict,
+                 is_loading: bool, with_optimizer: bool = True, with_rng: bool = True) -> dict:
+    model = model_sharded_state_dict(chunks)
+    state = dict(model)
+    if with_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(model, is_loading=is_loading,
+                                                          metadata=sharded_metadata(optimizer))
+    if with_rng:
+        state["rng_state"] = _rng_sharded(rng_state() if not is_loading else None)
+    if not is_loading:
+        state.update(iteration=iteration, consumed_train_samples=consumed, checkpoint_version=CHECKPOINT_VERSION,
+                     opt_param_scheduler=scheduler.state_dict(), args=args, world_size=_world(),
+                     parallel=parallel_signature(optimizer))
+    return state
+
+
+def _maybe_crash(iteration: int) -> None:
+    if os.environ.get(CRASH_ENV) == str(iteration):
+        import multiprocessing
+
+        print(f"[{CRASH_ENV}] rank {_rank()}: exiting while saving iteration {iteration}", flush=True)
+        # dist_checkpointing's writer starts a multiprocessing Manager on the first save; os._exit skips
+        # its shutdown, and the orphan would keep our stdout open (a caller reading it would never see EOF).
+        for child in multiprocessing.active_children():
+            child.kill()
+        os._exit(43)
+
+
+def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed: int, args: dict) -> Path:
+    """Write SAVE/iter_XXXXXXX atomically and point the tracker at it. Call on every rank."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = root / iteration_dir_name(iteration)
+    tmp = root / f".{final.name}.tmp"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # leftover of a save that was killed
+        tmp.mkdir()
+    _barrier()
+    state = _train_state(chunks, optimizer, scheduler, iteration, consumed, args, is_loading=False)
+    content = {k: v for k, v in sharded_metadata(optimizer).items() if k != "dp_cp_group"}
+    dist_checkpointing.save(state, str(tmp), content_metadata=content)
+    _barrier()
+    _maybe_crash(iteration)
+    if _rank() == 0:
+        old = root / f".{final.name}.old"
+        if final.exists():  # re-saving an iteration (e.g. after resuming from an earlier one)
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _write_tracker(root, iteration)
+        if old.exists():
+            shutil.rmtree(old)
+    _barrier()
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------
+# load
+# ---------------------------------------------------------------------------------------------------
+def train_checkpoint_dir(root) -> Path | None:
+    """The directory of the latest complete training checkpoint under `root` (None if there is none or
+    it is a model-only checkpoint, e.g. converted from HF)."""
+    from megatron.core import dist_checkpointing
+
+    iteration = read_tracker(root)
+    if iteration is None or iteration == "release":
+        return None
+    path = Path(root) / iteration_dir_name(iteration)
+    if not path.is_dir():
+        raise UserError(f"{Path(root) / TRACKER_NAME} names {path.name}, which does not exist (fix the tracker)")
+    if not is_dist_checkpoint(path):
+        return None
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    return path if "opt_param_scheduler" in common else None
+
+
+def _allocate_optimizer_state(optimizer) -> None:
+    """megatron-core 0.16.1 without TE/Apex (CPU, NPU): DistributedOptimizer.sharded_state_dict(is_loading=
+    True) first calls state_dict(), which reads torch Adam's per-parameter "step" and asserts there is
+    exactly one value -- false before the first step (no state yet). Allocate the state with megatron's
+    own init_state_fn and a step of 0; loading then overwrites all of it."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, DistributedOptimizer) or inner is None or len(inner.state) or opt.init_state_fn is None:
+            continue
+        opt.init_state_fn(inner, opt.config)
+        for state in inner.state.values():
+            state.setdefault("step", torch.tensor(0.0))
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """megatron-core 0.16.1 without TE/Apex: DistributedOptimizer keeps torch Adam's step in its param
+    groups ("step") and on load (a) gives every parameter's state the SAME step tensor, which Adam then
+    increments once per parameter, and (b) copies the in-memory step of the load request back over it
+    (dp_reshardable loader). Set each parameter's step from its group's loaded value, in its own tensor."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        for group in opt.optimizer.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = opt.optimizer.state.get(param)
+                if state is not None and "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
+def load_training_checkpoint(path, chunks, optimizer, scheduler, load_optim: bool = True,
+                             load_rng: bool = True) -> tuple[int, int]:
+    """Restore model, optimizer, scheduler, rng from a checkpoint written by save_checkpoint.
+    Returns (iteration, consumed_train_samples)."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    saved, now = common.get("parallel"), parallel_signature(optimizer)
+    if load_optim and saved != now:
+        raise UserError(f"{path} holds optimizer state for {_describe(saved) if saved else 'another layout'}; this "
+                        f"run is {_describe(now)}. Resume at that layout (any data-parallel size), or add "
+                        "--no-load-optim to continue from its weights with a fresh optimizer (weights reshard "
+                        "to any layout)")
+    if common.get("world_size") != _world() and load_rng:
+        if _rank() == 0:
+            print(f"note: {path} was saved by {common.get('world_size')} ranks, this run has {_world()}: "
+                  "random states are not restored", flush=True)
+        load_rng = False
+    if load_optim:
+        _allocate_optimizer_state(optimizer)
+    request = _train_state(chunks, optimizer, scheduler, 0, 0, {}, is_loading=True,
+                           with_optimizer=load_optim, with_rng=load_rng)
+    loaded = dist_checkpointing.load(request, str(path))
+    for key, chunk in zip(model_keys(chunks), chunks):
+        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    if load_optim:
+        # no_grad: with fp32 params the distributed optimizer's main params are views of the model params,
+        # and megatron's dp_reshardable loader copies into them in place (it lacks the no_grad its
+        # sibling loaders have).
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
+        try:
+            scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        except AssertionError as err:  # OptimizerParamScheduler checks its settings against the checkpoint
+            raise UserError(f"{path}: the learning-rate schedule differs from the checkpoint ({err}); resume "
+                            "with the same --lr/--min-lr/--lr-*/--train-iters/--weight-decay flags") from None
+    else:
+        optimizer.reload_model_params()  # fresh optimizer state around the loaded weights
+        scheduler.step(increment=int(loaded["iteration"]))  # the LR schedule continues where it was
+    if load_rng:
+        set_rng_state(loaded["rng_state"])
+    return int(loaded["iteration"]), int(loaded["consumed_train_samples"])
+
+
+def _copy_into(chunks, state_dicts: list[dict], source: str) -> None:
+    """Load per-chunk state dicts into the model; every tensor of the model must be given."""
+    if len(state_dicts) != len(chunks):
+        raise UserError(f"{source} has {len(state_dicts)} model chunk(s) per rank, this run builds {len(chunks)} "
+                        "(virtual pipeline size differs)")
+    for i, (chunk, sd) in enumerate(zip(chunks, state_dicts)):
+        try:
+            missing, unexpected = _unwrap(chunk).load_state_dict(sd, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            raise UserError(f"{source} (chunk {i}) does not fit the model: {str(err).splitlines()[-1].strip()} "
+                            "(converted for another parallel layout or config?)") from None
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise UserError(f"{source} (chunk {i}) does not match the model: missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}; was it converted from the same config?")
+
+
+def _load_torch_layout(root, chunks, layout) -> int | str:
+    from megatron.core import parallel_state as ps
+
+    from megatron_patch.convert import mcore_layout
+
+    iteration, sizes = mcore_layout.read_layout(root)
+    want = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp, "vpp": layout.vpp or 1}
+    if {k: sizes[k] for k in want} != want:
+        raise UserError(f"--load {root}: torch-format checkpoint is for "
+                        f"TP{sizes['tp']} PP{sizes['pp']} EP{sizes['ep']} ETP{sizes['etp']} VPP{sizes['vpp']}, this run is "
+                        f"TP{want['tp']} PP{want['pp']} EP{want['ep']} ETP{want['etp']} VPP{want['vpp']}; "
+                        "convert for this layout (or convert with --format torch_dist, which loads at any layout)")
+    state_dicts = mcore_layout.read_rank(root, ps.get_tensor_model_parallel_rank(),
+                                         ps.get_pipeline_model_parallel_rank(), ps.get_expert_model_parallel_rank(),
+                                         sizes, iteration)
+    _copy_into(chunks, state_dicts, f"--load {root}")
+    return iteration
+
+
+def _load_dist_model(path, chunks) -> None:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    request = model_sharded_state_dict(chunks)
+    try:
+        loaded = dist_checkpointing.load(request, str(path))
+    except CheckpointingException as err:
+        raise UserError(f"--load {path}: the checkpoint does not match the model ({err})") from None
+    for key, chunk in zip(model_keys(chunks), chunks):
+        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+
+
+def init_from_megatron(root, chunks, layout) -> str:
+    """Load model weights (only) from a Megatron checkpoint directory: torch_dist or torch layout."""
+    root = Path(root)
+    iteration = read_tracker(root)
+    if iteration is None:
+        if is_dist_checkpoint(root):  # pointed at an iter_* directory itself
+            _load_dist_model(root, chunks)
+            return f"torch_dist {root}"
+        raise UserError(f"--load {root}: no {TRACKER_NAME} (not a Megatron checkpoint directory)")
+    path = root / iteration_dir_name(iteration)
+    if is_dist_checkpoint(path):
+        _load_dist_model(path, chunks)
+        return f"torch_dist {path}"
+    iteration = _load_torch_layout(root, chunks, layout)
+    return f"torch {root / iteration_dir_name(iteration)}"
+
+
+def init_from_hf(hf_dir, chunks, hf_config, layout, config, margs) -> str:
+    from megatron_patch.convert.engine import ShardPlan, load_into_chunks
+    from megatron_patch.convert.hf_reader import HFCheckpoint
+    from megatron_patch.models.families import family_for_config
+
+    plan = ShardPlan(family_for_config(hf_config), hf_config, layout, config, margs)
+    with HFCheckpoint(hf_dir) as ckpt:
+        load_into_chunks(chunks, plan, ckpt.get_slice)
+    return f"HF {hf_dir}"

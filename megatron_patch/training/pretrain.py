@@ -1,0 +1,76 @@
+"""Pretraining on megatron-core: `python -m megatron_patch.training.pretrain ARGS` (or
+`megatron-patch train ARGS`), normally under torchrun:
+
+    torchrun --nproc_per_node 4 -m megatron_patch.training.pretrain --hf-config DIR --load-hf DIR \\
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --micro-batch-size 2 \\
+        --global-batch-size 8 --seq-length 128 --train-iters 100 --lr 3e-4 --data-path PREFIX --save OUT
+
+One step: the next global batch from megatron's GPTDataset -> megatron's pipeline schedule over this
+data-parallel rank's micro-batches (training.step.forward_backward; DDP reduces the grads) -> NaN/Inf
+check -> megatron optimizer step (clipping, grad norm) -> OptimizerParamScheduler -> metrics ->
+checkpoint at --save-interval / --exit-interval / the end (training.checkpointing).
+
+Start: resume from --save when it holds a training checkpoint, else from --load when that is a
+training checkpoint; otherwise initialise from --load (model-only Megatron checkpoint) or --load-hf
+(HF weights), or randomly.
+"""
+from __future__ import annotations
+
+import sys
+
+from megatron_patch.errors import UserError
+
+# Light on purpose (no torch at import): dist_checkpointing's writer spawns a multiprocessing Manager,
+# whose child re-imports the __main__ module; keeping this module cheap keeps that spawn fast.
+
+
+def run(args) -> int:
+    """Validate, train, tear down. Returns the exit status (0; 3 after a NaN/Inf stop)."""
+    from megatron_patch.training.arguments import validate
+
+    quiet_known_warnings()
+    validate(args)
+    import torch
+
+    from megatron_patch.training.trainer import NAN_EXIT_CODE, NaNDetected, Trainer
+
+    trainer = None
+    try:
+        trainer = Trainer(args)
+        return trainer.train()
+    except NaNDetected:
+        return NAN_EXIT_CODE
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def quiet_known_warnings() -> None:
+    """megatron-core warns at import that TE/Apex are absent (expected: the runtime picks kernels) and
+    torch's checkpoint code warns about its own deprecations; neither is actionable for a user."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*")
+    warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing.*")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_patch.training.arguments import build_parser
+
+    quiet_known_warnings()
+    args = build_parser("python -m megatron_patch.training.pretrain").parse_args(argv)
+    try:
+        return run(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

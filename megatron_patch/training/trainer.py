@@ -1,0 +1,375 @@
+"""The train loop behind `megatron_patch.training.pretrain` (see there for the flow)."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from datetime import timedelta
+
+import torch
+
+from megatron_patch.errors import UserError
+
+NAN_EXIT_CODE = 3
+
+
+class NaNDetected(RuntimeError):
+    """A NaN/Inf loss or gradient with --exit-on-nan (the run stops with NAN_EXIT_CODE)."""
+
+
+def _rank0_print(*args) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def init_distributed(acc) -> tuple[int, int]:
+    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); a plain `python` run is
+    a world of one. The process group uses the accelerator's backend (gloo / nccl / hccl)."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            from megatron_patch.testing.multirank import free_port
+
+            os.environ["MASTER_PORT"] = str(free_port())
+    acc.set_device(local)
+    if not torch.distributed.is_initialized():
+        minutes = int(os.environ.get("MP_DIST_TIMEOUT_MINUTES", "30"))
+        torch.distributed.init_process_group(acc.backend, rank=rank, world_size=world,
+                                             timeout=timedelta(minutes=minutes))
+    return rank, world
+
+
+def _layout(args):
+    from megatron_patch.models.builder import ParallelLayout
+
+    return ParallelLayout(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                          ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
+                          vpp=args.virtual_pipeline_model_parallel_size,
+                          sp=True if args.sequence_parallel else None)
+
+
+def _config_overrides(args) -> dict:
+    overrides: dict = {}
+    if args.bf16:
+        overrides.update(bf16=True, params_dtype=torch.bfloat16)
+    if args.moe_aux_loss_coeff is not None:
+        overrides["moe_aux_loss_coeff"] = args.moe_aux_loss_coeff
+    for name in ("recompute_granularity", "recompute_method", "recompute_num_layers"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.recompute_granularity == "full" and args.recompute_num_layers is None:
+        overrides["recompute_num_layers"] = 1
+    return overrides
+
+
+def _load_hf_config(args):
+    from transformers import AutoConfig
+
+    path = args.hf_config or args.load_hf
+    if not path and args.load and os.path.isfile(os.path.join(args.load, "hf_config", "config.json")):
+        path = os.path.join(args.load, "hf_config")  # written by `megatron-patch convert hf2mcore`
+    if not path:
+        raise UserError("--hf-config DIR is required (the HF model directory with config.json)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"--hf-config {path}: no config.json there (give the HF model directory)")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"--hf-config {path}: transformers cannot read the config ({err})") from None
+
+
+def _batch_sizes(args, world: int, layout) -> tuple[int, int]:
+    dp = world // (layout.tp * layout.pp)
+    gbs = args.global_batch_size or args.micro_batch_size * dp
+    if gbs % (args.micro_batch_size * dp):
+        raise UserError(f"--global-batch-size {gbs} is not a multiple of --micro-batch-size {args.micro_batch_size} "
+                        f"x data-parallel size {dp} (world {world} / TP{layout.tp} / PP{layout.pp})")
+    num_micro = gbs // (args.micro_batch_size * dp)
+    if layout.vpp and num_micro % layout.pp:
+        raise UserError(f"interleaved pipeline: micro-batches per step ({num_micro}) must be a multiple of "
+                        f"--pipeline-model-parallel-size {layout.pp}")
+    return gbs, num_micro
+
+
+def _scheduler(args, optimizer):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters or args.train_iters,
+        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=False)
+
+
+def _saved_args(args, world: int) -> dict:
+    out = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+    out["world_size"] = world
+    return out
+
+
+class Trainer:
+    def __init__(self, args):
+        from megatron_patch.runtime import setup
+        from megatron_patch.runtime.settings import settings_for
+
+        self.args = args
+        self.acc = setup(args.device)
+        self.settings = settings_for(self.acc.type)
+        self.rank, self.world = init_distributed(self.acc)
+        self.layout = _layout(args)
+        self.hf_config = _load_hf_config(args)
+        self.gbs, self.num_micro = _batch_sizes(args, self.world, self.layout)
+        self._build_model()
+        self.iteration = 0
+        self.consumed = 0
+        self._start_state()
+        self._build_data()
+        self._build_metrics()
+
+    # --- setup ----------------------------------------------------------------------------------------
+    def _build_model(self) -> None:
+        from megatron_patch.models.builder import build_family_model, check_layout, initialize_parallel
+        from megatron_patch.models.families import family_for_config
+        from megatron_patch.training.setup_model import build_optimizer, wrap_ddp
+
+        args = self.args
+        overrides = _config_overrides(args)
+        check_layout(self.layout, family_for_config(self.hf_config).to_mcore_config(self.hf_config, **overrides),
+                     self.world)
+        initialize_parallel(self.layout, seed=args.seed)
+        chunks, self.config, self.margs = build_family_model(self.hf_config, self.layout, **overrides)
+        self.init_source = self._init_weights(chunks)
+        self.chunks = wrap_ddp(chunks, self.config, use_distributed_optimizer=args.use_distributed_optimizer)
+        self.optimizer = build_optimizer(
+            self.chunks, lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
+            clip_grad=args.clip_grad, use_distributed_optimizer=args.use_distributed_optimizer, bf16=args.bf16,
+            min_lr=args.min_lr, adam_eps=args.adam_eps, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2)
+        self.scheduler = _scheduler(args, self.optimizer)
+
+    def _resume_dir(self):
+        from megatron_patch.training.checkpointing import train_checkpoint_dir
+
+        if self.args.finetune:
+            return None
+        for root in (self.args.save, self.args.load):
+            if root and os.path.isdir(root):
+                found = train_checkpoint_dir(root)
+                if found is not None:
+                    return found
+        return None
+
+    def _init_weights(self, chunks) -> str:
+        """Pretrained weights for a fresh run (a resume overwrites them later)."""
+        from megatron_patch.training import checkpointing as ckpt
+
+        self.resume_from = self._resume_dir()
+        if self.resume_from is not None:
+            return f"resume {self.resume_from}"
+        if self.args.load:
+            return ckpt.init_from_megatron(self.args.load, chunks, self.layout)
+        if self.args.load_hf:
+            return ckpt.init_from_hf(self.args.load_hf, chunks, self.hf_config, self.layout, self.config, self.margs)
+        return "random init"
+
+    def _start_state(self) -> None:
+        from megatron_patch.training.checkpointing import load_training_checkpoint
+
+        if self.resume_from is not None:
+            self.iteration, self.consumed = load_training_checkpoint(
+                self.resume_from, self.chunks, self.optimizer, self.scheduler,
+                load_optim=not self.args.no_load_optim, load_rng=not self.args.no_load_rng)
+            if self.consumed != self.iteration * self.gbs:
+                raise UserError(f"{self.resume_from} consumed {self.consumed} samples in {self.iteration} "
+                                f"iterations; --global-batch-size {self.gbs} does not match the checkpoint")
+        _rank0_print(f"model: {self.init_source} | {self.layout.describe()} | world {self.world} | global batch "
+                     f"{self.gbs} x {self.args.seq_length} tokens, {self.num_micro} micro-batch(es) of "
+                     f"{self.args.micro_batch_size} per rank | start at iteration {self.iteration}")
+
+    def _build_data(self) -> None:
+        from megatron_patch.data.gpt import DataSpec, GlobalBatches, build_datasets, tokenizer_from_hf_config
+        from megatron_patch.training.arguments import parse_data_blend
+
+        args = self.args
+        eval_samples = 0
+        if args.eval_iters and args.eval_interval:
+            eval_samples = args.eval_iters * self.gbs
+        spec = DataSpec(train_blend=parse_data_blend(args.data_path, "--data-path"), seq_length=args.seq_length,
+                        global_batch_size=self.gbs, train_iters=args.train_iters, seed=args.seed,
+                        tokenizer=tokenizer_from_hf_config(self.hf_config),
+                        valid_blend=parse_data_blend(args.valid_data_path, "--valid-data-path"),
+                        split=args.split, eval_samples=eval_samples, cache_dir=args.data_cache_path)
+        train, self.valid = build_datasets(spec)
+        self.batches = GlobalBatches(train, self.gbs, consumed=self.consumed)
+
+    def _build_metrics(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        from megatron_patch.training.flops import training_flops_per_token
+        from megatron_patch.training.metrics import MetricsSink, MoEAuxLosses
+
+        self.log_rank = self.world - 1  # on the last pipeline stage, where the loss is (Megatron's print_rank_last)
+        assert ps.is_pipeline_last_stage(ignore_virtual=True) or self.rank != self.log_rank
+        self.sink = MetricsSink(self.rank == self.log_rank, self.args.tensorboard_dir, self.args.metrics_file)
+        self.aux = MoEAuxLosses(self.config, self.acc.current_device())
+        vocab = self.margs.padded_vocab_size(self.layout.tp)
+        self.flops_per_token = training_flops_per_token(self.config, vocab, self.args.seq_length)
+        self.peak_flops = self.acc.peak_flops(torch.bfloat16 if self.args.bf16 else torch.float32)
+
+    # --- one step ---------------------------------------------------------------------------------------
+    def _finite_flags(self, loss) -> tuple[bool, bool]:
+        """(loss finite, grads finite) agreed by all ranks."""
+        from megatron_patch.training.metrics import grads_finite
+
+        bad = torch.zeros(2, device=self.acc.current_device())
+        if loss is not None and not bool(torch.isfinite(loss)):
+            bad[0] = 1
+        if not grads_finite(self.chunks):
+            bad[1] = 1
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return bad[0].item() == 0, bad[1].item() == 0
+
+    def _global_loss(self, loss) -> float:
+        """The loss of the last pipeline stage, on every rank."""
+        value = torch.tensor([loss.item() if loss is not None else -float("inf")], dtype=torch.float64,
+                             device=self.acc.current_device())
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return value.item()
+
+    def train_step(self, batch):
+        from megatron_patch.training.metrics import StepRecord, collect_mtp
+        from megatron_patch.training.setup_model import zero_grads
+        from megatron_patch.training.step import forward_backward
+
+        self.acc.synchronize()
+        start = time.perf_counter()
+        zero_grads(self.chunks, self.optimizer)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
+        loss = forward_backward(self.chunks, batch.to(self.acc.current_device()), self.args.micro_batch_size)
+        loss_ok, grads_ok = self._finite_flags(loss)
+        iteration = self.iteration + 1
+        if not (loss_ok and grads_ok):
+            what = "loss" if not loss_ok else "gradients"
+            message = f"NaN/Inf in the {what} at step {iteration}"
+            if self.args.exit_on_nan:
+                if self.rank == self.log_rank:
+                    print(f"error: {message}; stopping (last checkpoint is untouched; --no-exit-on-nan skips such "
+                          "steps instead)", file=sys.stderr, flush=True)
+                raise NaNDetected(message)
+            update_ok, grad_norm = False, float("nan")
+            zero_grads(self.chunks, self.optimizer)
+            if self.rank == self.log_rank:
+                print(f"warning: {message}; update skipped", file=sys.stderr, flush=True)
+        else:
+            update_ok, grad_norm, _ = self.optimizer.step()
+            if update_ok:
+                self.scheduler.step(increment=1)
+        self.acc.synchronize()
+        step_time = time.perf_counter() - start
+        writer = self.sink.writer
+        aux = self.aux.collect(self.num_micro, iteration, writer)
+        mtp = collect_mtp(self.config, self.num_micro, iteration, writer)
+        self.iteration = iteration
+        self.consumed = self.batches.consumed
+        return StepRecord(
+            iteration=iteration, train_iters=self.args.train_iters, loss=self._global_loss(loss),
+            lr=lr, grad_norm=float(grad_norm if grad_norm is not None else 0.0),
+            step_time=step_time, tokens=self.gbs * self.args.seq_length, aux=aux, mtp=mtp,
+            flops_per_token=self.flops_per_token, peak_flops=self.peak_flops, world_size=self.world,
+            skipped=not update_ok)
+
+    def _peak_memory(self) -> int:
+        peak = torch.tensor([float(self.acc.memory_stats()["peak"])], dtype=torch.float64,
+                            device=self.acc.current_device())
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        return int(peak.item())
+
+    def evaluate(self) -> float:
+        from megatron_patch.data.gpt import GlobalBatches
+        from megatron_patch.training.step import forward_backward
+
+        for c in self.chunks:
+            c.eval()
+        batches = GlobalBatches(self.valid, self.gbs)  # the same validation batches every time
+        total = 0.0
+        with torch.no_grad():
+            for _ in range(self.args.eval_iters):
+                loss = forward_backward(self.chunks, batches.next().to(self.acc.current_device()),
+                                        self.args.micro_batch_size, forward_only=True)
+                total += self._global_loss(loss)
+        for c in self.chunks:
+            c.train()
+        return total / self.args.eval_iters
+
+    def warmup(self, batch, steps: int) -> None:
+        """Run forward/backward `steps` times without touching the training state (first-step compilation
+        on NPU happens here, outside the timed steps). Grads, router token counts, aux/MTP trackers and
+        random states are reset afterwards; no gradient reduction or expert-bias update happens."""
+        from megatron.core.distributed.finalize_model_grads import reset_model_temporary_tensors
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+        from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+        from megatron_patch.training.checkpointing import rng_state, set_rng_state
+        from megatron_patch.training.setup_model import zero_grads
+        from megatron_patch.training.step import forward_backward
+
+        saved_rng = rng_state()
+        finalize, self.config.finalize_model_grads_func = self.config.finalize_model_grads_func, None
+        try:
+            for _ in range(steps):
+                forward_backward(self.chunks, batch.to(self.acc.current_device()), self.args.micro_batch_size)
+        finally:
+            self.config.finalize_model_grads_func = finalize
+        zero_grads(self.chunks, self.optimizer)
+        reset_model_temporary_tensors(self.config, self.chunks)
+        clear_aux_losses_tracker()
+        if "values" in MTPLossLoggingHelper.tracker:
+            MTPLossLoggingHelper.clean_loss_in_tracker()
+        set_rng_state(saved_rng)
+        self.acc.synchronize()
+
+    # --- the loop -----------------------------------------------------------------------------------------
+    def save(self) -> None:
+        from megatron_patch.training.checkpointing import save_checkpoint
+
+        start = time.perf_counter()
+        path = save_checkpoint(self.args.save, self.iteration, self.chunks, self.optimizer, self.scheduler,
+                               self.consumed, _saved_args(self.args, self.world))
+        _rank0_print(f"saved checkpoint {path} ({time.perf_counter() - start:.1f}s)")
+
+    def train(self) -> int:
+        from megatron_patch.training.metrics import average
+
+        args = self.args
+        pending = []
+        if self.iteration < args.train_iters and self.settings.warmup_steps:
+            self.warmup(self.batches.peek(), self.settings.warmup_steps)
+        saved_at = self.iteration
+        while self.iteration < args.train_iters:
+            rec = self.train_step(self.batches.next())
+            pending.append(rec)
+            self.sink.step(rec)
+            if self.iteration % args.log_interval == 0 or self.iteration == args.train_iters:
+                rec = average(pending)
+                rec.mem_bytes = self._peak_memory()
+                self.sink.log(rec)
+                pending = []
+            if args.eval_interval and args.eval_iters and self.valid is not None and \
+                    self.iteration % args.eval_interval == 0:
+                self.sink.validation(self.iteration, self.evaluate())
+            exiting = bool(args.exit_interval) and self.iteration % args.exit_interval == 0
+            if args.save and ((args.save_interval and self.iteration % args.save_interval == 0) or exiting):
+                self.save()
+                saved_at = self.iteration
+            if exiting:
+                _rank0_print(f"exiting at iteration {self.iteration} (--exit-interval {args.exit_interval})")
+                return 0
+        if args.save and saved_at != self.iteration:
+            self.save()
+        return 0
+
+    def close(self) -> None:
+        self.sink.close()
