@@ -24,8 +24,8 @@ import torch
 
 from megatron_patch.errors import UserError
 from megatron_patch.models.builder import ParallelLayout
-from megatron_patch.models.families.base import Replicated, ShardContext, Vocab
-from megatron_patch.models.families.common import ConcreteRow, expand_rows
+from megatron_patch.models.families.base import Replicated, Vocab
+from megatron_patch.models.families.common import ConcreteRow, expand_rows, shard_context
 
 # Rows without {layer} live on the first stage (embedding) or on the last one (everything else:
 # final norm, output layer, MTP).
@@ -94,7 +94,7 @@ class ShardPlan:
         self.vpp = layout.vpp or 1
         self._check()
         self.rows: list[ConcreteRow] = expand_rows(family.params(hf_config), self.num_layers, self.num_experts)
-        self.ctx = _shard_context(self.mcore_config, self.model_args.padded_vocab_size(layout.tp))
+        self.ctx = shard_context(self.mcore_config, self.model_args, layout.tp)
         self.placed: list[Placed] = self._place_rows()
         from megatron_patch.models.families import hf_copies
 
@@ -256,15 +256,6 @@ class ShardPlan:
     def hf_names(self, copies: bool = False) -> list[str]:
         names = [name for row in self.rows for name in row.hf]
         return names + list(self.copies) if copies else names
-
-
-def _shard_context(mcore_config, padded_vocab: int) -> ShardContext:
-    return ShardContext(
-        num_attention_heads=mcore_config.num_attention_heads,
-        num_query_groups=mcore_config.num_query_groups or mcore_config.num_attention_heads,
-        kv_channels=mcore_config.kv_channels,
-        padded_vocab_size=padded_vocab,
-    )
 
 
 def check_hf_coverage(plan: ShardPlan, hf_keys: Iterable[str]) -> None:
