@@ -11,11 +11,5 @@ fi
 IN=$1; OUT=$2
 shift 2
 
-if [ -n "${PYTHON:-}" ]; then
-    MP=("$PYTHON" -m megatron_patch.cli)
-elif command -v megatron-patch >/dev/null 2>&1; then
-    MP=(megatron-patch)
-else
-    MP=(python3 -m megatron_patch.cli)
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_megatron_patch_cmd.sh"
 exec "${MP[@]}" convert fp8-to-bf16 --in "$IN" --out "$OUT" "$@"

@@ -22,13 +22,7 @@ MODEL_SIZE=$1; SRC=$2; DST=$3; TP=$4; PP=$5; ETP=$6; EP=$7; PR=$8; MG2HF=$9
 HF_CKPT_PATH=${10:-}
 shift $(( $# >= 10 ? 10 : 9 ))
 
-if [ -n "${PYTHON:-}" ]; then
-    MP=("$PYTHON" -m megatron_patch.cli)
-elif command -v megatron-patch >/dev/null 2>&1; then
-    MP=(megatron-patch)
-else
-    MP=(python3 -m megatron_patch.cli)
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_megatron_patch_cmd.sh"
 
 case "$MG2HF" in
     true|True|1|yes)

@@ -14,12 +14,6 @@ fi
 MCORE=$1; OUT=$2; HF_CONFIG=${3:-}; PR=${4:-}
 shift $(( $# >= 4 ? 4 : $# ))
 
-if [ -n "${PYTHON:-}" ]; then
-    MP=("$PYTHON" -m megatron_patch.cli)
-elif command -v megatron-patch >/dev/null 2>&1; then
-    MP=(megatron-patch)
-else
-    MP=(python3 -m megatron_patch.cli)
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_megatron_patch_cmd.sh"
 exec "${MP[@]}" convert mcore2hf --mcore-path "$MCORE" --out "$OUT" ${HF_CONFIG:+--hf-config "$HF_CONFIG"} \
     ${PR:+--dtype "$PR"} "$@"
