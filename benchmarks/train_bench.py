@@ -16,6 +16,8 @@ Reported per model: model FLOPs per token (megatron_patch.training.flops: 3 x fo
 and active experts included), tok/s, and MFU. On CPU, "CPU MFU" is model FLOP/s over this machine's
 GEMM FLOP/s measured in the same run (a torch.matmul loop, same thread count), since a CPU has no
 datasheet peak; on an accelerator it is against the accelerator's peak (runtime.Accelerator.peak_flops).
+On a machine shared with other jobs, `--threads 1` gives repeatable figures: with every core requested,
+OpenMP threads that wait on each other make the timings swing by several times.
 """
 from __future__ import annotations
 
