@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
 
 from megatron_patch.errors import UserError
 
@@ -132,16 +131,6 @@ def build_gpt_chunks(config, layer_spec_fn, vocab_size: int, max_sequence_length
         )
         chunks.append(model.to(device))
     return chunks
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron-LM's rule: pad to a multiple of make_vocab_size_divisible_by * TP."""
-    multiple = divisible_by * tp
-    return ((vocab_size + multiple - 1) // multiple) * multiple
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
 
 
 def build_family_model(hf_config, layout: ParallelLayout, **config_overrides):
