@@ -8,6 +8,7 @@ suite fast on a small CPU box, the comparisons share rank start-up: one 1-rank g
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +27,9 @@ def minis(tmp_path_factory):
     from megatron_patch.models.mini import make_mini
 
     root = tmp_path_factory.mktemp("compare-minis")
-    return {f: str(make_mini(f, root / f, seed=3)) for f in FAMILIES}
+    minis = {f: str(make_mini(f, root / f, seed=3)) for f in FAMILIES}
+    minis[GROUPED] = str(make_mini("deepseek_v2", root / GROUPED, seed=3, overrides=GROUPED_V2))
+    return minis
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -71,13 +74,24 @@ def zero_expert_bias(chunks, config, layout):
                 router.expert_bias.zero_()
 
 
+def megatron_group_score(chunks, config, layout):
+    """Groups scored by megatron's own rule (top-(topk // group_topk) sum) instead of DeepSeek-V2's max."""
+    config.moe_router_group_score_topk = None
+
+
+# DeepSeek-V2's group_limited_greedy in 4 groups of 2, one group kept, top-2 experts: HF scores a group by
+# its best expert, megatron by default by the sum of its top 2 // 1 = 2 experts.
+GROUPED = "deepseek_v2_grouped"
+GROUPED_V2 = dict(topk_method="group_limited_greedy", n_group=4, topk_group=1)
+
 BROKEN = [
-    # (family, mutation, expected first FAIL row)
+    # (model, mutation, expected first FAIL row)
     ("qwen2", swap_gate_up_dense_layer2, ("mlp", 2)),
     ("deepseek_v3", swap_gate_up_shared_experts_layer2, ("shared_experts", 2)),
     ("qwen3_moe", wrong_rope_interleave, ("attention", 0)),
     ("deepseek_v3", wrong_yarn_scaling, ("attention", 0)),
     ("deepseek_v3", zero_expert_bias, ("router", 1)),
+    (GROUPED, megatron_group_score, ("router", 1)),
 ]
 
 
@@ -105,6 +119,7 @@ def single_rank_reports(minis, tmp_path_factory):
     specs = [CompareSpec(hf_path=minis[f]) for f in FAMILIES]
     specs.append(CompareSpec(hf_path=minis["deepseek_v3"], mcore_path=mcore))
     specs += [CompareSpec(hf_path=minis[f], mutate=fn) for f, fn, _ in BROKEN]
+    specs.append(CompareSpec(hf_path=minis[GROUPED]))
     reports = run_ranks(run_specs_in_group, 1, timeout=300, args=(specs,), env=ENV)[0]
     return reports
 
@@ -151,6 +166,12 @@ def test_torch_format_mcore_path_passes(single_rank_reports):
     report = single_rank_reports[len(FAMILIES)]
     _check_pass(report, "deepseek_v3")
     assert "(torch)" in report["weights"]
+
+
+def test_deepseek_v2_group_limited_greedy_passes(single_rank_reports, minis):
+    hf = json.loads((Path(minis[GROUPED]) / "config.json").read_text())
+    assert {k: hf[k] for k in GROUPED_V2} == GROUPED_V2 and hf["num_experts_per_tok"] == 2
+    _check_pass(single_rank_reports[-1], "deepseek_v2")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -17,8 +17,10 @@ from megatron_patch.models.families.base import strip_vocab_padding
 from megatron_patch.models.mini import build_hf_config, build_model, config_dict, make_mini, parse_sets
 
 DATA = Path(__file__).parent / "data" / "real_configs"
-REAL = {"deepseek-v2-lite": "deepseek_v2", "deepseek-v3": "deepseek_v3", "qwen2.5-32b": "qwen2",
-        "qwen3-30b-a3b": "qwen3_moe"}
+# published config.json -> family; PRESET_OF: the family whose "real-config" preset copies it
+PRESET_OF = {"deepseek-v2-lite": "deepseek_v2", "deepseek-v3": "deepseek_v3", "qwen2.5-32b": "qwen2",
+             "qwen3-30b-a3b": "qwen3_moe"}
+REAL = dict(PRESET_OF, **{"deepseek-v2": "deepseek_v2"})
 
 
 def real_config(name):
@@ -39,15 +41,23 @@ _MLA_COMMON = dict(normalization="RMSNorm", gated_linear_unit=True, add_bias_lin
                    moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=0.001, hidden_dropout=0.0,
                    attention_dropout=0.0, layernorm_epsilon=1e-6, init_method_std=0.02)
 
-EXPECTED = {
-    "deepseek-v2-lite": dict(
+_V2_LITE = dict(
         _MLA_COMMON, num_layers=27, hidden_size=2048, ffn_hidden_size=10944, num_attention_heads=16,
         num_query_groups=16, kv_channels=128, q_lora_rank=None, kv_lora_rank=512, qk_head_dim=128,
         qk_pos_emb_head_dim=64, v_head_dim=128, mscale=0.707, mscale_all_dim=0.707, num_moe_experts=64,
         moe_router_topk=6, moe_ffn_hidden_size=1408, moe_shared_expert_intermediate_size=2 * 1408,
         moe_layer_freq=[0] + [1] * 26, moe_router_score_function="softmax", moe_router_pre_softmax=True,
         moe_router_enable_expert_bias=False, moe_router_topk_scaling_factor=None, moe_router_num_groups=None,
-        moe_router_group_topk=None, mtp_num_layers=None),
+        moe_router_group_topk=None, moe_router_group_score_topk=None, mtp_num_layers=None)
+
+EXPECTED = {
+    "deepseek-v2-lite": _V2_LITE,
+    "deepseek-v2": dict(  # 236B: q_lora, group_limited_greedy (a group scored by its best expert)
+        _V2_LITE, num_layers=60, hidden_size=5120, ffn_hidden_size=12288, num_attention_heads=128,
+        num_query_groups=128, q_lora_rank=1536, num_moe_experts=160, moe_ffn_hidden_size=1536,
+        moe_shared_expert_intermediate_size=2 * 1536, moe_layer_freq=[0] + [1] * 59,
+        moe_router_topk_scaling_factor=16.0, moe_router_num_groups=8, moe_router_group_topk=3,
+        moe_router_group_score_topk=1),
     "deepseek-v3": dict(
         _MLA_COMMON, num_layers=61, hidden_size=7168, ffn_hidden_size=18432, num_attention_heads=128,
         num_query_groups=128, kv_channels=128, q_lora_rank=1536, kv_lora_rank=512, qk_head_dim=128,
@@ -55,7 +65,7 @@ EXPECTED = {
         moe_router_topk=8, moe_ffn_hidden_size=2048, moe_shared_expert_intermediate_size=2048,
         moe_layer_freq=[0] * 3 + [1] * 58, moe_router_score_function="sigmoid", moe_router_pre_softmax=False,
         moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.5, moe_router_num_groups=8,
-        moe_router_group_topk=4, mtp_num_layers=1),
+        moe_router_group_topk=4, moe_router_group_score_topk=2, mtp_num_layers=1),
     "qwen2.5-32b": dict(
         num_layers=64, hidden_size=5120, ffn_hidden_size=27648, num_attention_heads=40, num_query_groups=8,
         kv_channels=128, normalization="RMSNorm", layernorm_epsilon=1e-5, gated_linear_unit=True,
@@ -74,6 +84,7 @@ EXPECTED = {
 
 EXPECTED_ARGS = {
     "deepseek-v2-lite": dict(vocab_size=102400, max_position_embeddings=163840, rotary_base=10000.0),
+    "deepseek-v2": dict(vocab_size=102400, max_position_embeddings=163840, rotary_base=10000.0),
     "deepseek-v3": dict(vocab_size=129280, max_position_embeddings=163840, rotary_base=10000.0),
     "qwen2.5-32b": dict(vocab_size=152064, max_position_embeddings=131072, rotary_base=1000000.0),
     "qwen3-30b-a3b": dict(vocab_size=151936, max_position_embeddings=40960, rotary_base=1000000.0),
@@ -101,7 +112,7 @@ def test_real_config_maps_field_by_field(name):
 
 
 def test_real_config_presets_match_published_configs():
-    for name, family in REAL.items():
+    for name, family in PRESET_OF.items():
         published = json.loads((DATA / name / "config.json").read_text())
         preset = get_family(family).presets["real-config"]
         for key, value in preset.items():
@@ -147,11 +158,12 @@ def _with(name, **changes):
      "rope_type"),
     ("deepseek-v3", dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_type"),
     ("deepseek-v3", dict(norm_topk_prob=False), "norm_topk_prob"),
-    ("deepseek-v3", dict(topk_group=2), "topk_group"),  # 8 // 2 = top-4 group sums, HF uses top-2
+    ("deepseek-v3", dict(n_group=64, topk_group=1), "exceeds"),  # 8 experts wanted from one group of 4
+    ("deepseek-v3", dict(n_group=3, topk_group=2), "n_group=3"),
     ("deepseek-v3", dict(rope_interleave=False), "rope_interleave"),
     ("deepseek-v3", dict(topk_method="greedy"), "topk_method"),
     ("deepseek-v3", dict(attention_bias=True), "attention_bias"),
-    ("deepseek-v2-lite", dict(topk_method="group_limited_greedy", n_group=8, topk_group=3), "group_limited_greedy"),
+    ("deepseek-v2-lite", dict(topk_method="noaux_tc"), "topk_method"),
     ("deepseek-v2-lite", dict(norm_topk_prob=True), "norm_topk_prob"),
     ("deepseek-v2-lite", dict(moe_layer_freq=2), "moe_layer_freq"),
     ("deepseek-v2-lite", dict(scoring_func="sigmoid"), "scoring_func"),
@@ -167,10 +179,28 @@ def test_unsupported_fields_are_refused_by_name(name, changes, match):
         family_for_config(hf).to_mcore_config(hf)
 
 
-def test_group_limited_greedy_maps_when_max_equals_top1_sum():
-    hf = _with("deepseek-v2-lite", topk_method="group_limited_greedy", n_group=8, topk_group=6)
+@pytest.mark.parametrize("name,changes,groups", [
+    ("deepseek-v2-lite", dict(topk_method="group_limited_greedy", n_group=8, topk_group=6), (8, 6, 1)),
+    ("deepseek-v2-lite", dict(topk_method="greedy", n_group=8, topk_group=3), (None, None, None)),
+    ("deepseek-v2-lite", dict(topk_method="group_limited_greedy", n_group=8, topk_group=8), (None, None, None)),
+    ("deepseek-v3", dict(topk_group=2), (8, 2, 2)),  # megatron alone would sum each group's top 8 // 2 = 4
+    ("deepseek-v3", dict(n_group=1, topk_group=1), (None, None, None)),
+])
+def test_group_limited_routing_maps_with_the_hf_group_score(name, changes, groups):
+    hf = _with(name, **changes)
     cfg = family_for_config(hf).to_mcore_config(hf)
-    assert (cfg.moe_router_num_groups, cfg.moe_router_group_topk, cfg.moe_router_pre_softmax) == (8, 6, True)
+    assert (cfg.moe_router_num_groups, cfg.moe_router_group_topk, cfg.moe_router_group_score_topk) == groups
+
+
+def test_group_score_survives_layout_copies():
+    import copy
+
+    from megatron_patch.models.builder import ParallelLayout, apply_layout
+
+    cfg = family_for_config(real_config("deepseek-v2")).to_mcore_config(real_config("deepseek-v2"))
+    laid_out = apply_layout(cfg, ParallelLayout(tp=2, ep=8))
+    assert laid_out.moe_router_group_score_topk == 1 and laid_out.tensor_model_parallel_size == 2
+    assert copy.deepcopy(laid_out).moe_router_group_score_topk == 1
 
 
 def test_unsupported_architecture_names_it_and_lists_supported():

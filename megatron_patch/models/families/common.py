@@ -404,9 +404,9 @@ class ConfigMapper:
 
     @property
     def config_cls(self):
-        from megatron.core.transformer import transformer_config
+        from megatron_patch.models import configs
 
-        return getattr(transformer_config, self._config_cls)
+        return getattr(configs, self._config_cls)
 
     def convert(self, hf_config, make_vocab_size_divisible_by: int = 128, **overrides):
         return convert_config(hf_config, self.mapping, self.config_cls, overrides, self.family,

@@ -78,19 +78,28 @@ MOE_MAP = [
 ]
 
 _RouterFields = ("moe_router_score_function", "moe_router_pre_softmax", "moe_router_num_groups",
-                 "moe_router_group_topk", "moe_router_enable_expert_bias")
+                 "moe_router_group_topk", "moe_router_enable_expert_bias", "moe_router_group_score_topk")
 
 
-def _groups_matter(n_group, topk_group) -> bool:
-    return bool(n_group) and n_group > 1 and bool(topk_group) and topk_group < n_group
+def _groups(n_group, topk_group, topk, experts, family, min_group_size):
+    """(num_groups, group_topk) when group-limited routing restricts anything, else (None, None)."""
+    if not (n_group and n_group > 1 and topk_group and topk_group < n_group):
+        return None, None
+    if experts % n_group or experts // n_group < min_group_size:
+        raise UserError(f"{family}: n_group={n_group} must divide n_routed_experts={experts} into groups of at "
+                        f"least {min_group_size}")
+    if topk > topk_group * (experts // n_group):
+        raise UserError(f"{family}: num_experts_per_tok={topk} exceeds the experts in topk_group={topk_group} "
+                        f"groups of {experts // n_group}")
+    return n_group, topk_group
 
 
 def v2_router(scoring, method, norm, n_group, topk_group, topk, experts):
     """HF DeepseekV2TopkRouter: softmax over all experts, top-k (greedy) or group-limited top-k where a
     group's score is its MAX expert score, no renormalisation (norm_topk_prob is NOT read by transformers
     5.23), then * routed_scaling_factor. megatron: softmax pre top-k (moe_router_pre_softmax) = the same;
-    megatron's groups are scored by the SUM of their top-(topk/group_topk) scores, which equals the max
-    only when topk // topk_group == 1."""
+    its groups are scored by the sum of their top-(topk/group_topk) scores, so the group score is fixed to
+    top-1 through runtime/routing.py."""
     if scoring not in (None, "softmax"):
         raise UserError(f"deepseek_v2: scoring_func={scoring!r} is not supported (transformers' DeepseekV2 "
                         "always uses softmax)")
@@ -98,29 +107,20 @@ def v2_router(scoring, method, norm, n_group, topk_group, topk, experts):
         raise UserError("deepseek_v2: norm_topk_prob=True is not supported: transformers' DeepseekV2 ignores it "
                         "(no renormalisation) while DeepSeek's original code renormalises; the meaning is "
                         "ambiguous")
-    groups = (None, None)
     if method in (None, "greedy"):
-        pass
+        groups = (None, None)
     elif method == "group_limited_greedy":
-        if _groups_matter(n_group, topk_group):
-            if topk // topk_group != 1:
-                raise UserError(
-                    f"deepseek_v2: topk_method='group_limited_greedy' with num_experts_per_tok={topk}, "
-                    f"topk_group={topk_group} is not supported: HF scores a group by its max expert, megatron "
-                    f"by the sum of its top-{topk // topk_group} experts (same only when the ratio is 1)")
-            if experts % n_group:
-                raise UserError(f"deepseek_v2: n_group={n_group} does not divide n_routed_experts={experts}")
-            groups = (n_group, topk_group)
+        groups = _groups(n_group, topk_group, topk, experts, "deepseek_v2", 1)
     else:
         raise UserError(f"deepseek_v2: topk_method={method!r} is not supported (greedy, group_limited_greedy)")
-    return ("softmax", True) + groups + (False,)
+    return ("softmax", True) + groups + (False, 1 if groups[0] else None)
 
 
 def v3_router(scoring, method, norm, n_group, topk_group, topk, experts):
     """HF DeepseekV3TopkRouter: sigmoid scores; choice by scores + e_score_correction_bias, group-limited
     with a group scored by the sum of its top-2 biased scores; weights = unbiased scores of the chosen
     experts, renormalised if norm_topk_prob, * routed_scaling_factor. megatron (sigmoid + expert_bias):
-    the same, with groups scored by the sum of their top-(topk/group_topk) scores, and it always
+    the same, with the group score fixed to top-2 through runtime/routing.py, and it always
     renormalises when topk > 1."""
     if scoring not in (None, "sigmoid"):
         raise UserError(f"deepseek_v3: scoring_func={scoring!r} is not supported (transformers' DeepseekV3 "
@@ -131,18 +131,8 @@ def v3_router(scoring, method, norm, n_group, topk_group, topk, experts):
     if bool(norm) != (topk > 1):
         raise UserError(f"deepseek_v3: norm_topk_prob={norm} with num_experts_per_tok={topk} is not supported "
                         "(megatron's sigmoid router renormalises exactly when topk > 1)")
-    groups = (None, None)
-    if _groups_matter(n_group, topk_group):
-        if experts % n_group or experts // n_group < 2:
-            raise UserError(f"deepseek_v3: n_group={n_group} must divide n_routed_experts={experts} into "
-                            "groups of at least 2")
-        if topk // topk_group != 2:
-            raise UserError(
-                f"deepseek_v3: num_experts_per_tok={topk}, topk_group={topk_group} is not supported: HF scores "
-                f"a group by the sum of its top-2 experts, megatron by its top-{topk // topk_group} "
-                "(num_experts_per_tok // topk_group); they agree only when that ratio is 2")
-        groups = (n_group, topk_group)
-    return ("sigmoid", False) + groups + (True,)
+    groups = _groups(n_group, topk_group, topk, experts, "deepseek_v3", 2)
+    return ("sigmoid", False) + groups + (True, 2 if groups[0] else None)
 
 
 _ROUTER_HF = ("scoring_func", "topk_method", "norm_topk_prob", "n_group", "topk_group", "num_experts_per_tok",
@@ -322,7 +312,7 @@ V2_LITE_MINI = dict(
 V3_MINI = dict(
     V3_REAL, vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
-    num_experts_per_tok=2, n_group=2, topk_group=1,  # 2 groups of 4; top-2 group score = megatron's 2//1
+    num_experts_per_tok=2, n_group=2, topk_group=1,  # 2 groups of 4, one kept
     first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
     v_head_dim=16, max_position_embeddings=5120, bos_token_id=0, eos_token_id=1, initializer_range=0.1,
     rope_parameters=dict(V3_REAL["rope_parameters"], original_max_position_embeddings=128),

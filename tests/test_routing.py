@@ -1,0 +1,112 @@
+"""Group-limited routing (runtime/routing.py) against transformers' own DeepSeek-V2 and V3 routers.
+
+megatron-core scores a group by its top-(topk // group_topk) sum; DeepSeek-V2 by its best expert and
+DeepSeek-V3 by its best two. With the group score fixed, megatron's routing function must pick exactly
+the experts HF picks, with the same weights, for any group shape; without it, the cases where the two
+rules differ must actually route differently (so the comparison can fail).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import DeepseekV2Config, DeepseekV3Config
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+from megatron_patch import runtime
+
+HIDDEN = 16
+TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def megatron_routing():
+    runtime.setup("cpu")
+    from megatron.core.transformer.moe import moe_utils
+    from megatron_patch.runtime.routing import group_score_topk
+
+    yield moe_utils, group_score_topk
+    runtime.teardown()
+
+
+@st.composite
+def group_shapes(draw, min_group_size):
+    n_group = draw(st.sampled_from([2, 4, 8]))
+    group_size = draw(st.integers(min_group_size, 4))
+    topk_group = draw(st.integers(1, n_group - 1))
+    topk = draw(st.integers(1, topk_group * group_size))
+    return n_group, group_size, topk_group, topk, draw(st.integers(0, 2**16))
+
+
+def _hidden(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(TOKENS, HIDDEN, generator=g), g
+
+
+def _routing(moe_utils, logits, topk, n_group, topk_group, **kw):
+    probs, routing_map = moe_utils.topk_routing_with_score_function(
+        logits, topk, num_groups=n_group, group_topk=topk_group, **kw)
+    return probs, routing_map
+
+
+def _dense(indices, weights, experts):
+    return torch.zeros(indices.shape[0], experts).scatter(1, indices, weights)
+
+
+@settings(max_examples=40, deadline=None)
+@given(group_shapes(min_group_size=1))
+def test_v2_group_limited_greedy_matches_hf(megatron_routing, shape):
+    moe_utils, group_score_topk = megatron_routing
+    n_group, group_size, topk_group, topk, seed = shape
+    experts = n_group * group_size
+    cfg = DeepseekV2Config(hidden_size=HIDDEN, num_attention_heads=4, n_routed_experts=experts, num_experts_per_tok=topk, n_group=n_group,
+                           topk_group=topk_group, topk_method="group_limited_greedy", routed_scaling_factor=16.0)
+    hidden, g = _hidden(seed)
+    router = DeepseekV2TopkRouter(cfg)
+    router.weight.data = torch.randn(experts, HIDDEN, generator=g)
+    logits, hf_weights, hf_indices = router(hidden)
+    with group_score_topk(1):
+        probs, routing_map = _routing(moe_utils, logits, topk, n_group, topk_group, use_pre_softmax=True,
+                                      scaling_factor=16.0, score_function="softmax")
+    assert torch.equal(routing_map, _dense(hf_indices, torch.ones_like(hf_weights), experts).bool())
+    torch.testing.assert_close(probs, _dense(hf_indices, hf_weights, experts), rtol=0, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(group_shapes(min_group_size=2))
+def test_v3_noaux_tc_matches_hf(megatron_routing, shape):
+    moe_utils, group_score_topk = megatron_routing
+    n_group, group_size, topk_group, topk, seed = shape
+    experts = n_group * group_size
+    cfg = DeepseekV3Config(hidden_size=HIDDEN, num_attention_heads=4, n_routed_experts=experts, num_experts_per_tok=topk, n_group=n_group,
+                           topk_group=topk_group, norm_topk_prob=topk > 1, routed_scaling_factor=2.5)
+    hidden, g = _hidden(seed)
+    router = DeepseekV3TopkRouter(cfg)
+    router.weight.data = torch.randn(experts, HIDDEN, generator=g)
+    router.e_score_correction_bias.copy_(torch.randn(experts, generator=g) * 0.1)
+    logits, hf_weights, hf_indices = router(hidden)
+    with group_score_topk(2):
+        probs, routing_map = _routing(moe_utils, logits, topk, n_group, topk_group, scaling_factor=2.5,
+                                      score_function="sigmoid", expert_bias=router.e_score_correction_bias)
+    assert torch.equal(routing_map, _dense(hf_indices, torch.ones_like(hf_weights), experts).bool())
+    torch.testing.assert_close(probs, _dense(hf_indices, hf_weights, experts), rtol=0, atol=1e-6)
+
+
+def test_megatron_rule_differs_where_the_ratio_differs(megatron_routing):
+    """Real DeepSeek-V2 shape (160 experts, 8 groups, top-3 groups, top-6 experts): megatron's own
+    top-2-sum group score routes a good share of tokens differently from HF's max; the patch closes it."""
+    moe_utils, group_score_topk = megatron_routing
+    logits = torch.randn(512, 160, generator=torch.Generator().manual_seed(0))
+    kw = dict(use_pre_softmax=True, score_function="softmax")
+    _, native = _routing(moe_utils, logits, 6, 8, 3, **kw)
+    with group_score_topk(1):
+        _, fixed = _routing(moe_utils, logits, 6, 8, 3, **kw)
+    scores = logits.softmax(-1)
+    groups = scores.view(512, 8, 20).max(-1).values.topk(3, -1)[1]
+    mask = torch.zeros(512, 8, dtype=torch.bool).scatter(1, groups, True).repeat_interleave(20, 1)
+    hf = _dense(scores.masked_fill(~mask, 0).topk(6, -1)[1], torch.ones(512, 6), 160).bool()
+    assert torch.equal(fixed, hf)
+    differing = (native != hf).any(-1).float().mean().item()
+    assert differing > 0.05, differing
