@@ -233,29 +233,37 @@ def test_deepseek_v3_trains_and_matches_across_tp1_and_ep2(ds3_runs):
     assert all(m["aux"] > 0 and m["mtp"] > 0 for m in ep2)
 
 
-def test_kill_during_save_then_resume_and_stop_are_bit_identical(work, ds3_runs):
-    """EP2 + distributed optimizer, against the uninterrupted 20-step run:
+def test_kill_during_save_then_stop_at_n_and_resume_to_2n_are_bit_identical(work, ds3_runs):
+    """EP2 + distributed optimizer, against the uninterrupted 2N = 20-step run:
     1. checkpoints every 5 steps; the ranks are killed while writing the step-10 one: the tracker stays
        on step 5 and no iter_0000010 appears;
-    2. the same command resumes from that step-5 checkpoint and stops at step 15 (--exit-interval: save
-       and exit 0). Steps 6..15 reproduce the uninterrupted run exactly (float equality)."""
+    2. the same command resumes from that step-5 checkpoint and stops at step N = 10 (--exit-interval:
+       save and exit 0);
+    3. the same command resumes from step N and runs to 2N. Steps 6..2N reproduce the uninterrupted run
+       exactly (float equality of loss and grad norm)."""
     from megatron_patch.training.checkpointing import CRASH_ENV, read_tracker
 
     _, straight = ds3_runs
+    half = STEPS // 2
     save = work.root / "ds3_resume_ckpt"
     args = ["--load", str(work.ds3_ep2), "--hf-config", str(work.ds3), "--expert-model-parallel-size", "2",
             "--use-distributed-optimizer", "--save", str(save), "--save-interval", "5", *TRAIN]
-    first, log = train(work, "ds3_resume_a", 2, args, env={CRASH_ENV: "10"}, expect_rc=1)
-    assert f"[{CRASH_ENV}]" in log and [m["iteration"] for m in first] == list(range(1, 11))
+    first, log = train(work, "ds3_resume_a", 2, args, env={CRASH_ENV: str(half)}, expect_rc=1)
+    assert f"[{CRASH_ENV}]" in log and [m["iteration"] for m in first] == list(range(1, half + 1))
     assert read_tracker(save) == 5
-    assert not (save / "iter_0000010").exists()
+    assert not (save / f"iter_{half:07d}").exists()
 
-    resumed, log = train(work, "ds3_resume_b", 2, [*args, "--exit-interval", "15"])
-    assert "start at iteration 5" in log and "exiting at iteration 15" in log
-    assert [m["iteration"] for m in resumed] == list(range(6, 16))
-    assert _losses(resumed) == _losses(straight)[5:15]  # exact float equality
-    assert [m["grad_norm"] for m in resumed] == [m["grad_norm"] for m in straight][5:15]
-    assert read_tracker(save) == 15 and (save / "iter_0000010").is_dir()
+    stopped, log = train(work, "ds3_resume_b", 2, [*args, "--exit-interval", str(half)])
+    assert "start at iteration 5" in log and f"exiting at iteration {half}" in log
+    assert [m["iteration"] for m in stopped] == list(range(6, half + 1))
+    assert read_tracker(save) == half and (save / f"iter_{half:07d}").is_dir()
+
+    resumed, log = train(work, "ds3_resume_c", 2, args)
+    assert f"start at iteration {half}" in log
+    assert [m["iteration"] for m in resumed] == list(range(half + 1, STEPS + 1))
+    for name in ("loss", "grad_norm"):
+        assert [m[name] for m in stopped + resumed] == [m[name] for m in straight][5:]  # exact float equality
+    assert read_tracker(save) == STEPS
 
 
 def test_deepseek_v3_tp2_pp2_trains(work):
