@@ -124,19 +124,87 @@ def single_rank_reports(minis, tmp_path_factory):
     return reports
 
 
-MULTI = {  # family -> layout (4 ranks: the rest is data parallel)
-    "qwen2": ParallelLayout(tp=2),
-    "qwen3_moe": ParallelLayout(ep=2, etp=1),
-    "deepseek_v2": ParallelLayout(pp=2),
-    "deepseek_v3": ParallelLayout(tp=2, pp=2, ep=2, etp=1),
-}
+# every family at TP2, PP2 and EP2 (MoE only), plus combinations; 4 ranks, the rest is data parallel
+MULTI = [(f, ParallelLayout(tp=2)) for f in FAMILIES] + [(f, ParallelLayout(pp=2)) for f in FAMILIES] + [
+    (f, ParallelLayout(ep=2, etp=1)) for f in FAMILIES if f != "qwen2"] + [
+    ("deepseek_v3", ParallelLayout(tp=2, pp=2, ep=2, etp=1)),
+    ("qwen3_moe", ParallelLayout(tp=2, ep=2, etp=2)),
+    ("qwen2", ParallelLayout(pp=2, vpp=2)),
+]
 
 
 @pytest.fixture(scope="module")
 def multi_rank_reports(minis):
-    specs = [CompareSpec(hf_path=minis[f], layout=MULTI[f]) for f in FAMILIES]
-    specs.append(CompareSpec(hf_path=minis["qwen2"], layout=ParallelLayout(pp=2, vpp=2)))
-    return run_ranks(run_specs_in_group, 4, timeout=400, args=(specs,), env=ENV)[0]
+    specs = [CompareSpec(hf_path=minis[f], layout=layout) for f, layout in MULTI]
+    return run_ranks(run_specs_in_group, 4, timeout=600, args=(specs,), env=ENV)[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# random small configs (seeded, so a failure names a reproducible config)
+# ---------------------------------------------------------------------------------------------------
+def _random_moe_routing(rng, family):
+    experts = rng.choice([4, 8])
+    topk = rng.randint(1, 3)
+    out = dict(num_experts_per_tok=topk, moe_intermediate_size=rng.choice([16, 32]))
+    if family == "qwen3_moe":
+        return dict(out, num_experts=experts, norm_topk_prob=rng.random() < 0.5)
+    out.update(n_routed_experts=experts, n_shared_experts=rng.choice([1, 2]), routed_scaling_factor=rng.choice([1.0, 2.5]),
+               first_k_dense_replace=rng.choice([0, 1]))
+    min_group = 2 if family == "deepseek_v3" else 1
+    groups = [g for g in (2, 4) if experts // g >= min_group]
+    n_group = rng.choice(groups)
+    topk_group = rng.randint(1, n_group - 1)
+    out.update(n_group=n_group, topk_group=topk_group,
+               num_experts_per_tok=min(topk, topk_group * (experts // n_group)))
+    if family == "deepseek_v2":
+        out["topk_method"] = rng.choice(["greedy", "group_limited_greedy"])
+    else:
+        out.update(norm_topk_prob=out["num_experts_per_tok"] > 1, num_nextn_predict_layers=rng.choice([0, 1]))
+    return out
+
+
+def random_config(family, seed):
+    """HF config overrides for make-mini: layer count, widths, heads, experts, routing drawn at random."""
+    import random
+
+    rng = random.Random(seed)
+    layers = rng.randint(2, 3)
+    if family.startswith("deepseek"):
+        heads = rng.choice([2, 4])
+        out = dict(num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                   hidden_size=rng.choice([32, 64]), intermediate_size=rng.choice([48, 96]),
+                   q_lora_rank=rng.choice([None, 16]), kv_lora_rank=rng.choice([16, 32]),
+                   qk_nope_head_dim=rng.choice([8, 16]), qk_rope_head_dim=rng.choice([4, 8]),
+                   v_head_dim=rng.choice([8, 16]))
+        return dict(out, **_random_moe_routing(rng, family))
+    heads = rng.choice([2, 4, 8])
+    kv = rng.choice([d for d in (1, 2, 4) if heads % d == 0])
+    head_dim = rng.choice([8, 16])
+    out = dict(num_hidden_layers=layers, max_window_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+               hidden_size=heads * head_dim, intermediate_size=rng.choice([48, 96]),
+               tie_word_embeddings=rng.random() < 0.5)
+    if family == "qwen3_moe":
+        out.update(head_dim=head_dim, **_random_moe_routing(rng, family))
+    return out
+
+
+RANDOM = [(f, seed) for f in FAMILIES for seed in (11, 12, 13)]
+
+
+@pytest.fixture(scope="module")
+def random_reports(tmp_path_factory):
+    from megatron_patch.models.mini import make_mini
+
+    root = tmp_path_factory.mktemp("random-minis")
+    specs = [CompareSpec(hf_path=str(make_mini(f, root / f"{f}-{seed}", seed=seed, overrides=random_config(f, seed))))
+             for f, seed in RANDOM]
+    return run_ranks(run_specs_in_group, 1, timeout=400, args=(specs,), env=ENV)[0]
+
+
+@pytest.mark.parametrize("case", range(len(RANDOM)), ids=[f"{f}-seed{s}" for f, s in RANDOM])
+def test_random_small_config_tp1_passes(random_reports, case):
+    family, seed = RANDOM[case]
+    _check_pass(random_reports[case], family)
 
 
 def _check_pass(report, family):
@@ -174,18 +242,13 @@ def test_deepseek_v2_group_limited_greedy_passes(single_rank_reports, minis):
     _check_pass(single_rank_reports[-1], "deepseek_v2")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_multi_rank_fp32_passes(multi_rank_reports, family):
-    report = multi_rank_reports[FAMILIES.index(family)]
+@pytest.mark.parametrize("case", range(len(MULTI)), ids=[f"{f}-{lay.describe()}" for f, lay in MULTI])
+def test_multi_rank_fp32_passes(multi_rank_reports, case):
+    family, lay = MULTI[case]
+    report = multi_rank_reports[case]
     _check_pass(report, family)
-    lay = MULTI[family]
-    assert (report["layout"]["tp"], report["layout"]["pp"], report["layout"]["ep"]) == (lay.tp, lay.pp, lay.ep)
-
-
-def test_vpp_passes(multi_rank_reports):
-    report = multi_rank_reports[len(FAMILIES)]
-    _check_pass(report, "qwen2")
-    assert report["layout"]["vpp"] == 2
+    got = report["layout"]
+    assert (got["tp"], got["pp"], got["ep"], got["etp"], got["vpp"]) == (lay.tp, lay.pp, lay.ep, lay.expert_tp, lay.vpp)
 
 
 @pytest.mark.parametrize("case", range(len(BROKEN)), ids=[fn.__name__ for _, fn, _ in BROKEN])
