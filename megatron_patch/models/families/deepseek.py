@@ -239,8 +239,8 @@ def params(hf_config) -> list[ParamRow]:
     # cat(enorm(embedding), hnorm(hidden)) -- the order vLLM/SGLang use for the DeepSeek weights;
     # shared_head.norm is applied before the shared output layer = megatron's final_layernorm).
     # Names and shapes are checked against a megatron GPTModel built with an MTP block spec
-    # (tests/test_families.py); the numerics of the MTP path are NOT compared with a reference
-    # (transformers 5.23 drops the MTP weights).
+    # (tests/test_families.py); the numerics (transformers 5.23 drops the MTP weights) against a
+    # reference MTP module built from transformers' classes in tests/test_mtp.py (TP1, PP2, TP2xEP2).
     L = hf_config.num_hidden_layers
     for i in range(mtp_layers(hf_config)):
         m, h = f"mtp.layers.{i}.", f"model.layers.{L + i}."
