@@ -74,6 +74,16 @@ def zero_expert_bias(chunks, config, layout):
                 router.expert_bias.zero_()
 
 
+def swap_norms_layer1(chunks, config, layout):
+    """Layer 1's input norm and pre-MLP norm weights exchanged (make-mini randomises norm weights)."""
+    layer = chunks[0].decoder.layers[1]
+    with torch.no_grad():
+        a, b = layer.input_layernorm.weight, layer.pre_mlp_layernorm.weight
+        saved = a.clone()
+        a.copy_(b)
+        b.copy_(saved)
+
+
 def megatron_group_score(chunks, config, layout):
     """Groups scored by megatron's own rule (top-(topk // group_topk) sum) instead of DeepSeek-V2's max."""
     config.moe_router_group_score_topk = None
@@ -92,6 +102,7 @@ BROKEN = [
     ("deepseek_v3", wrong_yarn_scaling, ("attention", 0)),
     ("deepseek_v3", zero_expert_bias, ("router", 1)),
     (GROUPED, megatron_group_score, ("router", 1)),
+    ("qwen3_moe", swap_norms_layer1, ("input_layernorm", 1)),
 ]
 
 

@@ -151,6 +151,19 @@ def _randomise_expert_bias(model, seed: int) -> None:
                 buf.copy_(torch.randn(buf.shape, generator=gen, dtype=torch.float32).to(buf.dtype) * 0.05)
 
 
+def _randomise_norms(model, seed: int) -> None:
+    """RMSNorm weights around 1 instead of transformers' exact ones: with all-ones norms a norm weight
+    mapped to the wrong place (or a pre- vs post-norm mix-up) would go unnoticed in the comparisons."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1 and "norm" in name.rsplit(".", 2)[-2]:
+                noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+                param.copy_((1.0 + 0.1 * noise).to(param.dtype))
+
+
 def build_model(config, seed: int = 0):
     """The random fp32 HF model make-mini saves (deterministic for a config and seed)."""
     import torch
@@ -159,6 +172,7 @@ def build_model(config, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _randomise_expert_bias(model, seed)
+    _randomise_norms(model, seed)
     return model.eval()
 
 

@@ -18,7 +18,6 @@ What runs where:
 """
 from __future__ import annotations
 
-import copy
 import importlib
 import math
 import os
@@ -253,7 +252,7 @@ def input_tokens(spec: CompareSpec, vocab_size: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (spec.batch_size, spec.seq_length), generator=gen)
 
 
-def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args, skip_prefixes=()) -> str:
+def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) -> str:
     from megatron.core import parallel_state as ps
 
     from megatron_patch.convert.engine import ShardPlan, load_into_chunks
@@ -285,8 +284,7 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args, sk
     for chunk, sd in zip(chunks, state_dicts):
         result = chunk.load_state_dict(sd, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-        unexpected = [k for k in result.unexpected_keys
-                      if not k.endswith("_extra_state") and not k.startswith(tuple(skip_prefixes))]
+        unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise UserError(f"--mcore-path does not match the model built from {spec.hf_path}: missing "
                             f"{missing[:3]}, unexpected {unexpected[:3]}")
@@ -358,18 +356,8 @@ def run_in_group(spec: CompareSpec) -> dict | None:
     initialize_parallel(layout, seed=spec.seed)
     overrides = {"params_dtype": dtype, "bf16": dtype == torch.bfloat16}
     notes: list[str] = []
-    build_config = hf_config
-    if layout.pp > 1 and getattr(hf_config, "num_nextn_predict_layers", 0):
-        # megatron-core 0.16 gives the last stage a copy of the embedding for MTP and syncs it with
-        # `weight.data.cuda()` (language_module.py), which the CPU runtime does not cover yet, and the
-        # conversion engine places the embedding on the first stage only. HF has no MTP forward, so MTP
-        # is not compared anyway: build the model without it.
-        build_config = copy.deepcopy(hf_config)
-        build_config.num_nextn_predict_layers = 0
-        notes.append("MTP layer not built at PP>1 (not compared: transformers has no MTP forward)")
-    chunks, config, args = build_family_model(build_config, layout, **overrides)
-    skip = ("mtp.", "embedding.word_embeddings.") if build_config is not hf_config else ()
-    source = _load_weights(spec, chunks, family, build_config, config, args, skip_prefixes=skip)
+    chunks, config, args = build_family_model(hf_config, layout, **overrides)
+    source = _load_weights(spec, chunks, family, hf_config, config, args)
     mutate = _resolve(spec.mutate)
     if mutate is not None:
         mutate(chunks, config, layout)
