@@ -2,7 +2,7 @@
 trainer under torchrun on gloo (tiny DeepSeek-V3 / Qwen2 from make-mini, the shipped corpus):
 
   * loss decreases over 20 steps at TP1, EP2 (DeepSeek-V3, from a converted Megatron checkpoint),
-    TP2xPP2 (DeepSeek-V3 without MTP; Qwen2 through the Pai-style launch script);
+    TP2xPP2 (DeepSeek-V3 with its MTP layer; Qwen2 through the Pai-style launch script);
   * the loss at every step is the same at TP1 and at EP2 / TP2xPP2 for the same global batch
     (fp32; LOSS_TOL below: only the reduction order differs);
   * a run killed while it writes a checkpoint leaves the previous one loadable, and resuming from it
@@ -113,9 +113,6 @@ def work():
 def _workspace(root: Path, make_mini, preprocess) -> SimpleNamespace:
     w = SimpleNamespace(root=root)
     w.ds3 = make_mini("deepseek_v3", root / "ds3")  # with one MTP layer
-    # PP > 1 with MTP does not run on CPU yet: megatron-core 0.16.1's LanguageModule ties the last stage's
-    # embedding copy with weight.data.cuda(), which the CPU runtime does not cover.
-    w.ds3_pp = make_mini("deepseek_v3", root / "ds3_nomtp", overrides={"num_nextn_predict_layers": 0})
     w.qwen2 = make_mini("qwen2", root / "qwen2")
     # make-mini trains the same tokenizer for every family (same corpus, vocab 512): one dataset serves all
     w.data = str(root / "corpus")
@@ -127,31 +124,11 @@ def _workspace(root: Path, make_mini, preprocess) -> SimpleNamespace:
 
 
 def _convert(hf_dir: Path, out: Path, ep: int) -> Path:
-    """A Megatron torch-layout checkpoint at EP=ep, written by `convert hf2mcore` when the checkout has it."""
-    try:
-        from megatron_patch.convert.hf2mcore import hf2mcore
-    except ImportError:
-        hf2mcore = None
+    """A Megatron torch-layout checkpoint at EP=ep, written by `convert hf2mcore`."""
+    from megatron_patch.convert.hf2mcore import hf2mcore
     from megatron_patch.models.builder import ParallelLayout
 
-    if hf2mcore is not None:
-        hf2mcore(str(hf_dir), str(out), ParallelLayout(ep=ep), fmt="torch", dtype="fp32")
-        return out
-    # Fallback: the same engine + Megatron-LM's torch layout, written directly.
-    from transformers import AutoConfig
-
-    from megatron_patch.convert import mcore_layout
-    from megatron_patch.convert.engine import RankPosition, ShardPlan
-    from megatron_patch.convert.hf_reader import HFCheckpoint
-    from megatron_patch.models.families import family_for_config
-
-    cfg = AutoConfig.from_pretrained(hf_dir)
-    plan = ShardPlan(family_for_config(cfg), cfg, ParallelLayout(ep=ep))
-    with HFCheckpoint(hf_dir) as ckpt:
-        for r in range(ep):
-            mcore_layout.write_rank(out, "release", 0, 0, r, {"tp": 1, "pp": 1, "ep": ep},
-                                    plan.rank_state_dicts(ckpt.get_slice, RankPosition(ep=r)), {})
-    mcore_layout.write_latest(out, "release")
+    hf2mcore(str(hf_dir), str(out), ParallelLayout(ep=ep), fmt="torch", dtype="fp32")
     return out
 
 
@@ -266,10 +243,13 @@ def test_kill_during_save_then_stop_at_n_and_resume_to_2n_are_bit_identical(work
     assert read_tracker(save) == STEPS
 
 
-def test_deepseek_v3_tp2_pp2_trains(work):
-    losses, _ = train(work, "ds3_tp2pp2", 4, ["--load-hf", str(work.ds3_pp), "--tensor-model-parallel-size", "2",
-                                              "--pipeline-model-parallel-size", "2", *TRAIN])
-    assert_decreasing(_losses(losses), "DeepSeek-V3 TP2xPP2")
+def test_deepseek_v3_tp2_pp2_with_mtp_matches_tp1(work, ds3_runs):
+    tp1, _ = ds3_runs
+    run, _ = train(work, "ds3_tp2pp2", 4, ["--load-hf", str(work.ds3), "--tensor-model-parallel-size", "2",
+                                           "--pipeline-model-parallel-size", "2", *TRAIN])
+    assert_decreasing(_losses(run), "DeepSeek-V3 TP2xPP2")
+    assert_same_losses(_losses(tp1), _losses(run), "DeepSeek-V3 TP1 vs TP2xPP2")
+    assert max(abs(a["mtp"] - b["mtp"]) for a, b in zip(tp1, run)) <= LOSS_TOL
 
 
 def test_qwen2_launch_script_tp2_pp2_matches_tp1(work):
