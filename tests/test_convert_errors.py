@@ -60,6 +60,15 @@ def cases(tmp_path_factory):
     (out["bad-index"] / "model.safetensors.index.json").write_text(json.dumps(index))
     out["shape"] = copy("shape", lambda c: c.update(moe_intermediate_size=48))
     out["ffn"] = copy("ffn", lambda c: c.update(intermediate_size=130))
+    # DeepSeek-V3 whose MTP shared_head.head is not the lm_head it should copy
+    out["mtp-copy"] = make_mini("deepseek_v3", root / "mtp-copy", seed=3)
+    path = out["mtp-copy"] / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        ds3 = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    head = next(k for k in ds3 if k.endswith("shared_head.head.weight"))
+    ds3[head][-1, 0] += 1.0
+    save_file(ds3, str(path), metadata=metadata)
     return root, out
 
 
@@ -79,6 +88,7 @@ BAD_HF2MCORE = [
     ("good", ["--format", "zarr"], "unknown --format 'zarr'"),
     ("good", ["--tp", "1", "--etp", "2", "--ep", "2"], "ETP must divide TP"),
     ("good", ["--vpp", "2"], "--vpp 2 needs pipeline parallelism"),
+    ("mtp-copy", [], "shared_head.head.weight differs from lm_head.weight (rows 0..511)"),
 ]
 
 

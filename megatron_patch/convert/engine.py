@@ -274,6 +274,23 @@ def check_hf_coverage(plan: ShardPlan, hf_keys: Iterable[str]) -> None:
                         "misses a row")
 
 
+def check_hf_copies(plan: ShardPlan, read: Callable[[str], object], rows_per_block: int = 4096) -> None:
+    """The HF tensors the table treats as copies (DeepSeek-V3 MTP's embed_tokens / shared_head.head) must
+    equal their primary byte for byte: import keeps the primary only (megatron-core shares one embedding
+    and output layer), so a copy that differs would be dropped silently. Compared in row blocks."""
+    primary = {row.mcore: row.hf[0] for row in plan.rows if len(row.hf) == 1}
+    for copy_name, mcore in plan.copies.items():
+        a, b = read(primary[mcore]), read(copy_name)
+        if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+            raise UserError(f"{copy_name} {list(b.shape)} {b.dtype} should be a copy of {primary[mcore]} "
+                            f"{list(a.shape)} {a.dtype}; megatron-core cannot hold both")
+        for start in range(0, a.shape[0], rows_per_block):
+            stop = min(start + rows_per_block, a.shape[0])
+            if not torch.equal(a[start:stop], b[start:stop]):
+                raise UserError(f"{copy_name} differs from {primary[mcore]} (rows {start}..{stop - 1}); megatron-core "
+                                "shares one tensor for both, so this checkpoint cannot be converted exactly")
+
+
 def current_position() -> RankPosition:
     """This process's coordinates from megatron's parallel_state."""
     from megatron.core import parallel_state as ps
