@@ -120,15 +120,17 @@ def _workspace(root: Path, make_mini, preprocess) -> SimpleNamespace:
     assert stats["documents"] > 100 and stats["tokens"] > 20000
     w.cache = str(root / "cache")
     w.ds3_ep2 = _convert(w.ds3, root / "ds3_ep2_torch", ep=2)
+    w.ds3_tp2pp2 = _convert(w.ds3, root / "ds3_tp2pp2_torch", tp=2, pp=2)
+    w.qwen2_tp2pp2 = _convert(w.qwen2, root / "qwen2_tp2pp2_torch", tp=2, pp=2)
     return w
 
 
-def _convert(hf_dir: Path, out: Path, ep: int) -> Path:
-    """A Megatron torch-layout checkpoint at EP=ep, written by `convert hf2mcore`."""
+def _convert(hf_dir: Path, out: Path, **layout) -> Path:
+    """A Megatron torch-layout checkpoint at that layout, written by `convert hf2mcore`."""
     from megatron_patch.convert.hf2mcore import hf2mcore
     from megatron_patch.models.builder import ParallelLayout
 
-    hf2mcore(str(hf_dir), str(out), ParallelLayout(ep=ep), fmt="torch", dtype="fp32")
+    hf2mcore(str(hf_dir), str(out), ParallelLayout(**layout), fmt="torch", dtype="fp32")
     return out
 
 
@@ -245,8 +247,9 @@ def test_kill_during_save_then_stop_at_n_and_resume_to_2n_are_bit_identical(work
 
 def test_deepseek_v3_tp2_pp2_with_mtp_matches_tp1(work, ds3_runs):
     tp1, _ = ds3_runs
-    run, _ = train(work, "ds3_tp2pp2", 4, ["--load-hf", str(work.ds3), "--tensor-model-parallel-size", "2",
-                                           "--pipeline-model-parallel-size", "2", *TRAIN])
+    run, log = train(work, "ds3_tp2pp2", 4, ["--load", str(work.ds3_tp2pp2), "--tensor-model-parallel-size", "2",
+                                             "--pipeline-model-parallel-size", "2", *TRAIN])
+    assert f"model: torch {work.ds3_tp2pp2 / 'release'} | TP2xPP2" in log  # the converted checkpoint
     assert_decreasing(_losses(run), "DeepSeek-V3 TP2xPP2")
     assert_same_losses(_losses(tp1), _losses(run), "DeepSeek-V3 TP1 vs TP2xPP2")
     assert max(abs(a["mtp"] - b["mtp"]) for a, b in zip(tp1, run)) <= LOSS_TOL
@@ -260,11 +263,12 @@ def test_qwen2_launch_script_tp2_pp2_matches_tp1(work):
     # VALID CKPT TRAIN_TOKENS WARMUP_TOKENS OUTPUT; 20 steps = 5120 tokens, 2 warm-up steps = 512 tokens
     cmd = ["bash", str(REPO / "examples/qwen2/run_mcore_qwen2.sh"), "local", "mini", "2", "8", "3e-3", "3e-4", "32",
            "32", "fp32", "2", "2", "1", "1", "1", "true", "false", "false", "false", "none", "false", "100",
-           work.data, "none", str(work.qwen2), "5120", "512", str(out)]
+           work.data, "none", str(work.qwen2_tp2pp2), "5120", "512", str(out)]
     rc, log = _run(cmd, work.root / "qwen_launch.log",
                    env={"PY": PY, "NPROC": "4", "EXTRA_ARGS": f"--metrics-file {metrics} --seed 1234"})
     assert rc == 0, log[-4000:]
     assert "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2" in log
+    assert f"--load {work.qwen2_tp2pp2}" in log  # the converted checkpoint, not the HF weights
     launched = _read_metrics(metrics)
     assert_decreasing(_losses(ref), "Qwen2 TP1")
     assert_decreasing(_losses(launched), "Qwen2 TP2xPP2 (launcher)")

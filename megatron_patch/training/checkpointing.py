@@ -355,7 +355,8 @@ def _load_torch_layout(root, chunks, layout) -> int | str:
 
     iteration, sizes = mcore_layout.read_layout(root)
     want = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp, "vpp": layout.vpp or 1}
-    if {k: sizes[k] for k in want} != want:
+    keys = [k for k in want if k != "etp" or _unwrap(chunks[0]).config.num_moe_experts]  # ETP: experts only
+    if {k: sizes[k] for k in keys} != {k: want[k] for k in keys}:
         raise UserError(f"--load {root}: torch-format checkpoint is for "
                         f"TP{sizes['tp']} PP{sizes['pp']} EP{sizes['ep']} ETP{sizes['etp']} VPP{sizes['vpp']}, this run is "
                         f"TP{want['tp']} PP{want['pp']} EP{want['ep']} ETP{want['etp']} VPP{want['vpp']}; "
