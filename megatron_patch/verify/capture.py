@@ -108,20 +108,16 @@ def hook_order(hooks, num_layers: int) -> list[Key]:
     return keys
 
 
+def _found(model: torch.nn.Module, wanted) -> list[Target]:
+    """Targets for the (key, kind, module path) triples whose module exists in model."""
+    return [Target(key, kind, mod, path) for key, kind, path in wanted if (mod := _get(model, path)) is not None]
+
+
 def hf_targets(model: torch.nn.Module, hooks, num_layers: int) -> list[Target]:
     pre, layer, post = split_hooks(hooks)
-    out = []
-    for h in pre + post:
-        mod = _get(model, h.hf)
-        if mod is not None:
-            out.append(Target((h.component, None), h.kind, mod, h.hf))
-    for i in range(num_layers):
-        for h in layer:
-            path = h.hf.format(layer=i)
-            mod = _get(model, path)
-            if mod is not None:
-                out.append(Target((h.component, i), h.kind, mod, path))
-    return out
+    wanted = [((h.component, None), h.kind, h.hf) for h in pre + post]
+    wanted += [((h.component, i), h.kind, h.hf.format(layer=i)) for i in range(num_layers) for h in layer]
+    return _found(model, wanted)
 
 
 def mcore_targets(chunks: list, hooks) -> list[Target]:
@@ -132,24 +128,14 @@ def mcore_targets(chunks: list, hooks) -> list[Target]:
     out = []
     for chunk in chunks:
         model = getattr(chunk, "module", chunk)
-        if getattr(model, "pre_process", False):
-            for h in pre:
-                mod = _get(model, h.mcore)
-                if mod is not None:
-                    out.append(Target((h.component, None), h.kind, mod, h.mcore))
-        if getattr(model, "post_process", False):
-            for h in post:
-                mod = _get(model, h.mcore)
-                if mod is not None:
-                    out.append(Target((h.component, None), h.kind, mod, h.mcore))
+        ends = (pre if getattr(model, "pre_process", False) else []) + \
+            (post if getattr(model, "post_process", False) else [])
+        wanted = [((h.component, None), h.kind, h.mcore) for h in ends]
         decoder = getattr(model, "decoder", None)
         for local, layer_module in enumerate(getattr(decoder, "layers", [])):
             global_layer = layer_module.layer_number - 1  # megatron's layer_number is global, 1-based
-            for h in layer:
-                path = h.mcore.format(layer=local)
-                mod = _get(model, path)
-                if mod is not None:
-                    out.append(Target((h.component, global_layer), h.kind, mod, path))
+            wanted += [((h.component, global_layer), h.kind, h.mcore.format(layer=local)) for h in layer]
+        out += _found(model, wanted)
     return out
 
 
