@@ -1,19 +1,21 @@
 """Conversion speed and memory on a synthetic DeepSeek-V2-Lite-width checkpoint (prints figures only).
 
     python benchmarks/convert_bench.py [--layers 3] [--out-dir /tmp/convert_bench] [--tp 2 --ep 4]
+                                       [--format torch|torch_dist]
 
 1. writes an HF checkpoint with the real DeepSeek-V2-Lite widths (hidden 2048, 64 experts x
    moe_intermediate 1408, q_lora none, kv_lora 512, vocab 102400; first layer dense) and `--layers`
    layers, bf16, in ~1 GiB safetensors shards, with its config.json (3 layers: ~3.3 GB);
 2. times `cp -r` of those files (the input is warm in the page cache for both runs);
-3. runs `megatron-patch convert hf2mcore --tp 2 --ep 4` in a subprocess and reads its peak RSS
+3. runs `megatron-patch convert hf2mcore --tp 2 --ep 4 --format F` in a subprocess and reads its peak RSS
    (wait4 rusage of that process) and wall time. This process stays small (the checkpoint is built in
    a child too): Linux keeps ru_maxrss across exec, so a child started from a big parent would report
    the parent's peak.
 
-Targets: conversion wall / cp -r <= 1.4, peak RSS <= 1.5 GiB. Note the output is larger than the input:
-Megatron-LM's torch format stores the dense part (embedding, attention, dense MLP, shared experts) in
-every EP rank's file.
+Targets: conversion wall / cp -r <= 1.4, peak RSS <= 1.5 GiB. Note the torch format's output is larger
+than the input: Megatron-LM's torch format stores the dense part (embedding, attention, dense MLP, shared
+experts) in every EP rank's file. torch_dist stores every tensor once (the layout only sets the vocab
+padding and the stored args), so its output is about the input's size.
 """
 from __future__ import annotations
 
@@ -96,6 +98,7 @@ def main() -> None:
     ap.add_argument("--out-dir", default="/tmp/convert_bench", help="working directory (replaced)")
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--ep", type=int, default=4)
+    ap.add_argument("--format", default="torch", choices=("torch", "torch_dist"), help="output format")
     ap.add_argument("--keep", action="store_true", help="keep the files afterwards")
     ap.add_argument("--no-output-copy", action="store_true", help="skip timing cp -r of the output")
     ap.add_argument("--build-only", default=None, metavar="DIR", help=argparse.SUPPRESS)
@@ -121,14 +124,14 @@ def main() -> None:
     subprocess.run(["sync"], check=False)
     env_python = [sys.executable, "-W", "ignore", "-m", "megatron_patch.cli"]
     cmd = env_python + ["convert", "hf2mcore", "--hf-path", str(hf), "--out", str(mcore), "--tp", str(args.tp),
-                        "--ep", str(args.ep)]
+                        "--ep", str(args.ep), "--format", args.format]
     conv_wall, conv_rss, output = timed_child(cmd)
     out_bytes = dir_bytes(mcore)
     summary = [line for line in output.splitlines() if line.startswith("hf2mcore:")]
     print(f"command: {' '.join(cmd[1:])}")
     print(summary[-1] if summary else output)
     print(f"cp -r of the input:      {cp_wall:7.2f} s ({nbytes / 1e9 / cp_wall:.2f} GB/s)")
-    print(f"hf2mcore TP{args.tp} x EP{args.ep}:      {conv_wall:7.2f} s wall incl. startup "
+    print(f"hf2mcore {args.format:10s} TP{args.tp} x EP{args.ep}: {conv_wall:7.2f} s wall incl. startup "
           f"({nbytes / 1e9 / conv_wall:.2f} GB/s read, {out_bytes / 1e9 / conv_wall:.2f} GB/s written; "
           f"output {out_bytes / 1e9:.2f} GB)")
     print(f"ratio conversion / cp:   {conv_wall / cp_wall:7.2f}  (target <= 1.4)")

@@ -2,11 +2,13 @@
 
 Property tests (hypothesis) over the four families and random valid layouts: HF -> mcore (torch) -> HF
 and mcore -> reshard -> HF give back every tensor with the same dtype and the same bits. torch_dist is
-covered at TP2xEP2 (spawned gloo ranks), and megatron-core models built at several layouts load the
-torch-format rank files with strict=True (keys including _extra_state, shapes, file naming).
+written by one streaming process (each HF tensor read once, one parameter held at a time) and loaded by
+megatron-core dist_checkpointing at other layouts; megatron-core models built at several layouts load
+the torch-format rank files with strict=True (keys including _extra_state, shapes, file naming).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,7 +25,7 @@ from safetensors import safe_open
 
 from megatron_patch.convert import mcore_layout
 from megatron_patch.convert.hf2mcore import hf2mcore
-from megatron_patch.convert.mcore2hf import mcore2hf
+from megatron_patch.convert.mcore2hf import mcore2hf, open_mcore
 from megatron_patch.convert.reshard import reshard
 from megatron_patch.models.builder import ParallelLayout
 from megatron_patch.models.mini import make_mini
@@ -198,3 +200,103 @@ def test_cli_and_toolkit_scripts(minis, work, capsys):
                     "true", str(minis["qwen2"])], check=True, env=env, capture_output=True)
     assert_identical(read_all(minis["qwen2"]), work / "sh-hf")
     assert (work / "sh-hf" / "tokenizer.json").is_file()
+
+
+# --- torch_dist: one streaming writer, loadable at any layout ----------------------------------------
+def _dist_load(rank, world, hf_dir, ckpt_dir, padded, layouts):
+    """At each layout: build this rank's model, load the torch_dist checkpoint with dist_checkpointing
+    (megatron reshards it) and compare every parameter with the rank's shard cut from the HF files."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_patch.convert.engine import current_position
+    from megatron_patch.convert.hf2mcore import HFSource
+    from megatron_patch.convert.mcore2hf import build_chunks
+    from megatron_patch.models.builder import initialize_parallel
+
+    source = HFSource(hf_dir)
+    checked = 0
+    for layout in layouts:
+        initialize_parallel(layout)
+        chunks, plan = build_chunks(source.hf_config, layout, torch.float32, padded)
+        plan.ctx = dataclasses.replace(plan.ctx, padded_vocab_size=padded)  # the checkpoint's padding
+        state = {f"model{i}" if len(chunks) > 1 else "model": c.sharded_state_dict() for i, c in enumerate(chunks)}
+        loaded = dist_checkpointing.load(state, ckpt_dir)
+        expected = plan.rank_state_dicts(source.read, current_position())
+        for i, (chunk, want) in enumerate(zip(chunks, expected)):
+            got = loaded[f"model{i}" if len(chunks) > 1 else "model"]
+            chunk.load_state_dict(got, strict=True)
+            for name, tensor in chunk.state_dict().items():
+                if torch.is_tensor(tensor) and not name.endswith("_extra_state"):
+                    assert torch.equal(bits(tensor), bits(want[name].to(tensor.dtype))), (layout, name)
+                    checked += 1
+    return checked
+
+
+def test_torch_dist_loads_at_other_layouts(minis, work):
+    """Written once (one process), loaded by megatron-core at layouts it was not written for."""
+    out = work / "dist-any"
+    hf2mcore(minis["deepseek_v2"], out, ParallelLayout(tp=2, ep=4, etp=1), fmt="torch_dist")
+    assert sorted(p.name for p in (out / "release").iterdir()) == [
+        ".metadata", "__0_0.distcp", "common.pt", "metadata.json"]
+    layouts = [ParallelLayout(tp=2, ep=2, etp=1), ParallelLayout(pp=2), ParallelLayout(tp=2, etp=2)]
+    padded = open_mcore(out).padded_vocab()
+    counts = run_ranks(_dist_load, 2, timeout=300,
+                       args=(str(minis["deepseek_v2"]), str(out / "release"), padded, layouts))
+    assert all(c > 0 for c in counts)
+
+
+def test_torch_dist_pp2_with_mtp_round_trip(minis, work):
+    """PP>1 with MTP layers: nothing is built per stage, so nothing to refuse."""
+    src = read_all(minis["deepseek_v3"])
+    out = work / "dist-pp2-mtp"
+    hf2mcore(minis["deepseek_v3"], out, ParallelLayout(pp=2, ep=2, etp=1), fmt="torch_dist")
+    args = torch.load(out / "release" / "common.pt", weights_only=False)["args"]
+    assert (args.pipeline_model_parallel_size, args.expert_model_parallel_size, args.mtp_num_layers) == (2, 2, 1)
+    mcore2hf(out, work / "dist-pp2-mtp-hf")
+    assert_identical(src, work / "dist-pp2-mtp-hf")
+
+
+def test_reshard_torch_to_torch_dist(minis, work):
+    """The same writer reads a torch-format checkpoint (rows merged from its rank files)."""
+    src = read_all(minis["qwen2"])
+    hf2mcore(minis["qwen2"], work / "rs-torch", ParallelLayout(tp=2, pp=2))
+    reshard(work / "rs-torch", work / "rs-dist", ParallelLayout(tp=4), fmt="torch_dist")
+    mcore2hf(work / "rs-dist", work / "rs-dist-hf")
+    assert_identical(src, work / "rs-dist-hf")
+
+
+def test_torch_dist_streams_one_tensor_at_a_time(minis, work, monkeypatch):
+    """Every HF tensor is read once, at most one parameter is held at a time, the summary counts every
+    parameter once, and a failure part-way leaves no output and no process group behind."""
+    from megatron_patch.convert import dist_writer
+    from megatron_patch.convert.hf2mcore import HFSource, dist_total_bytes
+
+    reads: dict[str, int] = {}
+    held: list[int] = []
+    real_read, real_param = HFSource.read, dist_writer.TensorMaker.param
+
+    def read(self, name):
+        reads[name] = reads.get(name, 0) + 1
+        return real_read(self, name)
+
+    def param(self, name, like):
+        held.append(len(self.cache) + (name not in self.cache))
+        return real_param(self, name, like)
+
+    monkeypatch.setattr(HFSource, "read", read)
+    monkeypatch.setattr(dist_writer.TensorMaker, "param", param)
+    result = hf2mcore(minis["qwen3_moe"], work / "dist-stream", ParallelLayout(ep=2), fmt="torch_dist")
+    assert reads == {name: 1 for name in read_all(minis["qwen3_moe"])}
+    assert max(held) == 1
+    source = HFSource(minis["qwen3_moe"])
+    assert result["bytes"] == dist_total_bytes(source, ParallelLayout(ep=2), torch.float32)
+    assert result["tensors"] == len(dist_writer.tp1_plan(source, 1).rows)  # q/k/v, gate/up: one each
+
+    def boom(self, key, offset):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(dist_writer.TensorMaker, "make", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        hf2mcore(minis["qwen3_moe"], work / "dist-fail", ParallelLayout(), fmt="torch_dist")
+    assert not [p for p in work.iterdir() if p.name.startswith((".dist-fail", "dist-fail"))]
+    assert not torch.distributed.is_initialized()

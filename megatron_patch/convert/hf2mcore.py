@@ -14,8 +14,10 @@ computed once, from lazy safetensors slices, and written with pwrite into every 
 EP-replicated dense weight goes into all EP files of its TP rank). Peak memory is about one tensor,
 whatever the model size; every HF byte is read once per distinct shard.
 
-torch_dist: the layout's ranks are spawned (gloo, CPU), each builds its model chunks, fills them
-through the family table and saves with megatron-core dist_checkpointing.
+torch_dist (megatron-core dist_checkpointing): written by one process from a TP1 model on the meta
+device, each tensor made from its lazy HF slices only when torch DCP's writer asks for it (dist_writer):
+peak memory about one tensor, every HF byte read once. The checkpoint holds global tensors, so it loads
+at any layout; the layout decides only the vocab padding (TP) and the stored args.
 
 Every output holds `hf_config/` (config.json + tokenizer files) and `convert_meta.json` (family,
 format, layout, dtype), so mcore2hf and reshard need nothing else.
@@ -38,11 +40,10 @@ from megatron_patch.errors import UserError
 
 from . import mcore_layout
 from .atomic import atomic_output_dir
-from .engine import EMBEDDING, RankPosition, ShardPlan, check_hf_coverage
+from .engine import EMBEDDING, RankPosition, ShardPlan, check_hf_copies, check_hf_coverage
 from .hf_reader import HFCheckpoint
 from .hf_writer import copy_tokenizer_files
 from .progress import ConversionProgress
-from megatron_patch.testing.multirank import stop_checkpoint_workers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = ("torch", "torch_dist")
@@ -124,13 +125,6 @@ def describe(layout) -> str:
     """TP2xPP1xEP4xETP2 (+VPPn): the sizes a checkpoint depends on (sequence parallel does not matter)."""
     text = f"TP{layout.tp}xPP{layout.pp}xEP{layout.ep}xETP{layout.expert_tp}"
     return text + (f"xVPP{layout.vpp}" if layout.vpp and layout.vpp > 1 else "")
-
-
-def min_world_size(layout) -> int:
-    """The fewest ranks megatron accepts for a layout: a multiple of TPxPP and of ETPxEPxPP."""
-    dense = layout.tp * layout.pp
-    expert = layout.expert_tp * layout.ep * layout.pp
-    return dense * expert // math.gcd(dense, expert)
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -273,6 +267,7 @@ def check_hf_input(source: HFSource, plan: ShardPlan) -> None:
     """Names, dtypes and shapes of the checkpoint against the config (no tensor data read)."""
     keys = source.keys()
     check_hf_coverage(plan, keys)
+    check_hf_copies(plan, source.read)
     expected = expected_hf_shapes(source.hf_config)
     for name in keys:
         want = expected.get(name)
@@ -410,7 +405,7 @@ def write_torch(plan: ShardPlan, source, root: Path, dtype: torch.dtype | None, 
 
 
 # ---------------------------------------------------------------------------------------------------
-# torch_dist writer (spawned ranks)
+# torch_dist writer (one process, streaming: dist_writer)
 # ---------------------------------------------------------------------------------------------------
 def open_source(spec: tuple[str, str], hf_config_dir: str | None = None):
     """A source from a picklable spec: ('hf', dir) or ('torch', mcore root)."""
@@ -422,47 +417,35 @@ def open_source(spec: tuple[str, str], hf_config_dir: str | None = None):
     return TorchSource(open_mcore(path, hf_config_dir))
 
 
-def sharded_model_state(chunks) -> dict:
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+def dist_common_state(plan: ShardPlan, dtype: torch.dtype) -> dict:
+    """The non-tensor part of a torch_dist checkpoint (common.pt), args for the target layout."""
+    args = mcore_layout.build_args(layout_dict(plan.layout), megatron_args(plan, dtype, "torch_dist"))
+    return {"checkpoint_version": mcore_layout.CHECKPOINT_VERSION, "iteration": 0, "args": args}
 
 
-def dist_save_rank(rank: int, world: int, spec, hf_config_dir, layout, dtype_str: str, ckpt_dir: str) -> dict:
-    """One rank of a torch_dist save: build this rank's chunks, fill them through the family table from
-    the source (HF dir or torch-format checkpoint), save with dist_checkpointing."""
-    from megatron.core import dist_checkpointing
+def dist_total_bytes(source, layout, dtype: torch.dtype) -> int:
+    """What write_dist will write (every parameter once, whatever the layout)."""
+    from . import dist_writer
 
-    from megatron_patch.models.builder import initialize_parallel
+    return dist_writer.output_bytes(dist_writer.tp1_plan(source, layout.tp), source.meta, dtype)
 
-    from .engine import load_into_chunks
-    from .mcore2hf import build_chunks
 
-    dtype = DTYPES[dtype_str]
-    initialize_parallel(layout)
-    source = open_source(spec, hf_config_dir)
-    chunks, plan = build_chunks(source.hf_config, layout, dtype)
-    load_into_chunks(chunks, plan, source.read)  # copies into the model's dtype
-    source.release()
-    state = sharded_model_state(chunks)
-    state.update(checkpoint_version=mcore_layout.CHECKPOINT_VERSION, iteration=0,
-                 args=mcore_layout.build_args(layout_dict(layout), megatron_args(plan, dtype, "torch_dist")))
-    try:
-        dist_checkpointing.save(state, ckpt_dir)
-    finally:
-        stop_checkpoint_workers()
-    params = [t for c in chunks for t in c.state_dict().values() if torch.is_tensor(t)]
-    return {"tensors": len(params), "bytes": sum(tensor_bytes(t) for t in params)}
+def write_dist(source, layout, dtype: torch.dtype, root: Path, progress=None) -> dict:
+    """A torch_dist checkpoint at root (Megatron-LM layout: tracker + release/) for `layout` from a
+    source (HFSource or a Megatron PlanSource). Returns {"tensors", "bytes"}."""
+    from . import dist_writer
+
+    ckpt_dir = root / mcore_layout.iteration_dir_name(ITERATION)
+    ckpt_dir.mkdir(parents=True)
+    common = dist_common_state(ShardPlan(source.family, source.hf_config, layout), dtype)
+    stats = dist_writer.save(source, layout.tp, dtype, ckpt_dir, common, progress)
+    mcore_layout.write_latest(root, ITERATION)
+    return stats
 
 
 def write_torch_dist(spec, hf_config_dir, layout, dtype: torch.dtype, root: Path) -> dict:
-    """A torch_dist checkpoint at root (Megatron-LM layout: tracker + release/) from a source spec."""
-    ckpt_dir = root / mcore_layout.iteration_dir_name(ITERATION)
-    ckpt_dir.mkdir(parents=True)
-    results = spawn(dist_save_rank, min_world_size(layout), spec,
-                    None if hf_config_dir is None else str(hf_config_dir), layout, dtype_name(dtype), str(ckpt_dir))
-    mcore_layout.write_latest(root, ITERATION)
-    return {"tensors": sum(r["tensors"] for r in results), "bytes": sum(r["bytes"] for r in results)}
+    """write_dist from a source spec (see open_source)."""
+    return write_dist(open_source(spec, None if hf_config_dir is None else str(hf_config_dir)), layout, dtype, root)
 
 
 def spawn(fn, world: int, *args) -> list:
@@ -476,9 +459,8 @@ def spawn(fn, world: int, *args) -> list:
 
 
 def check_dist_layout(plan: ShardPlan) -> None:
-    if plan.layout.pp > 1 and getattr(plan.mcore_config, "mtp_num_layers", None):
-        raise UserError("torch_dist with PP>1 and MTP layers is not supported on the CPU ranks the converter "
-                        "uses (megatron-core 0.16 copies the MTP embedding with .cuda()); use --format torch or PP=1")
+    """Nothing to refuse: the checkpoint is written from one TP1 model (no pipeline ranks are built),
+    and megatron reshards it on load; the layout itself was checked by ShardPlan."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -507,8 +489,8 @@ def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None,
         check_torch_layout(plan)
     else:
         check_dist_layout(plan)
-    metas = dry_run(plan, source.meta, target)
-    total = output_bytes(metas)
+    metas = dry_run(plan, source.meta, target)  # also checks that the layout divides every tensor
+    total = output_bytes(metas) if fmt == "torch" else dist_total_bytes(source, layout, out_dtype)
     args = megatron_args(plan, out_dtype, fmt)
     result: dict = {}
     with atomic_output_dir(out, force) as tmp:
@@ -516,8 +498,7 @@ def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None,
             if fmt == "torch":
                 write_torch(plan, source, tmp, target, args, progress, metas)
             else:
-                stats = write_torch_dist(source.spec(), None, layout, out_dtype, tmp)
-                progress.update(stats["bytes"], stats["tensors"])
+                write_dist(source, layout, out_dtype, tmp, progress)
             write_side_files(tmp, fmt, source.family.name, layout, out_dtype, source.config_dir, source.path,
                              hf_path, "hf2mcore")
             stats, line = progress.summary()

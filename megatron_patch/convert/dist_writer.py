@@ -1,0 +1,269 @@
+"""A streaming torch_dist writer: one process, about one tensor in memory, every input byte read once.
+
+A torch_dist checkpoint (megatron-core dist_checkpointing over torch DCP) stores global tensors: layers
+by global index, experts along a global axis, TP shards as chunks of one tensor. Megatron reshards on
+load, so the file set written for a TP1/PP1/EP1 model loads at any TP/PP/EP/ETP (only the vocab padding
+depends on TP: the model is built with the target layout's padded vocab).
+
+How: a GPTModel is built on the meta device at TP1 (a 1-rank gloo group for megatron's parallel
+state), its `sharded_state_dict()` goes through megatron's own save pieces (save_preprocess, the
+sharded-key grouping, mcore_to_pyt_state_dict, MCoreSavePlanner) and torch's synchronous
+FileSystemWriter with a write loop that keeps nothing (megatron's FileSystemWriterAsync stages every
+tensor up front; torch's own loop keeps every tensor it wrote until the file is closed). The planner's
+`resolve_data` makes each write item's tensor only when the writer asks for it: the parameter is cut
+from the source through the family table (engine.ShardPlan at TP1) and, for a ShardedTensorFactory
+(e.g. the SwiGLU fc1 halves), megatron's build_fn is re-run on the real tensor to get the chunk.
+common.pt and metadata.json are written with megatron's helpers, as dist_checkpointing.save does.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from megatron_patch.errors import UserError
+
+from .engine import RankPosition, ShardPlan
+from .hf2mcore import RELEASE_BYTES, dtype_overrides
+
+
+# ---------------------------------------------------------------------------------------------------
+# a TP1 model on the meta device, inside a 1-rank process group
+# ---------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def single_rank():
+    """torch.distributed (gloo, world 1), the runtime patches and megatron's parallel state at TP1 for
+    the block. The process group and runtime are torn down again if this set them up; the parallel
+    state is always destroyed (hf2mcore and reshard run outside any training job)."""
+    import torch.distributed as dist
+
+    from megatron.core import parallel_state
+
+    from megatron_patch import runtime
+    from megatron_patch.models.builder import ParallelLayout, initialize_parallel
+
+    own_runtime = runtime._STATE["device"] is None
+    runtime.setup()
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    elif dist.get_world_size() != 1:
+        raise RuntimeError("the torch_dist writer runs in one process: call it outside a multi-rank job")
+    try:
+        initialize_parallel(ParallelLayout())
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        if own_group:
+            dist.destroy_process_group()
+        if own_runtime:
+            runtime.teardown()
+
+
+def meta_model(hf_config, dtype: torch.dtype, padded_vocab: int):
+    """The GPTModel at TP1/PP1/EP1 on the meta device (no memory, no initialisation)."""
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_patch.models.builder import ParallelLayout, apply_layout
+    from megatron_patch.models.families import family_for_config, model_args, mtp_block_spec
+
+    family = family_for_config(hf_config)
+    config = apply_layout(family.to_mcore_config(hf_config, **dtype_overrides(dtype)), ParallelLayout())
+    # CPU initialisation: parameters are created without an explicit device, so on meta
+    config = dataclasses.replace(config, use_cpu_initialization=True, perform_initialization=False)
+    kw = model_args(hf_config).gpt_model_kwargs(1)
+    spec = family.layer_spec(config, vp_stage=None)
+    mtp = mtp_block_spec(config, spec) if getattr(config, "mtp_num_layers", None) else None
+    with torch.device("meta"):
+        return GPTModel(
+            config=config, transformer_layer_spec=spec, vocab_size=padded_vocab,
+            max_sequence_length=kw["max_sequence_length"], pre_process=True, post_process=True,
+            share_embeddings_and_output_weights=kw["share_embeddings_and_output_weights"],
+            position_embedding_type="none" if config.multi_latent_attention else kw["position_embedding_type"],
+            rotary_base=kw["rotary_base"], mtp_block_spec=mtp,
+        )
+
+
+def tp1_plan(source, tp: int) -> ShardPlan:
+    """The family table at TP1/PP1/EP1 with the vocab padded for `tp` (what the checkpoint stores)."""
+    from megatron_patch.models.builder import ParallelLayout
+
+    plan = ShardPlan(source.family, source.hf_config, ParallelLayout())
+    plan.ctx = dataclasses.replace(plan.ctx, padded_vocab_size=plan.model_args.padded_vocab_size(tp))
+    return plan
+
+
+def output_bytes(plan: ShardPlan, meta, dtype: torch.dtype) -> int:
+    """Bytes the checkpoint's tensors take (every parameter once), from a dry run on meta tensors."""
+    (sd,) = plan.rank_state_dicts(meta, RankPosition(), dtype)
+    return sum(t.numel() * t.element_size() for t in sd.values())
+
+
+# ---------------------------------------------------------------------------------------------------
+# write items -> tensors made on demand
+# ---------------------------------------------------------------------------------------------------
+def _built(entry) -> list:
+    """The ShardedTensors a state-dict entry saves (a factory builds several; replicas save nothing)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, is_main_replica
+
+    if isinstance(entry, ShardedTensorFactory):
+        out = entry.build()
+        tensors = list(nested_values(out)) if isinstance(out, (dict, list)) else [out]
+    else:
+        tensors = [entry] if isinstance(entry, ShardedTensor) else []
+    return [t for t in tensors if is_main_replica(t.replica_id)]
+
+
+class TensorMaker:
+    """Parameter tensors of the TP1 model from the source, one at a time, keyed by write item.
+
+    `index` maps (checkpoint key, global offset) -> (parameter name, factory or None, meta parameter).
+    A parameter is cut once and kept until every chunk of it has been handed out (the writer asks for
+    them in a row); the input is unmapped every RELEASE_BYTES."""
+
+    def __init__(self, plan: ShardPlan, source, model_sd: dict, dtype: torch.dtype, progress=None):
+        self.plan, self.source, self.dtype, self.progress = plan, source, dtype, progress
+        self.rows = {plan.local_name(row, place): row for row, place in plan.rows_for(RankPosition())}
+        self.index: dict[tuple, tuple] = {}
+        self.left: dict[str, int] = {}
+        for name, entry in model_sd.items():
+            for st in _built(entry):
+                if name not in self.rows:
+                    raise UserError(f"family table and model disagree: the model saves {name}, the "
+                                    f"{plan.family.name} table has no row for it")
+                factory = entry if st is not entry else None
+                like = entry.data if factory is not None else st.data  # the meta parameter
+                self.index[(st.key, tuple(st.global_offset))] = (name, factory, like)
+                self.left[name] = self.left.get(name, 0) + 1
+        missing = sorted(set(self.rows) - set(self.left))
+        if missing:
+            raise UserError(f"family table and model disagree: the model has no parameter {missing[0]}")
+        self.cache: dict[str, torch.Tensor] = {}
+        self.read_since = 0
+        self.tensors = self.bytes = 0
+
+    def param(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The whole TP1 parameter, in the model's dtype (megatron keeps e.g. expert_bias in fp32)."""
+        if name not in self.cache:
+            tensor = self.plan.shard_row(self.rows[name], self.source.read, 0, self.dtype).to(like.dtype)
+            if tuple(tensor.shape) != tuple(like.shape):
+                raise UserError(f"{name}: the source gives shape {tuple(tensor.shape)}, the model expects "
+                                f"{tuple(like.shape)}; config and weights disagree")
+            self.cache[name] = tensor
+            self.tensors += 1
+            self.read_since += tensor.numel() * tensor.element_size()
+        return self.cache[name]
+
+    def make(self, key: str, offset: tuple) -> torch.Tensor:
+        """The tensor of one write item (checkpoint key, global offset)."""
+        name, factory, like = self.index[(key, offset)]
+        first = name not in self.cache
+        full = self.param(name, like)
+        if factory is None:
+            out = full
+        else:  # megatron's own split, re-run on the real tensor: the chunk at this offset
+            out = next(st.data for st in _built(dataclasses.replace(factory, data=full))
+                       if st.key == key and tuple(st.global_offset) == offset)
+            out = out.clone(memory_format=torch.contiguous_format)  # own memory: `full` can go
+        self._done(name)
+        nbytes = out.numel() * out.element_size()
+        self.bytes += nbytes
+        if self.progress is not None:
+            self.progress.update(nbytes, int(first))
+        return out
+
+    def _done(self, name: str) -> None:
+        self.left[name] -= 1
+        if not self.left[name]:
+            del self.cache[name]
+            if self.read_since >= RELEASE_BYTES:
+                self.source.release()
+                self.read_since = 0
+
+
+def streaming_planner(maker: TensorMaker):
+    """MCoreSavePlanner whose tensor write items are made on demand (BytesIO items as megatron's)."""
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
+
+    class StreamingSavePlanner(MCoreSavePlanner):
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            meta = super().resolve_data(write_item)  # the meta chunk: shape and dtype to produce
+            index = write_item.index
+            tensor = maker.make(index.fqn, tuple(index.offset))
+            if tensor.dtype != meta.dtype:
+                raise RuntimeError(f"{index.fqn}: made {tensor.dtype}, the checkpoint metadata says {meta.dtype}")
+            return tensor.reshape(meta.shape)  # prepended axes (the expert index) are size-1 dims
+
+    return StreamingSavePlanner(flatten_state_dict=False)
+
+
+def one_file_writer(path: Path):
+    """torch's FileSystemWriter (planning, .metadata) writing one file, each item as soon as it is made
+    and dropped once written: torch's own write loop keeps every tensor it wrote until the file is closed
+    (a dict it only needs for its safetensors format), which would hold the whole model (or keep every
+    input file mapped). Items are serialised by torch's `_write_item`, so the file reads as torch's.
+    No fsync, like the torch-format writer (the output directory is renamed into place when complete)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
+    from torch.distributed.checkpoint.planner import WriteItemType
+    from torch.futures import Future
+
+    class OneFileWriter(FileSystemWriter):
+        def write_data(self, plan, planner):
+            name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+            results = []
+            with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
+                for item in sorted(plan.items, key=lambda i: i.type != WriteItemType.BYTE_IO):  # bytes first
+                    data = planner.resolve_data(item)
+                    if torch.is_tensor(data) and data.untyped_storage().nbytes() != data.nbytes:
+                        data = data.clone()  # torch.save writes a view's whole storage
+                    results.append(_write_item(self.transforms, stream, data, item, name, self.serialization_format))
+                    del data
+            done = Future()
+            done.set_result(results)
+            return done
+
+    return OneFileWriter(path, sync_files=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the save
+# ---------------------------------------------------------------------------------------------------
+def save(source, tp: int, dtype: torch.dtype, ckpt_dir: Path, common: dict, progress=None) -> dict:
+    """Write `source` (HFSource or a Megatron PlanSource) as a torch_dist checkpoint into the empty
+    directory ckpt_dir, the vocab padded for TP=tp, parameters in dtype; `common` (checkpoint_version,
+    iteration, args) goes to common.pt. Returns {"tensors", "bytes"} written."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.serialization import (get_default_save_common_strategy,
+                                                                get_default_save_sharded_strategy)
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+    from megatron.core.dist_checkpointing.strategies.torch import (_replace_state_dict_keys_with_sharded_keys,
+                                                                   mcore_to_pyt_state_dict)
+
+    plan = tp1_plan(source, tp)
+    with single_rank():
+        model_sd = meta_model(source.hf_config, dtype, plan.ctx.padded_vocab_size).sharded_state_dict()
+        maker = TensorMaker(plan, source, model_sd, dtype, progress)
+        # from here on as dist_checkpointing.save with the torch_dist strategy, synchronously
+        sharded, common_sd = save_preprocess({"model": model_sd, **common})
+        get_default_save_common_strategy().save_common(common_sd, ckpt_dir)
+        grouped, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=True)
+        try:
+            dcp.save(mcore_to_pyt_state_dict(grouped, is_loading=False), planner=streaming_planner(maker),
+                     storage_writer=one_file_writer(ckpt_dir))
+        except CheckpointException as err:  # DCP wraps whatever a step raised (a UserError, ^C): unwrap
+            raise next(iter(err.failures.values()))[0] from None
+        strategy = get_default_save_sharded_strategy()
+        save_config(CheckpointingConfig(strategy.backend, strategy.version), str(ckpt_dir))  # last: "complete"
+    source.release()
+    return {"tensors": maker.tensors, "bytes": maker.bytes}
