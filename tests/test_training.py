@@ -7,6 +7,7 @@ trainer under torchrun on gloo (tiny DeepSeek-V3 / Qwen2 from make-mini, the shi
     (fp32; LOSS_TOL below: only the reduction order differs);
   * a run killed while it writes a checkpoint leaves the previous one loadable, and resuming from it
     gives bit-identical losses for the remaining steps (exact float equality);
+  * two launcher invocations as two nodes (NNODES/NODE_RANK/MASTER_ADDR) train exactly like one node;
   * NaN/Inf stops the run with exit status 3 and names the step; the launcher refuses unsupported
     arguments by name.
 """
@@ -255,26 +256,53 @@ def test_deepseek_v3_tp2_pp2_with_mtp_matches_tp1(work, ds3_runs):
     assert max(abs(a["mtp"] - b["mtp"]) for a, b in zip(tp1, run)) <= LOSS_TOL
 
 
-def test_qwen2_launch_script_tp2_pp2_matches_tp1(work):
-    ref, _ = train(work, "qwen_tp1", 1, ["--load-hf", str(work.qwen2), *TRAIN])
-    out = work.root / "qwen_launch"
+def launch_qwen2(work, name: str, env: dict) -> tuple[list[dict], str]:
+    """The Pai-style launcher at TP2xPP2 from the converted checkpoint, 20 steps, fp32."""
+    out = work.root / name
     metrics = out / "metrics.jsonl"
     # ENV MODEL_SIZE MBS GBS LR MIN_LR SEQ PAD PR TP PP CP ETP EP SP DO FL SFT AC OFFLOAD SAVE_INTERVAL DATA
     # VALID CKPT TRAIN_TOKENS WARMUP_TOKENS OUTPUT; 20 steps = 5120 tokens, 2 warm-up steps = 512 tokens
     cmd = ["bash", str(REPO / "examples/qwen2/run_mcore_qwen2.sh"), "local", "mini", "2", "8", "3e-3", "3e-4", "32",
            "32", "fp32", "2", "2", "1", "1", "1", "true", "false", "false", "false", "none", "false", "100",
            work.data, "none", str(work.qwen2_tp2pp2), "5120", "512", str(out)]
-    rc, log = _run(cmd, work.root / "qwen_launch.log",
-                   env={"PY": PY, "NPROC": "4", "EXTRA_ARGS": f"--metrics-file {metrics} --seed 1234"})
+    node = env.get("NODE_RANK", "0")
+    rc, log = _run(cmd, work.root / f"{name}-node{node}.log",
+                   env={"PY": PY, "EXTRA_ARGS": f"--metrics-file {metrics} --seed 1234", **env})
     assert rc == 0, log[-4000:]
+    return (_read_metrics(metrics) if metrics.exists() else []), log
+
+
+@pytest.fixture(scope="module")
+def qwen2_launched(work):
+    return launch_qwen2(work, "qwen_launch", {"NPROC": "4"})
+
+
+def test_qwen2_launch_script_tp2_pp2_matches_tp1(work, qwen2_launched):
+    ref, _ = train(work, "qwen_tp1", 1, ["--load-hf", str(work.qwen2), *TRAIN])
+    launched, log = qwen2_launched
+    out = work.root / "qwen_launch"
     assert "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2" in log
     assert f"--load {work.qwen2_tp2pp2}" in log  # the converted checkpoint, not the HF weights
-    launched = _read_metrics(metrics)
     assert_decreasing(_losses(ref), "Qwen2 TP1")
     assert_decreasing(_losses(launched), "Qwen2 TP2xPP2 (launcher)")
     assert_same_losses(_losses(ref), _losses(launched), "Qwen2 TP1 vs TP2xPP2")
     assert list((out / "checkpoint").glob("*/iter_0000020"))  # saved at the end
     assert list((out / "tensorboard").glob("*/events.out.tfevents.*"))
+
+
+def test_qwen2_launch_script_two_nodes(work, qwen2_launched):
+    """Two launcher invocations as two 'nodes' of 2 ranks (NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT, as on
+    a cluster with a shared filesystem) train exactly like the one-node run of 4 ranks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = {"NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port()), "NPROC": "2"}
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda rank: launch_qwen2(work, "qwen_2nodes", {**env, "NODE_RANK": str(rank)}),
+                             (0, 1)))
+    for _, log in runs:
+        assert "--nnodes 2" in log and "--master_addr 127.0.0.1" in log, log[-2000:]
+    metrics = runs[1][0] or runs[0][0]  # written by the logging rank (the last one: node 1)
+    assert len(metrics) == STEPS and _losses(metrics) == _losses(qwen2_launched[0])
 
 
 def test_nan_stops_with_the_step_number(work):
