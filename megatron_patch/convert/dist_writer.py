@@ -32,11 +32,23 @@ from .hf2mcore import RELEASE_BYTES, dtype_overrides
 # ---------------------------------------------------------------------------------------------------
 # a TP1 model on the meta device, inside a 1-rank process group
 # ---------------------------------------------------------------------------------------------------
+_depth = 0  # single_rank nesting: a reader's block may hold a writer's (reshard torch_dist -> torch_dist)
+
+
 @contextlib.contextmanager
 def single_rank():
     """torch.distributed (gloo, world 1), the runtime patches and megatron's parallel state at TP1 for
     the block. The process group and runtime are torn down again if this set them up; the parallel
-    state is always destroyed (hf2mcore and reshard run outside any training job)."""
+    state is always destroyed (hf2mcore and reshard run outside any training job). A nested block
+    reuses the outer one's setup."""
+    global _depth
+    if _depth:
+        _depth += 1
+        try:
+            yield
+        finally:
+            _depth -= 1
+        return
     import torch.distributed as dist
 
     from megatron.core import parallel_state
@@ -50,11 +62,13 @@ def single_rank():
     if own_group:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     elif dist.get_world_size() != 1:
-        raise RuntimeError("the torch_dist writer runs in one process: call it outside a multi-rank job")
+        raise RuntimeError("torch_dist conversion runs in one process: call it outside a multi-rank job")
+    _depth = 1
     try:
         initialize_parallel(ParallelLayout())
         yield
     finally:
+        _depth = 0
         parallel_state.destroy_model_parallel()
         if own_group:
             dist.destroy_process_group()
@@ -86,12 +100,14 @@ def meta_model(hf_config, dtype: torch.dtype, padded_vocab: int):
         )
 
 
-def tp1_plan(source, tp: int) -> ShardPlan:
-    """The family table at TP1/PP1/EP1 with the vocab padded for `tp` (what the checkpoint stores)."""
+def tp1_plan(source, tp: int = 1, padded_vocab: int | None = None) -> ShardPlan:
+    """The family table at TP1/PP1/EP1 with the vocab padded for `tp`, or to `padded_vocab` rows (what
+    the checkpoint stores)."""
     from megatron_patch.models.builder import ParallelLayout
 
     plan = ShardPlan(source.family, source.hf_config, ParallelLayout())
-    plan.ctx = dataclasses.replace(plan.ctx, padded_vocab_size=plan.model_args.padded_vocab_size(tp))
+    padded = padded_vocab or plan.model_args.padded_vocab_size(tp)
+    plan.ctx = dataclasses.replace(plan.ctx, padded_vocab_size=padded)
     return plan
 
 
@@ -104,7 +120,7 @@ def output_bytes(plan: ShardPlan, meta, dtype: torch.dtype) -> int:
 # ---------------------------------------------------------------------------------------------------
 # write items -> tensors made on demand
 # ---------------------------------------------------------------------------------------------------
-def _built(entry) -> list:
+def saved_tensors(entry) -> list:
     """The ShardedTensors a state-dict entry saves (a factory builds several; replicas save nothing)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, is_main_replica
@@ -117,6 +133,26 @@ def _built(entry) -> list:
     return [t for t in tensors if is_main_replica(t.replica_id)]
 
 
+def table_rows(plan: ShardPlan) -> dict:
+    """TP1 parameter name -> table row, in table order."""
+    return {plan.local_name(row, place): row for row, place in plan.rows_for(RankPosition())}
+
+
+def table_entries(plan: ShardPlan, model_sd: dict) -> dict:
+    """The model's sharded-state-dict entries of the table's parameters, in table order; the table and
+    the model must agree both ways (entries that save nothing, e.g. _extra_state, are left out)."""
+    rows = table_rows(plan)
+    saved = {name: entry for name, entry in model_sd.items() if saved_tensors(entry)}
+    extra = [name for name in saved if name not in rows]
+    if extra:
+        raise UserError(f"family table and model disagree: the model saves {extra[0]}, the "
+                        f"{plan.family.name} table has no row for it")
+    missing = [name for name in rows if name not in saved]
+    if missing:
+        raise UserError(f"family table and model disagree: the model has no parameter {sorted(missing)[0]}")
+    return {name: saved[name] for name in rows}
+
+
 class TensorMaker:
     """Parameter tensors of the TP1 model from the source, one at a time, keyed by write item.
 
@@ -126,24 +162,24 @@ class TensorMaker:
 
     def __init__(self, plan: ShardPlan, source, model_sd: dict, dtype: torch.dtype, progress=None):
         self.plan, self.source, self.dtype, self.progress = plan, source, dtype, progress
-        self.rows = {plan.local_name(row, place): row for row, place in plan.rows_for(RankPosition())}
+        self.rows = table_rows(plan)
         self.index: dict[tuple, tuple] = {}
         self.left: dict[str, int] = {}
-        for name, entry in model_sd.items():
-            for st in _built(entry):
-                if name not in self.rows:
-                    raise UserError(f"family table and model disagree: the model saves {name}, the "
-                                    f"{plan.family.name} table has no row for it")
+        for name, entry in table_entries(plan, model_sd).items():
+            for st in saved_tensors(entry):
                 factory = entry if st is not entry else None
                 like = entry.data if factory is not None else st.data  # the meta parameter
                 self.index[(st.key, tuple(st.global_offset))] = (name, factory, like)
                 self.left[name] = self.left.get(name, 0) + 1
-        missing = sorted(set(self.rows) - set(self.left))
-        if missing:
-            raise UserError(f"family table and model disagree: the model has no parameter {missing[0]}")
         self.cache: dict[str, torch.Tensor] = {}
         self.read_since = 0
         self.tensors = self.bytes = 0
+
+    def read_order(self, grouped: dict) -> list[str]:
+        """The HF tensors the writer reads, in order: DCP asks for the items checkpoint key by key."""
+        names = dict.fromkeys(self.index[(st.key, tuple(st.global_offset))][0] for sts in grouped.values()
+                              for st in sts if (st.key, tuple(st.global_offset)) in self.index)
+        return [hf for name in names for hf in self.rows[name].hf]
 
     def param(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """The whole TP1 parameter, in the model's dtype (megatron keeps e.g. expert_bias in fp32)."""
@@ -165,7 +201,7 @@ class TensorMaker:
         if factory is None:
             out = full
         else:  # megatron's own split, re-run on the real tensor: the chunk at this offset
-            out = next(st.data for st in _built(dataclasses.replace(factory, data=full))
+            out = next(st.data for st in saved_tensors(dataclasses.replace(factory, data=full))
                        if st.key == key and tuple(st.global_offset) == offset)
             out = out.clone(memory_format=torch.contiguous_format)  # own memory: `full` can go
         self._done(name)
@@ -258,6 +294,8 @@ def save(source, tp: int, dtype: torch.dtype, ckpt_dir: Path, common: dict, prog
         sharded, common_sd = save_preprocess({"model": model_sd, **common})
         get_default_save_common_strategy().save_common(common_sd, ckpt_dir)
         grouped, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=True)
+        if hasattr(source, "expect"):  # a source that reads in groups (dist_reader): in the writer's order
+            source.expect(maker.read_order(grouped))
         try:
             dcp.save(mcore_to_pyt_state_dict(grouped, is_loading=False), planner=streaming_planner(maker),
                      storage_writer=one_file_writer(ckpt_dir))

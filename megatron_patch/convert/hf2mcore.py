@@ -51,7 +51,6 @@ ITERATION = "release"  # no optimizer state: Megatron-LM loads a release checkpo
 META_NAME = "convert_meta.json"
 HF_CONFIG_DIR = "hf_config"
 RELEASE_BYTES = 128 * 1024**2  # unmap the input after about this many bytes read (bounds the resident set)
-RUN_TIMEOUT = 7 * 24 * 3600.0
 
 
 class VerificationFailed(RuntimeError):
@@ -189,12 +188,6 @@ def write_side_files(out: Path, fmt: str, family: str, layout, dtype: torch.dtyp
     (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def user_error_from_ranks(err: Exception) -> Exception:
-    """A UserError raised inside a spawned rank arrives as RankFailure text: give it back its type."""
-    found = re.findall(r"megatron_patch\.errors\.UserError: (.+)", str(err))
-    return UserError(found[-1]) if found else err
-
-
 # ---------------------------------------------------------------------------------------------------
 # the HF side
 # ---------------------------------------------------------------------------------------------------
@@ -225,9 +218,6 @@ class HFSource:
 
     def release(self) -> None:
         self.ckpt.close()
-
-    def spec(self) -> tuple[str, str]:
-        return ("hf", str(self.path))
 
 
 def expected_hf_shapes(hf_config) -> dict[str, tuple]:
@@ -407,16 +397,6 @@ def write_torch(plan: ShardPlan, source, root: Path, dtype: torch.dtype | None, 
 # ---------------------------------------------------------------------------------------------------
 # torch_dist writer (one process, streaming: dist_writer)
 # ---------------------------------------------------------------------------------------------------
-def open_source(spec: tuple[str, str], hf_config_dir: str | None = None):
-    """A source from a picklable spec: ('hf', dir) or ('torch', mcore root)."""
-    kind, path = spec
-    if kind == "hf":
-        return HFSource(path)
-    from .mcore2hf import TorchSource, open_mcore
-
-    return TorchSource(open_mcore(path, hf_config_dir))
-
-
 def dist_common_state(plan: ShardPlan, dtype: torch.dtype) -> dict:
     """The non-tensor part of a torch_dist checkpoint (common.pt), args for the target layout."""
     args = mcore_layout.build_args(layout_dict(plan.layout), megatron_args(plan, dtype, "torch_dist"))
@@ -441,21 +421,6 @@ def write_dist(source, layout, dtype: torch.dtype, root: Path, progress=None) ->
     stats = dist_writer.save(source, layout.tp, dtype, ckpt_dir, common, progress)
     mcore_layout.write_latest(root, ITERATION)
     return stats
-
-
-def write_torch_dist(spec, hf_config_dir, layout, dtype: torch.dtype, root: Path) -> dict:
-    """write_dist from a source spec (see open_source)."""
-    return write_dist(open_source(spec, None if hf_config_dir is None else str(hf_config_dir)), layout, dtype, root)
-
-
-def spawn(fn, world: int, *args) -> list:
-    """run_ranks on CPU/gloo; a UserError raised in a rank comes back as a UserError."""
-    from megatron_patch.testing.multirank import RankFailure, run_ranks
-
-    try:
-        return run_ranks(fn, world, timeout=RUN_TIMEOUT, args=args)
-    except RankFailure as err:
-        raise user_error_from_ranks(err) from None
 
 
 def check_dist_layout(plan: ShardPlan) -> None:
@@ -512,14 +477,11 @@ def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None,
 def verify_against_hf(ckpt_root: Path, source: HFSource, dtype: torch.dtype | None) -> str:
     """Convert the written checkpoint back in memory and compare every tensor bit for bit with the input
     (cast to dtype when one was asked for). Raises VerificationFailed on any difference."""
-    from .mcore2hf import compare_stream, dist_to_hf_rank, open_mcore, torch_hf_stream
+    from .mcore2hf import compare_stream, hf_stream, mcore_source, open_mcore
 
     ck = open_mcore(ckpt_root, None)
-    if ck.fmt == "torch":
-        result = compare_stream(torch_hf_stream(ck), source, dtype, ck.plan())
-    else:
-        result = spawn(dist_to_hf_rank, 1, str(ck.ckpt_dir), str(ck.config_dir), dtype_name(ck.dtype()),
-                       ck.padded_vocab(), None if dtype is None else dtype_name(dtype), "", 0, str(source.path))[0]
+    with mcore_source(ck) as written:  # torch_dist: read a group of parameters at a time (dist_reader)
+        result = compare_stream(hf_stream(written, dtype), source, dtype, written.plan)
     bad, missing = result["bad"], result["missing"]
     if bad or missing:
         what = (f"{len(bad)} tensor(s) differ (e.g. {bad[0]})" if bad

@@ -6,15 +6,15 @@
 torch format: the rank files of one pipeline stage at a time are memory-mapped, the TP/ETP shards of
 each row merged back (engine.ShardPlan.hf_tensors) and written through ShardedSafetensorsWriter; the
 mappings are dropped before the next stage, so the resident set is about one stage plus one output
-shard. torch_dist: one spawned rank builds the model at TP1/PP1/EP1 (with the saved vocab padding),
-loads it with dist_checkpointing (resharding on load) and writes the HF tensors from there (the whole
-model is in that rank's memory).
+shard. torch_dist: read in this process at TP1/PP1/EP1 (dist_reader), a group of parameters (about
+256 MiB) at a time, so the resident set is about one group plus one output shard.
 
 The HF config comes from the checkpoint's own hf_config/ (written by hf2mcore and reshard), else from
 --hf-config; --hf-config also supplies the tokenizer files.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +26,8 @@ from megatron_patch.errors import UserError
 from . import mcore_layout
 from .atomic import atomic_output_dir
 from .engine import EMBEDDING, KEEP_DTYPE_SUFFIXES, ShardPlan, cast
-from .hf2mcore import (DTYPES, HF_CONFIG_DIR, META_NAME, RELEASE_BYTES, dtype_name, dtype_overrides,
-                       load_hf_config, parse_dtype, refuse_existing, same_bits, spawn, tensor_bytes)
+from .hf2mcore import (DTYPES, HF_CONFIG_DIR, META_NAME, RELEASE_BYTES, dtype_overrides, load_hf_config,
+                       parse_dtype, refuse_existing, same_bits, tensor_bytes)
 from .hf_writer import ShardedSafetensorsWriter, copy_tokenizer_files
 from .progress import ConversionProgress
 
@@ -144,8 +144,9 @@ class PlanSource:
     """HF tensors made from a Megatron state (one row at a time): `read(name)`, `meta(name)`,
     `release()`, the same interface as hf2mcore.HFSource, so the writers take either."""
 
-    def __init__(self, plan: ShardPlan, local, hf_config, family, config_dir=None):
+    def __init__(self, plan: ShardPlan, local, hf_config, family, config_dir=None, local_meta=None):
         self.plan, self.local = plan, local
+        self.local_meta = local_meta or (lambda pos, c, n: self.local(pos, c, n).to("meta"))
         self.hf_config, self.family, self.config_dir = hf_config, family, config_dir
         self._rows = plan.primary_rows()
         self._cached = None
@@ -169,11 +170,14 @@ class PlanSource:
 
     def meta(self, name: str) -> torch.Tensor:
         p = self._row(name)
-        merged = self.plan.merge_row(p.row, p.place, lambda pos, c, n: self.local(pos, c, n).to("meta"))
+        merged = self.plan.merge_row(p.row, p.place, self.local_meta)
         return merged[p.row.hf.index(name) if name in p.row.hf else 0]
 
     def keys(self) -> list[str]:
         return list(self._rows)
+
+    def expect(self, hf_names) -> None:
+        """A hint of the order the HF tensors will be read in (a source reading in groups plans them)."""
 
     def release(self) -> None:
         self._cached, self._cache = None, {}
@@ -205,26 +209,45 @@ class TorchSource(PlanSource):
         super().release()
         self._files.clear()
 
-    def spec(self) -> tuple[str, str]:
-        return ("torch", str(self.ck.root))
+
+@contextlib.contextmanager
+def mcore_source(ck: McoreCheckpoint):
+    """The checkpoint as a PlanSource for the block: TorchSource, or a streaming dist_reader.DistSource
+    (in a 1-rank process group) for torch_dist."""
+    if ck.fmt == "torch":
+        source = TorchSource(ck)
+        try:
+            yield source
+        finally:
+            source.release()
+        return
+    from .dist_reader import open_dist
+
+    with open_dist(ck) as source:
+        yield source
 
 
-def torch_hf_stream(ck: McoreCheckpoint, dtype=None):
-    """(hf_name, tensor) for a torch-format checkpoint, one pipeline stage's files mapped at a time."""
-    source = TorchSource(ck)
+def hf_stream(source: PlanSource, dtype=None):
+    """(hf_name, tensor) for every HF tensor, one pipeline stage of the source at a time; what was read
+    is dropped every RELEASE_BYTES (merged tensors own their memory; files are mapped again lazily)."""
     touched = 0
-    for pp in range(ck.sizes["pp"]):
+    for pp in range(source.plan.layout.pp):
         for name, tensor in source.plan.hf_tensors(source.local, pp=pp, dtype=dtype):
             touched += tensor_bytes(tensor)
-            if touched >= RELEASE_BYTES:  # merged tensors own their memory: unmap what was read so far
-                source.release()  # (files are mapped again lazily)
+            if touched >= RELEASE_BYTES:
+                source.release()
                 touched = 0
             yield name, tensor
         source.release()
 
 
+def hf_bytes(source: PlanSource, dtype=None) -> int:
+    """What hf_stream yields, in bytes (from meta tensors)."""
+    return sum(tensor_bytes(cast(p.row.mcore, source.meta(n), dtype)) for n, p in source.plan.primary_rows().items())
+
+
 # ---------------------------------------------------------------------------------------------------
-# torch_dist: one rank at TP1/PP1/EP1
+# a model at a layout that loads a torch_dist checkpoint (megatron's own load, e.g. in tests)
 # ---------------------------------------------------------------------------------------------------
 def build_chunks(hf_config, layout, dtype: torch.dtype, padded_vocab: int | None = None):
     """builder.build_family_model with an optional embedding size (a torch_dist checkpoint saved at TP=n
@@ -244,49 +267,6 @@ def build_chunks(hf_config, layout, dtype: torch.dtype, padded_vocab: int | None
         mtp_block_spec_fn=mtp_block_spec if getattr(config, "mtp_num_layers", None) else None,
     )
     return chunks, ShardPlan(family, hf_config, layout, config, args)
-
-
-def load_dist_state(ckpt_dir, config_dir, dtype: torch.dtype, padded_vocab) -> PlanSource:
-    """In a rank (parallel state for TP1): the dist checkpoint loaded into a TP1 model, as a source."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_patch.models.builder import ParallelLayout, initialize_parallel
-
-    layout = ParallelLayout()
-    initialize_parallel(layout)
-    hf_config = load_hf_config(config_dir)
-    (chunk,), plan = build_chunks(hf_config, layout, dtype, padded_vocab)
-    loaded = dist_checkpointing.load({"model": chunk.sharded_state_dict()}, str(ckpt_dir))
-    chunk.load_state_dict(loaded["model"], strict=True)
-    state = chunk.state_dict()
-    return PlanSource(plan, lambda pos, c, name: state[name], hf_config, plan.family, Path(config_dir))
-
-
-def dist_to_hf_rank(rank, world, ckpt_dir, config_dir, saved: str, padded, target: str | None, out_dir: str,
-                    max_shard_bytes: int, verify_hf: str | None = None) -> dict:
-    """Write the HF tensors (or, with verify_hf, compare them with that HF checkpoint)."""
-    source = load_dist_state(ckpt_dir, config_dir, DTYPES[saved], padded)
-    stream = source.plan.hf_tensors(source.local, dtype=None if target is None else DTYPES[target])
-    if verify_hf is not None:
-        from .hf2mcore import HFSource
-
-        return compare_stream(stream, HFSource(verify_hf), None if target is None else DTYPES[target], source.plan)
-    return write_hf_stream(stream, Path(out_dir), max_shard_bytes, None)
-
-
-def dist_to_torch_rank(rank, world, ckpt_dir, config_dir, saved: str, padded, layout, out_dir: str,
-                       source_label: str) -> dict:
-    """Reshard a torch_dist checkpoint into the torch format at `layout` (through a TP1 model)."""
-    from .hf2mcore import megatron_args, write_side_files, write_torch
-
-    source = load_dist_state(ckpt_dir, config_dir, DTYPES[saved], padded)
-    plan = ShardPlan(source.family, source.hf_config, layout)
-    dtype = DTYPES[saved]
-    with ConversionProgress(0, "reshard", force=False) as progress:
-        write_torch(plan, source, Path(out_dir), None, megatron_args(plan, dtype, "torch"), progress)
-        write_side_files(Path(out_dir), "torch", source.family.name, layout, dtype, Path(config_dir), None,
-                         source_label, "reshard")
-        return {"tensors": progress.tensors, "bytes": progress.bytes}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -351,22 +331,10 @@ def mcore2hf(mcore_path, out, hf_config_dir=None, dtype: str | None = None, forc
         raise UserError("--max-shard-size must be positive")
     refuse_existing(out, force)
     ck = open_mcore(mcore_path, hf_config_dir)
-    with atomic_output_dir(out, force) as tmp:
-        if ck.fmt == "torch":
-            source = TorchSource(ck)
-            total = sum(tensor_bytes(cast(p.row.mcore, source.meta(n), target))
-                        for n, p in source.plan.primary_rows().items())
-            source.release()
-            with ConversionProgress(total, "mcore2hf", force=show_progress) as progress:
-                write_hf_stream(torch_hf_stream(ck, target), tmp, max_shard_bytes, progress)
-                stats, line = progress.summary()
-        else:
-            with ConversionProgress(0, "mcore2hf", force=False) as progress:
-                result = spawn(dist_to_hf_rank, 1, str(ck.ckpt_dir), str(ck.config_dir), dtype_name(ck.dtype()),
-                               ck.padded_vocab(), None if target is None else dtype_name(target), str(tmp),
-                               max_shard_bytes)[0]
-                progress.update(result["bytes"], result["tensors"])
-                stats, line = progress.summary()
+    with mcore_source(ck) as source, atomic_output_dir(out, force) as tmp:  # a mismatch fails before
+        with ConversionProgress(hf_bytes(source, target), "mcore2hf", force=show_progress) as progress:
+            write_hf_stream(hf_stream(source, target), tmp, max_shard_bytes, progress)
+            stats, line = progress.summary()
         write_hf_config(ck.config_dir, tmp, target or ck.dtype())
         for src in dict.fromkeys((ck.config_dir, ck.tokenizer_dir)):
             copy_tokenizer_files(src, tmp)
