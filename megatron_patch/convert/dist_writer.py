@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
+import queue
+import threading
 from pathlib import Path
 
 import torch
@@ -240,6 +243,72 @@ def streaming_planner(maker: TensorMaker):
     return StreamingSavePlanner(flatten_state_dict=False)
 
 
+class BackgroundWriteStream(io.RawIOBase):
+    """A write-only stream whose bytes a thread writes to `raw`: making the next tensor (reads, slicing,
+    serialisation) overlaps the disk writes of the previous one. At most `max_pending` bytes wait in
+    memory; tell() counts the bytes accepted; flush() does not wait (torch flushes after every item),
+    finish() does. A failed write is raised by the next call."""
+
+    def __init__(self, raw, max_pending: int = 128 * 1024**2):
+        super().__init__()
+        self.raw, self.max_pending = raw, max_pending
+        self.pos, self.pending, self.error = raw.tell(), 0, None
+        self.chunks: queue.Queue = queue.Queue()
+        self.room = threading.Condition()
+        self.thread = threading.Thread(target=self._drain, name="torch_dist-writer", daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        while (chunk := self.chunks.get()) is not None:
+            try:
+                if self.error is None:
+                    self.raw.write(chunk)
+            except BaseException as err:  # noqa: BLE001 - handed to the producer
+                self.error = err
+            with self.room:
+                self.pending -= len(chunk)
+                self.room.notify_all()
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def writable(self) -> bool:
+        return True
+
+    def _wait(self, limit: int) -> None:
+        with self.room:
+            self.room.wait_for(lambda: self.pending <= limit)
+
+    def write(self, b) -> int:
+        self._check()
+        size = memoryview(b).nbytes
+        if size > self.max_pending:  # too big to stage a copy of: write it here, in order, once drained
+            self._wait(0)
+            self._check()
+            self.raw.write(b)
+        else:
+            chunk = bytes(b)  # the caller may reuse its buffer after write() returns
+            self._wait(self.max_pending - size)
+            with self.room:
+                self.pending += size
+            self.chunks.put(chunk)
+        self.pos += size
+        return size
+
+    def tell(self) -> int:
+        return self.pos
+
+    def flush(self) -> None:
+        self._check()
+
+    def finish(self) -> None:
+        self.chunks.put(None)
+        self.thread.join()
+        self._check()
+        self.raw.flush()
+
+
 def one_file_writer(path: Path):
     """torch's FileSystemWriter (planning, .metadata) writing one file, each item as soon as it is made
     and dropped once written: torch's own write loop keeps every tensor it wrote until the file is closed
@@ -255,13 +324,18 @@ def one_file_writer(path: Path):
         def write_data(self, plan, planner):
             name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
             results = []
-            with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
-                for item in sorted(plan.items, key=lambda i: i.type != WriteItemType.BYTE_IO):  # bytes first
-                    data = planner.resolve_data(item)
-                    if torch.is_tensor(data) and data.untyped_storage().nbytes() != data.nbytes:
-                        data = data.clone()  # torch.save writes a view's whole storage
-                    results.append(_write_item(self.transforms, stream, data, item, name, self.serialization_format))
-                    del data
+            with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as raw:
+                stream = BackgroundWriteStream(raw)
+                try:
+                    for item in sorted(plan.items, key=lambda i: i.type != WriteItemType.BYTE_IO):  # bytes first
+                        data = planner.resolve_data(item)
+                        if torch.is_tensor(data) and data.untyped_storage().nbytes() != data.nbytes:
+                            data = data.clone()  # torch.save writes a view's whole storage
+                        results.append(_write_item(self.transforms, stream, data, item, name,
+                                                   self.serialization_format))
+                        del data
+                finally:
+                    stream.finish()
             done = Future()
             done.set_result(results)
             return done
