@@ -55,43 +55,46 @@ def _dense(indices, weights, experts):
     return torch.zeros(indices.shape[0], experts).scatter(1, indices, weights)
 
 
+def _hf_router(router_cls, config_cls, shape, **config):
+    """An HF router with random weights over `shape`'s groups, and the hidden states to route."""
+    n_group, group_size, topk_group, topk, seed = shape
+    cfg = config_cls(hidden_size=HIDDEN, num_attention_heads=4, n_routed_experts=n_group * group_size,
+                     num_experts_per_tok=topk, n_group=n_group, topk_group=topk_group, **config)
+    hidden, g = _hidden(seed)
+    router = router_cls(cfg)
+    router.weight.data = torch.randn(n_group * group_size, HIDDEN, generator=g)
+    return router, hidden, g
+
+
+def _assert_megatron_matches(megatron_routing, router, hidden, shape, group_score, **kw):
+    """megatron's routing of HF's logits with the group score fixed: HF's experts, HF's weights."""
+    moe_utils, group_score_topk = megatron_routing
+    n_group, group_size, topk_group, topk, _ = shape
+    logits, hf_weights, hf_indices = router(hidden)
+    with group_score_topk(group_score):
+        probs, routing_map = _routing(moe_utils, logits, topk, n_group, topk_group, **kw)
+    experts = n_group * group_size
+    assert torch.equal(routing_map, _dense(hf_indices, torch.ones_like(hf_weights), experts).bool())
+    torch.testing.assert_close(probs, _dense(hf_indices, hf_weights, experts), rtol=0, atol=1e-6)
+
+
 @settings(max_examples=40, deadline=None)
 @given(group_shapes(min_group_size=1))
 def test_v2_group_limited_greedy_matches_hf(megatron_routing, shape):
-    moe_utils, group_score_topk = megatron_routing
-    n_group, group_size, topk_group, topk, seed = shape
-    experts = n_group * group_size
-    cfg = DeepseekV2Config(hidden_size=HIDDEN, num_attention_heads=4, n_routed_experts=experts, num_experts_per_tok=topk, n_group=n_group,
-                           topk_group=topk_group, topk_method="group_limited_greedy", routed_scaling_factor=16.0)
-    hidden, g = _hidden(seed)
-    router = DeepseekV2TopkRouter(cfg)
-    router.weight.data = torch.randn(experts, HIDDEN, generator=g)
-    logits, hf_weights, hf_indices = router(hidden)
-    with group_score_topk(1):
-        probs, routing_map = _routing(moe_utils, logits, topk, n_group, topk_group, use_pre_softmax=True,
-                                      scaling_factor=16.0, score_function="softmax")
-    assert torch.equal(routing_map, _dense(hf_indices, torch.ones_like(hf_weights), experts).bool())
-    torch.testing.assert_close(probs, _dense(hf_indices, hf_weights, experts), rtol=0, atol=1e-6)
+    router, hidden, _ = _hf_router(DeepseekV2TopkRouter, DeepseekV2Config, shape,
+                                   topk_method="group_limited_greedy", routed_scaling_factor=16.0)
+    _assert_megatron_matches(megatron_routing, router, hidden, shape, 1, use_pre_softmax=True,
+                             scaling_factor=16.0, score_function="softmax")
 
 
 @settings(max_examples=40, deadline=None)
 @given(group_shapes(min_group_size=2))
 def test_v3_noaux_tc_matches_hf(megatron_routing, shape):
-    moe_utils, group_score_topk = megatron_routing
-    n_group, group_size, topk_group, topk, seed = shape
-    experts = n_group * group_size
-    cfg = DeepseekV3Config(hidden_size=HIDDEN, num_attention_heads=4, n_routed_experts=experts, num_experts_per_tok=topk, n_group=n_group,
-                           topk_group=topk_group, norm_topk_prob=topk > 1, routed_scaling_factor=2.5)
-    hidden, g = _hidden(seed)
-    router = DeepseekV3TopkRouter(cfg)
-    router.weight.data = torch.randn(experts, HIDDEN, generator=g)
-    router.e_score_correction_bias.copy_(torch.randn(experts, generator=g) * 0.1)
-    logits, hf_weights, hf_indices = router(hidden)
-    with group_score_topk(2):
-        probs, routing_map = _routing(moe_utils, logits, topk, n_group, topk_group, scaling_factor=2.5,
-                                      score_function="sigmoid", expert_bias=router.e_score_correction_bias)
-    assert torch.equal(routing_map, _dense(hf_indices, torch.ones_like(hf_weights), experts).bool())
-    torch.testing.assert_close(probs, _dense(hf_indices, hf_weights, experts), rtol=0, atol=1e-6)
+    router, hidden, g = _hf_router(DeepseekV3TopkRouter, DeepseekV3Config, shape, norm_topk_prob=shape[3] > 1,
+                                   routed_scaling_factor=2.5)
+    router.e_score_correction_bias.copy_(torch.randn(router.weight.shape[0], generator=g) * 0.1)
+    _assert_megatron_matches(megatron_routing, router, hidden, shape, 2, scaling_factor=2.5,
+                             score_function="sigmoid", expert_bias=router.e_score_correction_bias)
 
 
 def test_megatron_rule_differs_where_the_ratio_differs(megatron_routing):
