@@ -7,6 +7,7 @@ trainer under torchrun on gloo (tiny DeepSeek-V3 / Qwen2 from make-mini, the shi
     (fp32; LOSS_TOL below: only the reduction order differs);
   * a run killed while it writes a checkpoint leaves the previous one loadable, and resuming from it
     gives bit-identical losses for the remaining steps (exact float equality);
+  * the trained checkpoint exports to HF (`convert mcore2hf`) and matches the trained model layer by layer;
   * two launcher invocations as two nodes (NNODES/NODE_RANK/MASTER_ADDR) train exactly like one node;
   * NaN/Inf stops the run with exit status 3 and names the step; the launcher refuses unsupported
     arguments by name.
@@ -201,7 +202,8 @@ def ds3_runs(work):
     tp1, log = train(work, "ds3_tp1", 1, ["--load-hf", str(work.ds3), *TRAIN])
     assert "Aux: " in log and "MTP: " in log and "tok/s: " in log
     ep2, _ = train(work, "ds3_ep2", 2, ["--load", str(work.ds3_ep2), "--hf-config", str(work.ds3),
-                                        "--expert-model-parallel-size", "2", "--use-distributed-optimizer", *TRAIN])
+                                        "--expert-model-parallel-size", "2", "--use-distributed-optimizer",
+                                        "--save", str(work.root / "ds3_ep2_trained"), *TRAIN])
     return tp1, ep2
 
 
@@ -244,6 +246,22 @@ def test_kill_during_save_then_stop_at_n_and_resume_to_2n_are_bit_identical(work
     for name in ("loss", "grad_norm"):
         assert [m[name] for m in stopped + resumed] == [m[name] for m in straight][5:]  # exact float equality
     assert read_tracker(save) == STEPS
+
+
+def test_trained_checkpoint_exports_to_hf(work, ds3_runs):
+    """The EP2 run's final checkpoint (torch_dist, with distributed-optimizer state) -> `convert mcore2hf`:
+    the exported HF model reproduces the trained Megatron model layer by layer (`compare` PASS), and no
+    longer the initial weights (FAIL), so the export carries what training changed."""
+    ckpt, back = work.root / "ds3_ep2_trained", work.root / "ds3_trained_hf"
+    cli = [PY, "-m", "megatron_patch.cli"]
+    rc, log = _run([*cli, "convert", "mcore2hf", "--mcore-path", str(ckpt), "--hf-config", str(work.ds3),
+                    "--out", str(back)], work.root / "export.log")
+    assert rc == 0 and "from torch_dist" in log, log[-3000:]
+    compare = [*cli, "compare", "--mcore-path", str(ckpt), "--ep", "2", "--hf-path"]
+    rc, log = _run([*compare, str(back)], work.root / "compare_trained.log")
+    assert rc == 0 and log.rstrip().endswith("PASS"), log[-3000:]
+    rc, log = _run([*compare, str(work.ds3)], work.root / "compare_initial.log")
+    assert rc == 1 and "First mismatch: embedding" in log, log[-3000:]
 
 
 def test_deepseek_v3_tp2_pp2_with_mtp_matches_tp1(work, ds3_runs):
