@@ -209,16 +209,17 @@ def _dist_load(rank, world, hf_dir, ckpt_dir, padded, layouts):
     (megatron reshards it) and compare every parameter with the rank's shard cut from the HF files."""
     from megatron.core import dist_checkpointing
 
-    from megatron_patch.convert.engine import current_position
-    from megatron_patch.convert.hf2mcore import HFSource
-    from megatron_patch.convert.mcore2hf import build_chunks
-    from megatron_patch.models.builder import initialize_parallel
+    from megatron_patch.convert.engine import ShardPlan, current_position
+    from megatron_patch.convert.hf2mcore import HFSource, dtype_overrides
+    from megatron_patch.models.builder import build_family_model, initialize_parallel
 
     source = HFSource(hf_dir)
     checked = 0
     for layout in layouts:
         initialize_parallel(layout)
-        chunks, plan = build_chunks(source.hf_config, layout, torch.float32, padded)
+        chunks, config, args = build_family_model(source.hf_config, layout, vocab_size=padded,
+                                                  **dtype_overrides(torch.float32))
+        plan = ShardPlan(source.family, source.hf_config, layout, config, args)
         plan.ctx = dataclasses.replace(plan.ctx, padded_vocab_size=padded)  # the checkpoint's padding
         state = {f"model{i}" if len(chunks) > 1 else "model": c.sharded_state_dict() for i, c in enumerate(chunks)}
         loaded = dist_checkpointing.load(state, ckpt_dir)

@@ -29,7 +29,7 @@ import torch
 from megatron_patch.errors import UserError
 
 from .engine import RankPosition, ShardPlan
-from .hf2mcore import RELEASE_BYTES, dtype_overrides
+from .hf2mcore import RELEASE_BYTES, dtype_overrides, tensor_bytes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -81,26 +81,14 @@ def single_rank():
 
 def meta_model(hf_config, dtype: torch.dtype, padded_vocab: int):
     """The GPTModel at TP1/PP1/EP1 on the meta device (no memory, no initialisation)."""
-    from megatron.core.models.gpt import GPTModel
+    from megatron_patch.models.builder import ParallelLayout, build_family_model
 
-    from megatron_patch.models.builder import ParallelLayout, apply_layout
-    from megatron_patch.models.families import family_for_config, model_args, mtp_block_spec
-
-    family = family_for_config(hf_config)
-    config = apply_layout(family.to_mcore_config(hf_config, **dtype_overrides(dtype)), ParallelLayout())
     # CPU initialisation: parameters are created without an explicit device, so on meta
-    config = dataclasses.replace(config, use_cpu_initialization=True, perform_initialization=False)
-    kw = model_args(hf_config).gpt_model_kwargs(1)
-    spec = family.layer_spec(config, vp_stage=None)
-    mtp = mtp_block_spec(config, spec) if getattr(config, "mtp_num_layers", None) else None
     with torch.device("meta"):
-        return GPTModel(
-            config=config, transformer_layer_spec=spec, vocab_size=padded_vocab,
-            max_sequence_length=kw["max_sequence_length"], pre_process=True, post_process=True,
-            share_embeddings_and_output_weights=kw["share_embeddings_and_output_weights"],
-            position_embedding_type="none" if config.multi_latent_attention else kw["position_embedding_type"],
-            rotary_base=kw["rotary_base"], mtp_block_spec=mtp,
-        )
+        (model,), _, _ = build_family_model(hf_config, ParallelLayout(), vocab_size=padded_vocab, device="meta",
+                                            use_cpu_initialization=True, perform_initialization=False,
+                                            **dtype_overrides(dtype))
+    return model
 
 
 def tp1_plan(source, tp: int = 1, padded_vocab: int | None = None) -> ShardPlan:
@@ -117,7 +105,7 @@ def tp1_plan(source, tp: int = 1, padded_vocab: int | None = None) -> ShardPlan:
 def output_bytes(plan: ShardPlan, meta, dtype: torch.dtype) -> int:
     """Bytes the checkpoint's tensors take (every parameter once), from a dry run on meta tensors."""
     (sd,) = plan.rank_state_dicts(meta, RankPosition(), dtype)
-    return sum(t.numel() * t.element_size() for t in sd.values())
+    return sum(tensor_bytes(t) for t in sd.values())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -193,7 +181,7 @@ class TensorMaker:
                                 f"{tuple(like.shape)}; config and weights disagree")
             self.cache[name] = tensor
             self.tensors += 1
-            self.read_since += tensor.numel() * tensor.element_size()
+            self.read_since += tensor_bytes(tensor)
         return self.cache[name]
 
     def make(self, key: str, offset: tuple) -> torch.Tensor:
@@ -208,7 +196,7 @@ class TensorMaker:
                        if st.key == key and tuple(st.global_offset) == offset)
             out = out.clone(memory_format=torch.contiguous_format)  # own memory: `full` can go
         self._done(name)
-        nbytes = out.numel() * out.element_size()
+        nbytes = tensor_bytes(out)
         self.bytes += nbytes
         if self.progress is not None:
             self.progress.update(nbytes, int(first))

@@ -423,11 +423,6 @@ def write_dist(source, layout, dtype: torch.dtype, root: Path, progress=None) ->
     return stats
 
 
-def check_dist_layout(plan: ShardPlan) -> None:
-    """Nothing to refuse: the checkpoint is written from one TP1 model (no pipeline ranks are built),
-    and megatron reshards it on load; the layout itself was checked by ShardPlan."""
-
-
 # ---------------------------------------------------------------------------------------------------
 # hf2mcore
 # ---------------------------------------------------------------------------------------------------
@@ -450,10 +445,8 @@ def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None,
     check_hf_input(source, plan)
     embedding = next((r.hf[0] for r in plan.rows if r.mcore == EMBEDDING), plan.rows[0].hf[0])
     out_dtype = target or source.meta(embedding).dtype  # the checkpoint's dtype when none is asked for
-    if fmt == "torch":
+    if fmt == "torch":  # torch_dist holds global tensors: any layout ShardPlan accepts
         check_torch_layout(plan)
-    else:
-        check_dist_layout(plan)
     metas = dry_run(plan, source.meta, target)  # also checks that the layout divides every tensor
     total = output_bytes(metas) if fmt == "torch" else dist_total_bytes(source, layout, out_dtype)
     args = megatron_args(plan, out_dtype, fmt)

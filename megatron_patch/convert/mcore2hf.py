@@ -26,7 +26,7 @@ from megatron_patch.errors import UserError
 from . import mcore_layout
 from .atomic import atomic_output_dir
 from .engine import EMBEDDING, KEEP_DTYPE_SUFFIXES, ShardPlan, cast
-from .hf2mcore import (DTYPES, HF_CONFIG_DIR, META_NAME, RELEASE_BYTES, dtype_overrides, load_hf_config,
+from .hf2mcore import (DTYPES, HF_CONFIG_DIR, META_NAME, RELEASE_BYTES, load_hf_config,
                        parse_dtype, refuse_existing, same_bits, tensor_bytes)
 from .hf_writer import ShardedSafetensorsWriter, copy_tokenizer_files
 from .progress import ConversionProgress
@@ -244,29 +244,6 @@ def hf_stream(source: PlanSource, dtype=None):
 def hf_bytes(source: PlanSource, dtype=None) -> int:
     """What hf_stream yields, in bytes (from meta tensors)."""
     return sum(tensor_bytes(cast(p.row.mcore, source.meta(n), dtype)) for n, p in source.plan.primary_rows().items())
-
-
-# ---------------------------------------------------------------------------------------------------
-# a model at a layout that loads a torch_dist checkpoint (megatron's own load, e.g. in tests)
-# ---------------------------------------------------------------------------------------------------
-def build_chunks(hf_config, layout, dtype: torch.dtype, padded_vocab: int | None = None):
-    """builder.build_family_model with an optional embedding size (a torch_dist checkpoint saved at TP=n
-    is padded for n; the model that loads it must have the same rows). Returns (chunks, plan)."""
-    from megatron_patch.models.builder import apply_layout, build_gpt_chunks, check_layout
-    from megatron_patch.models.families import family_for_config, model_args, mtp_block_spec
-
-    family = family_for_config(hf_config)
-    config = apply_layout(family.to_mcore_config(hf_config, **dtype_overrides(dtype)), layout)
-    check_layout(layout, config)
-    args = model_args(hf_config)
-    kw = args.gpt_model_kwargs(layout.tp)
-    chunks = build_gpt_chunks(
-        config, family.layer_spec, padded_vocab or kw["vocab_size"], kw["max_sequence_length"], layout,
-        untie=not kw["share_embeddings_and_output_weights"], rotary_base=kw["rotary_base"],
-        position_embedding_type=kw["position_embedding_type"],
-        mtp_block_spec_fn=mtp_block_spec if getattr(config, "mtp_num_layers", None) else None,
-    )
-    return chunks, ShardPlan(family, hf_config, layout, config, args)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from megatron_patch.errors import UserError
 
 from .atomic import atomic_output_dir
 from .engine import ShardPlan
-from .hf2mcore import (FORMATS, check_dist_layout, check_layout_values, check_torch_layout, describe,
+from .hf2mcore import (FORMATS, check_layout_values, check_torch_layout, describe,
                        dist_total_bytes, dry_run, dtype_name, megatron_args, output_bytes, refuse_existing,
                        write_dist, write_side_files, write_torch)
 from .mcore2hf import mcore_source, open_mcore
@@ -44,7 +44,8 @@ def reshard(mcore_path, out, layout, fmt: str | None = None, force: bool = False
     if fmt not in FORMATS:
         raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     plan = ShardPlan(ck.family, ck.hf_config, layout)
-    (check_torch_layout if fmt == "torch" else check_dist_layout)(plan)
+    if fmt == "torch":  # torch_dist holds global tensors: any layout ShardPlan accepts
+        check_torch_layout(plan)
     dtype = ck.dtype()
     with mcore_source(ck) as source:
         if fmt == "torch":

@@ -105,14 +105,15 @@ def apply_layout(config, layout: ParallelLayout):
 
 def build_gpt_chunks(config, layer_spec_fn, vocab_size: int, max_sequence_length: int,
                      layout: ParallelLayout, untie: bool = True, rotary_base: int | float = 10000,
-                     position_embedding_type: str = "rope", mtp_block_spec_fn=None) -> list:
-    """One GPTModel per virtual pipeline chunk of this rank (a single one without VPP)."""
+                     position_embedding_type: str = "rope", mtp_block_spec_fn=None, device=None) -> list:
+    """One GPTModel per virtual pipeline chunk of this rank (a single one without VPP), on `device`
+    (default: the accelerator's)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     from megatron_patch.runtime import get_accelerator
 
-    device = get_accelerator().current_device()
+    device = device or get_accelerator().current_device()
     chunks = []
     for vp_stage in range(layout.vpp or 1):
         vpp_arg = vp_stage if layout.vpp else None
@@ -133,9 +134,11 @@ def build_gpt_chunks(config, layer_spec_fn, vocab_size: int, max_sequence_length
     return chunks
 
 
-def build_family_model(hf_config, layout: ParallelLayout, **config_overrides):
+def build_family_model(hf_config, layout: ParallelLayout, vocab_size: int | None = None, device=None,
+                       **config_overrides):
     """The GPTModel chunks of this rank for an HF config: (chunks, megatron config, ModelArgs).
-    Parallel state must be initialised for `layout` (initialize_parallel)."""
+    Parallel state must be initialised for `layout` (initialize_parallel). `vocab_size`: embedding rows
+    other than the layout's padding (a torch_dist checkpoint keeps the padding it was written with)."""
     from megatron_patch.models.families import family_for_config, model_args, mtp_block_spec
 
     family = family_for_config(hf_config)
@@ -144,9 +147,9 @@ def build_family_model(hf_config, layout: ParallelLayout, **config_overrides):
     args = model_args(hf_config)
     kw = args.gpt_model_kwargs(layout.tp)
     chunks = build_gpt_chunks(
-        config, family.layer_spec, kw["vocab_size"], kw["max_sequence_length"], layout,
+        config, family.layer_spec, vocab_size or kw["vocab_size"], kw["max_sequence_length"], layout,
         untie=not kw["share_embeddings_and_output_weights"], rotary_base=kw["rotary_base"],
         position_embedding_type=kw["position_embedding_type"],
-        mtp_block_spec_fn=mtp_block_spec if getattr(config, "mtp_num_layers", None) else None,
+        mtp_block_spec_fn=mtp_block_spec if getattr(config, "mtp_num_layers", None) else None, device=device,
     )
     return chunks, config, args
