@@ -2,13 +2,17 @@
 import pytest
 
 from megatron_patch.models.builder import ParallelLayout
-from megatron_patch.testing.equivalence import layout_run, reference_run
+from megatron_patch.testing.equivalence import layout_run, over_bound, reference_run
 from megatron_patch.testing.multirank import run_ranks
 
-# fp32, one Adam step: differences come only from reduction order across ranks.
+# fp32, one Adam step: differences come only from reduction order across ranks. Gradients and
+# post-step weights may differ by GRAD_TOL (measured worst ~1.5e-8) plus 4 ulps of the values'
+# magnitude (over_bound): rounding w - lr * update can land one or two floats apart when the
+# summation order changes (1.19e-7 seen on final_layernorm.weight ~ 1.0 at TP2xEP2xETP1).
+# With lr = adam_eps = 1e-3 the first Adam update moves by at most as much as the gradient did.
 LOSS_TOL = 1e-6
 GRAD_TOL = 1e-7
-STEP_TOL = 1e-7
+STEP_ULPS = 4
 
 LAYOUTS = {
     "TP2+SP": (2, ParallelLayout(tp=2, sp=True), False),
@@ -38,8 +42,6 @@ def test_layout_matches_single_rank(reference, name):
         assert abs(res["loss"] - ref["loss"]) <= LOSS_TOL, (rank, res["loss"], ref["loss"])
         assert abs(res["grad_norm"] - ref["grad_norm"]) <= 1e-5 * max(1.0, ref["grad_norm"])
         if "grad_diff" in res:
-            worst = max(res["grad_diff"].items(), key=lambda kv: kv[1])
-            assert worst[1] <= GRAD_TOL, (rank, worst)
-        worst = max(res["step_diff"].items(), key=lambda kv: kv[1])
-        assert worst[1] <= STEP_TOL, (rank, worst)
+            assert not over_bound(res["grad_diff"], GRAD_TOL, STEP_ULPS), (rank, over_bound(res["grad_diff"], GRAD_TOL))
+        assert not over_bound(res["step_diff"], GRAD_TOL, STEP_ULPS), (rank, over_bound(res["step_diff"], GRAD_TOL))
         assert len(res["step_diff"]) > 0

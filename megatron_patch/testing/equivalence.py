@@ -140,7 +140,8 @@ def reference_run(rank: int, world: int, out_dir: str) -> dict:
 
 
 def _max_diff_to_checkpoint(chunks, ckpt_dir, take) -> dict:
-    """Load the reference checkpoint into this rank's sharding; max |local - reference| per key."""
+    """Load the reference checkpoint into this rank's sharding; per key (max |local - reference|,
+    max |reference|): the magnitude lets a caller bound the difference in ulps of the values."""
     from megatron.core import dist_checkpointing
 
     expected = dist_checkpointing.load(
@@ -151,12 +152,30 @@ def _max_diff_to_checkpoint(chunks, ckpt_dir, take) -> dict:
     return diffs
 
 
+FP32_EPS = torch.finfo(torch.float32).eps  # one ulp at 1.0; ulp(x) <= FP32_EPS * |x|
+
+
+def over_bound(diffs: dict, abs_tol: float, ulps: int = 4) -> list:
+    """The (key, diff, bound) of every entry of `diffs` (key -> (max diff, max |reference|)) whose
+    difference exceeds abs_tol + ulps ulps of the reference's magnitude.
+
+    Why ulps: two runs that reduce in a different order can land on adjacent floats after the final
+    rounding (w - lr * update), so a post-step weight near 1.0 may differ by a few 1.19e-7 steps on
+    one CPU and not on another; abs_tol carries the error propagated from the gradients."""
+    bad = []
+    for key, (diff, scale) in diffs.items():
+        bound = abs_tol + ulps * FP32_EPS * scale
+        if not diff <= bound:
+            bad.append((key, diff, bound))
+    return bad
+
+
 def _diff_walk(expected, local, prefix, out):
     if isinstance(expected, dict):
         for key in expected:
             _diff_walk(expected[key], local[key], f"{prefix}{key}.", out)
     elif torch.is_tensor(expected):
-        out[prefix[:-1]] = (expected - local.data).abs().max().item()
+        out[prefix[:-1]] = ((expected - local.data).abs().max().item(), expected.abs().max().item())
 
 
 def layout_run(rank: int, world: int, layout: ParallelLayout, ref_dir: str, dist_opt: bool = False) -> dict:

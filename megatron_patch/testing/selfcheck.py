@@ -29,8 +29,8 @@ def main(argv=None) -> int:
     print(f"{'rank':<6}{'layout':<22}{'loss':>12}{'ref loss':>12}{'max grad diff':>16}{'max step diff':>16}  result")
     ok = True
     for rank, res in enumerate(results):
-        grad = max(res["grad_diff"].values())
-        step = max(res["step_diff"].values())
+        grad = max(diff for diff, _ in res["grad_diff"].values())
+        step = max(diff for diff, _ in res["step_diff"].values())
         passed = abs(res["loss"] - ref["loss"]) <= TOLERANCE and grad <= TOLERANCE and step <= TOLERANCE
         ok &= passed
         print(f"{rank:<6}{layout.describe():<22}{res['loss']:>12.6f}{ref['loss']:>12.6f}{grad:>16.2e}{step:>16.2e}  "
