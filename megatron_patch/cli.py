@@ -12,6 +12,7 @@ from megatron_patch.errors import UserError
 # module path -> registers one or more subcommands
 COMMAND_MODULES = (
     "megatron_patch.runtime.env_check",
+    "megatron_patch.runtime.preflight",
     "megatron_patch.models.mini",
     "megatron_patch.convert.cli",
     "megatron_patch.verify.cli",
