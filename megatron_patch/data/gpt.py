@@ -123,3 +123,14 @@ class GlobalBatches:
         batch = self.peek()
         self.consumed += self.global_batch_size
         return batch
+
+
+def iterations_per_epoch(prefix: str, seq_length: int, global_batch_size: int) -> int:
+    """Steps that see every token of the dataset once: (tokens - 1) // seq_length samples, whole global batches
+    (at least 1)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix)  # kept alive: sequence_lengths is a view of its memory map
+    tokens = int(dataset.sequence_lengths.sum())
+    del dataset
+    return max(1, (tokens - 1) // seq_length // global_batch_size)

@@ -153,3 +153,25 @@ def register(subparsers) -> None:
     p.add_argument("--json-key", default="text", help="JSON field holding the text (default: text)")
     p.add_argument("--append-eod", action="store_true", help="end every document with the eos token")
     p.set_defaults(func=run)
+
+
+def indexed_from_text(path: str, tokenizer_dir: str, cache_dir: str | None = None) -> str:
+    """A Megatron prefix for a text/jsonl file tokenized with tokenizer_dir, made once and reused: cached under
+    cache_dir (default $MP_DATA_CACHE or the temp dir) by the contents of both. Safe when every rank of a
+    torchrun calls it at once: preprocess writes temp names and renames (identical content either way)."""
+    import hashlib
+    import tempfile
+
+    src = Path(path)
+    if not src.is_file():
+        raise UserError(f"--data-path {path}: file not found")
+    digest = hashlib.sha256(src.read_bytes())
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        f = Path(tokenizer_dir) / name
+        if f.is_file():
+            digest.update(name.encode() + f.read_bytes())
+    root = Path(cache_dir or os.environ.get("MP_DATA_CACHE") or tempfile.gettempdir()) / "megatron_patch_data"
+    prefix = root / f"{src.stem}-{digest.hexdigest()[:16]}"
+    if not Path(str(prefix) + ".idx").is_file():  # .idx is renamed into place last
+        preprocess([str(src)], tokenizer_dir, str(prefix), append_eod=True, progress=False)
+    return str(prefix)
