@@ -29,7 +29,16 @@
 # per node; default: the detected device count, on CPU the smallest world the layout needs), MASTER_ADDR,
 # MASTER_PORT, NNODES, NODE_RANK, HF_CONFIG_DIR, MP_AC_LAYERS (recompute layers for AC=full, default 1),
 # EXTRA_ARGS (appended to the trainer's flags, e.g. "--log-interval 10 --exit-interval 1000"), DRY_RUN=1
-# (print the torchrun command and stop).
+# (print the torchrun command and stop), PRESET (below).
+#
+# PRESET=conservative|standard: seed 003's two named settings; they replace BATCH_SIZE, GLOBAL_BATCH_SIZE,
+# LR/MIN_LR and TRAIN_TOKENS (the other arguments stay as given; the model's depth is the checkpoint's):
+#                      conservative (first run)        standard
+#   micro batch        2                               4
+#   global batch       32768 tokens (/ SEQ_LEN)        65536 tokens (/ SEQ_LEN)
+#   learning rate      0.7 x LR, 0.7 x MIN_LR          LR, MIN_LR
+#   steps              500                             1000
+#   allocator          max_split_size_mb:32            default
 
 pai_fail() {
     echo "error: $*" >&2
@@ -49,6 +58,25 @@ pai_prefix() {  # NAME PREFIX: a Megatron indexed dataset
     [[ -f "$2.bin" && -f "$2.idx" ]] || pai_fail "$1=$2: $2.bin / $2.idx not found (make them with megatron-patch preprocess)"
 }
 
+pai_preset() {  # sets pai_launch's BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR TRAIN_TOKENS (dynamic scope)
+    local micro tokens scale steps
+    case "$1" in
+        conservative) micro=2; tokens=32768; scale=0.7; steps=500
+                      export PYTORCH_NPU_ALLOC_CONF=${PYTORCH_NPU_ALLOC_CONF:-max_split_size_mb:32}
+                      export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-max_split_size_mb:32} ;;
+        standard) micro=4; tokens=65536; scale=1; steps=1000 ;;
+        *) pai_fail "PRESET=$1: expected conservative or standard" ;;
+    esac
+    pai_int SEQ_LEN "$SEQ_LEN" 2
+    (( tokens % SEQ_LEN == 0 )) || pai_fail "PRESET=$1: SEQ_LEN=$SEQ_LEN must divide the preset's $tokens tokens per step"
+    BATCH_SIZE=$micro
+    GLOBAL_BATCH_SIZE=$(( tokens / SEQ_LEN ))
+    LR=$(awk -v x="$LR" -v s="$scale" 'BEGIN { printf "%g", x * s }')
+    MIN_LR=$(awk -v x="$MIN_LR" -v s="$scale" 'BEGIN { printf "%g", x * s }')
+    TRAIN_TOKENS=$(( steps * tokens ))
+    echo "PRESET=$1: micro batch $BATCH_SIZE, global batch $GLOBAL_BATCH_SIZE x $SEQ_LEN tokens, LR $LR (min $MIN_LR), $steps steps"
+}
+
 pai_lcm() {
     local a=$1 b=$2 x=$1 y=$2
     while (( y )); do local t=$((x % y)); x=$y; y=$t; done
@@ -64,6 +92,7 @@ pai_launch() {
     local TP=${10} PP=${11} CP=${12} ETP=${13} EP=${14} SP=${15} DO=${16} FL=${17} SFT=${18} AC=${19}
     local OPTIMIZER_OFFLOAD=${20} SAVE_INTERVAL=${21} DATASET_PATH=${22} VALID_DATASET_PATH=${23}
     local PRETRAIN_CHECKPOINT_PATH=${24} TRAIN_TOKENS=${25} WARMUP_TOKENS=${26} OUTPUT_BASEPATH=${27}
+    [[ -z "${PRESET:-}" ]] || pai_preset "$PRESET"
     local repo
     repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
     local PY=${PY:-}

@@ -78,6 +78,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--eval-interval", type=int, default=None, metavar="N")
     g.add_argument("--eval-iters", type=int, default=0, metavar="N")
 
+    g.add_argument("--use_curriculum", "--use-curriculum", dest="use_curriculum", type=_bool, default=False,
+                   metavar="True|False", help="order the data by difficulty (not built yet: True is refused)")
+    g.add_argument("--curriculum_seed", "--curriculum-seed", dest="curriculum_seed", type=int, default=None,
+                   help="seed of the curriculum order (used with --use_curriculum)")
+
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", default=None)
@@ -88,6 +93,16 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--no-exit-on-nan", dest="exit_on_nan", action="store_false",
                    help="report NaN/Inf, skip that update and go on")
     return p
+
+
+def _bool(text: str) -> bool:
+    """True/False as the seeds write them (--use_curriculum True)."""
+    low = str(text).strip().lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
 def parse_data_blend(values: list[str] | None, flag: str) -> tuple[list[str], list[float] | None] | None:
@@ -107,6 +122,9 @@ def validate(args) -> None:
     """Refuse unsupported or inconsistent settings with a message naming the flag."""
     if args.fp16:
         raise UserError("--fp16 is not supported (no loss scaling here); use --bf16 or fp32")
+    if args.use_curriculum:
+        raise UserError("--use_curriculum True: curriculum learning (samples ordered by a 'difficulty' field) is "
+                        "not built yet (issue 11, SFT with a difficulty curriculum); drop the flag or pass False")
     if args.context_parallel_size != 1:
         raise UserError(f"--context-parallel-size {args.context_parallel_size}: context parallelism is not supported; use 1")
     if args.load and args.load_hf:
