@@ -71,8 +71,10 @@ pai_preset() {  # sets pai_launch's BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR TRAIN
     (( tokens % SEQ_LEN == 0 )) || pai_fail "PRESET=$1: SEQ_LEN=$SEQ_LEN must divide the preset's $tokens tokens per step"
     BATCH_SIZE=$micro
     GLOBAL_BATCH_SIZE=$(( tokens / SEQ_LEN ))
-    LR=$(awk -v x="$LR" -v s="$scale" 'BEGIN { printf "%g", x * s }')
-    MIN_LR=$(awk -v x="$MIN_LR" -v s="$scale" 'BEGIN { printf "%g", x * s }')
+    if [[ "$scale" != 1 ]]; then
+        LR=$(awk -v x="$LR" -v s="$scale" 'BEGIN { printf "%g", x * s }')
+        MIN_LR=$(awk -v x="$MIN_LR" -v s="$scale" 'BEGIN { printf "%g", x * s }')
+    fi
     TRAIN_TOKENS=$(( steps * tokens ))
     echo "PRESET=$1: micro batch $BATCH_SIZE, global batch $GLOBAL_BATCH_SIZE x $SEQ_LEN tokens, LR $LR (min $MIN_LR), $steps steps"
 }
