@@ -113,18 +113,11 @@ def check_tokenizer(hf_path: str, vocab_size: int) -> Step:
 
 def check_config(spec: PreflightSpec, world: int):
     """(Step, hf_config, megatron config) with the family table's mapping and the layout checked."""
-    from transformers import AutoConfig
-
+    from megatron_patch.convert.hf2mcore import load_hf_config
     from megatron_patch.models.builder import check_layout
     from megatron_patch.models.families import family_for_config
 
-    path = Path(spec.hf_path)
-    if not (path / "config.json").is_file():
-        raise UserError(f"--hf-path {spec.hf_path}: no config.json (point at an HF model directory)")
-    try:
-        hf_config = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"--hf-path {spec.hf_path}: transformers cannot read config.json ({err})") from None
+    hf_config = load_hf_config(spec.hf_path)
     family = family_for_config(hf_config)
     config = family.to_mcore_config(hf_config)
     check_layout(spec.layout, config, world)
