@@ -106,7 +106,7 @@ def test_seed000_test_deepseek_moe(ds2, work):
     assert abs(loss - hf_loss(ds2, tokens)) <= 6e-5  # printed with 4 decimals
 
 
-def test_preflight_fails_on_non_finite_weights(ds2, work):
+def test_preflight_fails_on_non_finite_weights(ds2, work, monkeypatch):
     from safetensors.torch import load_file, save_file
 
     from megatron_patch.runtime.preflight import PreflightSpec, run_preflight
@@ -119,6 +119,7 @@ def test_preflight_fails_on_non_finite_weights(ds2, work):
         tensors = load_file(str(bad / "model.safetensors"))
         tensors["model.layers.1.mlp.shared_experts.down_proj.weight"][0, 0] = float("nan")
         save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    monkeypatch.setenv("MP_DEVICE", "cpu")  # preflight sets it for its ranks; restored after the test
     lines = []
     steps = run_preflight(PreflightSpec(hf_path=str(bad), device="cpu"), emit=lines.append)
     assert [s.name for s in steps if s.ok is False] == ["train step"]
@@ -194,6 +195,33 @@ def test_make_mini_from_keeps_mtp_and_refuses_bad_layers(ds3_six, work):
     rc, _, err = run([PY, "-m", "megatron_patch.cli", "make-mini", "--from", str(ds3_six), "--layers", "0,6",
                       "--out", str(work / "cut_bad")], work)
     assert rc == 2 and err.startswith("error: --layers [6]") and not (work / "cut_bad").exists()
+
+
+def test_make_mini_from_copies_fp8_tensors_as_they_are(work):
+    from safetensors.torch import load_file, save_file
+
+    from megatron_patch.models.mini import cut_checkpoint
+
+    src = work / "fp8_two_layers"
+    src.mkdir()
+    g = torch.Generator().manual_seed(5)
+    tensors = {f"model.layers.{i}.mlp.down_proj.{k}": v for i in range(2) for k, v in (
+        ("weight", torch.randn(128, 128, generator=g).to(torch.float8_e4m3fn)), ("weight_scale_inv", torch.rand(1, 1)))}
+    tensors["model.embed_tokens.weight"] = torch.randn(8, 128, generator=g).to(torch.bfloat16)
+    for i, part in enumerate(({k: v for k, v in tensors.items() if ".0." in k}, {k: v for k, v in tensors.items() if ".0." not in k})):
+        save_file(part, str(src / f"model-0000{i + 1}-of-00002.safetensors"), metadata={"format": "pt"})
+    index = {"weight_map": {k: f"model-0000{1 + ('.0.' not in k)}-of-00002.safetensors" for k in tensors}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    (src / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "num_hidden_layers": 2,
+                                                 "n_routed_experts": 4, "first_k_dense_replace": 1}))
+    cut_checkpoint(src, work / "fp8_cut", [1])
+    got = load_file(str(work / "fp8_cut" / "model.safetensors"))
+    assert sorted(got) == ["model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight",
+                           "model.layers.0.mlp.down_proj.weight_scale_inv"]
+    w = got["model.layers.0.mlp.down_proj.weight"]
+    assert w.dtype == torch.float8_e4m3fn and torch.equal(w.view(torch.uint8),
+                                                          tensors["model.layers.1.mlp.down_proj.weight"].view(torch.uint8))
+    assert json.loads((work / "fp8_cut" / "config.json").read_text())["first_k_dense_replace"] == 0
 
 
 def test_cut_config_keeps_each_layer_kind():

@@ -289,7 +289,9 @@ def layer_kinds(cfg: dict) -> list[int]:
 
 def cut_config(cfg: dict, layers: list[int], keep_mtp: bool) -> dict:
     """The config of the cut model: every kept layer keeps its kind (dense / MoE), per-layer lists cut alike."""
-    num_layers = cfg["num_hidden_layers"]
+    num_layers = cfg.get("num_hidden_layers")
+    if not isinstance(num_layers, int):
+        raise UserError("config.json has no num_hidden_layers: not a decoder model this cutter knows")
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad or not layers:
         raise UserError(f"--layers {bad or layers}: the model has layers 0..{num_layers - 1}")
