@@ -225,12 +225,20 @@ def test_make_mini_from_copies_fp8_tensors_as_they_are(work):
 
 
 def test_cut_config_keeps_each_layer_kind():
-    qwen = {"num_hidden_layers": 6, "num_experts": 4, "decoder_sparse_step": 2, "mlp_only_layers": [3],
-            "layer_types": ["full_attention"] * 6, "max_window_layers": 3}
-    assert layer_kinds(qwen) == [0, 1, 0, 0, 0, 1]
-    new = cut_config(qwen, [1, 2, 5], keep_mtp=False)
-    assert (new["decoder_sparse_step"], new["mlp_only_layers"], new["max_window_layers"]) == (1, [1], 2)
-    assert layer_kinds(new) == [1, 0, 1] and len(new["layer_types"]) == 3
+    """The kind of every kept layer as the family table maps it (megatron's moe_layer_freq) before and after."""
+    from megatron_patch.models.families import get_family
+    from megatron_patch.models.mini import build_hf_config, config_dict
+
+    fam = get_family("qwen3_moe")
+    hf = build_hf_config("qwen3_moe", config_dict("qwen3_moe", layers=6, overrides={
+        "decoder_sparse_step": 2, "mlp_only_layers": [3]}))
+    before = fam.to_mcore_config(hf).moe_layer_freq
+    assert before == layer_kinds(hf.to_dict()) == [0, 1, 0, 0, 0, 1]
+    new = cut_config(hf.to_dict(), [1, 2, 5], keep_mtp=False)
+    assert fam.to_mcore_config(type(hf).from_dict(new)).moe_layer_freq == [1, 0, 1]
+    assert (new["decoder_sparse_step"], new["mlp_only_layers"]) == (1, [1])
+    assert cut_config({**hf.to_dict(), "layer_types": ["full_attention"] * 6}, [0, 5], False)["layer_types"] == [
+        "full_attention"] * 2
     v3 = {"num_hidden_layers": 61, "n_routed_experts": 256, "first_k_dense_replace": 3, "num_nextn_predict_layers": 1}
     new = cut_config(v3, [0, 1, 2, 60], keep_mtp=False)
     assert (new["num_hidden_layers"], new["first_k_dense_replace"], new["num_nextn_predict_layers"]) == (4, 3, 0)

@@ -280,10 +280,11 @@ def layer_kinds(cfg: dict) -> list[int]:
     if cfg.get("n_routed_experts"):
         k = cfg.get("first_k_dense_replace") or 0
         return [int(i >= k) for i in range(num_layers)]
-    if cfg.get("num_experts") and "decoder_sparse_step" in cfg:
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts")  # transformers 5 / 4 name (Qwen3-MoE)
+    if experts and "decoder_sparse_step" in cfg:
         from megatron_patch.models.families.qwen3_moe import moe_pattern
 
-        return moe_pattern(num_layers, cfg["num_experts"], cfg.get("decoder_sparse_step"), cfg.get("mlp_only_layers"))
+        return moe_pattern(num_layers, experts, cfg.get("decoder_sparse_step"), cfg.get("mlp_only_layers"))
     return [0] * num_layers
 
 
