@@ -330,16 +330,16 @@ def test_seed003_presets(ds2, work):
     args = ["local", "mini", "1", "8", "1e-4", "1e-5", "256", "256", "fp32", "2", "1", "1", "1", "1", "true", "false",
             "false", "false", "none", "false", "10", prefix, "none", str(ds2), "10240", "0", str(work / "pai")]
     rc, out, err = run(["bash", "examples/deepseek_v2/run_mcore_deepseek_v2.sh", *args], work, PRESET="conservative",
-                       DRY_RUN="1", PY=PY)
+                       DRY_RUN="1", PY=PY, GPUS_PER_NODE="2")
     assert rc == 0, err
     assert "--micro-batch-size 2 --global-batch-size 128 --seq-length 256 --lr 7e-05 --min-lr 7e-06" in out
     assert "--train-iters 500" in out
     rc, out, err = run(["bash", "examples/deepseek_v2/run_mcore_deepseek_v2.sh", *args], work, PRESET="standard",
-                       DRY_RUN="1", PY=PY)
+                       DRY_RUN="1", PY=PY, GPUS_PER_NODE="2")
     assert rc == 0 and "--micro-batch-size 4 --global-batch-size 256 --seq-length 256 --lr 1e-4 --min-lr 1e-5" in out
     assert "--train-iters 1000" in out
     rc, _, err = run(["bash", "examples/deepseek_v2/run_mcore_deepseek_v2.sh", *args], work, PRESET="fast",
-                     DRY_RUN="1", PY=PY)
+                     DRY_RUN="1", PY=PY, GPUS_PER_NODE="2")
     assert rc == 2 and "PRESET=fast" in err
 
 
