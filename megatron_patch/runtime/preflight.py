@@ -1,7 +1,7 @@
 """`megatron-patch preflight`: will this model train at this layout on this machine? One line per step.
 
     megatron-patch preflight --hf-path DIR --tp N [--pp N] [--ep N] [--etp N] [--device cpu|cuda|npu[:I]]
-        [--random] [--batch-size B] [--seq-length S]
+        [--random] [--dtype fp32|bf16] [--batch-size B] [--seq-length S]
 
 Steps: environment (as env-check), tokenizer, config mapped (family table), weights readable
 (safetensors headers), then on every rank (spawned gloo ranks on CPU, or the ranks of a torchrun):
@@ -31,6 +31,7 @@ class PreflightSpec:
     etp: int | None = None
     device: str | None = None  # cpu | cuda | npu, optionally :index (single rank)
     random: bool = False
+    dtype: str = "fp32"  # fp32 | bf16 (parameters and compute)
     batch_size: int = 1
     seq_length: int = 64
     seed: int = 1234
@@ -177,7 +178,9 @@ def run_on_rank(spec: PreflightSpec) -> dict:
     hf_config = AutoConfig.from_pretrained(spec.hf_path)
     t0 = time.perf_counter()
     initialize_parallel(spec.layout, seed=spec.seed)
-    chunks, config, margs = build_family_model(hf_config, spec.layout)
+    bf16 = spec.dtype == "bf16"
+    chunks, config, margs = build_family_model(hf_config, spec.layout, bf16=bf16,
+                                               params_dtype=torch.bfloat16 if bf16 else torch.float32)
     # DDP as in training: its grad buffers, and finalize_model_grads reducing the SP / DP gradients
     out["params"] = sum(p.numel() for c in chunks for p in c.parameters())
     out["build_s"] = time.perf_counter() - t0
@@ -230,7 +233,7 @@ def rank_steps(results: list[dict], spec: PreflightSpec) -> list[Step]:
     steps.append(Step("train step", finite and grads,
                       f"forward+backward {max(r['step_s'] for r in results):.2f}s on "
                       f"{', '.join(sorted({r['device'] for r in results}))}, batch {spec.batch_size} x seq "
-                      f"{spec.seq_length}, loss {loss:.4f}, gradients " + ("finite" if finite else "NOT finite")
+                      f"{spec.seq_length}, {spec.dtype}, loss {loss:.4f}, gradients " + ("finite" if finite else "NOT finite")
                       + ("" if grads else ", some rank has no gradient"), {"loss": loss}))
     steps.append(Step("memory", True, "peak per rank: " + ", ".join(
         f"{r['rank']}: {_gib(r['peak_bytes'])}" for r in sorted(results, key=lambda r: r["rank"]))))
@@ -301,7 +304,7 @@ def _run_torchrun(spec: PreflightSpec) -> list[dict] | None:
 
 def spec_from_args(args) -> PreflightSpec:
     return PreflightSpec(hf_path=args.hf_path, tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, device=args.device,
-                         random=args.random, batch_size=args.batch_size, seq_length=args.seq_length,
+                         random=args.random, dtype=args.dtype, batch_size=args.batch_size, seq_length=args.seq_length,
                          seed=args.seed, timeout=args.timeout)
 
 
@@ -334,6 +337,7 @@ def register(subparsers) -> None:
     add_layout_arguments(p)
     p.add_argument("--device", default=None, help="cpu | cuda | npu, optionally :INDEX (default: detected)")
     p.add_argument("--random", action="store_true", help="skip the weights: random initialisation")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="parameters and compute")
     p.add_argument("--batch-size", type=int, default=1, help="micro batch per data-parallel rank")
     p.add_argument("--seq-length", type=int, default=64)
     p.add_argument("--seed", type=int, default=1234)
