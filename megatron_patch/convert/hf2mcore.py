@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_patch.checkpoint.safe_load import torch_load
 from megatron_patch.errors import UserError
 
 from . import mcore_layout
@@ -311,7 +312,7 @@ class _RankFile:
             sizes = {i.filename.split("/", 1)[1]: i.file_size for i in zf.infolist() if "/" in i.filename}
         records = {reader.get_record_offset(n): sizes.get(n, 0) for n in reader.get_all_records()
                    if n.startswith("data/")}
-        loaded = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        loaded = torch_load(path, mmap=True)
         ptrs = {(c, k): (v.untyped_storage().data_ptr(), tensor_bytes(v))
                 for c, sd in enumerate(mcore_layout.model_chunks(loaded)) for k, v in sd.items()
                 if torch.is_tensor(v) and v.numel()}

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_patch.checkpoint import safe_load
 from megatron_patch.errors import UserError
 
 from . import mcore_layout
@@ -61,10 +62,10 @@ class McoreCheckpoint:
         return ShardPlan(self.family, self.hf_config, self.layout())
 
     def common_args(self):
-        from megatron.core import dist_checkpointing
-
         try:
-            return dist_checkpointing.load_common_state_dict(str(self.ckpt_dir)).get("args")
+            return safe_load.load_common(self.ckpt_dir).get("args")
+        except safe_load.UnsafeCheckpoint:
+            raise
         except Exception:  # noqa: BLE001 - older checkpoints may not carry args
             return None
 
@@ -109,6 +110,9 @@ def open_mcore(path, hf_config_dir=None) -> McoreCheckpoint:
     else:
         raise UserError(f"{root} is not a Megatron checkpoint: neither {mcore_layout.TRACKER_NAME} nor a "
                         "dist_checkpointing metadata.json (point --mcore-path at the checkpoint root)")
+    if fmt == "torch_dist":
+        safe_load.check_dist_checkpoint(ckpt_dir)  # a tampered pickle is refused before anything reads it
+        safe_load.install()  # and megatron's / DCP's own loaders stay weights-only
     meta = {}
     if (meta_root / META_NAME).is_file():
         try:

@@ -170,6 +170,10 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
             pass
     else:
         fmt, root = mcore_format(spec.mcore_path)
+        if fmt == "torch_dist":
+            from megatron_patch.checkpoint.safe_load import check_dist_checkpoint
+
+            check_dist_checkpoint(root)  # a tampered pickle is refused before any rank starts
         if fmt == "torch":
             from megatron_patch.convert.mcore_layout import read_layout
 
@@ -272,11 +276,11 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) ->
         state_dicts = read_rank(root, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                                 ps.get_expert_model_parallel_rank(), sizes, iteration)
     else:
-        from megatron.core import dist_checkpointing
+        from megatron_patch.checkpoint.safe_load import dist_load
 
         keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
         sharded = {k: c.sharded_state_dict() for k, c in zip(keys, chunks)}
-        loaded = dist_checkpointing.load(sharded, str(root))
+        loaded = dist_load(sharded, root)
         state_dicts = [loaded[k] for k in keys]
     if len(state_dicts) != len(chunks):
         raise UserError(f"--mcore-path holds {len(state_dicts)} model chunk(s) per rank, the layout builds "
