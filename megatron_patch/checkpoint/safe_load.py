@@ -99,6 +99,10 @@ _METADATA_GLOBALS = {
     (_DCP_META, n) for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
                              "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
 } | {
+    # megatron's saver keeps every rank's save plan in the metadata (global_metadata.all_local_plans)
+    ("torch.distributed.checkpoint.planner", n) for n in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData",
+                                                          "BytesIOWriteData")
+} | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     # torch < 2.4 kept TensorProperties with the sharded tensors
     ("torch.distributed._shard.sharded_tensor.metadata", "TensorProperties"),
@@ -242,7 +246,7 @@ def dist_load(sharded_state_dict: dict, ckpt_dir) -> dict:
     install()
     try:
         return dist_checkpointing.load(sharded_state_dict, str(ckpt_dir))
-    except Exception as err:  # noqa: BLE001 - re-raised unless a refusal is inside
+    except BaseException as err:  # DCP's CheckpointException is a BaseException; re-raised unless a refusal is inside
         refused = refusal_in(err)
         if refused is None:
             raise

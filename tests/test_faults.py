@@ -1,0 +1,194 @@
+"""Fault cases: tampered checkpoints are refused without running their payload (every reader), and Megatron-LM's
+real checkpoint content still loads. Each case asserts the exit code, the first line, that the payload did
+not run and that nothing was written or lost."""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import pickle
+import random
+import shutil
+
+import numpy
+import pytest
+import torch
+
+from megatron_patch.checkpoint import safe_load
+from megatron_patch.cli import main
+from megatron_patch.convert import mcore_layout
+from megatron_patch.convert.hf2mcore import hf2mcore
+from megatron_patch.errors import UserError
+from megatron_patch.models.builder import ParallelLayout
+from megatron_patch.models.mini import make_mini
+
+REFUSED = "refused to load: it holds posix.system"
+
+
+class Payload:
+    """Unpickling this runs `touch MARKER` (what an attacker's checkpoint would do with a worse command)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _tamper_pt(path, marker, key="args"):
+    ck = torch.load(path, weights_only=False)
+    ck[key].note = Payload(marker)  # inside Megatron's args Namespace, where a real one would hide it
+    torch.save(ck, path)
+
+
+def _tamper_metadata(ckpt_dir, marker):
+    md = pickle.load(open(ckpt_dir / ".metadata", "rb"))
+    md.mcore_data = {"x": Payload(marker)}
+    pickle.dump(md, open(ckpt_dir / ".metadata", "wb"))
+
+
+def _tamper_stored_object(ckpt_dir, marker):
+    """Point one object stored among the tensors (an `_extra_state`) at a pickled payload appended to its file."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    md = pickle.load(open(ckpt_dir / ".metadata", "rb"))
+    key = next(k for k, v in md.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
+    info = next(v for i, v in md.storage_data.items() if i.fqn == key)
+    buf = io.BytesIO()
+    torch.save(Payload(marker), buf)
+    path = ckpt_dir / info.relative_path
+    info.offset, info.length = path.stat().st_size, len(buf.getvalue())
+    with open(path, "ab") as f:
+        f.write(buf.getvalue())
+    pickle.dump(md, open(ckpt_dir / ".metadata", "wb"))
+    return key
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    hf = make_mini("qwen2", root / "hf", layers=2)
+    hf2mcore(str(hf), str(root / "torch"), ParallelLayout(), fmt="torch", dtype="fp32")
+    hf2mcore(str(hf), str(root / "dist"), ParallelLayout(), fmt="torch_dist", dtype="fp32")
+    marker = root / "PAYLOAD_RAN"
+    bad = {}
+    for name, src, tamper in (
+        ("legacy_pt", "torch", lambda d: _tamper_pt(d / "release/mp_rank_00/model_optim_rng.pt", marker)),
+        ("dist_metadata", "dist", lambda d: _tamper_metadata(d / "release", marker)),
+        ("dist_common_pt", "dist", lambda d: _tamper_pt(d / "release/common.pt", marker)),
+        ("dist_stored_object", "dist", lambda d: _tamper_stored_object(d / "release", marker)),
+    ):
+        bad[name] = root / name
+        shutil.copytree(root / src, bad[name])
+        tamper(bad[name])
+    return {"root": root, "hf": hf, "marker": marker, "bad": bad}
+
+
+def _snapshot(path):
+    return {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["legacy_pt", "dist_metadata", "dist_common_pt", "dist_stored_object"])
+def test_tampered_checkpoint_is_refused_by_every_command(ckpts, capsys, case):
+    src = ckpts["bad"][case]
+    before = _snapshot(src)
+    out = ckpts["root"] / f"out-{case}"
+    commands = [["convert", "mcore2hf", "--mcore-path", str(src), "--out", str(out)],
+                ["convert", "reshard", "--mcore-path", str(src), "--out", str(out), "--tp", "1", "--pp", "1", "--ep", "1"],
+                ["compare", "--hf-path", str(ckpts["hf"]), "--mcore-path", str(src)]]
+    for argv in commands:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        first = next(line for line in err if line.startswith("error: "))
+        assert REFUSED in first and str(src) in first, (argv, err)
+        assert not ckpts["marker"].exists(), f"{argv}: the payload ran"
+        assert not out.exists() and not list(out.parent.glob(f".{out.name}*")), f"{argv}: output left behind"
+    assert _snapshot(src) == before  # nothing lost
+
+
+def test_dcp_and_megatron_loaders_are_routed_through_the_safe_ones(ckpts):
+    """Past the up-front check: torch DCP's own FileSystemReader, its load planner's objects and megatron's
+    common.pt loader refuse the payload once safe_load.install() ran."""
+    import torch.distributed.checkpoint as dcp
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint import FileSystemReader
+
+    safe_load.install()
+    with pytest.raises(safe_load.UnsafeCheckpoint, match=REFUSED):
+        FileSystemReader(str(ckpts["bad"]["dist_metadata"] / "release")).read_metadata()
+    with pytest.raises(safe_load.UnsafeCheckpoint, match=REFUSED):
+        dist_checkpointing.load_common_state_dict(str(ckpts["bad"]["dist_common_pt"] / "release"))
+    stored = ckpts["bad"]["dist_stored_object"] / "release"
+    md = pickle.load(open(stored / ".metadata", "rb"))
+    key = next(k for k, v in md.state_dict_metadata.items() if type(v).__name__ == "BytesStorageMetadata")
+    with pytest.raises(BaseException) as err:  # DCP's CheckpointException is a BaseException
+        dcp.load({key: io.BytesIO()}, checkpoint_id=str(stored), no_dist=True)
+    assert isinstance(safe_load.refusal_in(err.value), safe_load.UnsafeCheckpoint)
+    assert not ckpts["marker"].exists()
+    # the untampered checkpoint still reads through the same loaders
+    good = ckpts["root"] / "dist" / "release"
+    assert dist_checkpointing.load_common_state_dict(str(good))["args"].tensor_model_parallel_size == 1
+    objects = {key: io.BytesIO()}
+    dcp.load(objects, checkpoint_id=str(good), no_dist=True)
+    assert not isinstance(objects[key], io.BytesIO)
+
+
+def test_megatron_lm_checkpoint_content_loads(tmp_path):
+    """What Megatron-LM stores next to the weights (args with torch dtypes and megatron enums, the rng states
+    of python/numpy/torch/tracker, the scheduler, the rerun state machine, optimizer state) loads
+    weights-only, equal to what was saved."""
+    from megatron.core.enums import ModelType
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.rerun_state_machine import RerunMode, RerunState
+    from megatron.core.transformer.enums import AttnBackend
+
+    numpy.random.seed(5)
+    args = argparse.Namespace(params_dtype=torch.bfloat16, main_grads_dtype=torch.float32, model_type=ModelType.encoder_or_decoder,
+                              attention_backend=AttnBackend.auto, data_path=["1.0", "/data/a_text_document"],
+                              tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
+                              lr=3e-4, rerun_mode="disabled", virtual_pipeline_model_parallel_size=None)
+    rng = [{"random_rng_state": random.getstate(), "np_rng_state": numpy.random.get_state(),
+            "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": torch.get_rng_state(),
+            "rng_tracker_states": {"model-parallel-rng": torch.get_rng_state()}}]
+    extra = {"rng_state": rng, "opt_param_scheduler": {"max_lr": 3e-4, "num_steps": 80, "lr_decay_style": "cosine"},
+             "rerun_state_machine": {"mode": RerunMode.DISABLED, "state": RerunState.NOT_RUNNING_YET, "rerun_requested": False},
+             "optimizer": {"optimizer": {"state": {0: {"exp_avg": torch.ones(3), "step": torch.tensor(4.0)}},
+                                         "param_groups": [{"lr": 3e-4, "params": [0]}]},
+                           "config": OptimizerConfig(lr=3e-4), "grad_scaler": None},
+             "num_floating_point_operations_so_far": 12345}
+    root = tmp_path / "ckpt"
+    path = mcore_layout.write_rank(root, 80, 0, 0, 0, {"tp": 1}, [{"w": torch.arange(4.0)}], vars(args))
+    saved = torch.load(path, weights_only=False)
+    saved.update(extra)
+    torch.save(saved, path)
+    mcore_layout.write_latest(root, 80)
+
+    loaded = mcore_layout.load_rank_checkpoint(root, 0, 0, 0)
+    assert vars(loaded["args"]) == vars(saved["args"])
+    state = loaded["rng_state"][0]
+    assert state["random_rng_state"] == rng[0]["random_rng_state"]
+    np_saved, np_loaded = rng[0]["np_rng_state"], state["np_rng_state"]
+    assert np_loaded[0] == np_saved[0] and numpy.array_equal(np_loaded[1], np_saved[1]) and np_loaded[2:] == np_saved[2:]
+    numpy.random.set_state(np_loaded)  # numpy accepts it back
+    assert torch.equal(state["torch_rng_state"], rng[0]["torch_rng_state"])
+    assert loaded["rerun_state_machine"] == extra["rerun_state_machine"]
+    assert loaded["optimizer"]["config"] == extra["optimizer"]["config"]
+    assert torch.equal(loaded["optimizer"]["optimizer"]["state"][0]["exp_avg"], torch.ones(3))
+    assert loaded["opt_param_scheduler"] == extra["opt_param_scheduler"]
+    assert torch.equal(mcore_layout.model_chunks(loaded)[0]["w"], torch.arange(4.0))
+
+
+def test_corrupt_checkpoint_files_are_one_line_errors(ckpts, tmp_path):
+    """Not a payload, just damage: a `.pt` holding a list, a truncated `.metadata`."""
+    src = tmp_path / "list_pt"
+    shutil.copytree(ckpts["root"] / "torch", src)
+    torch.save([1, 2, 3], src / "release/mp_rank_00/model_optim_rng.pt")
+    with pytest.raises(UserError, match="holds a list, not a Megatron checkpoint"):
+        mcore_layout.read_layout(src)
+    dist = tmp_path / "cut_metadata"
+    shutil.copytree(ckpts["root"] / "dist", dist)
+    meta = dist / "release/.metadata"
+    meta.write_bytes(meta.read_bytes()[:40])
+    with pytest.raises(UserError, match="the file is corrupt"):
+        safe_load.check_dist_checkpoint(dist / "release")
