@@ -192,3 +192,24 @@ def test_corrupt_checkpoint_files_are_one_line_errors(ckpts, tmp_path):
     meta.write_bytes(meta.read_bytes()[:40])
     with pytest.raises(UserError, match="the file is corrupt"):
         safe_load.check_dist_checkpoint(dist / "release")
+
+
+def test_force_never_eats_an_input(ckpts, capsys):
+    """--out that is, contains or lies inside an input is refused even with --force; the input is untouched."""
+    root, hf = ckpts["root"], ckpts["hf"]
+    cases = [
+        (["convert", "hf2mcore", "--hf-path", str(hf), "--out", str(hf), "--force"], hf, "is the input"),
+        (["convert", "hf2mcore", "--hf-path", str(hf), "--out", str(root), "--force"], hf, "contains the input"),
+        (["convert", "mcore2hf", "--mcore-path", str(root / "torch"), "--out", str(root / "torch" / "hf"), "--force"],
+         root / "torch", "is inside the input"),
+        (["convert", "reshard", "--mcore-path", str(root / "dist"), "--out", str(root / "dist"), "--force",
+          "--tp", "1", "--pp", "1", "--ep", "1"], root / "dist", "is the input"),
+        (["convert", "fp8-to-bf16", "--in", str(hf), "--out", str(hf), "--force"], hf, "is the input"),
+    ]
+    for argv, source, relation in cases:
+        before = _snapshot(source)
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        first = capsys.readouterr().err.strip().splitlines()[-1]
+        assert first.startswith("error: output") and relation in first, (argv, first)
+        assert _snapshot(source) == before, argv

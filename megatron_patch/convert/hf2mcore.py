@@ -40,7 +40,7 @@ from megatron_patch.checkpoint.safe_load import torch_load
 from megatron_patch.errors import UserError
 
 from . import mcore_layout
-from .atomic import atomic_output_dir
+from .atomic import atomic_output_dir, check_output
 from .engine import EMBEDDING, RankPosition, ShardPlan, check_hf_copies, check_hf_coverage
 from .hf_reader import HFCheckpoint
 from .hf_writer import copy_tokenizer_files
@@ -90,11 +90,9 @@ def check_layout_values(layout) -> None:
         raise UserError(f"--vpp {layout.vpp} needs pipeline parallelism: pass --pp > 1 (virtual stages split a stage)")
 
 
-def refuse_existing(out, force: bool) -> None:
+def refuse_existing(out, force: bool, inputs=()) -> None:
     """Fail before any work (atomic_output_dir checks again when the writing starts)."""
-    if Path(out).exists() and not force:
-        raise UserError(f"output {Path(out).absolute()} already exists (pass --force to replace it, or choose "
-                        "another path)")
+    check_output(out, force, inputs)
 
 
 def load_hf_config(config_dir):
@@ -436,7 +434,7 @@ def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None,
     if fmt not in FORMATS:
         raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     check_layout_values(layout)
-    refuse_existing(out, force)
+    refuse_existing(out, force, inputs=[hf_path])
     source = HFSource(hf_path)
     check_not_fp8(source)
     size_note = declared_size_check(model_size, source)
@@ -452,7 +450,7 @@ def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None,
     total = output_bytes(metas) if fmt == "torch" else dist_total_bytes(source, layout, out_dtype)
     args = megatron_args(plan, out_dtype, fmt)
     result: dict = {}
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs=[hf_path]) as tmp:
         with ConversionProgress(total, f"hf2mcore {fmt}", force=show_progress) as progress:
             if fmt == "torch":
                 write_torch(plan, source, tmp, target, args, progress, metas)

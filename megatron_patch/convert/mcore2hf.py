@@ -310,9 +310,9 @@ def mcore2hf(mcore_path, out, hf_config_dir=None, dtype: str | None = None, forc
     target = parse_dtype(dtype)
     if max_shard_bytes <= 0:
         raise UserError("--max-shard-size must be positive")
-    refuse_existing(out, force)
+    refuse_existing(out, force, inputs=[mcore_path, hf_config_dir])
     ck = open_mcore(mcore_path, hf_config_dir)
-    with mcore_source(ck) as source, atomic_output_dir(out, force) as tmp:  # a mismatch fails before
+    with mcore_source(ck) as source, atomic_output_dir(out, force, inputs=[mcore_path, hf_config_dir]) as tmp:  # a mismatch fails before
         with ConversionProgress(hf_bytes(source, target), "mcore2hf", force=show_progress) as progress:
             write_hf_stream(hf_stream(source, target), tmp, max_shard_bytes, progress)
             stats, line = progress.summary()
