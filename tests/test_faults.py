@@ -213,3 +213,33 @@ def test_force_never_eats_an_input(ckpts, capsys):
         first = capsys.readouterr().err.strip().splitlines()[-1]
         assert first.startswith("error: output") and relation in first, (argv, first)
         assert _snapshot(source) == before, argv
+
+
+def test_preprocess_and_train_save_never_eat_an_input(ckpts, tmp_path, capsys):
+    from megatron_patch.training.arguments import build_parser, validate
+
+    hf = str(ckpts["hf"])
+    text = tmp_path / "docs.txt"
+    text.write_text("hello world\n\nsecond document here\n")
+    prefix = tmp_path / "data" / "corpus"
+    pre = ["preprocess", "--input", str(text), "--tokenizer", hf, "--output-prefix"]
+    assert main([*pre, str(prefix)]) == 0
+    idx = (prefix.parent / "corpus.idx").read_bytes()
+    capsys.readouterr()
+    assert main([*pre, str(prefix)]) == 2 and "already exists (pass --force" in capsys.readouterr().err
+    assert main([*pre, str(prefix), "--force"]) == 0 and (prefix.parent / "corpus.idx").read_bytes() == idx
+    (tmp_path / "x.bin").write_text("someone's file")
+    assert main([*pre, str(tmp_path / "x"), "--force"]) == 2
+    assert "not a Megatron indexed dataset" in capsys.readouterr().err and (tmp_path / "x.bin").read_text() == "someone's file"
+    (tmp_path / "y.idx").write_text("text to tokenize")
+    assert main(["preprocess", "--input", str(tmp_path / "y.idx"), "--tokenizer", hf, "--output-prefix",
+                 str(tmp_path / "y"), "--force"]) == 2
+    assert "is the input" in capsys.readouterr().err and (tmp_path / "y.idx").read_text() == "text to tokenize"
+
+    base = ["--hf-config", hf, "--data-path", str(prefix), "--train-iters", "2", "--seq-length", "8"]
+    for extra, message in ((["--save", str(prefix.parent)], "contains the input --data-path"),
+                           (["--save", str(ckpts["root"]), "--load", str(ckpts["root"] / "torch")], "contains the input --load"),
+                           (["--save", str(ckpts["hf"] / "run"), "--load-hf", hf], "is inside the input --load-hf")):
+        with pytest.raises(UserError, match=message):
+            validate(build_parser().parse_args([*base, *extra]))
+    validate(build_parser().parse_args([*base, "--save", str(tmp_path / "run"), "--load", str(tmp_path / "run")]))

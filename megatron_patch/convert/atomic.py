@@ -41,7 +41,8 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _overlap(out: Path, inp: Path) -> str | None:
+def overlap(out: Path, inp: Path) -> str | None:
+    """How `out` overlaps `inp`: 'is', 'contains', 'is inside', or None."""
     o, i = out.resolve(), inp.resolve()
     if o == i:
         return "is"
@@ -58,7 +59,7 @@ def check_output(final_path, force: bool, inputs: Iterable = ()) -> Path:
     for inp in inputs:
         if inp is None:
             continue
-        relation = _overlap(final, Path(inp))
+        relation = overlap(final, Path(inp))
         if relation:
             raise UserError(f"output {final} {relation} the input {Path(inp).absolute()}: writing it would destroy "
                             "the input; choose an output path outside every input")

@@ -5,6 +5,7 @@ Import-light (argparse only) so `megatron-patch --help` stays fast.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from megatron_patch.errors import UserError
 
@@ -136,12 +137,27 @@ def validate(args) -> None:
         raise UserError("--save-interval needs --save DIR")
     from megatron_patch.data.gpt import check_prefix
 
+    inputs = [("--load-hf", args.load_hf)] + ([("--load", args.load)] if args.load and args.save and
+                                               Path(args.load).resolve() != Path(args.save).resolve() else [])
     for flag in ("--data-path", "--valid-data-path"):
         blend = parse_data_blend(getattr(args, flag[2:].replace("-", "_")), flag)
         for prefix in blend[0] if blend else ():
             check_prefix(prefix, flag)  # fail before the model is built
+            inputs += [(flag, prefix + ".bin"), (flag, prefix + ".idx")]
+    _check_save(args.save, inputs)
     if args.valid_data_path and args.split:
         raise UserError("--split applies to --data-path only; do not combine it with --valid-data-path")
+
+
+def _check_save(save, inputs) -> None:
+    """--save may not be, contain or lie inside an input (--save == --load is Megatron-LM's resume convention:
+    saves add iter_* directories and move the tracker, they never rewrite what --load holds)."""
+    from megatron_patch.convert.atomic import overlap
+
+    for flag, path in inputs:
+        if save and path and overlap(Path(save), Path(path)):
+            raise UserError(f"--save {save} {overlap(Path(save), Path(path))} the input {flag} {path}: saving there "
+                            "could destroy it; choose a separate --save directory")
 
 
 def build_parser(prog: str = "megatron-patch train") -> argparse.ArgumentParser:
