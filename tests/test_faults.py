@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import pickle
 import random
@@ -243,3 +244,62 @@ def test_preprocess_and_train_save_never_eat_an_input(ckpts, tmp_path, capsys):
         with pytest.raises(UserError, match=message):
             validate(build_parser().parse_args([*base, *extra]))
     validate(build_parser().parse_args([*base, "--save", str(tmp_path / "run"), "--load", str(tmp_path / "run")]))
+
+
+def _edit_rank_file(src, dst, edit):
+    shutil.copytree(src, dst)
+    path = dst / "release/mp_rank_00/model_optim_rng.pt"
+    ck = torch.load(path, weights_only=False)
+    edit(ck)
+    torch.save(ck, path)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def mismatched(ckpts):
+    """Checkpoints that do not fit their config: each converts to exit 2 with nothing written."""
+    root, norm = ckpts["root"], "decoder.final_layernorm.weight"
+    hf4 = make_mini("qwen2", root / "hf4", layers=4)
+    hf2mcore(str(hf4), str(root / "torch4"), ParallelLayout(), fmt="torch", dtype="fp32")
+    shutil.rmtree(root / "torch4" / "hf_config")  # a Megatron-LM checkpoint: the user passes --hf-config
+    huge = root / "hf_huge"
+    shutil.copytree(ckpts["hf"], huge)
+    config = json.loads((huge / "config.json").read_text())
+    (huge / "config.json").write_text(json.dumps({**config, "hidden_size": 10**12}))
+
+    def no_args(ck):
+        ck.pop("args")
+
+    def drop_config(ck):
+        shutil.rmtree(root / "no_args_2" / "hf_config", ignore_errors=True)
+
+    cases = {
+        "4 layers, 2-layer config": (root / "torch4", ckpts["hf"], "saved with num_layers=4, but"),
+        "4 layers without args": (_edit_rank_file(root / "torch4", root / "no_args_4", no_args), ckpts["hf"],
+                                  "holds decoder.layers.2, a layer the config does not have"),
+        "wrong shape": (_edit_rank_file(root / "torch", root / "shape", lambda ck: ck["model"].__setitem__(norm, torch.ones(7))),
+                        None, "model.norm.weight read from the checkpoint has shape [7], but"),
+        "int64 tensor": (_edit_rank_file(root / "torch", root / "int64", lambda ck: ck["model"].__setitem__(norm, ck["model"][norm].long())),
+                         None, f"{norm} is int64, not floating point"),
+        "stray fp16": (_edit_rank_file(root / "torch", root / "fp16", lambda ck: ck["model"].__setitem__(norm, ck["model"][norm].half())),
+                       None, f"{norm} is float16 while the others are float32"),
+        "unbuildable config": (_edit_rank_file(root / "torch", root / "no_args_2", lambda ck: (no_args(ck), drop_config(ck))),
+                               huge, "transformers cannot build a model from this config.json"),
+    }
+    return cases
+
+
+@pytest.mark.parametrize("case", ["4 layers, 2-layer config", "4 layers without args", "wrong shape", "int64 tensor",
+                                  "stray fp16", "unbuildable config"])
+def test_output_is_checked_against_the_config(ckpts, mismatched, capsys, case):
+    src, hf_config, message = mismatched[case]
+    out = ckpts["root"] / "out-mismatch"
+    config = ["--hf-config", str(hf_config)] if hf_config else []
+    for argv in (["convert", "mcore2hf", "--mcore-path", str(src), "--out", str(out), *config],
+                 ["convert", "reshard", "--mcore-path", str(src), "--out", str(out), "--tp", "1", "--pp", "1", "--ep", "1",
+                  "--format", "torch_dist", *config]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        first = capsys.readouterr().err.strip().splitlines()[-1]
+        assert first.startswith("error: ") and message in first, (argv, first)
+        assert not out.exists() and not list(out.parent.glob(f".{out.name}*")), argv

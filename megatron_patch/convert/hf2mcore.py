@@ -233,8 +233,10 @@ def expected_hf_shapes(hf_config) -> dict[str, tuple]:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
         state = model.state_dict()
-    except Exception:  # noqa: BLE001 - an optional check: transformers could not build it
-        return {}
+    except Exception as err:  # noqa: BLE001 - a config transformers cannot build is no model at all
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"transformers cannot build a model from this config.json ({type(err).__name__}: {first}); "
+                        "fix the config (it decides every tensor's shape)") from None
     try:
         from transformers.core_model_loading import revert_weight_conversion
 
