@@ -10,6 +10,7 @@ import os
 import pickle
 import random
 import shutil
+from pathlib import Path
 
 import numpy
 import pytest
@@ -303,3 +304,26 @@ def test_output_is_checked_against_the_config(ckpts, mismatched, capsys, case):
         first = capsys.readouterr().err.strip().splitlines()[-1]
         assert first.startswith("error: ") and message in first, (argv, first)
         assert not out.exists() and not list(out.parent.glob(f".{out.name}*")), argv
+
+
+def test_train_data_is_checked_against_the_vocabulary(tmp_path):
+    """Token ids past the vocabulary, a truncated .bin and a garbage .idx: one line each, before any training."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_patch.data.gpt import check_tokens
+
+    prefix = str(tmp_path / "corpus")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.uint16)
+    for doc in ([5, 6, 7], [8, 600, 9]):  # 600: a token of a larger tokenizer
+        builder.add_document(torch.tensor(doc), [len(doc)])
+    builder.finalize(prefix + ".idx")
+    check_tokens(prefix, 601)
+    with pytest.raises(UserError, match="token id 600 is outside the model's vocabulary \\(512 tokens\\)"):
+        check_tokens(prefix, 512)
+    data = Path(prefix + ".bin").read_bytes()
+    Path(prefix + ".bin").write_bytes(data[:-4])
+    with pytest.raises(UserError, match="holds 8 bytes, its .idx describes 12"):
+        check_tokens(prefix, 601)
+    Path(prefix + ".idx").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="corpus.idx cannot be read"):
+        check_tokens(prefix, 601)
