@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -503,10 +504,15 @@ def run(spec: CompareSpec) -> dict | None:
     return results[0]
 
 
+_USER_ERROR_LINE = re.compile(r"^megatron_patch\.[\w.]*\.(UserError|UnsafeCheckpoint): (.*)$")
+
+
 def _user_error_in(text: str) -> str | None:
+    """The message of a UserError (or subclass) a rank's traceback ends with: bad input, exit 2, not 3."""
     for line in text.splitlines():
-        if line.startswith("megatron_patch.errors.UserError: "):
-            return line.split(": ", 1)[1]
+        m = _USER_ERROR_LINE.match(line)
+        if m:
+            return m.group(2)
     return None
 
 
