@@ -38,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
     g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--distributed-timeout-minutes", type=float, default=None, metavar="M",
+                   help="a collective that waits longer fails every rank (default 30, or MP_DIST_TIMEOUT_MINUTES)")
+    g.add_argument("--heartbeat-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a rank whose heartbeat stops this long (stopped or dead process) ends the job with exit 3, "
+                   "naming the rank and step (0: off)")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="on by default whenever TP > 1 (megatron's MoE with TP requires it)")
     g.add_argument("--use-distributed-optimizer", action="store_true")
@@ -122,6 +127,10 @@ def validate(args) -> None:
                  "expert_model_parallel_size", "log_interval"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
+    for flag in ("distributed_timeout_minutes", "heartbeat_timeout"):
+        value = getattr(args, flag)
+        if value is not None and value < 0 or flag == "distributed_timeout_minutes" and value == 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be > 0")
     for flag in ("save_interval", "exit_interval", "eval_interval"):
         value = getattr(args, flag)
         if value is not None and value < 1:

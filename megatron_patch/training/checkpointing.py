@@ -199,6 +199,21 @@ def _maybe_crash(iteration: int) -> None:
         os._exit(43)
 
 
+def remove_stale_saves(root: Path) -> None:
+    """With the --save lock held: `.iter_N.tmp` of a killed save is removed; `.iter_N.old` (a killed re-save
+    of iteration N) is put back when iter_N is missing, removed otherwise."""
+    if not root.is_dir():
+        return
+    for path in root.glob(".iter_*.tmp"):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in root.glob(".iter_*.old"):
+        final = root / path.name[1:-len(".old")]
+        if final.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.rename(path, final)
+
+
 def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed: int, args: dict) -> Path:
     """Write SAVE/iter_XXXXXXX atomically and point the tracker at it. Call on every rank."""
     from megatron.core import dist_checkpointing

@@ -524,7 +524,9 @@ def _run_torchrun(spec: CompareSpec) -> dict | None:
     acc = setup()
     if not dist.is_initialized():
         acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(acc.backend)
+        from datetime import timedelta
+
+        dist.init_process_group(acc.backend, timeout=timedelta(seconds=spec.timeout))
     report = run_in_group(spec)
     # every rank exits with rank 0's verdict
     verdict = [report["result"] if report else None]
