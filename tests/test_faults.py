@@ -327,3 +327,43 @@ def test_train_data_is_checked_against_the_vocabulary(tmp_path):
     Path(prefix + ".idx").write_bytes(b"garbage")
     with pytest.raises(UserError, match="corpus.idx cannot be read"):
         check_tokens(prefix, 601)
+
+
+def test_a_stopped_rank_ends_the_job_naming_it(tmp_path):
+    """Rank 0's heartbeat watches rank 1, whose beat never changes again (a stopped process): rank 0 exits 3
+    with one line naming rank 1 and its step, and records the code for the launcher."""
+    import subprocess
+    import sys
+    import textwrap
+
+    status = tmp_path / "status"
+    script = textwrap.dedent("""
+        import time, torch.distributed as dist
+        from megatron_patch.training.heartbeat import Heartbeat
+        from megatron_patch.training.pretrain import record_exit_code
+        store = dist.TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False)
+        store.set("mp_heartbeat/1", "1 7")  # rank 1 beat once, at step 7, then stopped
+        hb = Heartbeat(store, 0, 2, timeout=1.0, on_abort=record_exit_code)
+        hb.step = 12
+        time.sleep(30)
+    """)
+    env = dict(os.environ, MP_EXIT_STATUS_FILE=str(status), RANK="0")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: rank 1 stopped responding (no heartbeat for 1 s, the last one at step 7; seen by "
+                      "rank 0); rank 0 (step 12) exits with code 3"]
+    assert status.read_text() == "0 3\n"
+
+
+def test_killed_saves_are_cleaned_up_at_the_next_start(tmp_path):
+    from megatron_patch.training.checkpointing import remove_stale_saves
+
+    save = tmp_path / "save"
+    (save / ".iter_0000010.tmp").mkdir(parents=True)  # a save killed while writing
+    (save / ".iter_0000005.old" / "x").mkdir(parents=True)  # a re-save killed after moving iter 5 aside
+    (save / ".iter_0000003.old").mkdir()  # ... and one killed after publishing (iter 3 exists)
+    (save / "iter_0000003").mkdir()
+    remove_stale_saves(save)
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000003", "iter_0000005"]
+    assert (save / "iter_0000005" / "x").is_dir()
