@@ -346,3 +346,11 @@ def test_mcore_layout_errors(tmp_path):
     (tmp_path / "iter_0000005" / "mp_rank_01_001" / "model_optim_rng.pt").unlink()
     with pytest.raises(UserError, match="mp_rank_01_001"):
         mcore_layout.read_layout(tmp_path)
+
+
+def test_atomic_dir_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="a parent path is a file"):
+        with atomic_output_dir(tmp_path / "file" / "out"):
+            pytest.fail("must not get here")
+    assert (tmp_path / "file").read_text() == "x"
