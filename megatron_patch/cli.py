@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Megatron-Core patch layer: models, checkpoint conversion, HF comparison, training "
         "on CPU (gloo), CUDA (nccl) and Ascend NPU (hccl).",
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the warnings megatron-core and torch print at import (hidden by default)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -44,11 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    try:
-        return int(args.func(args) or 0)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    import warnings
+
+    with warnings.catch_warnings():
+        if not args.verbose:  # megatron's import-time notes (no Apex / TE, deprecations) would bury `error:` lines
+            warnings.simplefilter("ignore")
+        try:
+            return int(args.func(args) or 0)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

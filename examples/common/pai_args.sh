@@ -242,5 +242,15 @@ a = g(); print(a.type, a.device_count())' 2>/dev/null || echo "unknown 0")
     fi
     echo "${cmd[*]}" | tee "$log_file"
     set -o pipefail
-    PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "${cmd[@]}" 2>&1 | tee -a "$log_file"
+    # torchrun exits 1 whatever went wrong: the ranks write their own codes (2 bad input, 3 NaN stop / hung rank)
+    local status_file="$log_file.exit-status"
+    rm -f "$status_file"
+    local rc=0
+    MP_EXIT_STATUS_FILE="$status_file" PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "${cmd[@]}" 2>&1 \
+        | tee -a "$log_file" || rc=$?
+    if (( rc != 0 )) && [[ -s "$status_file" ]]; then
+        rc=$(awk '$2 > m {m = $2} END {print m}' "$status_file")
+    fi
+    rm -f "$status_file"
+    return "$rc"
 }

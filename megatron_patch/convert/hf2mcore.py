@@ -36,10 +36,11 @@ from pathlib import Path
 
 import torch
 
+from megatron_patch.checkpoint.safe_load import torch_load
 from megatron_patch.errors import UserError
 
 from . import mcore_layout
-from .atomic import atomic_output_dir
+from .atomic import atomic_output_dir, check_output
 from .engine import EMBEDDING, RankPosition, ShardPlan, check_hf_copies, check_hf_coverage
 from .hf_reader import HFCheckpoint
 from .hf_writer import copy_tokenizer_files
@@ -89,11 +90,9 @@ def check_layout_values(layout) -> None:
         raise UserError(f"--vpp {layout.vpp} needs pipeline parallelism: pass --pp > 1 (virtual stages split a stage)")
 
 
-def refuse_existing(out, force: bool) -> None:
+def refuse_existing(out, force: bool, inputs=()) -> None:
     """Fail before any work (atomic_output_dir checks again when the writing starts)."""
-    if Path(out).exists() and not force:
-        raise UserError(f"output {Path(out).absolute()} already exists (pass --force to replace it, or choose "
-                        "another path)")
+    check_output(out, force, inputs)
 
 
 def load_hf_config(config_dir):
@@ -234,8 +233,10 @@ def expected_hf_shapes(hf_config) -> dict[str, tuple]:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
         state = model.state_dict()
-    except Exception:  # noqa: BLE001 - an optional check: transformers could not build it
-        return {}
+    except Exception as err:  # noqa: BLE001 - a config transformers cannot build is no model at all
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"transformers cannot build a model from this config.json ({type(err).__name__}: {first}); "
+                        "fix the config (it decides every tensor's shape)") from None
     try:
         from transformers.core_model_loading import revert_weight_conversion
 
@@ -311,7 +312,7 @@ class _RankFile:
             sizes = {i.filename.split("/", 1)[1]: i.file_size for i in zf.infolist() if "/" in i.filename}
         records = {reader.get_record_offset(n): sizes.get(n, 0) for n in reader.get_all_records()
                    if n.startswith("data/")}
-        loaded = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        loaded = torch_load(path, mmap=True)
         ptrs = {(c, k): (v.untyped_storage().data_ptr(), tensor_bytes(v))
                 for c, sd in enumerate(mcore_layout.model_chunks(loaded)) for k, v in sd.items()
                 if torch.is_tensor(v) and v.numel()}
@@ -435,7 +436,7 @@ def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None,
     if fmt not in FORMATS:
         raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     check_layout_values(layout)
-    refuse_existing(out, force)
+    refuse_existing(out, force, inputs=[hf_path])
     source = HFSource(hf_path)
     check_not_fp8(source)
     size_note = declared_size_check(model_size, source)
@@ -451,7 +452,7 @@ def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None,
     total = output_bytes(metas) if fmt == "torch" else dist_total_bytes(source, layout, out_dtype)
     args = megatron_args(plan, out_dtype, fmt)
     result: dict = {}
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs=[hf_path]) as tmp:
         with ConversionProgress(total, f"hf2mcore {fmt}", force=show_progress) as progress:
             if fmt == "torch":
                 write_torch(plan, source, tmp, target, args, progress, metas)

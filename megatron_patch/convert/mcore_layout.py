@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import re
 from pathlib import Path
 
 import torch
 
+from megatron_patch.checkpoint.safe_load import torch_load
 from megatron_patch.errors import UserError
 
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
@@ -132,12 +132,12 @@ def read_iteration(root) -> int | str:
 
 
 def _load(path: Path) -> dict:
-    # weights_only=False: Megatron stores `args` as an argparse.Namespace, which the safe
-    # unpickler rejects. Only load checkpoints you trust. mmap=True: tensors are not read until used.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
-        raise UserError(f"cannot load {path} ({err}); the file is corrupt or truncated (re-copy it)") from None
+    # weights_only with Megatron's allowlist (the stored args are an argparse.Namespace): a checkpoint runs
+    # no code. mmap=True: tensors are not read until used.
+    checkpoint = torch_load(path, mmap=True)
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a Megatron checkpoint dict (re-copy it)")
+    return checkpoint
 
 
 def read_layout(root) -> tuple[int | str, dict]:

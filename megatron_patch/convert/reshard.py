@@ -38,7 +38,7 @@ def reshard(mcore_path, out, layout, fmt: str | None = None, force: bool = False
     check_layout_values(layout)
     layout = ParallelLayout(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.expert_tp,
                             vpp=layout.vpp if layout.vpp and layout.vpp > 1 else None)
-    refuse_existing(out, force)
+    refuse_existing(out, force, inputs=[mcore_path, hf_config_dir])
     ck = open_mcore(mcore_path, hf_config_dir)
     fmt = fmt or ck.fmt
     if fmt not in FORMATS:
@@ -54,7 +54,7 @@ def reshard(mcore_path, out, layout, fmt: str | None = None, force: bool = False
             total = output_bytes(metas)
         else:
             total = dist_total_bytes(source, layout, dtype)
-        with atomic_output_dir(out, force) as tmp:
+        with atomic_output_dir(out, force, inputs=[mcore_path, hf_config_dir]) as tmp:
             with ConversionProgress(total, f"reshard -> {fmt}", force=show_progress) as progress:
                 if fmt == "torch":
                     write_torch(plan, source, tmp, None, megatron_args(plan, dtype, "torch"), progress, metas)

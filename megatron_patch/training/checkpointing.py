@@ -30,6 +30,7 @@ import numpy
 import torch
 
 from megatron_patch.convert.mcore_layout import TRACKER_NAME, iteration_dir_name
+from megatron_patch.checkpoint import safe_load
 from megatron_patch.errors import UserError
 
 CHECKPOINT_VERSION = 3.0
@@ -198,6 +199,21 @@ def _maybe_crash(iteration: int) -> None:
         os._exit(43)
 
 
+def remove_stale_saves(root: Path) -> None:
+    """With the --save lock held: `.iter_N.tmp` of a killed save is removed; `.iter_N.old` (a killed re-save
+    of iteration N) is put back when iter_N is missing, removed otherwise."""
+    if not root.is_dir():
+        return
+    for path in root.glob(".iter_*.tmp"):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in root.glob(".iter_*.old"):
+        final = root / path.name[1:-len(".old")]
+        if final.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.rename(path, final)
+
+
 def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed: int, args: dict) -> Path:
     """Write SAVE/iter_XXXXXXX atomically and point the tracker at it. Call on every rank."""
     from megatron.core import dist_checkpointing
@@ -236,8 +252,6 @@ def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed
 def train_checkpoint_dir(root) -> Path | None:
     """The directory of the latest complete training checkpoint under `root` (None if there is none or
     it is a model-only checkpoint, e.g. converted from HF)."""
-    from megatron.core import dist_checkpointing
-
     iteration = read_tracker(root)
     if iteration is None or iteration == "release":
         return None
@@ -246,7 +260,7 @@ def train_checkpoint_dir(root) -> Path | None:
         raise UserError(f"{Path(root) / TRACKER_NAME} names {path.name}, which does not exist (fix the tracker)")
     if not is_dist_checkpoint(path):
         return None
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    common = safe_load.load_common(path)
     return path if "opt_param_scheduler" in common else None
 
 
@@ -289,9 +303,7 @@ def load_training_checkpoint(path, chunks, optimizer, scheduler, load_optim: boo
                              load_rng: bool = True) -> tuple[int, int]:
     """Restore model, optimizer, scheduler, rng from a checkpoint written by save_checkpoint.
     Returns (iteration, consumed_train_samples)."""
-    from megatron.core import dist_checkpointing
-
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    common = safe_load.load_common(path)
     saved, now = common.get("parallel"), parallel_signature(optimizer)
     if load_optim and saved != now:
         raise UserError(f"{path} holds optimizer state for {_describe(saved) if saved else 'another layout'}; this "
@@ -307,7 +319,7 @@ def load_training_checkpoint(path, chunks, optimizer, scheduler, load_optim: boo
         _allocate_optimizer_state(optimizer)
     request = _train_state(chunks, optimizer, scheduler, 0, 0, {}, is_loading=True,
                            with_optimizer=load_optim, with_rng=load_rng)
-    loaded = dist_checkpointing.load(request, str(path))
+    loaded = safe_load.dist_load(request, path)
     for key, chunk in zip(model_keys(chunks), chunks):
         _unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if load_optim:
@@ -369,12 +381,11 @@ def _load_torch_layout(root, chunks, layout) -> int | str:
 
 
 def _load_dist_model(path, chunks) -> None:
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
     request = model_sharded_state_dict(chunks)
     try:
-        loaded = dist_checkpointing.load(request, str(path))
+        loaded = safe_load.dist_load(request, path)
     except CheckpointingException as err:
         raise UserError(f"--load {path}: the checkpoint does not match the model ({err})") from None
     for key, chunk in zip(model_keys(chunks), chunks):

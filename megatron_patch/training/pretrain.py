@@ -66,10 +66,26 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
     args = build_parser("python -m megatron_patch.training.pretrain").parse_args(argv)
     try:
-        return run(args)
+        code = run(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        code = 2
+    record_exit_code(code)
+    return code
+
+
+def record_exit_code(code: int) -> None:
+    """torchrun exits 1 whatever its workers' codes; a launcher that sets MP_EXIT_STATUS_FILE reads the real
+    ones back (2 bad input, 3 NaN stop or a rank that crashed/hung) from the lines "RANK CODE" appended here."""
+    import os
+
+    path = os.environ.get(STATUS_ENV)
+    if code and path:
+        with open(path, "a") as f:
+            f.write(f"{os.environ.get('RANK', '0')} {code}\n")
+
+
+STATUS_ENV = "MP_EXIT_STATUS_FILE"
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import os
 import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -22,7 +23,7 @@ def _rank0_print(*args) -> None:
         print(*args, flush=True)
 
 
-def init_distributed(acc) -> tuple[int, int]:
+def init_distributed(acc, timeout_minutes: float | None = None) -> tuple[int, int]:
     """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); a plain `python` run is
     a world of one. The process group uses the accelerator's backend (gloo / nccl / hccl)."""
     rank = int(os.environ.get("RANK", "0"))
@@ -36,7 +37,7 @@ def init_distributed(acc) -> tuple[int, int]:
             os.environ["MASTER_PORT"] = str(free_port())
     acc.set_device(local)
     if not torch.distributed.is_initialized():
-        minutes = int(os.environ.get("MP_DIST_TIMEOUT_MINUTES", "30"))
+        minutes = timeout_minutes or float(os.environ.get("MP_DIST_TIMEOUT_MINUTES", "30"))
         torch.distributed.init_process_group(acc.backend, rank=rank, world_size=world,
                                              timeout=timedelta(minutes=minutes))
     return rank, world
@@ -119,7 +120,9 @@ class Trainer:
         self.args = args
         self.acc = setup(args.device)
         self.settings = settings_for(self.acc.type)
-        self.rank, self.world = init_distributed(self.acc)
+        self.rank, self.world = init_distributed(self.acc, args.distributed_timeout_minutes)
+        self.heartbeat = self._start_heartbeat()
+        self.save_lock = self._lock_save_dir()
         self.layout = _layout(args)
         self.hf_config = _load_hf_config(args)
         self.gbs, self.num_micro = _batch_sizes(args, self.world, self.layout)
@@ -131,6 +134,40 @@ class Trainer:
         self._build_metrics()
 
     # --- setup ----------------------------------------------------------------------------------------
+    def _start_heartbeat(self):
+        if self.world == 1 or not self.args.heartbeat_timeout:
+            return None
+        from megatron_patch.training.heartbeat import Heartbeat
+        from megatron_patch.training.pretrain import record_exit_code
+
+        store = torch.distributed.distributed_c10d._get_default_store()
+        return Heartbeat(store, self.rank, self.world, self.args.heartbeat_timeout, on_abort=record_exit_code)
+
+    def _lock_save_dir(self):
+        """One training per --save (rank 0 holds the lock; every rank learns whether it got it); then the
+        temporaries of saves that were killed are removed (no other writer can be at work)."""
+        if not self.args.save:
+            return None
+        import contextlib
+
+        from megatron_patch.convert.atomic import output_lock
+        from megatron_patch.training.checkpointing import remove_stale_saves
+
+        stack, refused = contextlib.ExitStack(), ""
+        if self.rank == 0:
+            try:
+                save = Path(self.args.save).absolute()
+                save.parent.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(output_lock(save))
+                remove_stale_saves(save)
+            except UserError as err:
+                refused = str(err)
+        flag = [refused]
+        if self.world > 1:
+            torch.distributed.broadcast_object_list(flag, src=0)
+        if flag[0]:
+            raise UserError(flag[0].replace("output", "--save", 1))
+        return stack
     def _build_model(self) -> None:
         from megatron_patch.models.builder import build_family_model, check_layout, initialize_parallel
         from megatron_patch.models.families import family_for_config
@@ -350,6 +387,8 @@ class Trainer:
         saved_at = self.iteration
         while self.iteration < args.train_iters:
             rec = self.train_step(self.batches.next())
+            if self.heartbeat is not None:
+                self.heartbeat.step = self.iteration
             pending.append(rec)
             self.sink.step(rec)
             if self.iteration % args.log_interval == 0 or self.iteration == args.train_iters:
@@ -366,10 +405,21 @@ class Trainer:
                 saved_at = self.iteration
             if exiting:
                 _rank0_print(f"exiting at iteration {self.iteration} (--exit-interval {args.exit_interval})")
+                self._finish()
                 return 0
         if args.save and saved_at != self.iteration:
             self.save()
+        self._finish()
         return 0
 
+    def _finish(self) -> None:
+        if self.heartbeat is not None:  # every rank stops watching before any exits (no false alarm)
+            self.heartbeat.stop()
+            torch.distributed.barrier()
+
     def close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        if self.save_lock is not None:
+            self.save_lock.close()
         self.sink.close()

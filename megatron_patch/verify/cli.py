@@ -37,6 +37,8 @@ def register(subparsers) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
     p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG of the max diff per layer")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before a hung rank fails the run")
+    p.add_argument("--distributed-timeout-minutes", type=float, default=None, metavar="M",
+                   help="Megatron-LM's name for the same limit, in minutes (overrides --timeout)")
     p.add_argument("--debug", action="store_true",
                    help="extra columns (max|HF|, bound), timings, warnings and full rank tracebacks")
     p.set_defaults(func=run)
@@ -67,7 +69,8 @@ def _run(args) -> int:
     spec = CompareSpec(hf_path=args.hf_path, layout=layout, mcore_path=args.mcore_path,
                        batch_size=args.batch_size, seq_length=args.seq_length, dtype=args.dtype,
                        seed=args.seed, atol=args.atol, router_mismatch=args.router_mismatch,
-                       debug=args.debug, timeout=args.timeout)
+                       debug=args.debug, timeout=(args.distributed_timeout_minutes * 60
+                                                  if args.distributed_timeout_minutes else args.timeout))
     try:
         report = run_compare(spec)
     except RankFailure as err:

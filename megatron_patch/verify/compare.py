@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -170,6 +171,10 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
             pass
     else:
         fmt, root = mcore_format(spec.mcore_path)
+        if fmt == "torch_dist":
+            from megatron_patch.checkpoint.safe_load import check_dist_checkpoint
+
+            check_dist_checkpoint(root)  # a tampered pickle is refused before any rank starts
         if fmt == "torch":
             from megatron_patch.convert.mcore_layout import read_layout
 
@@ -272,11 +277,11 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) ->
         state_dicts = read_rank(root, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                                 ps.get_expert_model_parallel_rank(), sizes, iteration)
     else:
-        from megatron.core import dist_checkpointing
+        from megatron_patch.checkpoint.safe_load import dist_load
 
         keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
         sharded = {k: c.sharded_state_dict() for k, c in zip(keys, chunks)}
-        loaded = dist_checkpointing.load(sharded, str(root))
+        loaded = dist_load(sharded, root)
         state_dicts = [loaded[k] for k in keys]
     if len(state_dicts) != len(chunks):
         raise UserError(f"--mcore-path holds {len(state_dicts)} model chunk(s) per rank, the layout builds "
@@ -499,10 +504,15 @@ def run(spec: CompareSpec) -> dict | None:
     return results[0]
 
 
+_USER_ERROR_LINE = re.compile(r"^megatron_patch\.[\w.]*\.(UserError|UnsafeCheckpoint): (.*)$")
+
+
 def _user_error_in(text: str) -> str | None:
+    """The message of a UserError (or subclass) a rank's traceback ends with: bad input, exit 2, not 3."""
     for line in text.splitlines():
-        if line.startswith("megatron_patch.errors.UserError: "):
-            return line.split(": ", 1)[1]
+        m = _USER_ERROR_LINE.match(line)
+        if m:
+            return m.group(2)
     return None
 
 
@@ -514,7 +524,9 @@ def _run_torchrun(spec: CompareSpec) -> dict | None:
     acc = setup()
     if not dist.is_initialized():
         acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(acc.backend)
+        from datetime import timedelta
+
+        dist.init_process_group(acc.backend, timeout=timedelta(seconds=spec.timeout))
     report = run_in_group(spec)
     # every rank exits with rank 0's verdict
     verdict = [report["result"] if report else None]
