@@ -89,12 +89,13 @@ def te_name(name: str, names, grouped: bool = False) -> str:
 
 
 def te_extra_state_keys(te_names, legacy: bool = True) -> list[str]:
-    """The `_extra_state` keys a TE-spec chunk holding these (TE-named) parameters has."""
+    """The `_extra_state` keys a TE-spec chunk holding these (TE-named) parameters has. Core attention's
+    is in legacy state dicts, and in torch_dist only inside MTP layers (megatron's MTP layer shards its
+    transformer layer's modules by default, without TEDotProductAttention.sharded_state_dict)."""
     modules = {n.rsplit(".", 1)[0] for n in te_names if not n.endswith(EXTRA)}
     modules = {m for m in modules if not NO_EXTRA_STATE.fullmatch(m)}
-    if legacy:
-        modules |= {n[: -len("linear_proj.weight")] + "core_attention" for n in te_names
-                    if n.endswith(ATTENTION_PROBE)}
+    modules |= {n[: -len("linear_proj.weight")] + "core_attention" for n in te_names
+                if n.endswith(ATTENTION_PROBE) and (legacy or ".transformer_layer." in n)}
     return sorted(m + EXTRA for m in modules)
 
 
