@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from megatron_patch.errors import UserError
 from megatron_patch.models.builder import ParallelLayout
 
 from te_harness import hf_logits, make_minis, run_te_ranks
+from test_convert_roundtrip import assert_identical, read_all
 
 FAMILIES = ("deepseek_v3", "deepseek_v2", "qwen2", "qwen3_moe")
 MOE = ("deepseek_v3", "deepseek_v2", "qwen3_moe")
@@ -140,24 +142,6 @@ def loaded(converted, minis, work):
     return counts
 
 
-def read_all(path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out = {}
-    for shard in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
-def assert_identical(hf_dir, got_dir) -> None:
-    want, got = read_all(hf_dir), read_all(got_dir)
-    assert sorted(want) == sorted(got)
-    for name, tensor in want.items():
-        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
-        assert torch.equal(got[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
-
-
 # ---------------------------------------------------------------------------------------------------
 def test_te_spec_models_load_our_checkpoints(loaded):
     """Every case loaded (no NaN left) with logits equal to HF's (asserted inside the ranks)."""
@@ -173,7 +157,7 @@ def test_pai_style_te_checkpoints_convert_to_hf_byte_identical(loaded, minis, wo
     for family, pai in (("deepseek_v3", "pai-dsv3"), ("qwen3_moe", "pai-q3")):
         out = work / f"{pai}-hf"
         mcore2hf(work / pai, out, hf_config_dir=minis[family])
-        assert_identical(minis[family], out)
+        assert_identical(read_all(minis[family]), out)
 
 
 def test_written_names_are_the_te_specs(converted, work):
@@ -232,10 +216,7 @@ def test_args_rebuild_the_family_config(converted, work, minis, family):
 def test_unknown_keys_are_refused(converted, work, minis):
     """A key that is in neither name set stops mcore2hf before anything is written."""
     root = work / "qwen2-bad"
-    src = work / "qwen2-torch-seq-tp1pp1ep1"
-    import shutil
-
-    shutil.copytree(src, root)
+    shutil.copytree(work / "qwen2-torch-seq-tp1pp1ep1", root)
     path = root / "release" / "mp_rank_00" / "model_optim_rng.pt"
     ckpt = torch.load(path, weights_only=False)
     sd = ckpt["model"]

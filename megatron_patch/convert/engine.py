@@ -27,6 +27,7 @@ from megatron_patch.models.builder import ParallelLayout
 from megatron_patch.models.families.base import Replicated, Vocab
 from megatron_patch.models.families.common import ConcreteRow, expand_rows, shard_context
 
+from .key_map import EXTRA as EXTRA_STATE
 from .key_map import LOCAL, Naming, name_map, to_te
 
 # Rows without {layer} live on the first stage (embedding) or on the last one (everything else:
@@ -36,7 +37,7 @@ EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
 # megatron-core keeps these in fp32 whatever params_dtype is (TopKRouter.expert_bias): never cast them.
 KEEP_DTYPE_SUFFIXES = (".expert_bias",)
-EXTRA_STATE = "._extra_state"
+
 
 
 @dataclass(frozen=True)
