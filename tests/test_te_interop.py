@@ -234,3 +234,13 @@ def test_unknown_keys_are_refused(converted, work, minis):
     with pytest.raises(UserError, match="unknown key decoder.layers.0.self_attention.linear_qkv.layer_norm_weightx"):
         mcore2hf(root, work / "qwen2-bad-hf")
     assert not (work / "qwen2-bad-hf").exists()
+
+
+def test_torch_dist_matching_neither_name_set_is_refused(converted, work, minis):
+    """A torch_dist checkpoint read against another model's config: refused naming the first key the model
+    asks for (in either spec's names) that the checkpoint lacks; nothing written."""
+    root = work / "q3-dist-no-config"
+    shutil.copytree(work / "qwen3_moe-torch_dist", root, ignore=shutil.ignore_patterns("hf_config"))
+    with pytest.raises(UserError, match=r"the checkpoint has no \S+.* local and Transformer Engine names alike"):
+        mcore2hf(root, work / "q3-as-qwen2-hf", hf_config_dir=minis["qwen2"])
+    assert not (work / "q3-as-qwen2-hf").exists()
