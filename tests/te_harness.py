@@ -120,22 +120,29 @@ def build_te_chunks(hf, layout, grouped_gemm: bool = False, vocab_size: int | No
     return chunks, config, args
 
 
+def loadable_tensors(chunk) -> dict:
+    """What a checkpoint load must set: parameters and persistent buffers (e.g. the router's expert_bias),
+    by state-dict name, floating point only (`_extra_state` and integer counters are not weights)."""
+    return {name: t for name, t in chunk.state_dict(keep_vars=True).items()
+            if torch.is_tensor(t) and t.is_floating_point() and not name.endswith("_extra_state")}
+
+
 def fill_nan(chunks) -> None:
-    """Every parameter NaN, so a load that leaves one untouched shows (assert_no_nan)."""
+    """Every parameter and persistent buffer NaN, so a load that leaves one untouched shows."""
     with torch.no_grad():
         for chunk in chunks:
-            for p in chunk.parameters():
-                p.fill_(float("nan"))
+            for t in loadable_tensors(chunk).values():
+                t.fill_(float("nan"))
 
 
-def nan_parameters(chunks) -> list[str]:
+def nan_tensors(chunks) -> list[str]:
     return [f"chunk{i}.{name}" for i, chunk in enumerate(chunks)
-            for name, p in chunk.named_parameters() if torch.isnan(p).any()]
+            for name, t in loadable_tensors(chunk).items() if torch.isnan(t).any()]
 
 
 def assert_no_nan(chunks) -> None:
-    bad = nan_parameters(chunks)
-    assert not bad, f"{len(bad)} parameter(s) not loaded (still NaN), first: {bad[:5]}"
+    bad = nan_tensors(chunks)
+    assert not bad, f"{len(bad)} tensor(s) not loaded (still NaN), first: {bad[:5]}"
 
 
 # --- loading as Megatron-LM 0.16 does -------------------------------------------------------------------
