@@ -84,8 +84,9 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def minis(work):
-    return make_minis(work / "minis", FAMILIES)
+def minis(work, te_minis):
+    """The session's TE minis (DeepSeek-V3 with MTP, Qwen3-MoE) plus DeepSeek-V2-Lite-like and Qwen2."""
+    return {**te_minis, **make_minis(work / "minis", tuple(f for f in FAMILIES if f not in te_minis))}
 
 
 @pytest.fixture(scope="module")
