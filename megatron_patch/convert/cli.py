@@ -2,8 +2,10 @@
 
     convert hf2mcore --hf-path DIR --out DIR [--tp N --pp N --ep N --etp N --vpp N]
                      [--format torch|torch_dist] [--dtype fp32|bf16|fp16] [--force] [--verify]
+                     [--transformer-impl transformer_engine|local] [--moe-grouped-gemm]
     convert mcore2hf --mcore-path DIR --out DIR [--hf-config DIR] [--dtype ...] [--force]
     convert reshard  --mcore-path DIR --out DIR --tp N --pp N --ep N --etp N [--vpp N] [--format ...]
+                     [--transformer-impl ...] [--moe-grouped-gemm]
     convert fp8-to-bf16 --in DIR --out DIR [--force]
 
 Outputs are written atomically (nothing is left behind on error; an existing output needs --force).
@@ -31,13 +33,15 @@ def run_hf2mcore(args) -> int:
 
     try:
         result = hf2mcore(args.hf_path, args.out, _layout(args), fmt=args.format, dtype=args.dtype,
-                          force=args.force, verify=args.verify, model_size=args.model_size, show_progress=_show())
+                          force=args.force, verify=args.verify, model_size=args.model_size, show_progress=_show(),
+                          transformer_impl=args.transformer_impl, moe_grouped_gemm=args.moe_grouped_gemm)
     except VerificationFailed as err:
         print(f"error: {err} (nothing written)", file=sys.stderr)
         return 1
     if result.get("size_note"):
         print(result["size_note"])
-    print(f"hf2mcore: wrote {result['out']} ({result['format']}, {result['layout']}, {result['dtype']}): "
+    print(f"hf2mcore: wrote {result['out']} ({result['format']}, {result['layout']}, {result['dtype']}, "
+          f"{result['naming']} names): "
           f"{result['line']}")
     if "verify" in result:
         print(result["verify"])
@@ -57,8 +61,10 @@ def run_reshard(args) -> int:
     from .reshard import reshard
 
     result = reshard(args.mcore_path, args.out, _layout(args), fmt=args.format, force=args.force,
-                     hf_config_dir=args.hf_config, show_progress=_show())
-    print(f"reshard: wrote {result['out']} ({result['format']}, {result['layout']}, {result['dtype']}): "
+                     hf_config_dir=args.hf_config, show_progress=_show(), transformer_impl=args.transformer_impl,
+                     moe_grouped_gemm=args.moe_grouped_gemm)
+    print(f"reshard: wrote {result['out']} ({result['format']}, {result['layout']}, {result['dtype']}, "
+          f"{result['naming']} names): "
           f"{result['line']}")
     return 0
 
@@ -85,6 +91,15 @@ def _layout_args(p, required: bool) -> None:
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
 
 
+def _spec_args(p) -> None:
+    # No argparse `choices`: an unknown value is a UserError (one line, exit 2) like every other bad input.
+    p.add_argument("--transformer-impl", default="transformer_engine", metavar="{transformer_engine,local}",
+                   help="the megatron-core spec of the run that loads the output, as Megatron-LM's flag (default "
+                        "transformer_engine, Megatron-LM's default): decides the parameter names written")
+    p.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="write routed experts as TEGroupedMLP holds them (Megatron-LM's --moe-grouped-gemm)")
+
+
 def register(subparsers) -> None:
     conv = subparsers.add_parser("convert", help="checkpoint conversion HF <-> Megatron (any layout)",
                                  description=__doc__.split("\n\n")[0])
@@ -100,6 +115,7 @@ def register(subparsers) -> None:
     p.add_argument("--verify", action="store_true",
                    help="convert the output back in memory and compare every tensor bit for bit with the input")
     p.add_argument("--model-size", default=None, help="declared model size (e.g. 16B), checked against the weights")
+    _spec_args(p)
     p.set_defaults(func=run_hf2mcore)
 
     p = sub.add_parser("mcore2hf", help="Megatron checkpoint (torch or torch_dist) -> HF safetensors")
@@ -120,6 +136,7 @@ def register(subparsers) -> None:
     p.add_argument("--format", default=None, help="torch or torch_dist (default: the input's)")
     p.add_argument("--hf-config", default=None, help="HF model directory, when the checkpoint has no hf_config/")
     p.add_argument("--force", action="store_true", help="replace an existing output")
+    _spec_args(p)
     p.set_defaults(func=run_reshard)
 
     p = sub.add_parser("fp8-to-bf16", help="DeepSeek-V3 block-scaled FP8 HF checkpoint -> BF16")

@@ -26,6 +26,7 @@ from megatron_patch.errors import UserError
 
 from .dist_writer import meta_model, saved_tensors, single_rank, table_entries, tp1_plan
 from .hf2mcore import tensor_bytes
+from .key_map import match_sharded
 from .mcore2hf import McoreCheckpoint, PlanSource
 
 GROUP_BYTES = 256 * 1024**2
@@ -89,8 +90,12 @@ class DistSource(PlanSource):
             raise UserError(f"{ck.ckpt_dir}: {what}; only torch_dist checkpoints are read (torch DCP files)")
         padded = ck.padded_vocab() or model_args(ck.hf_config).padded_vocab_size(1)
         plan = tp1_plan(ck, padded_vocab=padded)
-        self.entries = table_entries(plan, meta_model(ck.hf_config, ck.dtype(), padded).sharded_state_dict())
         self.reader = CachedMetadataFileSystemReader(str(ck.ckpt_dir))  # .metadata read once
+        model_sd = meta_model(ck.hf_config, ck.dtype(), padded).sharded_state_dict()
+        # the checkpoint's names (local or TE spec) decide the keys read; a mismatch is refused here
+        model_sd, self.naming = match_sharded(model_sd, set(self.reader.read_metadata().state_dict_metadata),
+                                              str(ck.ckpt_dir), extra_state=False)
+        self.entries = table_entries(plan, model_sd)
         self.budget = budget or GROUP_BYTES
         super().__init__(plan, self._local, ck.hf_config, ck.family, ck.config_dir, local_meta=self._meta)
         self._check(self.reader.read_metadata().state_dict_metadata)

@@ -27,6 +27,9 @@ from megatron_patch.models.builder import ParallelLayout
 from megatron_patch.models.families.base import Replicated, Vocab
 from megatron_patch.models.families.common import ConcreteRow, expand_rows, shard_context
 
+from .key_map import EXTRA as EXTRA_STATE
+from .key_map import LOCAL, Naming, name_map, to_te
+
 # Rows without {layer} live on the first stage (embedding) or on the last one (everything else:
 # final norm, output layer, MTP).
 FIRST_STAGE_PREFIXES = ("embedding.",)
@@ -34,7 +37,7 @@ EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
 # megatron-core keeps these in fp32 whatever params_dtype is (TopKRouter.expert_bias): never cast them.
 KEEP_DTYPE_SUFFIXES = (".expert_bias",)
-EXTRA_STATE = "._extra_state"
+
 
 
 @dataclass(frozen=True)
@@ -82,10 +85,12 @@ def has_extra_state(row: ConcreteRow) -> bool:
 class ShardPlan:
     """The family table expanded for one model config and one layout."""
 
-    def __init__(self, family, hf_config, layout: ParallelLayout, mcore_config=None, model_args=None):
+    def __init__(self, family, hf_config, layout: ParallelLayout, mcore_config=None, model_args=None,
+                 naming: Naming | None = None):
         from megatron_patch.models.families import model_args as family_model_args
 
         self.family = family
+        self.naming = naming or Naming(LOCAL)  # the names written (key_map); the table holds local ones
         self.layout = layout
         self.mcore_config = mcore_config if mcore_config is not None else family.to_mcore_config(hf_config)
         self.model_args = model_args if model_args is not None else family_model_args(hf_config)
@@ -195,11 +200,28 @@ class ShardPlan:
         for row, place in self.rows_for(pos):
             rank = pos.etp if self.split_group(row)[0] == "etp" else pos.tp
             chunks[place.chunk][self.local_name(row, place)] = self.shard_row(row, read, rank, dtype)
+        if extra_state and self.naming.is_te:
+            last = (self.layout.pp - 1, self.vpp - 1)
+            return [to_te(sd, self.naming.grouped, (pos.pp, chunk) == last) for chunk, sd in enumerate(chunks)]
         if extra_state:
             for chunk, sd in enumerate(chunks):
                 for key in self.extra_state_keys(pos, chunk):
                     sd[key] = None
         return chunks
+
+    def stored_names(self, pp: int) -> list[dict[str, str]]:
+        """Per virtual chunk of stage pp: local parameter name -> the name written (plan.naming)."""
+        names: list[list[str]] = [[] for _ in range(self.vpp)]
+        for row, place in self.rows_for(RankPosition(pp=pp)):
+            names[place.chunk].append(self.local_name(row, place))
+        return [name_map(n, self.naming) for n in names]
+
+    def local_names(self, pos: RankPosition) -> list[set[str]]:
+        """Per virtual chunk: the local-spec parameter names this rank holds."""
+        names: list[set[str]] = [set() for _ in range(self.vpp)]
+        for row, place in self.rows_for(pos):
+            names[place.chunk].add(self.local_name(row, place))
+        return names
 
     def extra_state_keys(self, pos: RankPosition, chunk: int) -> list[str]:
         keys = {self.local_name(row, place).rsplit(".", 1)[0] + EXTRA_STATE

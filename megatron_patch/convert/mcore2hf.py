@@ -9,6 +9,10 @@ mappings are dropped before the next stage, so the resident set is about one sta
 shard. torch_dist: read in this process at TP1/PP1/EP1 (dist_reader), a group of parameters (about
 256 MiB) at a time, so the resident set is about one group plus one output shard.
 
+Either spec's names are read (key_map, detected per checkpoint): megatron-core's local or Transformer
+Engine spec, SequentialMLP or grouped experts, Pai-Megatron-Patch's TP-split MLA down projections; a key in
+neither set is refused before anything is written.
+
 The HF config comes from the checkpoint's own hf_config/ (written by hf2mcore and reshard), else from
 --hf-config; --hf-config also supplies the tokenizer files.
 """
@@ -28,10 +32,11 @@ from megatron_patch.errors import UserError
 
 from . import mcore_layout
 from .atomic import atomic_output_dir
-from .engine import EMBEDDING, KEEP_DTYPE_SUFFIXES, ShardPlan, cast
+from .engine import EMBEDDING, KEEP_DTYPE_SUFFIXES, RankPosition, ShardPlan, cast
 from .hf2mcore import (DTYPES, HF_CONFIG_DIR, META_NAME, RELEASE_BYTES, load_hf_config,
                        parse_dtype, refuse_existing, same_bits, tensor_bytes)
 from .hf_writer import ShardedSafetensorsWriter, copy_tokenizer_files
+from .key_map import down_projection_rows, read_local_rank
 from .progress import ConversionProgress
 
 DEFAULT_MAX_SHARD_BYTES = 1024**3
@@ -210,8 +215,10 @@ class TorchSource(PlanSource):
         # An expert shard of ETP rank e lives in the file of TP rank e (etp = tp % ETP, ETP divides TP).
         tp = pos.etp if pos.etp else pos.tp
         key = (tp, pos.pp, pos.ep)
-        if key not in self._files:
-            self._files[key] = mcore_layout.read_rank(self.ck.root, *key, self.ck.sizes, self.ck.iteration)
+        if key not in self._files:  # local-spec names whatever spec wrote it (key_map); unknown keys refused
+            expected = self.plan.local_names(RankPosition(pp=pos.pp, ep=pos.ep))
+            self._files[key], self.naming = read_local_rank(self.ck.root, *key, self.ck.sizes, self.ck.iteration,
+                                                            down_projection_rows(self.plan.mcore_config), expected)
             check_rank_layers(self._files[key], self.plan, pos.pp, mcore_layout.rank_dir_name(
                 *key, self.ck.sizes["pp"], self.ck.sizes["ep"]))
         chunks = self._files[key]

@@ -19,6 +19,7 @@ from megatron_patch.errors import UserError
 
 from .atomic import atomic_output_dir
 from .engine import ShardPlan
+from .key_map import TE, Naming
 from .hf2mcore import (FORMATS, check_layout_values, check_torch_layout, describe,
                        dist_total_bytes, dry_run, dtype_name, megatron_args, output_bytes, refuse_existing,
                        write_dist, write_side_files, write_torch)
@@ -32,9 +33,11 @@ def torch_read_order(plan: ShardPlan) -> list[str]:
 
 
 def reshard(mcore_path, out, layout, fmt: str | None = None, force: bool = False, hf_config_dir=None,
-            show_progress: bool = False) -> dict:
+            show_progress: bool = False, transformer_impl: str = TE, moe_grouped_gemm: bool = False) -> dict:
+    """The names written follow transformer_impl / moe_grouped_gemm (the input's are detected)."""
     from megatron_patch.models.builder import ParallelLayout
 
+    naming = Naming(transformer_impl, moe_grouped_gemm)
     check_layout_values(layout)
     layout = ParallelLayout(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.expert_tp,
                             vpp=layout.vpp if layout.vpp and layout.vpp > 1 else None)
@@ -43,7 +46,7 @@ def reshard(mcore_path, out, layout, fmt: str | None = None, force: bool = False
     fmt = fmt or ck.fmt
     if fmt not in FORMATS:
         raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    plan = ShardPlan(ck.family, ck.hf_config, layout)
+    plan = ShardPlan(ck.family, ck.hf_config, layout, naming=naming)
     if fmt == "torch":  # torch_dist holds global tensors: any layout ShardPlan accepts
         check_torch_layout(plan)
     dtype = ck.dtype()
@@ -59,9 +62,9 @@ def reshard(mcore_path, out, layout, fmt: str | None = None, force: bool = False
                 if fmt == "torch":
                     write_torch(plan, source, tmp, None, megatron_args(plan, dtype, "torch"), progress, metas)
                 else:
-                    write_dist(source, layout, dtype, tmp, progress)
+                    write_dist(source, layout, dtype, tmp, progress, naming)
                 write_side_files(tmp, fmt, ck.family.name, layout, dtype, ck.config_dir, ck.tokenizer_dir,
-                                 mcore_path, "reshard")
+                                 mcore_path, "reshard", naming)
                 summary, line = progress.summary()
     return {**summary, "line": line, "out": str(Path(out).absolute()), "format": fmt,
-            "layout": describe(layout), "dtype": dtype_name(dtype)}
+            "layout": describe(layout), "dtype": dtype_name(dtype), "naming": naming.describe()}

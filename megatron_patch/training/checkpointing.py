@@ -373,9 +373,12 @@ def _load_torch_layout(root, chunks, layout) -> int | str:
                         f"TP{sizes['tp']} PP{sizes['pp']} EP{sizes['ep']} ETP{sizes['etp']} VPP{sizes['vpp']}, this run is "
                         f"TP{want['tp']} PP{want['pp']} EP{want['ep']} ETP{want['etp']} VPP{want['vpp']}; "
                         "convert for this layout (or convert with --format torch_dist, which loads at any layout)")
-    state_dicts = mcore_layout.read_rank(root, ps.get_tensor_model_parallel_rank(),
-                                         ps.get_pipeline_model_parallel_rank(), ps.get_expert_model_parallel_rank(),
-                                         sizes, iteration)
+    from megatron_patch.convert.key_map import down_projection_rows, read_local_rank
+
+    # local-spec names whatever spec wrote it (Megatron-LM / Pai-Megatron-Patch TE checkpoints included)
+    state_dicts, _ = read_local_rank(root, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                                     ps.get_expert_model_parallel_rank(), sizes, iteration,
+                                     down_projection_rows(_unwrap(chunks[0]).config))
     _copy_into(chunks, state_dicts, f"--load {root}")
     return iteration
 
@@ -383,7 +386,11 @@ def _load_torch_layout(root, chunks, layout) -> int | str:
 def _load_dist_model(path, chunks) -> None:
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
+    from megatron_patch.convert.key_map import match_sharded, stored_keys
+
     request = model_sharded_state_dict(chunks)
+    stored = stored_keys(path)  # the checkpoint's names (local or TE spec) decide the keys requested
+    request = {k: match_sharded(sd, stored, f"--load {path}", extra_state=False)[0] for k, sd in request.items()}
     try:
         loaded = safe_load.dist_load(request, path)
     except CheckpointingException as err:

@@ -271,16 +271,22 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) ->
         return "converted in memory from HF (convert.engine.load_into_chunks)"
     fmt, root = mcore_format(spec.mcore_path)
     if fmt == "torch":
-        from megatron_patch.convert.mcore_layout import read_layout, read_rank
+        from megatron_patch.convert.key_map import down_projection_rows, read_local_rank
+        from megatron_patch.convert.mcore_layout import read_layout
 
-        iteration, sizes = read_layout(root)
-        state_dicts = read_rank(root, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                                ps.get_expert_model_parallel_rank(), sizes, iteration)
+        iteration, sizes = read_layout(root)  # either spec's names (key_map), read as local-spec ones
+        state_dicts, _ = read_local_rank(root, ps.get_tensor_model_parallel_rank(),
+                                         ps.get_pipeline_model_parallel_rank(), ps.get_expert_model_parallel_rank(),
+                                         sizes, iteration, down_projection_rows(config))
     else:
         from megatron_patch.checkpoint.safe_load import dist_load
 
+        from megatron_patch.convert.key_map import match_sharded, stored_keys
+
         keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-        sharded = {k: c.sharded_state_dict() for k, c in zip(keys, chunks)}
+        stored = stored_keys(root)
+        sharded = {k: match_sharded(c.sharded_state_dict(), stored, f"--mcore-path {spec.mcore_path}",
+                                    extra_state=False)[0] for k, c in zip(keys, chunks)}
         loaded = dist_load(sharded, root)
         state_dicts = [loaded[k] for k in keys]
     if len(state_dicts) != len(chunks):
