@@ -36,7 +36,7 @@ from .engine import EMBEDDING, KEEP_DTYPE_SUFFIXES, RankPosition, ShardPlan, cas
 from .hf2mcore import (DTYPES, HF_CONFIG_DIR, META_NAME, RELEASE_BYTES, load_hf_config,
                        parse_dtype, refuse_existing, same_bits, tensor_bytes)
 from .hf_writer import ShardedSafetensorsWriter, copy_tokenizer_files
-from .key_map import down_projection_rows, read_local_rank
+from .key_map import check_known, down_projection_rows, read_local_rank
 from .progress import ConversionProgress
 
 DEFAULT_MAX_SHARD_BYTES = 1024**3
@@ -216,11 +216,13 @@ class TorchSource(PlanSource):
         tp = pos.etp if pos.etp else pos.tp
         key = (tp, pos.pp, pos.ep)
         if key not in self._files:  # local-spec names whatever spec wrote it (key_map); unknown keys refused
-            expected = self.plan.local_names(RankPosition(pp=pos.pp, ep=pos.ep))
             self._files[key], self.naming = read_local_rank(self.ck.root, *key, self.ck.sizes, self.ck.iteration,
-                                                            down_projection_rows(self.plan.mcore_config), expected)
-            check_rank_layers(self._files[key], self.plan, pos.pp, mcore_layout.rank_dir_name(
-                *key, self.ck.sizes["pp"], self.ck.sizes["ep"]))
+                                                            down_projection_rows(self.plan.mcore_config))
+            where = mcore_layout.rank_dir_name(*key, self.ck.sizes["pp"], self.ck.sizes["ep"])
+            check_rank_layers(self._files[key], self.plan, pos.pp, where)  # the clearer message first
+            expected = self.plan.local_names(RankPosition(pp=pos.pp, ep=pos.ep))
+            for sd, names in zip(self._files[key], expected):
+                check_known(sd, names, where)
         chunks = self._files[key]
         try:
             return chunks[chunk][name]
