@@ -6,6 +6,7 @@ In the test process (spawns ranks):
     with te_double_on_path():                 # or the `te_double` fixture (tests/conftest.py)
         run_ranks(fn, world_size, args=...)   # spawned ranks inherit sys.path, so import the double
     run_te_ranks(fn, world_size, args=...)    # the same in one call
+    subprocess.run([...], env=te_double_env())  # torchrun / CLI subprocesses: the double first on PYTHONPATH
     minis = make_minis(tmp_dir)               # tiny random HF models (DeepSeek-V3 with MTP, Qwen3-MoE, ...)
 
 Inside a rank (`fn(rank, world, ...)`, runtime already set up by run_ranks):
@@ -43,6 +44,15 @@ def te_double_on_path():
         yield TE_DOUBLE
     finally:
         sys.path.remove(str(TE_DOUBLE))
+
+
+def te_double_env(env: dict | None = None) -> dict:
+    """An environment for a subprocess (torchrun, the CLI) that must import the double: PYTHONPATH first."""
+    import os
+
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TE_DOUBLE), env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 def run_te_ranks(fn, world_size: int, timeout: float = 300.0, args: tuple = (), env: dict | None = None) -> list:
