@@ -191,15 +191,19 @@ def load_torch_dist(chunks, root, strict: bool = True):
 
 
 def load_legacy(chunks, root, strict: bool = True):
-    """--ckpt-format torch: this rank's mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt, one
-    load_state_dict(strict=True) per chunk (strict=False: Megatron-LM's fallback, returns the results)."""
+    """--ckpt-format torch as Megatron-LM reads it: the tracker's iteration, then this rank's own
+    mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt named from the run's layout (no other rank file is looked at),
+    one load_state_dict(strict=True) per chunk (strict=False: Megatron-LM's fallback; returns the results)."""
     from megatron.core import parallel_state as ps
 
     from megatron_patch.convert import mcore_layout
 
-    iteration, sizes = mcore_layout.read_layout(root)
-    state = mcore_layout.read_rank(root, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                                   ps.get_expert_model_parallel_rank(), sizes, iteration)
+    sizes = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+             "ep": ps.get_expert_model_parallel_world_size()}
+    checkpoint = mcore_layout.load_rank_checkpoint(
+        root, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+        ps.get_expert_model_parallel_rank(), sizes, mcore_layout.read_iteration(root))
+    state = mcore_layout.model_chunks(checkpoint)
     assert len(state) == len(chunks), f"checkpoint holds {len(state)} chunk(s) per rank, the model {len(chunks)}"
     return [c.load_state_dict(sd, strict=strict) for c, sd in zip(chunks, state)]
 
@@ -257,7 +261,7 @@ def pai_args(config, args, layout, **extra) -> dict:
               "kv_channels", "normalization", "num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk",
               "moe_grouped_gemm", "moe_shared_expert_intermediate_size", "q_lora_rank", "kv_lora_rank",
               "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "multi_latent_attention", "mtp_num_layers",
-              "qk_layernorm", "add_qkv_bias", "group_query_attention", "moe_layer_freq")
+              "qk_layernorm", "add_qkv_bias", "moe_layer_freq")
     out = {f: getattr(config, f, None) for f in fields}
     out.update(transformer_impl="transformer_engine", padded_vocab_size=args.padded_vocab_size(layout.tp),
                vocab_size=args.vocab_size, max_position_embeddings=args.max_position_embeddings,
