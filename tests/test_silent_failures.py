@@ -164,17 +164,40 @@ def _with_extra_tensor(src: Path, dst: Path, name: str) -> None:
     save_file(tensors, shard, metadata={"format": "pt"})
 
 
-def test_hf2mcore_refuses_a_tensor_the_table_does_not_map(work, capsys):
+EXTRA = "model.layers.0.mlp.extra_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def extra_tensor_hf(work):
+    hf = work.root / "extra-tensor"
+    _with_extra_tensor(work.padded, hf, EXTRA)
+    return hf
+
+
+def test_hf2mcore_refuses_a_tensor_the_table_does_not_map(work, extra_tensor_hf, capsys):
     from megatron_patch.cli import main
 
-    hf = work.root / "extra-tensor"
-    _with_extra_tensor(work.padded, hf, "model.layers.0.mlp.extra_proj.weight")
     out = work.root / "extra-out"
     before = set(work.root.iterdir())
-    rc = main(["convert", "hf2mcore", "--hf-path", str(hf), "--out", str(out)])
+    rc = main(["convert", "hf2mcore", "--hf-path", str(extra_tensor_hf), "--out", str(out)])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: ") and "model.layers.0.mlp.extra_proj.weight" in err, err
+    assert rc == 2 and err.startswith("error: ") and EXTRA in err, err
     assert set(work.root.iterdir()) == before  # nothing written, not even a temporary sibling
+
+
+def test_in_memory_loads_refuse_a_tensor_the_table_does_not_map(extra_tensor_hf):
+    """compare (before any rank starts) and `train --load-hf` read HF weights without converting: the same
+    check applies."""
+    from transformers import AutoConfig
+
+    from megatron_patch.training.checkpointing import init_from_hf
+    from megatron_patch.verify.compare import CompareSpec, prepare
+
+    with pytest.raises(UserError, match=EXTRA):
+        prepare(CompareSpec(hf_path=str(extra_tensor_hf)))
+    hf_config = AutoConfig.from_pretrained(extra_tensor_hf)
+    with pytest.raises(UserError, match=EXTRA):
+        init_from_hf(str(extra_tensor_hf), [], hf_config, ParallelLayout(), None, None)
 
 
 def test_mtp_copy_that_differs_past_row_4096_is_refused():
