@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -71,6 +72,10 @@ def run_tests(tree: Path, mutant: Mutant, timeout: float) -> tuple[str, float]:
     return "KILLED", elapsed
 
 
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", metavar="NAME", help="run these mutants only")
@@ -79,30 +84,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant's tests")
     args = p.parse_args(argv)
     mutants = [m for m in MUTANTS if not args.only or m.name in args.only]
+    unknown = set(args.only or ()) - {m.name for m in MUTANTS}
+    if unknown:
+        print(f"error: no mutant named {sorted(unknown)[0]!r}; see --list", file=sys.stderr)
+        return 2
     if args.list:
         for m in mutants:
             print(f"{m.name:40s} {m.file}  ->  {' '.join(m.tests)}")
         return 0
-    killed, start = 0, time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="mp-mutants-") as tmp:
-        tree = Path(tmp)
-        copy_tree(REPO, tree)
-        for i, mutant in enumerate(mutants, 1):
-            original = apply(tree, mutant)
-            if original is None:
-                verdict, elapsed = "STALE (snippet not found exactly once)", 0.0
-            else:
-                try:
-                    verdict, elapsed = run_tests(tree, mutant, args.timeout)
-                finally:
-                    (tree / mutant.file).write_text(original)
-            killed += verdict.startswith("KILLED")
-            print(f"[{i}/{len(mutants)}] {verdict:12s} {mutant.name} ({elapsed:.0f}s)", flush=True)
+    # SIGTERM unwinds like Ctrl-C: the temporary tree is removed and the running tests are stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
+    killed, start, status = 0, time.perf_counter(), None
+    try:
+        with tempfile.TemporaryDirectory(prefix="mp-mutants-") as tmp:
+            tree = Path(tmp)
+            copy_tree(REPO, tree)
+            for i, mutant in enumerate(mutants, 1):
+                original = apply(tree, mutant)
+                if original is None:
+                    verdict, elapsed = "STALE (snippet not found exactly once)", 0.0
+                else:
+                    try:
+                        verdict, elapsed = run_tests(tree, mutant, args.timeout)
+                    finally:
+                        (tree / mutant.file).write_text(original)
+                killed += verdict.startswith("KILLED")
+                print(f"[{i}/{len(mutants)}] {verdict:12s} {mutant.name} ({elapsed:.0f}s)", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted: the mutants not run count as not killed", flush=True)
+        status = 130
     n = len(mutants)
     percent = 100.0 * killed / n if n else 0.0
     print(f"wall time {time.perf_counter() - start:.0f}s", flush=True)
     print(f"killed {killed} of {n} ({percent:.1f} %)", flush=True)
-    return 0 if percent >= args.threshold else 1
+    return status if status is not None else 0 if percent >= args.threshold else 1
 
 
 if __name__ == "__main__":
