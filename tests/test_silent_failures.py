@@ -127,6 +127,23 @@ def test_yarn_with_distinct_mscale_values_matches_hf(work, one_rank):
     _assert_pass(one_rank["mscale"])
 
 
+def test_yarn_attention_factor_checked_against_hf(work):
+    """An explicit rope attention_factor is accepted when it is what HF derives from mscale / mscale_all_dim
+    (megatron derives the same) and refused otherwise: HF would use it as given."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megatron_patch.models.families.common import mla_rope
+
+    hf = AutoConfig.from_pretrained(work.mscale)
+    _, hf_factor = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+    assert hf_factor != 1.0
+    rope = dict(hf.rope_parameters)
+    mla_rope(dict(rope, attention_factor=hf_factor), hf.max_position_embeddings)
+    with pytest.raises(UserError, match="attention_factor"):
+        mla_rope(dict(rope, attention_factor=hf_factor * 1.001), hf.max_position_embeddings)
+
+
 # ---------------------------------------------------------------------------------------------------
 # conversion
 # ---------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ LOSS = f"{SILENT}::test_loss_is_the_masked_token_mean"
 PADDED_COMPARE = f"{SILENT}::test_compare_passes_with_a_padded_vocab"
 PADDED_EXPORT = f"{SILENT}::test_padding_added_on_import_and_stripped_on_export"
 YARN = f"{SILENT}::test_yarn_with_distinct_mscale_values_matches_hf"
+YARN_FACTOR = f"{SILENT}::test_yarn_attention_factor_checked_against_hf"
 EXTRA_TENSOR = f"{SILENT}::test_hf2mcore_refuses_a_tensor_the_table_does_not_map"
 MTP_COPY = f"{SILENT}::test_mtp_copy_that_differs_past_row_4096_is_refused"
 NPU_FALLBACK = f"{SILENT}::test_npu_moe_fallbacks_pass_every_argument_to_megatron"
@@ -57,7 +58,7 @@ MUTANTS: list[Mutant] = [
       "m, m_all = float(mscale), float(mscale_all_dim)", "m_all, m = float(mscale), float(mscale_all_dim)",
       (YARN,)),
     M("families: YaRN get_mscale ignores mscale", "megatron_patch/models/families/common.py",
-      "0.1 * mscale * math.log(scale) + 1.0", "0.1 * math.log(scale) + 1.0", (YARN,)),
+      "0.1 * mscale * math.log(scale) + 1.0", "0.1 * math.log(scale) + 1.0", (YARN_FACTOR,)),
     M("engine: MTP copy compared on the first 4096 rows only", "megatron_patch/convert/engine.py",
       "for start in range(0, a.shape[0], rows_per_block):",
       "for start in range(0, min(a.shape[0], rows_per_block), rows_per_block):", (MTP_COPY,)),
