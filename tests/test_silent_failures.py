@@ -359,9 +359,10 @@ def _warmup_loss(log: str) -> float:
     return float(line.rsplit("loss ", 1)[1].split()[0])
 
 
-def _hf_validation_loss(w) -> float:
-    """The validation batches evaluate() reads, through transformers' model with the HF weights: the mean
-    over batches of each batch's token-mean loss."""
+def _hf_losses(w) -> tuple[float, float]:
+    """Through transformers' model with the HF weights (no dropout): the loss of the first training batch,
+    and the validation loss evaluate() should report (the mean over the validation batches of each batch's
+    token-mean loss). The batches are the trainer's: megatron's GPTDataset with the trainer's settings."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from megatron_patch.data.gpt import DataSpec, GlobalBatches, build_datasets, tokenizer_from_hf_config
@@ -370,30 +371,31 @@ def _hf_validation_loss(w) -> float:
     spec = DataSpec(train_blend=([w.data], None), seq_length=SEQ, global_batch_size=GBS, train_iters=1, seed=7,
                     tokenizer=tokenizer_from_hf_config(hf_config), valid_blend=([w.data], None),
                     eval_samples=EVAL_ITERS * GBS, cache_dir=w.cache)
-    _, valid = build_datasets(spec)
-    batches = GlobalBatches(valid, GBS)
+    train, valid = build_datasets(spec)
     model = AutoModelForCausalLM.from_pretrained(w.hf, torch_dtype=torch.float32).eval()
-    losses = []
-    with torch.no_grad():
-        for _ in range(EVAL_ITERS):
-            b = batches.next()
-            logits = model(b.tokens).logits.float()
-            per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b.labels.flatten(), reduction="none")
-            losses.append(float((per_token * b.loss_mask.flatten()).sum() / b.loss_mask.sum()))
-    return sum(losses) / len(losses)
+
+    def loss(batch) -> float:
+        with torch.no_grad():
+            logits = model(batch.tokens).logits.float()
+        per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), reduction="none")
+        return float((per_token * batch.loss_mask.flatten()).sum() / batch.loss_mask.sum())
+
+    batches = GlobalBatches(valid, GBS)
+    return loss(GlobalBatches(train, GBS).next()), sum(loss(batches.next()) for _ in range(EVAL_ITERS)) / EVAL_ITERS
 
 
 def test_load_torch_dist_and_evaluate_match_hf(train_work):
     """lr 0: the weights stay those of the torch_dist checkpoint (converted from HF), so evaluate() must give
-    HF's validation loss; dropout 0.1 is on in training and must be off in evaluation."""
+    HF's validation loss; dropout 0.1 is on in training (the step's loss is not HF's) and off in evaluation."""
     metrics, log = _train(train_work, "eval", ["--train-iters", "1", "--lr", "0", "--min-lr", "0",
                                                "--eval-interval", "1", "--eval-iters", str(EVAL_ITERS),
                                                "--valid-data-path", train_work.data])
     assert f"model: torch_dist {train_work.dist}" in log
     (valid,) = [m["valid_loss"] for m in metrics if "valid_loss" in m]
-    expected = _hf_validation_loss(train_work)
-    assert abs(valid - expected) <= 1e-5, (valid, expected)
     (step,) = [m for m in metrics if "loss" in m]
+    hf_step, hf_valid = _hf_losses(train_work)
+    assert abs(valid - hf_valid) <= 1e-5, (valid, hf_valid)
+    assert abs(step["loss"] - hf_step) > 1e-3, (step["loss"], hf_step)  # dropout was on
     assert _warmup_loss(log) == step["loss"]  # the warm-up ran the first batch from the same state
 
 
