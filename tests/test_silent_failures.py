@@ -171,6 +171,30 @@ def test_padding_added_on_import_and_stripped_on_export(work):
         assert exported[name].shape == tensor.shape and torch.equal(exported[name], tensor), name
 
 
+@pytest.mark.parametrize("pp, vpp", [(2, None), (4, None), (2, 2)])
+def test_layer_placement_matches_megatron_layer_offsets(work, pp, vpp):
+    """Where the converter puts each decoder layer (stage, virtual chunk, local index) is where megatron's
+    get_transformer_layer_offset says that stage's chunk starts."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+    from transformers import AutoConfig
+
+    from megatron_patch.convert.engine import ShardPlan
+    from megatron_patch.models.builder import apply_layout
+    from megatron_patch.models.families import family_for_config
+
+    hf = AutoConfig.from_pretrained(work.padded)
+    layout = ParallelLayout(pp=pp, vpp=vpp)
+    plan = ShardPlan(family_for_config(hf), hf, layout)
+    config = apply_layout(plan.mcore_config, layout)
+    places = set()
+    for row in (r for r in plan.rows if r.layer is not None):
+        place = plan.placement(row)
+        offset = get_transformer_layer_offset(config, vp_stage=place.chunk if vpp else None, pp_rank=place.pp)
+        assert offset + place.local_layer == row.layer, (row.mcore, place)
+        places.add((place.pp, place.chunk, place.local_layer))
+    assert len(places) == hf.num_hidden_layers
+
+
 def _with_extra_tensor(src: Path, dst: Path, name: str) -> None:
     from safetensors.torch import load_file, save_file
 
