@@ -313,6 +313,13 @@ def check_hf_copies(plan: ShardPlan, read: Callable[[str], object], rows_per_blo
                                 "shares one tensor for both, so this checkpoint cannot be converted exactly")
 
 
+def check_hf_checkpoint(plan: ShardPlan, ckpt) -> None:
+    """An open HFCheckpoint against the table before loading from it in memory (compare, --load-hf): the
+    same name and MTP-copy checks as hf2mcore, so no tensor is dropped without a word."""
+    check_hf_coverage(plan, ckpt.keys())
+    check_hf_copies(plan, ckpt.get_slice)
+
+
 def current_position() -> RankPosition:
     """This process's coordinates from megatron's parallel_state."""
     from megatron.core import parallel_state as ps

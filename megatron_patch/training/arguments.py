@@ -71,6 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true", help="not supported (use --bf16)")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--hidden-dropout", type=float, default=None,
+                   help="residual dropout (default: the family's, 0 for DeepSeek and Qwen as in HF)")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
                    help="default: from the HF config (DeepSeek aux_loss_alpha)")
 

@@ -417,11 +417,12 @@ def init_from_megatron(root, chunks, layout) -> str:
 
 
 def init_from_hf(hf_dir, chunks, hf_config, layout, config, margs) -> str:
-    from megatron_patch.convert.engine import ShardPlan, load_into_chunks
+    from megatron_patch.convert.engine import ShardPlan, check_hf_checkpoint, load_into_chunks
     from megatron_patch.convert.hf_reader import HFCheckpoint
     from megatron_patch.models.families import family_for_config
 
     plan = ShardPlan(family_for_config(hf_config), hf_config, layout, config, margs)
     with HFCheckpoint(hf_dir) as ckpt:
+        check_hf_checkpoint(plan, ckpt)
         load_into_chunks(chunks, plan, ckpt.get_slice)
     return f"HF {hf_dir}"

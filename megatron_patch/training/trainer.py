@@ -58,6 +58,8 @@ def _config_overrides(args) -> dict:
         overrides.update(bf16=True, params_dtype=torch.bfloat16)
     if args.moe_aux_loss_coeff is not None:
         overrides["moe_aux_loss_coeff"] = args.moe_aux_loss_coeff
+    if getattr(args, "hidden_dropout", None) is not None:
+        overrides["hidden_dropout"] = args.hidden_dropout
     for name in ("recompute_granularity", "recompute_method", "recompute_num_layers"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
@@ -354,12 +356,17 @@ class Trainer:
         from megatron_patch.training.step import forward_backward
 
         saved_rng = rng_state()
+        start = time.perf_counter()
         finalize, self.config.finalize_model_grads_func = self.config.finalize_model_grads_func, None
         try:
             for _ in range(steps):
-                forward_backward(self.chunks, batch.to(self.acc.current_device()), self.args.micro_batch_size)
+                loss = forward_backward(self.chunks, batch.to(self.acc.current_device()), self.args.micro_batch_size)
         finally:
             self.config.finalize_model_grads_func = finalize
+        loss = self._global_loss(loss)
+        if self.rank == self.log_rank:  # the loss the first step will log again: its state is restored below
+            print(f"warm-up: {steps} step(s) in {time.perf_counter() - start:.1f}s, loss {loss!r} (state reset)",
+                  flush=True)
         zero_grads(self.chunks, self.optimizer)
         reset_model_temporary_tensors(self.config, self.chunks)
         clear_aux_losses_tracker()

@@ -166,9 +166,11 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
     if spec.seq_length > hf_config.max_position_embeddings:
         raise UserError(f"--seq-length {spec.seq_length} exceeds max_position_embeddings="
                         f"{hf_config.max_position_embeddings}")
-    if spec.mcore_path is None:
-        with HFCheckpoint(path):  # validates shards and headers (cheap)
-            pass
+    if spec.mcore_path is None:  # validates shards and headers (cheap), and the names against the table
+        from megatron_patch.convert.engine import ShardPlan, check_hf_checkpoint
+
+        with HFCheckpoint(path) as ckpt:
+            check_hf_checkpoint(ShardPlan(family, hf_config, lay, config), ckpt)
     else:
         fmt, root = mcore_format(spec.mcore_path)
         if fmt == "torch_dist":
