@@ -25,6 +25,7 @@ format, layout, dtype), so mcore2hf and reshard need nothing else.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -117,13 +118,44 @@ def load_hf_config(config_dir):
 
 
 def layout_dict(layout) -> dict:
-    return {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp, "vpp": layout.vpp or 1}
+    """The sizes and pipeline split a checkpoint depends on (convert_meta.json; mcore_layout's `sizes`)."""
+    return {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp, "vpp": layout.vpp or 1,
+            **layout.split_fields()}
+
+
+def normalized_layout(layout):
+    """The layout as converters store it: VPP 1 is no VPP."""
+    return dataclasses.replace(layout, vpp=layout.vpp if layout.vpp and layout.vpp > 1 else None)
 
 
 def describe(layout) -> str:
-    """TP2xPP1xEP4xETP2 (+VPPn): the sizes a checkpoint depends on (sequence parallel does not matter)."""
+    """TP2xPP1xEP4xETP2 (+VPPn, + the uneven split): what a checkpoint depends on (not sequence parallel)."""
     text = f"TP{layout.tp}xPP{layout.pp}xEP{layout.ep}xETP{layout.expert_tp}"
-    return text + (f"xVPP{layout.vpp}" if layout.vpp and layout.vpp > 1 else "")
+    text += f"xVPP{layout.vpp}" if layout.vpp and layout.vpp > 1 else ""
+    split = layout.describe_split()
+    return text + (f" ({split})" if split else "")
+
+
+def plan_lines(hf_path, layout) -> list[str]:
+    """`hf2mcore --dry-run`: which layers each pipeline rank (and virtual stage) gets, from config.json
+    alone (no weights needed), with the rank directories Megatron-LM names for them."""
+    from megatron_patch.models.builder import check_layout
+    from megatron_patch.models.pipeline import stage_map
+
+    check_layout_values(layout)
+    hf_config = load_hf_config(hf_path)
+    from megatron_patch.models.families import family_for_config
+
+    config = family_for_config(hf_config).to_mcore_config(hf_config)
+    layout = normalized_layout(layout)
+    check_layout(layout, config)
+    stages = stage_map(config, layout)
+    lines = [f"plan: {describe(layout)}, {config.num_layers} decoder layers"
+             + (f" + {config.mtp_num_layers} MTP" if getattr(config, "mtp_num_layers", None) else "")]
+    dirs = {pp: mcore_layout.rank_dir_name(0, pp, 0, layout.pp, layout.ep) for pp in range(layout.pp)}
+    for (pp, vp), line in zip(sorted(stages.decoder), stages.lines()):
+        lines.append(f"{line}  [{dirs[pp]}" + (" .. x TP x EP files]" if layout.tp * layout.ep > 1 else "]"))
+    return lines
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -168,7 +200,11 @@ def megatron_args(plan: ShardPlan, dtype: torch.dtype, fmt: str) -> dict:
         q_lora_rank=getattr(cfg, "q_lora_rank", None), kv_lora_rank=getattr(cfg, "kv_lora_rank", None),
         qk_head_dim=getattr(cfg, "qk_head_dim", None), qk_pos_emb_head_dim=getattr(cfg, "qk_pos_emb_head_dim", None),
         v_head_dim=getattr(cfg, "v_head_dim", None), mtp_num_layers=getattr(cfg, "mtp_num_layers", None),
-        num_layers_per_virtual_pipeline_stage=cfg.num_layers // stages if lay.vpp and lay.vpp > 1 else None,
+        # Megatron-LM: an even split names its chunk size, an uneven one the chunk count
+        num_layers_per_virtual_pipeline_stage=(cfg.num_layers // stages if lay.vpp and lay.vpp > 1
+                                               and not lay.uneven else None),
+        num_virtual_stages_per_pipeline_rank=lay.vpp if lay.vpp and lay.vpp > 1 and lay.uneven else None,
+        **lay.split_fields(),
         sequence_parallel=lay.sequence_parallel, consumed_train_samples=0, consumed_valid_samples=0,
         ckpt_format=fmt,
     )
@@ -429,8 +465,6 @@ def write_dist(source, layout, dtype: torch.dtype, root: Path, progress=None) ->
 def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None, force: bool = False,
              verify: bool = False, model_size: str | None = None, show_progress: bool = False) -> dict:
     """Convert; returns the summary (tensors, bytes, seconds, gb_per_s, peak_rss_gib, line, verify)."""
-    from megatron_patch.models.builder import ParallelLayout
-
     target = parse_dtype(dtype)
     if fmt not in FORMATS:
         raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -439,8 +473,7 @@ def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None,
     source = HFSource(hf_path)
     check_not_fp8(source)
     size_note = declared_size_check(model_size, source)
-    layout = ParallelLayout(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.expert_tp,
-                            vpp=layout.vpp if layout.vpp and layout.vpp > 1 else None)
+    layout = normalized_layout(layout)
     plan = ShardPlan(source.family, source.hf_config, layout)
     check_hf_input(source, plan)
     embedding = next((r.hf[0] for r in plan.rows if r.mcore == EMBEDDING), plan.rows[0].hf[0])

@@ -10,8 +10,10 @@ writes and reads it:
             model_optim_rng.pt                   {"model": sd} or {"model0": sd0, "model1": ...} (VPP),
                                                  "checkpoint_version": 3.0, "iteration", "args"
 
-`sizes` is a dict with keys tp, pp, ep and optionally etp (expert tensor parallel, defaults to tp)
-and vpp (virtual pipeline chunks per stage, 1 = none).
+`sizes` is a dict with keys tp, pp, ep and optionally etp (expert tensor parallel, defaults to tp),
+vpp (virtual pipeline chunks per stage, 1 = none) and the uneven pipeline split under Megatron-LM's
+arg names (decoder_first_pipeline_num_layers, ..., builder.SPLIT_FIELDS). An uneven checkpoint's
+rank directories are named as any other (the split lives in the stored args).
 """
 from __future__ import annotations
 
@@ -58,10 +60,28 @@ def _normalise_sizes(sizes: dict) -> dict:
     return out
 
 
+def split_of(source) -> dict:
+    """The uneven pipeline split of a sizes dict or a stored args Namespace (defaults: the even split).
+    A layout Megatron-LM stored as a parsed PipelineParallelLayerLayout is turned back into its string."""
+    from megatron_patch.models.builder import SPLIT_FIELDS
+
+    get = source.get if isinstance(source, dict) else lambda k, d=None: getattr(source, k, d)
+    out = {}
+    for name in SPLIT_FIELDS:
+        value = get(name, None)
+        if name == "pipeline_model_parallel_layout" and value is not None and not isinstance(value, str):
+            value = getattr(value, "input_data", None) if isinstance(getattr(value, "input_data", None), str) \
+                else str(value)
+        out[name] = bool(value) if name.startswith("account_for") else (value or None)
+    return out
+
+
 def build_args(sizes: dict, args: dict) -> argparse.Namespace:
     """The `args` Namespace Megatron-LM's loader reads (check_checkpoint_args, load_args_from_checkpoint)."""
+    split = split_of(sizes)
     sizes = _normalise_sizes(sizes)
     merged = dict(args)
+    merged.update(split)
     merged.update(
         tensor_model_parallel_size=sizes["tp"],
         pipeline_model_parallel_size=sizes["pp"],
@@ -177,7 +197,7 @@ def read_layout(root) -> tuple[int | str, dict]:
             raise UserError(f"cannot tell whether the mp_rank_XX_YYY directories in {iter_dir} are PP or EP ranks: the stored args give no parallel sizes (re-save with args)")
     vpp = getattr(args, "virtual_pipeline_model_parallel_size", None) or len(model_chunks(first))
     etp = getattr(args, "expert_tensor_parallel_size", None) or tp_size
-    sizes = {"tp": tp_size, "pp": pp_size, "ep": ep_size, "etp": etp, "vpp": vpp}
+    sizes = {"tp": tp_size, "pp": pp_size, "ep": ep_size, "etp": etp, "vpp": vpp, **split_of(args or {})}
 
     for key, arg_name in (("tp", "tensor_model_parallel_size"), ("pp", "pipeline_model_parallel_size"), ("ep", "expert_model_parallel_size")):
         stored = getattr(args, arg_name, None)

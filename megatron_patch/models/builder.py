@@ -16,6 +16,58 @@ class ParallelLayout:
     etp: int | None = None  # expert tensor parallel; None = same as TP (megatron's default)
     vpp: int | None = None  # virtual pipeline chunks per stage
     sp: bool | None = None  # sequence parallel; None = on when TP > 1 (MoE with TP needs it)
+    # Uneven pipeline stages, Megatron-LM's flags of the same names (megatron-core's TransformerConfig
+    # num_layers_in_first/last_pipeline_stage, pipeline_model_parallel_layout, account_for_*_in_pipeline_split);
+    # models/pipeline.py turns them into each stage's layers.
+    decoder_first_pipeline_num_layers: int | None = None
+    decoder_last_pipeline_num_layers: int | None = None
+    pipeline_model_parallel_layout: str | None = None  # e.g. "Et*3|(tt|)*29m|L"; implies VPP = stages / PP
+    account_for_embedding_in_pipeline_split: bool = False
+    account_for_loss_in_pipeline_split: bool = False
+
+    def __post_init__(self):
+        if self.pipeline_model_parallel_layout and self.vpp is None and self.pp > 0:
+            stages = layout_stages(self.pipeline_model_parallel_layout)
+            if stages % self.pp == 0 and stages // self.pp > 1:  # Megatron-LM derives VPP the same way
+                object.__setattr__(self, "vpp", stages // self.pp)
+
+    @property
+    def uneven(self) -> bool:
+        """Whether stages are not the even split of the decoder layers."""
+        return bool(self.decoder_first_pipeline_num_layers or self.decoder_last_pipeline_num_layers
+                    or self.pipeline_model_parallel_layout or self.account_for_embedding_in_pipeline_split
+                    or self.account_for_loss_in_pipeline_split)
+
+    def describe_split(self) -> str:
+        """The uneven split in Megatron-LM's flag terms ("" when even)."""
+        if self.pipeline_model_parallel_layout:
+            return f"layout {self.pipeline_model_parallel_layout}"
+        parts = []
+        if self.decoder_first_pipeline_num_layers:
+            parts.append(f"first {self.decoder_first_pipeline_num_layers}")
+        if self.decoder_last_pipeline_num_layers:
+            parts.append(f"last {self.decoder_last_pipeline_num_layers}")
+        if self.account_for_embedding_in_pipeline_split:
+            parts.append("embedding counted")
+        if self.account_for_loss_in_pipeline_split:
+            parts.append("loss counted")
+        return ", ".join(parts)
+
+    def split_fields(self) -> dict:
+        """The split as Megatron-LM's args (the names a checkpoint's `args` and convert_meta.json store)."""
+        return {name: getattr(self, name) for name in SPLIT_FIELDS}
+
+    def pipeline_overrides(self) -> dict:
+        """megatron-core TransformerConfig fields of the pipeline split."""
+        return dict(
+            pipeline_model_parallel_size=self.pp,
+            virtual_pipeline_model_parallel_size=self.vpp,
+            num_layers_in_first_pipeline_stage=self.decoder_first_pipeline_num_layers,
+            num_layers_in_last_pipeline_stage=self.decoder_last_pipeline_num_layers,
+            pipeline_model_parallel_layout=self.pipeline_model_parallel_layout,
+            account_for_embedding_in_pipeline_split=self.account_for_embedding_in_pipeline_split,
+            account_for_loss_in_pipeline_split=self.account_for_loss_in_pipeline_split,
+        )
 
     @property
     def sequence_parallel(self) -> bool:
@@ -31,17 +83,107 @@ class ParallelLayout:
             parts.append(f"VPP{self.vpp}")
         if self.sequence_parallel:
             parts.append("SP")
-        return "x".join(parts)
+        split = self.describe_split()
+        return "x".join(parts) + (f" ({split})" if split else "")
 
     def config_overrides(self) -> dict:
         return dict(
             tensor_model_parallel_size=self.tp,
-            pipeline_model_parallel_size=self.pp,
-            virtual_pipeline_model_parallel_size=self.vpp,
             expert_model_parallel_size=self.ep,
             expert_tensor_parallel_size=self.expert_tp,
             sequence_parallel=self.sequence_parallel,
+            **self.pipeline_overrides(),
         )
+
+
+SPLIT_FIELDS = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+                "pipeline_model_parallel_layout", "account_for_embedding_in_pipeline_split",
+                "account_for_loss_in_pipeline_split")
+
+
+def _parse_layout(text: str) -> list[list]:
+    """megatron-core's parse of a layout string (stage lists of LayerType), bad characters as UserError."""
+    from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+    try:
+        return PipelineParallelLayerLayout.parse_str_to_list(text)
+    except (AssertionError, ValueError) as err:
+        raise UserError(f"--pipeline-model-parallel-layout {text!r}: {' '.join(str(err).split())}; use E "
+                        "(embedding), t (decoder layer), m (MTP), L (loss), | between stages") from None
+
+
+def layout_stages(text: str) -> int:
+    """PP x VPP stages of a Megatron-LM layout string."""
+    return len(_parse_layout(text))
+
+
+def check_pipeline_split(layout: "ParallelLayout", num_layers: int, mtp_layers: int | None = None) -> None:
+    """One-line errors naming the numbers for a split megatron-core would reject (or assert on)."""
+    pp, vpp = layout.pp, layout.vpp or 1
+    first, last = layout.decoder_first_pipeline_num_layers, layout.decoder_last_pipeline_num_layers
+    counted = layout.account_for_embedding_in_pipeline_split or layout.account_for_loss_in_pipeline_split
+    if layout.pipeline_model_parallel_layout:
+        if first is not None or last is not None or counted:
+            raise UserError("--pipeline-model-parallel-layout cannot be combined with --decoder-first/last-"
+                            "pipeline-num-layers or --account-for-*-in-pipeline-split (it places every layer)")
+        _check_layout_string(layout, num_layers, mtp_layers)
+        return
+    if first is None and last is None:
+        total = num_layers + bool(layout.account_for_embedding_in_pipeline_split) + \
+            bool(layout.account_for_loss_in_pipeline_split)
+        what = f"num_layers={num_layers}" + (f" (+ embedding/loss = {total})" if total != num_layers else "")
+        if total % (pp * vpp) or total < pp * vpp:
+            raise UserError(f"PP={pp} x VPP={vpp} does not divide {what}; pass --decoder-first-pipeline-num-layers"
+                            " / --decoder-last-pipeline-num-layers for uneven stages")
+        if counted and total // (pp * vpp) < 2:
+            raise UserError(f"--account-for-*-in-pipeline-split with {what} leaves a stage with no decoder layer "
+                            f"at PP={pp} x VPP={vpp}; use fewer stages")
+        return
+    if counted:
+        raise UserError("--decoder-first/last-pipeline-num-layers cannot be combined with "
+                        "--account-for-*-in-pipeline-split (megatron-core refuses both)")
+    if pp < 2:
+        raise UserError("--decoder-first/last-pipeline-num-layers need pipeline parallelism: pass --pp > 1")
+    for flag, value in (("first", first), ("last", last)):
+        if value is not None and value < 1:
+            raise UserError(f"--decoder-{flag}-pipeline-num-layers {value}: must be >= 1")
+        if value is not None and value % vpp:
+            raise UserError(f"--decoder-{flag}-pipeline-num-layers {value} is not a multiple of VPP={vpp}")
+    middle_stages = pp - (first is not None) - (last is not None)
+    middle = num_layers - (first or 0) - (last or 0)
+    ends = " + ".join(f"{n} ({w})" for n, w in ((first, "first"), (last, "last")) if n is not None)
+    if middle < 0 or (middle == 0) != (middle_stages == 0):
+        raise UserError(f"uneven pipeline: {ends} leave {middle} of num_layers={num_layers} for {middle_stages} "
+                        f"middle stage(s) at PP={pp}; each stage needs at least one layer")
+    if middle_stages and middle % (middle_stages * vpp):
+        raise UserError(f"uneven pipeline: {ends} leave {middle} of num_layers={num_layers}, which "
+                        f"{middle_stages} middle stage(s) x VPP={vpp} do not divide")
+
+
+def _check_layout_string(layout: "ParallelLayout", num_layers: int, mtp_layers: int | None) -> None:
+    from megatron.core.transformer.enums import LayerType
+
+    text = layout.pipeline_model_parallel_layout
+    stages = _parse_layout(text)
+    if len(stages) % layout.pp:
+        raise UserError(f"--pipeline-model-parallel-layout {text!r} has {len(stages)} stages, not a multiple of "
+                        f"PP={layout.pp}")
+    if layout.vpp and len(stages) != layout.pp * layout.vpp:
+        raise UserError(f"--pipeline-model-parallel-layout {text!r} has {len(stages)} stages but PP={layout.pp} x "
+                        f"--vpp {layout.vpp} = {layout.pp * layout.vpp}; drop --vpp (the layout implies it)")
+    count = lambda kind: sum(stage.count(kind) for stage in stages)  # noqa: E731
+    if count(LayerType.decoder) != num_layers:
+        raise UserError(f"--pipeline-model-parallel-layout {text!r} places {count(LayerType.decoder)} decoder "
+                        f"layers (t) but the model has num_layers={num_layers}")
+    if count(LayerType.mtp) != (mtp_layers or 0):
+        raise UserError(f"--pipeline-model-parallel-layout {text!r} places {count(LayerType.mtp)} MTP layers (m) "
+                        f"but the model has {mtp_layers or 0}")
+    # megatron-core builds the embedding with pre_process (stage 0) and the output layer with post_process
+    # (the last stage), wherever the string puts E and L: accept only what it builds.
+    if LayerType.embedding not in stages[0] or count(LayerType.embedding) != 1:
+        raise UserError(f"--pipeline-model-parallel-layout {text!r}: E must appear once, in the first stage")
+    if LayerType.loss not in stages[-1] or count(LayerType.loss) != 1:
+        raise UserError(f"--pipeline-model-parallel-layout {text!r}: L must appear once, in the last stage")
 
 
 def check_layout(layout: ParallelLayout, config, world_size: int | None = None) -> None:
@@ -59,9 +201,7 @@ def check_layout(layout: ParallelLayout, config, world_size: int | None = None) 
         raise UserError(f"EP={layout.ep} does not divide num_experts={experts}; pick an EP that divides it")
     if not experts and layout.ep > 1:
         raise UserError(f"EP={layout.ep} given for a dense model; use EP=1")
-    stages = layout.pp * (layout.vpp or 1)
-    if config.num_layers < stages or config.num_layers % stages:
-        raise UserError(f"PP={layout.pp} x VPP={layout.vpp or 1} does not divide num_layers={config.num_layers}")
+    check_pipeline_split(layout, config.num_layers, getattr(config, "mtp_num_layers", None))
     if world_size is not None:
         model_parallel = layout.tp * layout.pp
         expert_parallel = layout.expert_tp * layout.ep * layout.pp

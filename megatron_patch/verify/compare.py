@@ -173,8 +173,10 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
         if fmt == "torch":
             from megatron_patch.convert.mcore_layout import read_layout
 
+            from megatron_patch.convert.hf2mcore import layout_dict
+
             _, sizes = read_layout(root)
-            want = {"tp": lay.tp, "pp": lay.pp, "ep": lay.ep, "etp": lay.expert_tp, "vpp": lay.vpp or 1}
+            want = layout_dict(lay)
             if {k: sizes[k] for k in want} != want:
                 raise UserError(f"--mcore-path {spec.mcore_path} was saved at {sizes}; this run asks for {want} "
                                 "(a torch-format checkpoint loads only at its own layout; pass the same sizes "
@@ -427,7 +429,7 @@ def run_in_group(spec: CompareSpec) -> dict | None:
         "model": {"num_layers": num_layers, "hidden_size": hf_config.hidden_size, "num_experts": experts,
                   "vocab_size": hf_config.vocab_size},
         "layout": {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp,
-                   "vpp": layout.vpp, "sp": layout.sequence_parallel, "world_size": world,
+                   "vpp": layout.vpp, **{k: v for k, v in layout.split_fields().items() if v}, "sp": layout.sequence_parallel, "world_size": world,
                    "name": layout.describe()},
         "dtype": spec.dtype,
         "dtypes": {"hf": str(DTYPES[spec.dtype]).replace("torch.", ""),
