@@ -17,7 +17,7 @@ from megatron_patch.convert.hf2mcore import hf2mcore
 from megatron_patch.convert.mcore2hf import mcore2hf
 from megatron_patch.convert.reshard import reshard
 from megatron_patch.models.builder import ParallelLayout
-from megatron_patch.testing.equivalence import layout_run, over_bound, reference_run
+from megatron_patch.testing.equivalence import layouts_run, over_bound, reference_run
 from megatron_patch.testing.multirank import run_ranks
 from megatron_patch.verify.compare import CompareSpec, run_specs_in_group
 
@@ -33,12 +33,13 @@ REAL_V3 = REPO / "tests" / "data" / "real_configs" / "deepseek-v3"
 # ---------------------------------------------------------------------------------------------------
 # training: loss, gradients, post-step weights equal the single-rank run (the 4-layer equivalence model)
 # ---------------------------------------------------------------------------------------------------
+# world size -> layouts run one after the other on those ranks (two spawns for four layouts)
 UNEVEN = {
-    "PP2 first 1": (2, ParallelLayout(pp=2, decoder_first_pipeline_num_layers=1)),               # 1 | 3
-    "PP3 first 2": (3, ParallelLayout(pp=3, decoder_first_pipeline_num_layers=2)),               # 2 | 1 | 1
-    "PP2xVPP2 layout": (2, ParallelLayout(pp=2, pipeline_model_parallel_layout="Ett|t|t|L")),    # VPP from the string
-    "PP3 embedding+loss counted": (3, ParallelLayout(pp=3, account_for_embedding_in_pipeline_split=True,
-                                                     account_for_loss_in_pipeline_split=True)),  # 1 | 2 | 1
+    2: [ParallelLayout(pp=2, decoder_first_pipeline_num_layers=1),                      # 1 | 3
+        ParallelLayout(pp=2, pipeline_model_parallel_layout="Ett|t|t|L")],               # VPP2 from the string
+    3: [ParallelLayout(pp=3, decoder_first_pipeline_num_layers=2),                      # 2 | 1 | 1
+        ParallelLayout(pp=3, account_for_embedding_in_pipeline_split=True,               # 1 | 2 | 1
+                       account_for_loss_in_pipeline_split=True)],
 }
 
 
@@ -49,18 +50,18 @@ def reference(tmp_path_factory):
     return str(out), result
 
 
-@pytest.mark.parametrize("name", list(UNEVEN))
-def test_uneven_training_step_matches_single_rank(reference, name):
+@pytest.mark.parametrize("world", list(UNEVEN))
+def test_uneven_training_step_matches_single_rank(reference, world):
     ref_dir, ref = reference
-    world, layout = UNEVEN[name]
-    results = run_ranks(layout_run, world, timeout=240, args=(layout, ref_dir, False))
-    for rank, res in enumerate(results):
-        assert abs(res["loss"] - ref["loss"]) <= LOSS_TOL, (rank, res["loss"], ref["loss"])
-        assert abs(res["grad_norm"] - ref["grad_norm"]) <= 1e-5 * max(1.0, ref["grad_norm"])
-        if "grad_diff" in res:
-            assert not over_bound(res["grad_diff"], GRAD_TOL, STEP_ULPS), (rank, over_bound(res["grad_diff"], GRAD_TOL))
-        assert not over_bound(res["step_diff"], GRAD_TOL, STEP_ULPS), (rank, over_bound(res["step_diff"], GRAD_TOL))
-        assert len(res["step_diff"]) > 0
+    per_rank = run_ranks(layouts_run, world, timeout=300, args=(UNEVEN[world], ref_dir))
+    for rank, results in enumerate(per_rank):
+        for layout, res in zip(UNEVEN[world], results):
+            where = (layout.describe(), rank)
+            assert abs(res["loss"] - ref["loss"]) <= LOSS_TOL, (where, res["loss"], ref["loss"])
+            assert abs(res["grad_norm"] - ref["grad_norm"]) <= 1e-5 * max(1.0, ref["grad_norm"]), where
+            assert not over_bound(res["grad_diff"], GRAD_TOL, STEP_ULPS), (where, over_bound(res["grad_diff"], GRAD_TOL))
+            assert not over_bound(res["step_diff"], GRAD_TOL, STEP_ULPS), (where, over_bound(res["step_diff"], GRAD_TOL))
+            assert len(res["step_diff"]) > 0
 
 
 # ---------------------------------------------------------------------------------------------------
