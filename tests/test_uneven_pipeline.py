@@ -6,17 +6,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_patch.convert import mcore_layout
 from megatron_patch.convert.hf2mcore import hf2mcore
 from megatron_patch.convert.mcore2hf import mcore2hf
 from megatron_patch.convert.reshard import reshard
-from megatron_patch.models.builder import ParallelLayout
+from megatron_patch.models.builder import SPLIT_FIELDS, ParallelLayout
 from megatron_patch.testing.equivalence import layouts_run, over_bound, reference_run
 from megatron_patch.testing.multirank import run_ranks
 from megatron_patch.verify.compare import CompareSpec, run_specs_in_group
@@ -116,6 +118,18 @@ def test_round_trips_and_reshard_are_bit_exact(minis, tmp_path):
     assert meta["layout"]["decoder_first_pipeline_num_layers"] == 1
     mcore2hf(tmp_path / "first1", tmp_path / "back")
     assert_identical(hf, tmp_path / "back")
+    # args written before uneven PP existed (no split fields): the reader counts each stage's layers
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tmp_path / "first1", legacy)
+    for path in legacy.glob("release/*/model_optim_rng.pt"):
+        ckpt = torch.load(path, weights_only=False)
+        for name in SPLIT_FIELDS:
+            delattr(ckpt["args"], name)
+        torch.save(ckpt, path)
+    (legacy / "convert_meta.json").unlink()
+    assert mcore_layout.read_layout(legacy)[1]["decoder_first_pipeline_num_layers"] == 1
+    mcore2hf(legacy, tmp_path / "back-legacy")
+    assert_identical(hf, tmp_path / "back-legacy")
     # uneven -> even -> another uneven split (and the layout string), each back to the same bytes
     reshard(tmp_path / "first1", tmp_path / "even", ParallelLayout(pp=3))
     reshard(tmp_path / "even", tmp_path / "last1", ParallelLayout(pp=2, decoder_last_pipeline_num_layers=1))

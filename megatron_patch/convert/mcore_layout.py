@@ -197,7 +197,10 @@ def read_layout(root) -> tuple[int | str, dict]:
             raise UserError(f"cannot tell whether the mp_rank_XX_YYY directories in {iter_dir} are PP or EP ranks: the stored args give no parallel sizes (re-save with args)")
     vpp = getattr(args, "virtual_pipeline_model_parallel_size", None) or len(model_chunks(first))
     etp = getattr(args, "expert_tensor_parallel_size", None) or tp_size
-    sizes = {"tp": tp_size, "pp": pp_size, "ep": ep_size, "etp": etp, "vpp": vpp, **split_of(args or {})}
+    split = split_of(args or {})
+    if pp_size > 1 and not hasattr(args, "decoder_first_pipeline_num_layers"):  # args from before uneven PP
+        split.update(_detect_split(iter_dir, pp_size, ep_size))
+    sizes = {"tp": tp_size, "pp": pp_size, "ep": ep_size, "etp": etp, "vpp": vpp, **split}
 
     for key, arg_name in (("tp", "tensor_model_parallel_size"), ("pp", "pipeline_model_parallel_size"), ("ep", "expert_model_parallel_size")):
         stored = getattr(args, arg_name, None)
@@ -209,6 +212,25 @@ def read_layout(root) -> tuple[int | str, dict]:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise UserError(f"{iter_dir} is incomplete: missing {missing[0]}/{MODEL_FILE}{more} (re-copy the checkpoint)")
     return iteration, sizes
+
+
+def _detect_split(iter_dir: Path, pp_size: int, ep_size: int) -> dict:
+    """The first/last stage sizes from the decoder layers in each stage's rank file, for stored args that
+    do not name a split (written before Megatron-LM had one): {} when the stages are even."""
+    counts = []
+    for pp in range(pp_size):
+        chunks = model_chunks(_load(iter_dir / rank_dir_name(0, pp, 0, pp_size, ep_size) / MODEL_FILE))
+        counts.append(sum(len({k.split(".")[2] for k in sd if k.startswith("decoder.layers.")}) for sd in chunks))
+    middle = counts[1:-1] or [None]
+    if len(set(counts)) == 1:
+        return {}
+    if len(set(middle)) > 1:
+        raise UserError(f"{iter_dir}: the stages hold {counts} decoder layers, which no first/last split gives and "
+                        "the stored args name no --pipeline-model-parallel-layout (re-save with args)")
+    out = {"decoder_first_pipeline_num_layers": counts[0] if counts[0] != middle[0] else None}
+    if pp_size > 2 and counts[-1] != middle[0]:
+        out["decoder_last_pipeline_num_layers"] = counts[-1]
+    return out
 
 
 def load_rank_checkpoint(root, tp: int, pp: int, ep: int, sizes: dict | None = None, iteration=None) -> dict:
