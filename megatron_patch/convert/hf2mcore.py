@@ -119,8 +119,8 @@ def load_hf_config(config_dir):
 
 def layout_dict(layout) -> dict:
     """The sizes and pipeline split a checkpoint depends on (convert_meta.json; mcore_layout's `sizes`)."""
-    return {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp, "vpp": layout.vpp or 1,
-            **layout.split_fields()}
+    sizes = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp, "vpp": layout.vpp or 1}
+    return {**sizes, **{k: v for k, v in layout.split_fields().items() if v}}  # an even split adds nothing
 
 
 def normalized_layout(layout):

@@ -76,6 +76,12 @@ def split_of(source) -> dict:
     return out
 
 
+def layout_key(sizes: dict) -> dict:
+    """Sizes and split with every default filled in: two checkpoints (or a checkpoint and a run) load into
+    the same model chunks exactly when their keys are equal."""
+    return {**_normalise_sizes(sizes), **split_of(sizes)}
+
+
 def build_args(sizes: dict, args: dict) -> argparse.Namespace:
     """The `args` Namespace Megatron-LM's loader reads (check_checkpoint_args, load_args_from_checkpoint)."""
     split = split_of(sizes)
@@ -200,7 +206,8 @@ def read_layout(root) -> tuple[int | str, dict]:
     split = split_of(args or {})
     if pp_size > 1 and not hasattr(args, "decoder_first_pipeline_num_layers"):  # args from before uneven PP
         split.update(_detect_split(iter_dir, pp_size, ep_size))
-    sizes = {"tp": tp_size, "pp": pp_size, "ep": ep_size, "etp": etp, "vpp": vpp, **split}
+    sizes = {"tp": tp_size, "pp": pp_size, "ep": ep_size, "etp": etp, "vpp": vpp}
+    sizes.update({k: v for k, v in split.items() if v})  # an even split adds nothing
 
     for key, arg_name in (("tp", "tensor_model_parallel_size"), ("pp", "pipeline_model_parallel_size"), ("ep", "expert_model_parallel_size")):
         stored = getattr(args, arg_name, None)

@@ -357,8 +357,9 @@ def _load_torch_layout(root, chunks, layout) -> int | str:
 
     iteration, sizes = mcore_layout.read_layout(root)
     want = layout_dict(layout)
-    keys = [k for k in want if k != "etp" or _unwrap(chunks[0]).config.num_moe_experts]  # ETP: experts only
-    if {k: sizes[k] for k in keys} != {k: want[k] for k in keys}:
+    saved_key, want_key = mcore_layout.layout_key(sizes), mcore_layout.layout_key(want)
+    keys = [k for k in want_key if k != "etp" or _unwrap(chunks[0]).config.num_moe_experts]  # ETP: experts only
+    if {k: saved_key[k] for k in keys} != {k: want_key[k] for k in keys}:
         split = mcore_layout.split_of(sizes)
         saved = {k: v for k, v in split.items() if v}
         asked = {k: v for k, v in layout.split_fields().items() if v}

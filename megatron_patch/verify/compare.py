@@ -174,10 +174,11 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
             from megatron_patch.convert.mcore_layout import read_layout
 
             from megatron_patch.convert.hf2mcore import layout_dict
+            from megatron_patch.convert.mcore_layout import layout_key
 
             _, sizes = read_layout(root)
             want = layout_dict(lay)
-            if {k: sizes[k] for k in want} != want:
+            if layout_key(sizes) != layout_key(want):
                 raise UserError(f"--mcore-path {spec.mcore_path} was saved at {sizes}; this run asks for {want} "
                                 "(a torch-format checkpoint loads only at its own layout; pass the same sizes "
                                 "or use torch_dist)")
