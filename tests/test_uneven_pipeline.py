@@ -19,12 +19,12 @@ from megatron_patch.convert.hf2mcore import hf2mcore
 from megatron_patch.convert.mcore2hf import mcore2hf
 from megatron_patch.convert.reshard import reshard
 from megatron_patch.models.builder import SPLIT_FIELDS, ParallelLayout
-from megatron_patch.testing.equivalence import layouts_run, over_bound, reference_run
+from megatron_patch.testing.equivalence import layouts_run
 from megatron_patch.testing.multirank import run_ranks
 from megatron_patch.verify.compare import CompareSpec, run_specs_in_group
 
 from test_convert_roundtrip import assert_identical, read_all
-from test_parallel_layouts import GRAD_TOL, LOSS_TOL, STEP_ULPS
+from test_parallel_layouts import assert_matches_reference, reference  # noqa: F401 - a module-scoped fixture
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {"TORCHDYNAMO_DISABLE": "1"}
@@ -45,25 +45,13 @@ UNEVEN = {
 }
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("uneven-reference")
-    (result,) = run_ranks(reference_run, 1, timeout=240, args=(str(out),))
-    return str(out), result
-
-
 @pytest.mark.parametrize("world", list(UNEVEN))
 def test_uneven_training_step_matches_single_rank(reference, world):
     ref_dir, ref = reference
     per_rank = run_ranks(layouts_run, world, timeout=300, args=(UNEVEN[world], ref_dir))
     for rank, results in enumerate(per_rank):
         for layout, res in zip(UNEVEN[world], results):
-            where = (layout.describe(), rank)
-            assert abs(res["loss"] - ref["loss"]) <= LOSS_TOL, (where, res["loss"], ref["loss"])
-            assert abs(res["grad_norm"] - ref["grad_norm"]) <= 1e-5 * max(1.0, ref["grad_norm"]), where
-            assert not over_bound(res["grad_diff"], GRAD_TOL, STEP_ULPS), (where, over_bound(res["grad_diff"], GRAD_TOL))
-            assert not over_bound(res["step_diff"], GRAD_TOL, STEP_ULPS), (where, over_bound(res["step_diff"], GRAD_TOL))
-            assert len(res["step_diff"]) > 0
+            assert_matches_reference(res, ref, (layout.describe(), rank))
 
 
 # ---------------------------------------------------------------------------------------------------

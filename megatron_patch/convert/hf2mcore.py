@@ -154,7 +154,8 @@ def plan_lines(hf_path, layout) -> list[str]:
              + (f" + {config.mtp_num_layers} MTP" if getattr(config, "mtp_num_layers", None) else "")]
     dirs = {pp: mcore_layout.rank_dir_name(0, pp, 0, layout.pp, layout.ep) for pp in range(layout.pp)}
     for (pp, vp), line in zip(sorted(stages.decoder), stages.lines()):
-        lines.append(f"{line}  [{dirs[pp]}" + (" .. x TP x EP files]" if layout.tp * layout.ep > 1 else "]"))
+        more = layout.tp * layout.ep - 1  # the stage's other (tp, ep) rank files
+        lines.append(f"{line}  [{dirs[pp]}" + (f" + {more} more TP/EP rank files]" if more else "]"))
     return lines
 
 

@@ -27,6 +27,8 @@ class ParallelLayout:
 
     def __post_init__(self):
         if self.pipeline_model_parallel_layout and self.vpp is None and self.pp > 0:
+            from megatron_patch.models.pipeline import layout_stages
+
             stages = layout_stages(self.pipeline_model_parallel_layout)
             if stages % self.pp == 0 and stages // self.pp > 1:  # Megatron-LM derives VPP the same way
                 object.__setattr__(self, "vpp", stages // self.pp)
@@ -101,91 +103,6 @@ SPLIT_FIELDS = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_
                 "account_for_loss_in_pipeline_split")
 
 
-def _parse_layout(text: str) -> list[list]:
-    """megatron-core's parse of a layout string (stage lists of LayerType), bad characters as UserError."""
-    from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
-
-    try:
-        return PipelineParallelLayerLayout.parse_str_to_list(text)
-    except (AssertionError, ValueError) as err:
-        raise UserError(f"--pipeline-model-parallel-layout {text!r}: {' '.join(str(err).split())}; use E "
-                        "(embedding), t (decoder layer), m (MTP), L (loss), | between stages") from None
-
-
-def layout_stages(text: str) -> int:
-    """PP x VPP stages of a Megatron-LM layout string."""
-    return len(_parse_layout(text))
-
-
-def check_pipeline_split(layout: "ParallelLayout", num_layers: int, mtp_layers: int | None = None) -> None:
-    """One-line errors naming the numbers for a split megatron-core would reject (or assert on)."""
-    pp, vpp = layout.pp, layout.vpp or 1
-    first, last = layout.decoder_first_pipeline_num_layers, layout.decoder_last_pipeline_num_layers
-    counted = layout.account_for_embedding_in_pipeline_split or layout.account_for_loss_in_pipeline_split
-    if layout.pipeline_model_parallel_layout:
-        if first is not None or last is not None or counted:
-            raise UserError("--pipeline-model-parallel-layout cannot be combined with --decoder-first/last-"
-                            "pipeline-num-layers or --account-for-*-in-pipeline-split (it places every layer)")
-        _check_layout_string(layout, num_layers, mtp_layers)
-        return
-    if first is None and last is None:
-        total = num_layers + bool(layout.account_for_embedding_in_pipeline_split) + \
-            bool(layout.account_for_loss_in_pipeline_split)
-        what = f"num_layers={num_layers}" + (f" (+ embedding/loss = {total})" if total != num_layers else "")
-        if total % (pp * vpp) or total < pp * vpp:
-            raise UserError(f"PP={pp} x VPP={vpp} does not divide {what}; pass --decoder-first-pipeline-num-layers"
-                            " / --decoder-last-pipeline-num-layers for uneven stages")
-        if counted and total // (pp * vpp) < 2:
-            raise UserError(f"--account-for-*-in-pipeline-split with {what} leaves a stage with no decoder layer "
-                            f"at PP={pp} x VPP={vpp}; use fewer stages")
-        return
-    if counted:
-        raise UserError("--decoder-first/last-pipeline-num-layers cannot be combined with "
-                        "--account-for-*-in-pipeline-split (megatron-core refuses both)")
-    if pp < 2:
-        raise UserError("--decoder-first/last-pipeline-num-layers need pipeline parallelism: pass --pp > 1")
-    for flag, value in (("first", first), ("last", last)):
-        if value is not None and value < 1:
-            raise UserError(f"--decoder-{flag}-pipeline-num-layers {value}: must be >= 1")
-        if value is not None and value % vpp:
-            raise UserError(f"--decoder-{flag}-pipeline-num-layers {value} is not a multiple of VPP={vpp}")
-    middle_stages = pp - (first is not None) - (last is not None)
-    middle = num_layers - (first or 0) - (last or 0)
-    ends = " + ".join(f"{n} ({w})" for n, w in ((first, "first"), (last, "last")) if n is not None)
-    if middle < 0 or (middle == 0) != (middle_stages == 0):
-        raise UserError(f"uneven pipeline: {ends} leave {middle} of num_layers={num_layers} for {middle_stages} "
-                        f"middle stage(s) at PP={pp}; each stage needs at least one layer")
-    if middle_stages and middle % (middle_stages * vpp):
-        raise UserError(f"uneven pipeline: {ends} leave {middle} of num_layers={num_layers}, which "
-                        f"{middle_stages} middle stage(s) x VPP={vpp} do not divide")
-
-
-def _check_layout_string(layout: "ParallelLayout", num_layers: int, mtp_layers: int | None) -> None:
-    from megatron.core.transformer.enums import LayerType
-
-    text = layout.pipeline_model_parallel_layout
-    stages = _parse_layout(text)
-    if len(stages) % layout.pp:
-        raise UserError(f"--pipeline-model-parallel-layout {text!r} has {len(stages)} stages, not a multiple of "
-                        f"PP={layout.pp}")
-    if layout.vpp and len(stages) != layout.pp * layout.vpp:
-        raise UserError(f"--pipeline-model-parallel-layout {text!r} has {len(stages)} stages but PP={layout.pp} x "
-                        f"--vpp {layout.vpp} = {layout.pp * layout.vpp}; drop --vpp (the layout implies it)")
-    count = lambda kind: sum(stage.count(kind) for stage in stages)  # noqa: E731
-    if count(LayerType.decoder) != num_layers:
-        raise UserError(f"--pipeline-model-parallel-layout {text!r} places {count(LayerType.decoder)} decoder "
-                        f"layers (t) but the model has num_layers={num_layers}")
-    if count(LayerType.mtp) != (mtp_layers or 0):
-        raise UserError(f"--pipeline-model-parallel-layout {text!r} places {count(LayerType.mtp)} MTP layers (m) "
-                        f"but the model has {mtp_layers or 0}")
-    # megatron-core builds the embedding with pre_process (stage 0) and the output layer with post_process
-    # (the last stage), wherever the string puts E and L: accept only what it builds.
-    if LayerType.embedding not in stages[0] or count(LayerType.embedding) != 1:
-        raise UserError(f"--pipeline-model-parallel-layout {text!r}: E must appear once, in the first stage")
-    if LayerType.loss not in stages[-1] or count(LayerType.loss) != 1:
-        raise UserError(f"--pipeline-model-parallel-layout {text!r}: L must appear once, in the last stage")
-
-
 def check_layout(layout: ParallelLayout, config, world_size: int | None = None) -> None:
     """Fail early with a one-line message instead of an assertion deep inside megatron."""
     heads = config.num_attention_heads
@@ -201,6 +118,8 @@ def check_layout(layout: ParallelLayout, config, world_size: int | None = None) 
         raise UserError(f"EP={layout.ep} does not divide num_experts={experts}; pick an EP that divides it")
     if not experts and layout.ep > 1:
         raise UserError(f"EP={layout.ep} given for a dense model; use EP=1")
+    from megatron_patch.models.pipeline import check_pipeline_split
+
     check_pipeline_split(layout, config.num_layers, getattr(config, "mtp_num_layers", None))
     if world_size is not None:
         model_parallel = layout.tp * layout.pp
