@@ -75,13 +75,24 @@ COMPARE = [
 ]
 
 
+# and the same split loaded from `convert hf2mcore` files (torch per-rank, torch_dist)
+FROM_FILES = [("v3", COMPARE[0][1], "torch"), ("v3", COMPARE[1][1], "torch_dist")]
+
+
 @pytest.fixture(scope="module")
-def compare_reports(minis):
+def compare_reports(minis, tmp_path_factory):
     specs = [CompareSpec(hf_path=str(minis[m]), layout=layout) for m, layout in COMPARE]
+    root = tmp_path_factory.mktemp("uneven-ckpts")
+    for m, layout, fmt in FROM_FILES:
+        hf2mcore(minis[m], root / fmt, layout, fmt=fmt)
+        specs.append(CompareSpec(hf_path=str(minis[m]), layout=layout, mcore_path=str(root / fmt)))
     return run_ranks(run_specs_in_group, 2, timeout=600, args=(specs,), env=ENV)[0]
 
 
-@pytest.mark.parametrize("case", range(len(COMPARE)), ids=[f"{m}-{l.describe()}" for m, l in COMPARE])
+CASES = [(m, layout, "in memory") for m, layout in COMPARE] + FROM_FILES
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{m}-{l.describe()}-{how}" for m, l, how in CASES])
 def test_compare_passes_at_uneven_pp(compare_reports, case):
     report = compare_reports[case]
     failed = [(r["component"], r["layer"], r["max_abs"]) for r in report["rows"] if not r["passed"]]

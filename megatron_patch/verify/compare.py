@@ -277,9 +277,10 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) ->
     else:
         from megatron.core import dist_checkpointing
 
-        keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-        sharded = {k: c.sharded_state_dict() for k, c in zip(keys, chunks)}
-        loaded = dist_checkpointing.load(sharded, str(root))
+        from megatron_patch.training.checkpointing import model_keys, model_sharded_state_dict
+
+        keys = model_keys(chunks)  # with Megatron-LM's metadata: MTP's embedding copy on a later stage needs it
+        loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(root))
         state_dicts = [loaded[k] for k in keys]
     if len(state_dicts) != len(chunks):
         raise UserError(f"--mcore-path holds {len(state_dicts)} model chunk(s) per rank, the layout builds "
