@@ -4,11 +4,8 @@ round-trip bit for bit, the real DeepSeek-V3 config is planned by a dry run, bad
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -143,7 +140,7 @@ def test_round_trips_and_reshard_are_bit_exact(minis, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # the command line: the real DeepSeek-V3 config planned by a dry run, one-line errors
 # ---------------------------------------------------------------------------------------------------
-def test_real_deepseek_v3_dry_run_and_invalid_splits(minis, tmp_path):
+def test_real_deepseek_v3_dry_run_and_invalid_splits(minis, tmp_path, capsys):
     from megatron_patch.convert.hf2mcore import plan_lines
     from megatron_patch.errors import UserError
 
@@ -168,17 +165,13 @@ def test_real_deepseek_v3_dry_run_and_invalid_splits(minis, tmp_path):
         with pytest.raises(UserError, match=re.escape(text)):
             plan_lines(REAL_V3, ParallelLayout(**fields))
     # the command line: the dry run prints, writes nothing; a bad split is one line and exit 2
-    env = {**os.environ, **ENV, "PYTHONWARNINGS": "ignore"}
-    cli = [sys.executable, "-m", "megatron_patch.cli", "convert", "hf2mcore", "--hf-path", str(minis["v3"]),
-           "--pp", "2"]
-    out = subprocess.run(cli + ["--out", str(tmp_path / "x"), "--decoder-first-pipeline-num-layers", "1", "--dry-run",
-                                "--decoder-last-pipeline-num-layers", "2"], capture_output=True, text=True,
-                         timeout=300, env=env)
-    assert out.returncode == 0 and "pp rank 1: layers 1-2 (2), final norm, MTP, output layer" in out.stdout, out.stderr
-    out = subprocess.run(cli + ["--out", str(tmp_path / "y"), "--decoder-first-pipeline-num-layers", "2",
-                                "--decoder-last-pipeline-num-layers", "2"], capture_output=True, text=True,
-                         timeout=300, env=env)
-    assert out.returncode == 2 and out.stderr.startswith("error: uneven pipeline: 2 (first) + 2 (last) leave -1 of "
-                                                         "num_layers=3"), out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+    from megatron_patch.cli import main
+
+    cli = ["convert", "hf2mcore", "--hf-path", str(minis["v3"]), "--pp", "2"]
+    assert main(cli + ["--out", str(tmp_path / "x"), "--decoder-first-pipeline-num-layers", "1", "--dry-run"]) == 0
+    assert "pp rank 1: layers 1-2 (2), final norm, MTP, output layer" in capsys.readouterr().out
+    assert main(cli + ["--out", str(tmp_path / "y"), "--decoder-first-pipeline-num-layers", "2",
+                       "--decoder-last-pipeline-num-layers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: uneven pipeline: 2 (first) + 2 (last) leave -1 of num_layers=3") and err.count("\n") == 1
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
