@@ -40,7 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_known_warnings() -> None:
+    """megatron-core warns at import that TE/Apex are absent (expected: the runtime picks kernels) and
+    torch's checkpoint code warns about its own deprecations; neither is actionable for a user."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*")
+    warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing.*")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_known_warnings()  # else they precede a command's output and its one-line errors
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

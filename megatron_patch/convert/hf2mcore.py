@@ -122,13 +122,45 @@ def load_hf_config(config_dir):
 
 
 def layout_dict(layout) -> dict:
-    return {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp, "vpp": layout.vpp or 1}
+    """The sizes and pipeline split a checkpoint depends on (convert_meta.json; mcore_layout's `sizes`)."""
+    sizes = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp, "vpp": layout.vpp or 1}
+    return {**sizes, **{k: v for k, v in layout.split_fields().items() if v}}  # an even split adds nothing
+
+
+def normalized_layout(layout):
+    """The layout as converters store it: VPP 1 is no VPP."""
+    return dataclasses.replace(layout, vpp=layout.vpp if layout.vpp and layout.vpp > 1 else None)
 
 
 def describe(layout) -> str:
-    """TP2xPP1xEP4xETP2 (+VPPn): the sizes a checkpoint depends on (sequence parallel does not matter)."""
+    """TP2xPP1xEP4xETP2 (+VPPn, + the uneven split): what a checkpoint depends on (not sequence parallel)."""
     text = f"TP{layout.tp}xPP{layout.pp}xEP{layout.ep}xETP{layout.expert_tp}"
-    return text + (f"xVPP{layout.vpp}" if layout.vpp and layout.vpp > 1 else "")
+    text += f"xVPP{layout.vpp}" if layout.vpp and layout.vpp > 1 else ""
+    split = layout.describe_split()
+    return text + (f" ({split})" if split else "")
+
+
+def plan_lines(hf_path, layout) -> list[str]:
+    """`hf2mcore --dry-run`: which layers each pipeline rank (and virtual stage) gets, from config.json
+    alone (no weights needed), with the rank directories Megatron-LM names for them."""
+    from megatron_patch.models.builder import check_layout
+    from megatron_patch.models.pipeline import stage_map
+
+    check_layout_values(layout)
+    hf_config = load_hf_config(hf_path)
+    from megatron_patch.models.families import family_for_config
+
+    config = family_for_config(hf_config).to_mcore_config(hf_config)
+    layout = normalized_layout(layout)
+    check_layout(layout, config)
+    stages = stage_map(config, layout)
+    lines = [f"plan: {describe(layout)}, {config.num_layers} decoder layers"
+             + (f" + {config.mtp_num_layers} MTP" if getattr(config, "mtp_num_layers", None) else "")]
+    dirs = {pp: mcore_layout.rank_dir_name(0, pp, 0, layout.pp, layout.ep) for pp in range(layout.pp)}
+    for (pp, vp), line in zip(sorted(stages.decoder), stages.lines()):
+        more = layout.tp * layout.ep - 1  # the stage's other (tp, ep) rank files
+        lines.append(f"{line}  [{dirs[pp]}" + (f" + {more} more TP/EP rank files]" if more else "]"))
+    return lines
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -185,7 +217,11 @@ def megatron_args(plan: ShardPlan, dtype: torch.dtype, fmt: str) -> dict:
         q_lora_rank=getattr(cfg, "q_lora_rank", None), kv_lora_rank=getattr(cfg, "kv_lora_rank", None),
         qk_head_dim=getattr(cfg, "qk_head_dim", None), qk_pos_emb_head_dim=getattr(cfg, "qk_pos_emb_head_dim", None),
         v_head_dim=getattr(cfg, "v_head_dim", None), mtp_num_layers=getattr(cfg, "mtp_num_layers", None),
-        num_layers_per_virtual_pipeline_stage=cfg.num_layers // stages if lay.vpp and lay.vpp > 1 else None,
+        # Megatron-LM: an even split names its chunk size, an uneven one the chunk count
+        num_layers_per_virtual_pipeline_stage=(cfg.num_layers // stages if lay.vpp and lay.vpp > 1
+                                               and not lay.uneven else None),
+        num_virtual_stages_per_pipeline_rank=lay.vpp if lay.vpp and lay.vpp > 1 and lay.uneven else None,
+        **lay.split_fields(),
         sequence_parallel=lay.sequence_parallel, consumed_train_samples=0, consumed_valid_samples=0,
         ckpt_format=fmt, rotary_interleaved=cfg.rotary_interleaved, pipeline_dtype=dtype,
         transformer_impl=plan.naming.impl, moe_grouped_gemm=plan.naming.grouped,
@@ -455,8 +491,6 @@ def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None,
     """Convert; returns the summary (tensors, bytes, seconds, gb_per_s, peak_rss_gib, line, verify).
     transformer_impl / moe_grouped_gemm: Megatron-LM's flags of the run that will load the output (its
     default is the Transformer Engine spec); they decide the names written (key_map)."""
-    from megatron_patch.models.builder import ParallelLayout
-
     naming = Naming(transformer_impl, moe_grouped_gemm)
     target = parse_dtype(dtype)
     if fmt not in FORMATS:
@@ -466,8 +500,7 @@ def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None,
     source = HFSource(hf_path)
     check_not_fp8(source)
     size_note = declared_size_check(model_size, source)
-    layout = ParallelLayout(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.expert_tp,
-                            vpp=layout.vpp if layout.vpp and layout.vpp > 1 else None)
+    layout = normalized_layout(layout)
     plan = ShardPlan(source.family, source.hf_config, layout, naming=naming)
     check_hf_input(source, plan)
     embedding = next((r.hf[0] for r in plan.rows if r.mcore == EMBEDDING), plan.rows[0].hf[0])

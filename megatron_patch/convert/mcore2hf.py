@@ -63,7 +63,7 @@ class McoreCheckpoint:
 
         s = self.sizes or {}
         return ParallelLayout(tp=s.get("tp", 1), pp=s.get("pp", 1), ep=s.get("ep", 1), etp=s.get("etp"),
-                              vpp=s["vpp"] if s.get("vpp", 1) > 1 else None)
+                              vpp=s["vpp"] if s.get("vpp", 1) > 1 else None, **mcore_layout.split_of(s))
 
     def plan(self) -> ShardPlan:
         return ShardPlan(self.family, self.hf_config, self.layout())

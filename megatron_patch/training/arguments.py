@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--num-virtual-stages-per-pipeline-rank", "--virtual-pipeline-model-parallel-size",
                    dest="virtual_pipeline_model_parallel_size", type=int, default=None)
+    from megatron_patch.models.pipeline import add_split_args
+
+    add_split_args(g)  # --decoder-first/last-pipeline-num-layers, --pipeline-model-parallel-layout, ...
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
     g.add_argument("--context-parallel-size", type=int, default=1)

@@ -365,14 +365,22 @@ def _load_torch_layout(root, chunks, layout) -> int | str:
 
     from megatron_patch.convert import mcore_layout
 
+    from megatron_patch.convert.hf2mcore import layout_dict
+
     iteration, sizes = mcore_layout.read_layout(root)
-    want = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp, "vpp": layout.vpp or 1}
-    keys = [k for k in want if k != "etp" or _unwrap(chunks[0]).config.num_moe_experts]  # ETP: experts only
-    if {k: sizes[k] for k in keys} != {k: want[k] for k in keys}:
+    want = layout_dict(layout)
+    saved_key, want_key = mcore_layout.layout_key(sizes), mcore_layout.layout_key(want)
+    keys = [k for k in want_key if k != "etp" or _unwrap(chunks[0]).config.num_moe_experts]  # ETP: experts only
+    if {k: saved_key[k] for k in keys} != {k: want_key[k] for k in keys}:
+        split = mcore_layout.split_of(sizes)
+        saved = {k: v for k, v in split.items() if v}
+        asked = {k: v for k, v in layout.split_fields().items() if v}
         raise UserError(f"--load {root}: torch-format checkpoint is for "
-                        f"TP{sizes['tp']} PP{sizes['pp']} EP{sizes['ep']} ETP{sizes['etp']} VPP{sizes['vpp']}, this run is "
-                        f"TP{want['tp']} PP{want['pp']} EP{want['ep']} ETP{want['etp']} VPP{want['vpp']}; "
-                        "convert for this layout (or convert with --format torch_dist, which loads at any layout)")
+                        f"TP{sizes['tp']} PP{sizes['pp']} EP{sizes['ep']} ETP{sizes['etp']} VPP{sizes['vpp']} "
+                        f"{saved or 'even split'}, this run is "
+                        f"TP{want['tp']} PP{want['pp']} EP{want['ep']} ETP{want['etp']} VPP{want['vpp']} "
+                        f"{asked or 'even split'}; convert for this layout (convert reshard) or convert with "
+                        "--format torch_dist, which loads at any layout")
     from megatron_patch.convert.key_map import down_projection_rows, read_local_rank
 
     # local-spec names whatever spec wrote it (Megatron-LM / Pai-Megatron-Patch TE checkpoints included)

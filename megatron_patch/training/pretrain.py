@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 
+from megatron_patch.cli import quiet_known_warnings
 from megatron_patch.errors import UserError
 
 # Light on purpose (no torch at import): dist_checkpointing's writer spawns a multiprocessing Manager,
@@ -45,19 +46,6 @@ def run(args) -> int:
             trainer.close()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def quiet_known_warnings() -> None:
-    """megatron-core warns at import that TE/Apex are absent (expected: the runtime picks kernels) and
-    torch's checkpoint code warns about its own deprecations; neither is actionable for a user."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*")
-    warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
-    warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing.*")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,11 +45,12 @@ def init_distributed(acc, timeout_minutes: float | None = None) -> tuple[int, in
 
 def _layout(args):
     from megatron_patch.models.builder import ParallelLayout
+    from megatron_patch.models.pipeline import split_kwargs
 
     return ParallelLayout(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                           ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
                           vpp=args.virtual_pipeline_model_parallel_size,
-                          sp=True if args.sequence_parallel else None)
+                          sp=True if args.sequence_parallel else None, **split_kwargs(args))
 
 
 def _config_overrides(args) -> dict:

@@ -180,9 +180,12 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
         if fmt == "torch":
             from megatron_patch.convert.mcore_layout import read_layout
 
+            from megatron_patch.convert.hf2mcore import layout_dict
+            from megatron_patch.convert.mcore_layout import layout_key
+
             _, sizes = read_layout(root)
-            want = {"tp": lay.tp, "pp": lay.pp, "ep": lay.ep, "etp": lay.expert_tp, "vpp": lay.vpp or 1}
-            if {k: sizes[k] for k in want} != want:
+            want = layout_dict(lay)
+            if layout_key(sizes) != layout_key(want):
                 raise UserError(f"--mcore-path {spec.mcore_path} was saved at {sizes}; this run asks for {want} "
                                 "(a torch-format checkpoint loads only at its own layout; pass the same sizes "
                                 "or use torch_dist)")
@@ -285,10 +288,12 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) ->
 
         from megatron_patch.convert.key_map import match_sharded, stored_keys
 
-        keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-        stored = stored_keys(root)
-        sharded = {k: match_sharded(c.sharded_state_dict(), stored, f"--mcore-path {spec.mcore_path}",
-                                    extra_state=False)[0] for k, c in zip(keys, chunks)}
+        from megatron_patch.training.checkpointing import model_keys, model_sharded_state_dict
+
+        keys = model_keys(chunks)  # with Megatron-LM's metadata: MTP's embedding copy on a later stage needs it
+        stored = stored_keys(root)  # the checkpoint's names (local or TE spec) decide the keys requested
+        sharded = {k: match_sharded(sd, stored, f"--mcore-path {spec.mcore_path}", extra_state=False)[0]
+                   for k, sd in model_sharded_state_dict(chunks).items()}
         loaded = dist_load(sharded, root)
         state_dicts = [loaded[k] for k in keys]
     if len(state_dicts) != len(chunks):
@@ -440,7 +445,7 @@ def run_in_group(spec: CompareSpec) -> dict | None:
         "model": {"num_layers": num_layers, "hidden_size": hf_config.hidden_size, "num_experts": experts,
                   "vocab_size": hf_config.vocab_size},
         "layout": {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp,
-                   "vpp": layout.vpp, "sp": layout.sequence_parallel, "world_size": world,
+                   "vpp": layout.vpp, **{k: v for k, v in layout.split_fields().items() if v}, "sp": layout.sequence_parallel, "world_size": world,
                    "name": layout.describe()},
         "dtype": spec.dtype,
         "dtypes": {"hf": str(DTYPES[spec.dtype]).replace("torch.", ""),
