@@ -108,9 +108,9 @@ MUTANTS: list[Mutant] = [
     M("trainer: --hidden-dropout ignored", "megatron_patch/training/trainer.py",
       'overrides["hidden_dropout"] = args.hidden_dropout', "pass", (EVALUATE,)),
     # --- conversion engine, families, compare, step, kernels ----------------------------------------------
-    M("engine: pipeline stage and virtual chunk swapped", "megatron_patch/convert/engine.py",
-      "return block % self.layout.pp, block // self.layout.pp, layer % per_chunk",
-      "return block // self.vpp, block % self.vpp, layer % per_chunk",
+    M("pipeline: stage and virtual chunk swapped", "megatron_patch/models/pipeline.py",
+      "                return pp, vp, layer - layers.start",
+      "                return vp, pp, layer - layers.start",
       (f"{SILENT}::test_layer_placement_matches_megatron_layer_offsets",)),
     M("hf2mcore: MTP copies not checked", "megatron_patch/convert/hf2mcore.py",
       "    check_hf_copies(plan, source.read)\n", "", ("tests/test_convert_errors.py", "-k", "mtp-copy")),
@@ -142,5 +142,5 @@ MUTANTS: list[Mutant] = [
       "torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)", "(torch.rsqrt(h.pow(2).mean(-1, keepdim=True)) + eps)",
       (KERNELS, "-k", "rms_norm")),
     M("atomic: temporary output left behind on error", "megatron_patch/convert/atomic.py",
-      "        _remove(tmp)\n        raise", "        raise", (IO, "-k", "atomic")),
+      "            _remove(tmp)\n            disk = ", "            disk = ", (IO, "-k", "atomic")),
 ]
