@@ -209,18 +209,21 @@ class TorchSource(PlanSource):
     def __init__(self, ck: McoreCheckpoint):
         self.ck = ck
         self._files: dict[tuple, list] = {}
+        self._present: set | None = None  # the rank files that exist (a run may have saved only some)
         super().__init__(ck.plan(), self._local, ck.hf_config, ck.family, ck.config_dir)
 
     def _local(self, pos, chunk: int, name: str) -> torch.Tensor:
         # An expert shard of ETP rank e lives in the file of TP rank e (etp = tp % ETP, ETP divides TP).
         tp = pos.etp if pos.etp else pos.tp
-        key = (tp, pos.pp, pos.ep)
+        if self._present is None:
+            self._present = mcore_layout.present_ranks(self.ck.root, self.ck.iteration, self.ck.sizes)
+        key = mcore_layout.rank_holding(self._present, self.ck.sizes, tp, pos.pp, pos.ep, experts=".mlp.experts." in name)
         if key not in self._files:  # local-spec names whatever spec wrote it (key_map); unknown keys refused
             self._files[key], self.naming = read_local_rank(self.ck.root, *key, self.ck.sizes, self.ck.iteration,
                                                             down_projection_rows(self.plan.mcore_config))
             where = mcore_layout.rank_dir_name(*key, self.ck.sizes["pp"], self.ck.sizes["ep"])
             check_rank_layers(self._files[key], self.plan, pos.pp, where)  # the clearer message first
-            expected = self.plan.local_names(RankPosition(pp=pos.pp, ep=pos.ep))
+            expected = self.plan.local_names(RankPosition(pp=key[1], ep=key[2]))
             for sd, names in zip(self._files[key], expected):
                 check_known(sd, names, where)
         chunks = self._files[key]

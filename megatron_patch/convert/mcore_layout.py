@@ -213,12 +213,43 @@ def read_layout(root) -> tuple[int | str, dict]:
         stored = getattr(args, arg_name, None)
         if stored is not None and stored != sizes[key]:
             raise UserError(f"{iter_dir}: rank directories give {key.upper()}={sizes[key]} but the stored args say {arg_name}={stored} (rank directories are missing; re-copy the checkpoint)")
-    expected = {rank_dir_name(t, p, e, pp_size, ep_size) for t in range(tp_size) for p in range(pp_size) for e in range(ep_size)}
-    missing = sorted(expected - set(ranks))
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise UserError(f"{iter_dir} is incomplete: missing {missing[0]}/{MODEL_FILE}{more} (re-copy the checkpoint)")
+    check_complete(root, iteration, sizes)
     return iteration, sizes
+
+
+def present_ranks(root, iteration, sizes: dict) -> set[tuple[int, int, int]]:
+    """The (tp, pp, ep) positions whose rank file exists."""
+    norm = _normalise_sizes(sizes)
+    return {(t, p, e) for t in range(norm["tp"]) for p in range(norm["pp"]) for e in range(norm["ep"])
+            if (checkpoint_rank_dir(root, iteration, t, p, e, norm["pp"], norm["ep"]) / MODEL_FILE).is_file()}
+
+
+def rank_holding(present: set, sizes: dict, tp: int, pp: int, ep: int, experts: bool) -> tuple[int, int, int]:
+    """The rank file that holds what position (tp, pp, ep) needs: its own file when it exists, else (Megatron-LM
+    and Pai-Megatron-Patch save only the ranks a run had: TP2 x EP2 x ETP1 on 2 GPUs writes mp_rank_00_000 and
+    mp_rank_01_001) one that holds the same thing: for dense weights any EP rank of the same TP rank (they are
+    replicated over EP); for experts any TP rank with the same expert-TP rank (etp = tp % ETP) of the same EP rank."""
+    if (tp, pp, ep) in present:
+        return tp, pp, ep
+    etp = _normalise_sizes(sizes)["etp"]
+    for t, p, e in sorted(present):
+        if p == pp and ((e == ep and t % etp == tp % etp) if experts else t == tp):
+            return t, p, e
+    kind = f"the experts of EP rank {ep}" if experts else f"the weights of TP rank {tp}"
+    raise UserError(f"no rank file holds {kind} at PP rank {pp} (missing {rank_dir_name(tp, pp, ep, sizes['pp'], sizes['ep'])}/"
+                    f"{MODEL_FILE}; re-copy the checkpoint)")
+
+
+def check_complete(root, iteration, sizes: dict) -> None:
+    """Every TP rank's dense weights and every (EP rank, expert-TP rank)'s experts are in some rank file."""
+    norm = _normalise_sizes(sizes)
+    present = present_ranks(root, iteration, sizes)
+    for p in range(norm["pp"]):
+        for t in range(norm["tp"]):
+            rank_holding(present, sizes, t, p, 0, experts=False)
+        for e in range(norm["ep"]):
+            for k in range(norm["etp"]):
+                rank_holding(present, sizes, k, p, e, experts=True)
 
 
 def _detect_split(iter_dir: Path, pp_size: int, ep_size: int) -> dict:
