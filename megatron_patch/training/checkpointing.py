@@ -171,7 +171,7 @@ def _rng_sharded(state) -> "object":
 # save
 # ---------------------------------------------------------------------------------------------------
 def _train_state(chunks, optimizer, scheduler, iteration: int, consumed: int, args: dict,
-                 is_loading: bool, with_optimizer: bool = True, with_rng: bool = True) -> dict:
+                 is_loading: bool, with_optimizer: bool = True, with_rng: bool = True, extra: dict | None = None) -> dict:
     model = model_sharded_state_dict(chunks)
     state = dict(model)
     if with_optimizer:
@@ -182,7 +182,7 @@ def _train_state(chunks, optimizer, scheduler, iteration: int, consumed: int, ar
     if not is_loading:
         state.update(iteration=iteration, consumed_train_samples=consumed, checkpoint_version=CHECKPOINT_VERSION,
                      opt_param_scheduler=scheduler.state_dict(), args=args, world_size=_world(),
-                     parallel=parallel_signature(optimizer))
+                     parallel=parallel_signature(optimizer), **(extra or {}))
     return state
 
 
@@ -198,8 +198,10 @@ def _maybe_crash(iteration: int) -> None:
         os._exit(43)
 
 
-def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed: int, args: dict) -> Path:
-    """Write SAVE/iter_XXXXXXX atomically and point the tracker at it. Call on every rank."""
+def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed: int, args: dict,
+                    extra: dict | None = None) -> Path:
+    """Write SAVE/iter_XXXXXXX atomically and point the tracker at it. Call on every rank. `extra`: more
+    common (non-sharded) state, e.g. the SFT sampler's."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -211,7 +213,7 @@ def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed
             shutil.rmtree(tmp)  # leftover of a save that was killed
         tmp.mkdir()
     _barrier()
-    state = _train_state(chunks, optimizer, scheduler, iteration, consumed, args, is_loading=False)
+    state = _train_state(chunks, optimizer, scheduler, iteration, consumed, args, is_loading=False, extra=extra)
     content = {k: v for k, v in sharded_metadata(optimizer).items() if k != "dp_cp_group"}
     dist_checkpointing.save(state, str(tmp), content_metadata=content)
     _barrier()

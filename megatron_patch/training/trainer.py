@@ -62,6 +62,8 @@ def _config_overrides(args) -> dict:
             overrides[name] = getattr(args, name)
     if args.recompute_granularity == "full" and args.recompute_num_layers is None:
         overrides["recompute_num_layers"] = 1
+    if args.sft:  # gradients of the mean over all answer tokens of the global batch (not per micro-batch)
+        overrides["calculate_per_token_loss"] = True
     return overrides
 
 
@@ -194,6 +196,9 @@ class Trainer:
         from megatron_patch.training.arguments import parse_data_blend
 
         args = self.args
+        if args.sft:
+            self._build_sft_data()
+            return
         eval_samples = 0
         if args.eval_iters and args.eval_interval:
             eval_samples = args.eval_iters * self.gbs
@@ -204,6 +209,35 @@ class Trainer:
                         split=args.split, eval_samples=eval_samples, cache_dir=args.data_cache_path)
         train, self.valid = build_datasets(spec)
         self.batches = GlobalBatches(train, self.gbs, consumed=self.consumed)
+
+    def _build_sft_data(self) -> None:
+        from megatron.core import dist_checkpointing
+
+        from megatron_patch.data.curriculum import DEFAULT_STAGES, BatchSampler, parse_stages
+        from megatron_patch.data.sft import SFTBatches, SFTDataset
+
+        args = self.args
+        eos = getattr(self.hf_config, "eos_token_id", None)
+        pad = eos[0] if isinstance(eos, (list, tuple)) else eos  # padding is masked out of the loss
+        dataset = SFTDataset(args.data_path[0], args.seq_length, int(pad or 0))
+        stages = parse_stages(args.curriculum_stages or DEFAULT_STAGES) if args.curriculum else None
+        seed = args.curriculum_seed if args.curriculum_seed is not None else args.seed
+        sampler = BatchSampler(dataset.difficulty, args.train_iters, self.gbs, seed, stages, log=_rank0_print)
+        saved = None
+        if self.resume_from is not None:
+            saved = dist_checkpointing.load_common_state_dict(str(self.resume_from)).get("sft_sampler")
+        sampler.restore(saved, self.iteration)
+        self.batches = SFTBatches(dataset, sampler)
+        self.valid = None
+
+    def _extra_state(self) -> dict:
+        return {"sft_sampler": self.batches.sampler.state()} if self.args.sft else {}
+
+    def _write_report(self) -> None:
+        if self.args.curriculum_report and self.rank == 0:
+            from megatron_patch.data.sft import write_report
+
+            write_report(self.args.curriculum_report, self.batches.sampler)
 
     def _build_metrics(self) -> None:
         from megatron.core import parallel_state as ps
@@ -337,7 +371,8 @@ class Trainer:
 
         start = time.perf_counter()
         path = save_checkpoint(self.args.save, self.iteration, self.chunks, self.optimizer, self.scheduler,
-                               self.consumed, _saved_args(self.args, self.world))
+                               self.consumed, _saved_args(self.args, self.world), extra=self._extra_state())
+        self._write_report()
         _rank0_print(f"saved checkpoint {path} ({time.perf_counter() - start:.1f}s)")
 
     def train(self) -> int:
@@ -365,10 +400,12 @@ class Trainer:
                 self.save()
                 saved_at = self.iteration
             if exiting:
+                self._write_report()
                 _rank0_print(f"exiting at iteration {self.iteration} (--exit-interval {args.exit_interval})")
                 return 0
         if args.save and saved_at != self.iteration:
             self.save()
+        self._write_report()
         return 0
 
     def close(self) -> None:
