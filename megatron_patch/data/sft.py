@@ -134,18 +134,23 @@ def render(tok, messages: list[dict], where: str) -> tuple[list[int], list[int]]
     def ids(s):
         return tok(s, add_special_tokens=False)["input_ids"]
 
+    # Each piece of text (prompt up to an answer, the answer) is tokenized on its own and the ids concatenated,
+    # so a BPE merge across the prompt/answer boundary cannot blur which tokens are the answer.
     tokens: list[int] = []
     mask: list[int] = []
+    done = ""
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = ids(text(messages[:i], True))
-        full = ids(text(messages[:i + 1], False))
-        if full[:len(tokens)] != tokens or full[:len(prompt)] != prompt or len(prompt) < len(tokens):
+        prompt, full = text(messages[:i], True), text(messages[:i + 1], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
             raise UserError(f"{where}: the chat template does not render the conversation as a growing prefix; "
                             "cannot tell prompt from answer tokens")
-        mask += [0] * (len(prompt) - len(tokens)) + [1] * (len(full) - len(prompt))
-        tokens = full
+        for piece, flag in ((prompt[len(done):], 0), (full[len(prompt):], 1)):
+            got = ids(piece) if piece else []
+            tokens += got
+            mask += [flag] * len(got)
+        done = full
     return tokens, mask
 
 

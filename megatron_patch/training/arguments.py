@@ -94,6 +94,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--curriculum-report", default=None, metavar="PATH",
                    help="write the per-stage level counts actually drawn as JSON")
 
+    g = p.add_argument_group("LoRA (adapters on the HF-named linears; base weights frozen)")
+    g.add_argument("--lora-rank", type=int, default=None, metavar="R")
+    g.add_argument("--lora-alpha", type=float, default=None, metavar="A", help="scaling alpha/R (default: R)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, metavar="P")
+    g.add_argument("--lora-target", default=None, metavar="NAMES",
+                   help="comma-separated HF module names, e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", default=None)
@@ -136,6 +143,12 @@ def validate(args) -> None:
     if args.use_curriculum:
         args.curriculum = True
     validate_sft(args)
+    if (args.lora_target or args.lora_alpha is not None) and not args.lora_rank:
+        raise UserError("--lora-target/--lora-alpha need --lora-rank R")
+    if args.lora_rank and not args.lora_target:
+        raise UserError("--lora-rank needs --lora-target NAMES (e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
+    if args.lora_rank and args.pipeline_model_parallel_size > 1 or args.lora_rank and args.expert_model_parallel_size > 1:
+        raise UserError("--lora-rank: LoRA is built for tensor parallelism only so far; use PP=1 and EP=1")
     if args.context_parallel_size != 1:
         raise UserError(f"--context-parallel-size {args.context_parallel_size}: context parallelism is not supported; use 1")
     if args.load and args.load_hf:

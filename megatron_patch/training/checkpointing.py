@@ -83,8 +83,13 @@ def sharded_metadata(optimizer=None) -> dict:
 
 
 def model_sharded_state_dict(chunks) -> dict:
+    from megatron_patch.models.lora import adapters_only, has_adapters
+
     metadata = sharded_metadata()
-    return {key: _unwrap(c).sharded_state_dict(metadata=metadata) for key, c in zip(model_keys(chunks), chunks)}
+    out = {key: _unwrap(c).sharded_state_dict(metadata=metadata) for key, c in zip(model_keys(chunks), chunks)}
+    if has_adapters([_unwrap(c) for c in chunks]):  # LoRA: the base is frozen and comes from --load/--load-hf
+        out = {key: adapters_only(sd) for key, sd in out.items()}
+    return out
 
 
 def parallel_signature(optimizer) -> dict:
@@ -310,8 +315,15 @@ def load_training_checkpoint(path, chunks, optimizer, scheduler, load_optim: boo
     request = _train_state(chunks, optimizer, scheduler, 0, 0, {}, is_loading=True,
                            with_optimizer=load_optim, with_rng=load_rng)
     loaded = dist_checkpointing.load(request, str(path))
+    from megatron_patch.models.lora import ADAPTER_MARK, has_adapters
+
+    lora = has_adapters([_unwrap(c) for c in chunks])
     for key, chunk in zip(model_keys(chunks), chunks):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        result = _unwrap(chunk).load_state_dict(loaded[key], strict=not lora)
+        if lora and (result.unexpected_keys or any(ADAPTER_MARK in k for k in result.missing_keys)):
+            raise UserError(f"{path}: adapters do not match this run's LoRA settings (missing "
+                            f"{[k for k in result.missing_keys if ADAPTER_MARK in k][:3]}, unexpected "
+                            f"{result.unexpected_keys[:3]}); resume with the same --lora-* flags")
     if load_optim:
         # no_grad: with fp32 params the distributed optimizer's main params are views of the model params,
         # and megatron's dp_reshardable loader copies into them in place (it lacks the no_grad its
@@ -379,8 +391,15 @@ def _load_dist_model(path, chunks) -> None:
         loaded = dist_checkpointing.load(request, str(path))
     except CheckpointingException as err:
         raise UserError(f"--load {path}: the checkpoint does not match the model ({err})") from None
+    from megatron_patch.models.lora import ADAPTER_MARK, has_adapters
+
+    lora = has_adapters([_unwrap(c) for c in chunks])
     for key, chunk in zip(model_keys(chunks), chunks):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        result = _unwrap(chunk).load_state_dict(loaded[key], strict=not lora)
+        if lora and (result.unexpected_keys or any(ADAPTER_MARK in k for k in result.missing_keys)):
+            raise UserError(f"{path}: adapters do not match this run's LoRA settings (missing "
+                            f"{[k for k in result.missing_keys if ADAPTER_MARK in k][:3]}, unexpected "
+                            f"{result.unexpected_keys[:3]}); resume with the same --lora-* flags")
 
 
 def init_from_megatron(root, chunks, layout) -> str:

@@ -145,6 +145,12 @@ class Trainer:
         initialize_parallel(self.layout, seed=args.seed)
         chunks, self.config, self.margs = build_family_model(self.hf_config, self.layout, **overrides)
         self.init_source = self._init_weights(chunks)
+        if args.lora_rank:
+            from megatron_patch.models.lora import apply_lora
+
+            count = apply_lora(chunks, self.hf_config, self.config, self.margs, self.layout, args.lora_rank,
+                               args.lora_alpha or args.lora_rank, args.lora_dropout, args.lora_target, args.seed)
+            self.init_source += f" + LoRA r{args.lora_rank} on {count} linears ({args.lora_target})"
         self.chunks = wrap_ddp(chunks, self.config, use_distributed_optimizer=args.use_distributed_optimizer)
         self.optimizer = build_optimizer(
             self.chunks, lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
@@ -169,8 +175,9 @@ class Trainer:
         from megatron_patch.training import checkpointing as ckpt
 
         self.resume_from = self._resume_dir()
-        if self.resume_from is not None:
+        if self.resume_from is not None and not self.args.lora_rank:
             return f"resume {self.resume_from}"
+        # (a LoRA checkpoint holds the adapters only: the frozen base comes from --load/--load-hf every time)
         if self.args.load:
             return ckpt.init_from_megatron(self.args.load, chunks, self.layout)
         if self.args.load_hf:
