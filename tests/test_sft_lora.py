@@ -1,5 +1,7 @@
-"""Supervised fine-tuning (issue 11): `preprocess --sft`, `train --sft` against HF's loss with labels=-100 on the
-prompt, and the difficulty curriculum (shares, determinism, resume, short levels, no difficulty)."""
+"""Supervised fine-tuning with LoRA (issue 11): `preprocess --sft`; `train --sft` against HF's loss with labels=-100
+on the prompt; the difficulty curriculum (shares, determinism, resume, short levels, no difficulty); LoRA on all
+seven Qwen projections at TP1 and TP2 (+SP), resumed, adapters-only checkpoints; `convert lora2peft` loaded by
+peft itself (and --merge)."""
 from __future__ import annotations
 
 import json
@@ -20,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 SEQ = 96
 LOSS_TOL = 1e-5  # fp32, same batch: TP only changes the reduction order
+LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-target", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"]
 LEVEL_COUNTS = {"explain": 30, "reasoning": 12, "topology": 5}  # deliberately unbalanced (topology is short)
 
 
@@ -200,7 +203,8 @@ def _train(work, name: str, nproc: int, extra: list[str]) -> list[float]:
     metrics = out / "metrics.jsonl"
     argv = ["--load-hf", str(work.model), "--data-path", work.prefix, "--sft", "--curriculum",
             "--curriculum-seed", "42", "--seq-length", str(SEQ), "--micro-batch-size", "2",
-            "--global-batch-size", "4", "--train-iters", "6", "--lr", "3e-3", "--metrics-file", str(metrics), *extra]
+            "--global-batch-size", "4", "--train-iters", "6", "--lr", "1e-2", "--metrics-file", str(metrics), *LORA,
+            *extra]
     launcher = [PY] if nproc == 1 else [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                                         "--master_port", str(free_port())]
     with open(out / "log.txt", "a") as f:
@@ -211,27 +215,38 @@ def _train(work, name: str, nproc: int, extra: list[str]) -> list[float]:
     return [json.loads(line)["loss"] for line in metrics.read_text().splitlines() if '"loss"' in line]
 
 
-def _hf_first_step_loss(work) -> float:
-    """HF's loss with labels=-100 on prompt and padding, on the samples of global batch 1."""
+def _hf_batch(work, step: int):
+    """input_ids and labels (-100 on prompt and padding) of global batch `step` (0-based), as HF takes them."""
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDataset
-    from transformers import AutoModelForCausalLM
 
     from megatron_patch.data.curriculum import DEFAULT_STAGES, BatchSampler, parse_stages
 
     meta = json.loads(Path(work.prefix + ".sft.json").read_text())
-    indices = BatchSampler(meta["difficulty"], 6, 4, 42, parse_stages(DEFAULT_STAGES), log=lambda *_: None).batch(0)
+    indices = BatchSampler(meta["difficulty"], 6, 4, 42, parse_stages(DEFAULT_STAGES), log=lambda *_: None).batch(step)
     ids, masks = IndexedDataset(work.prefix), IndexedDataset(work.prefix + ".mask")
-    model = AutoModelForCausalLM.from_pretrained(work.model, dtype=torch.float32)
-    pad = model.config.eos_token_id
+    pad = json.loads((work.model / "config.json").read_text())["eos_token_id"]
     inputs = torch.full((4, SEQ), pad, dtype=torch.int64)
     labels = torch.full((4, SEQ), -100, dtype=torch.int64)
     for row, i in enumerate(indices):
         tok, mask = torch.from_numpy(ids[i].astype("int64")), torch.from_numpy(masks[i].astype(bool))
         inputs[row, :len(tok)] = tok
         labels[row, :len(tok)] = torch.where(mask, tok, torch.tensor(-100))
+    return inputs, labels
+
+
+def _hf_model(path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _loss(model, batch) -> float:
+    import torch
+
     with torch.no_grad():
-        return float(model(input_ids=inputs, labels=labels).loss)
+        return float(model(input_ids=batch[0], labels=batch[1]).loss)
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +263,7 @@ def sft_runs(work):
 
 
 def test_sft_loss_equals_hf_at_tp1_and_tp2(work, sft_runs):
-    hf = _hf_first_step_loss(work)
+    hf = _loss(_hf_model(work.model), _hf_batch(work, 0))  # LoRA's B starts at zero: the base model's loss
     assert abs(sft_runs.tp1[0] - hf) <= LOSS_TOL, (sft_runs.tp1[0], hf)
     assert abs(sft_runs.tp2[0] - hf) <= LOSS_TOL, (sft_runs.tp2[0], hf)
 
@@ -266,3 +281,44 @@ def test_tp2_resumed_run_matches_tp1_and_reports_the_curriculum(work, sft_runs):
     for name in ("tp1.json", "tp2.json"):
         assert json.loads((work.root / name).read_text()) == {"stages": expected.counts()}
     assert "curriculum: stage 2/3 (steps 2-4)" in (work.root / "tp1" / "log.txt").read_text()
+
+
+def test_lora_checkpoint_holds_adapters_only(work, sft_runs):
+    import torch.distributed.checkpoint as dcp
+
+    keys = list(dcp.FileSystemReader(str(work.root / "ck" / "iter_0000006")).read_metadata().state_dict_metadata)
+    model = [k for k in keys if not k.startswith(("optimizer", "rng_state"))]
+    assert model and all(".lora_" in k for k in model), model
+    optim = [k for k in keys if k.startswith("optimizer")]
+    assert optim and all(".lora_" in k for k in optim if "decoder" in k or "embedding" in k or "output" in k)
+    assert not any("embedding" in k or "output_layer" in k for k in keys)
+
+
+def test_lora2peft_loads_in_peft_and_matches_training_loss(work, sft_runs, tmp_path):
+    """Adapters saved after step 3 at TP2, exported, loaded by peft: peft's loss on batch 4 is the loss the run
+    logged at step 4; --merge gives base + adapter."""
+    import torch
+    from peft import PeftModel
+
+    from megatron_patch.cli import main
+
+    ck = str(work.root / "ck" / "iter_0000003")
+    assert main(["convert", "lora2peft", "--mcore-path", ck, "--hf-config", str(work.model),
+                 "--out", str(tmp_path / "adapter")]) == 0
+    assert main(["convert", "lora2peft", "--mcore-path", ck, "--hf-config", str(work.model),
+                 "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and sorted(cfg["target_modules"]) == sorted(LORA[-1].split(","))
+    batch = _hf_batch(work, 3)
+    base = _hf_model(work.model)
+    with torch.no_grad():
+        base_logits = base(batch[0]).logits
+    peft_model = PeftModel.from_pretrained(_hf_model(work.model), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        peft_logits = peft_model(batch[0]).logits
+    assert (peft_logits - base_logits).abs().max() > 0.1  # the adapters act
+    assert abs(_loss(peft_model, batch) - sft_runs.tp2[3]) <= LOSS_TOL, (_loss(peft_model, batch), sft_runs.tp2[3])
+    with torch.no_grad():
+        merged_logits = _hf_model(tmp_path / "merged")(batch[0]).logits
+    bound = 1e-5 * max(1.0, float(peft_logits.abs().max()))  # W + s*BA in fp32 vs peft's separate path
+    assert (merged_logits - peft_logits).abs().max() <= bound
