@@ -322,3 +322,30 @@ def test_lora2peft_loads_in_peft_and_matches_training_loss(work, sft_runs, tmp_p
         merged_logits = _hf_model(tmp_path / "merged")(batch[0]).logits
     bound = 1e-5 * max(1.0, float(peft_logits.abs().max()))  # W + s*BA in fp32 vs peft's separate path
     assert (merged_logits - peft_logits).abs().max() <= bound
+
+
+def test_compare_peft_path_passes_and_catches_other_adapters(work, sft_runs, tmp_path):
+    """`compare --peft-path`: our LoRA model (TP2) against peft's, layer by layer; adapters of another step FAIL."""
+    from megatron_patch.cli import main
+
+    ck = work.root / "ck"
+    for it, out in (("iter_0000006", "a6"), ("iter_0000003", "a3")):
+        assert main(["convert", "lora2peft", "--mcore-path", str(ck / it), "--hf-config", str(work.model),
+                     "--out", str(tmp_path / out)]) == 0
+    common = ["compare", "--hf-path", str(work.model), "--mcore-path", str(ck), "--seq-length", "16"]
+    assert main([*common, "--peft-path", str(tmp_path / "a6"), "--tp", "2"]) == 0
+    assert main([*common, "--peft-path", str(tmp_path / "a3")]) == 1
+
+
+def test_lora_target_names_are_checked(work):
+    from transformers import AutoConfig
+
+    from megatron_patch.models.families import family_for_config
+    from megatron_patch.models.lora import lora_targets
+
+    cfg = AutoConfig.from_pretrained(work.model)
+    targets = lora_targets(family_for_config(cfg), cfg, ["q_proj", "v_proj", "down_proj"])
+    assert [(t.rel, t.short) for t in targets] == [("self_attention.linear_qkv", ("q_proj", "v_proj")),
+                                                   ("mlp.linear_fc2", ("down_proj",))]
+    with pytest.raises(UserError, match="--lora-target qkv_proj: not a linear"):
+        lora_targets(family_for_config(cfg), cfg, ["qkv_proj"])
