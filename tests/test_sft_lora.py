@@ -325,7 +325,8 @@ def test_lora2peft_loads_in_peft_and_matches_training_loss(work, sft_runs, tmp_p
 
 
 def test_compare_peft_path_passes_and_catches_other_adapters(work, sft_runs, tmp_path):
-    """`compare --peft-path`: our LoRA model (TP2) against peft's, layer by layer; adapters of another step FAIL."""
+    """`compare --peft-path`: our LoRA model against peft's, layer by layer, with the TP2-saved adapters loaded at
+    TP1 (resharded); adapters of another step FAIL."""
     from megatron_patch.cli import main
 
     ck = work.root / "ck"
@@ -333,7 +334,7 @@ def test_compare_peft_path_passes_and_catches_other_adapters(work, sft_runs, tmp
         assert main(["convert", "lora2peft", "--mcore-path", str(ck / it), "--hf-config", str(work.model),
                      "--out", str(tmp_path / out)]) == 0
     common = ["compare", "--hf-path", str(work.model), "--mcore-path", str(ck), "--seq-length", "16"]
-    assert main([*common, "--peft-path", str(tmp_path / "a6"), "--tp", "2"]) == 0
+    assert main([*common, "--peft-path", str(tmp_path / "a6")]) == 0
     assert main([*common, "--peft-path", str(tmp_path / "a3")]) == 1
 
 

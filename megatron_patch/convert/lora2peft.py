@@ -2,9 +2,9 @@
 (adapter_config.json + adapter_model.safetensors, HF module names, loadable by PeftModel.from_pretrained),
 or with --merge a full HF model with W + alpha/r * B A (computed in fp32, stored in W's dtype).
 
-The checkpoint stores each adapted linear's A and B as megatron holds them (layers stacked on a first axis;
-a column-parallel B is the TP shards concatenated, a row-parallel A likewise on its input axis). A fused
-linear's B is split back per HF module by the family row's split kind, exactly as its base weight is.
+The checkpoint stores each adapted linear's A and B with the layers stacked on a first axis, in TP1's layout
+(see models/lora.py). A fused linear's B is split back per HF module by the family row's split kind, exactly
+as its base weight is.
 """
 from __future__ import annotations
 
@@ -60,8 +60,7 @@ def peft_tensors(hf_config, args: dict, stored: dict[str, torch.Tensor]) -> dict
     family = family_for_config(hf_config)
     config = family.to_mcore_config(hf_config)
     margs = model_args(hf_config)
-    tp = int(args.get("tensor_model_parallel_size") or 1)
-    ctx = shard_context(config, margs, tp)
+    ctx = shard_context(config, margs, 1)  # the stored layout is TP1's (models/lora.py)
     r = int(args["lora_rank"])
     out = {}
     for t in lora_targets(family, hf_config, args["lora_target"].split(",")):
@@ -71,7 +70,7 @@ def peft_tensors(hf_config, args: dict, stored: dict[str, torch.Tensor]) -> dict
             raise UserError(f"checkpoint has no {key}.lora_A/lora_B (saved with other --lora-target?)")
         for layer in range(a_all.shape[0]):
             a, b = a_all[layer], b_all[layer]
-            parts = [b] if t.split is Row else t.split.merge(list(b.chunk(tp, dim=0)), ctx)
+            parts = [b] if t.split is Row else t.split.merge([b], ctx)
             for j, p in enumerate(t.parts):
                 name = t.hf[p].format(layer=layer)
                 b_part = parts[0] if t.split is Row else parts[p]
@@ -91,7 +90,7 @@ def write_adapter(out: Path, hf_dir: str, args: dict, adapters: dict) -> None:
     from safetensors.torch import save_file
 
     names = sorted({n.rsplit(".", 1)[-1] for n in adapters})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(hf_dir),
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(Path(hf_dir).resolve()),
               "r": int(args["lora_rank"]), "lora_alpha": float(args.get("lora_alpha") or args["lora_rank"]),
               "lora_dropout": float(args.get("lora_dropout") or 0.0), "target_modules": names, "bias": "none",
               "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "use_dora": False,

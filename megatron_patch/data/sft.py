@@ -77,7 +77,7 @@ def record_messages(where: str, rec) -> tuple[list[dict], int]:
         raise UserError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
     level = -1
     if rec.get("difficulty") is not None:
-        diff = _string(where, rec["difficulty"], "difficulty")
+        diff = _string(where, rec["difficulty"], "difficulty").strip().lower()
         if diff not in LEVELS:
             raise UserError(f"{where}: difficulty {diff!r} is not one of {', '.join(LEVELS)}")
         level = LEVELS.index(diff)

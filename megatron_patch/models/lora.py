@@ -13,7 +13,9 @@ The family table's rows say which megatron linear an HF module lives in and how 
 
 A is initialised like peft (uniform +-1/sqrt(in)) from a generator seeded by (seed, layer, module), so the
 adapters are the same at any layout; B starts at zero. Base weights are frozen. The sharded state dict keeps
-the base keys unchanged and adds `<linear>.lora_A` / `<linear>.lora_B`; checkpoints hold only those.
+the base keys unchanged and adds `<linear>.lora_A` / `<linear>.lora_B`; checkpoints hold only those, in a
+layout that does not depend on TP (a fused B is stored like its base weight: QKV grouped per query group,
+fc1 as [gate; up]), so a TP2 checkpoint loads at TP1 and exports without knowing its TP size.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_patch.errors import UserError
+from megatron_patch.models.families.base import GateUp
 
 ADAPTER_MARK = ".lora_"
 
@@ -148,6 +151,10 @@ class LoRALinear(torch.nn.Module):
         out.update(make_sharded_tensors_for_checkpoint(
             {"lora_A": self.lora_A, "lora_B": self.lora_B}, prefix, axis, sharded_offsets,
             tp_group=getattr(self.base, "tp_group", None), dp_cp_group=(metadata or {}).get("dp_cp_group")))
+        if self.target.split is GateUp:  # stored as [gate; up] like fc1's weight, so it loads at any TP
+            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+            out[prefix + "lora_B"] = apply_swiglu_sharded_factory(out[prefix + "lora_B"], sharded_offsets)
         return out
 
 
