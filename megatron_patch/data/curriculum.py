@@ -149,6 +149,9 @@ class BatchSampler:
     def restore(self, saved: dict | None, step: int) -> None:
         """Continue at `step`; a saved state must be the one this sampler reaches there."""
         self.step = step
+        if self.curriculum and 0 < step < self.train_iters and self.stages[self.stage_of(step)][0] != step:
+            stage = self.stage_of(step)
+            self.log(f"curriculum: resuming at step {step + 1} in stage {stage + 1}/{len(self.stages)}")
         if saved is not None and saved != self.state():
             raise UserError("the checkpoint's SFT sampler state differs from this run's (other --curriculum-seed, "
                             "--curriculum-stages, --global-batch-size, --train-iters or data); resume with the "

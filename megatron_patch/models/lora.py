@@ -131,7 +131,7 @@ class LoRALinear(torch.nn.Module):
         from megatron.core.tensor_parallel import mappings as m
 
         out, bias = self.base(x)
-        h = torch.nn.functional.dropout(x, self.dropout, self.training) if self.dropout else x
+        h = self._dropout(x)
         if self.row:
             z = torch.nn.functional.linear(h, self.lora_A)
             z = m.reduce_scatter_to_sequence_parallel_region(z) if self.sp else m.reduce_from_tensor_model_parallel_region(z)
@@ -142,6 +142,19 @@ class LoRALinear(torch.nn.Module):
             z = m.copy_to_tensor_model_parallel_region(torch.nn.functional.linear(h, self.lora_A))
             delta = torch.nn.functional.linear(z, self.lora_B * self.mask)
         return out + delta * self.scaling, bias
+
+    def _dropout(self, x):
+        """peft's dropout on the adapter input. A TP-sharded input (row-parallel features, or the sequence shard
+        under SP) draws from megatron's tensor-parallel RNG (different per TP rank); a replicated input from the
+        default generator, seeded alike on every TP rank. (Dropout > 0 is not covered by the layout tests.)"""
+        if not self.dropout or not self.training:
+            return x
+        if self.row or self.sp:
+            from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+            with get_cuda_rng_tracker().fork():
+                return torch.nn.functional.dropout(x, self.dropout, True)
+        return torch.nn.functional.dropout(x, self.dropout, True)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
