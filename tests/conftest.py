@@ -18,3 +18,28 @@ def npu_double(monkeypatch):
     module = importlib.import_module("torch_npu")
     assert Path(module.__file__).is_relative_to(NPU_DOUBLE)
     return module
+
+
+TE_DOUBLE = Path(__file__).resolve().parent / "te_double"
+
+
+@pytest.fixture
+def te_double(monkeypatch):
+    """Put the transformer_engine test double on sys.path for one test, so that ranks it spawns
+    (multirank.run_ranks copies sys.path) import it. Nothing is imported here: megatron modules this
+    process already loaded keep their no-TE view, which is why TE-spec models are built in spawned ranks
+    (tests/te_harness.py). Teardown removes the path and any transformer_engine module the test imported."""
+    monkeypatch.syspath_prepend(str(TE_DOUBLE))
+    before = {name for name in sys.modules if name.split(".")[0] == "transformer_engine"}
+    yield TE_DOUBLE
+    for name in [n for n in sys.modules if n.split(".")[0] == "transformer_engine" and n not in before]:
+        del sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def te_minis(tmp_path_factory):
+    """Tiny random HF models for the TE tests, made once per session: {family: directory}
+    (tests/te_harness.py MINI_FAMILIES: DeepSeek-V3 with MTP, Qwen3-MoE)."""
+    from te_harness import make_minis
+
+    return make_minis(tmp_path_factory.mktemp("te-minis"))

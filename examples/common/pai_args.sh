@@ -41,6 +41,12 @@
 #   learning rate      0.7 x LR, 0.7 x MIN_LR          LR, MIN_LR
 #   steps              500                             1000
 #   allocator          max_split_size_mb:32            default
+#
+# Uneven pipeline stages (DeepSeek-V3's 61 layers, V2-Lite's 27), Megatron-LM's flags: FIRST_PP_LAYERS=N
+# (--decoder-first-pipeline-num-layers; Pai's MP_PP0_LAYERS is read too), LAST_PP_LAYERS=N
+# (--decoder-last-pipeline-num-layers), PP_LAYOUT=STR (--pipeline-model-parallel-layout, e.g.
+# "Et|(tt|)*30mL" at PP=8: VPP follows from it). Plan a split first: megatron-patch convert hf2mcore
+# --hf-path DIR --out X --pp N --decoder-first-pipeline-num-layers F --dry-run (lists each rank's layers).
 
 pai_fail() {
     echo "error: $*" >&2
@@ -238,6 +244,10 @@ a = g(); print(a.type, a.device_count())' 2>/dev/null || echo "unknown 0")
     [[ "$PR" == bf16 ]] && args+=(--bf16)
     [[ "$SP" == true ]] && (( TP > 1 )) && args+=(--sequence-parallel)
     [[ "$DO" == true ]] && args+=(--use-distributed-optimizer)
+    local first_pp=${FIRST_PP_LAYERS:-${MP_PP0_LAYERS:-}} last_pp=${LAST_PP_LAYERS:-}
+    if [[ -n "$first_pp" ]]; then pai_int FIRST_PP_LAYERS "$first_pp" 1; args+=(--decoder-first-pipeline-num-layers "$first_pp"); fi
+    if [[ -n "$last_pp" ]]; then pai_int LAST_PP_LAYERS "$last_pp" 1; args+=(--decoder-last-pipeline-num-layers "$last_pp"); fi
+    [[ -n "${PP_LAYOUT:-}" ]] && args+=(--pipeline-model-parallel-layout "$PP_LAYOUT")
     # shellcheck disable=SC2206 - EXTRA_ARGS is a flag list by design
     args+=(${EXTRA_ARGS:-})
 
@@ -249,5 +259,15 @@ a = g(); print(a.type, a.device_count())' 2>/dev/null || echo "unknown 0")
     fi
     echo "${cmd[*]}" | tee "$log_file"
     set -o pipefail
-    PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "${cmd[@]}" 2>&1 | tee -a "$log_file"
+    # torchrun exits 1 whatever went wrong: the ranks write their own codes (2 bad input, 3 NaN stop / hung rank)
+    local status_file="$log_file.exit-status"
+    rm -f "$status_file"
+    local rc=0
+    MP_EXIT_STATUS_FILE="$status_file" PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "${cmd[@]}" 2>&1 \
+        | tee -a "$log_file" || rc=$?
+    if (( rc != 0 )) && [[ -s "$status_file" ]]; then
+        rc=$(awk '$2 > m {m = $2} END {print m}' "$status_file")
+    fi
+    rm -f "$status_file"
+    return "$rc"
 }

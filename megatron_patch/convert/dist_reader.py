@@ -21,10 +21,12 @@ from typing import Iterable
 
 import torch
 
+from megatron_patch.checkpoint import safe_load
 from megatron_patch.errors import UserError
 
 from .dist_writer import meta_model, saved_tensors, single_rank, table_entries, tp1_plan
 from .hf2mcore import tensor_bytes
+from .key_map import match_sharded
 from .mcore2hf import McoreCheckpoint, PlanSource
 
 GROUP_BYTES = 256 * 1024**2
@@ -81,14 +83,19 @@ class DistSource(PlanSource):
 
         from megatron_patch.models.families import model_args
 
+        safe_load.install()  # DCP's .metadata and stored objects through the restricted loaders
         saved = maybe_load_config(str(ck.ckpt_dir))
         if saved is None or saved.sharded_backend != "torch_dist":
             what = "no dist_checkpointing metadata" if saved is None else f"backend {saved.sharded_backend!r}"
             raise UserError(f"{ck.ckpt_dir}: {what}; only torch_dist checkpoints are read (torch DCP files)")
         padded = ck.padded_vocab() or model_args(ck.hf_config).padded_vocab_size(1)
         plan = tp1_plan(ck, padded_vocab=padded)
-        self.entries = table_entries(plan, meta_model(ck.hf_config, ck.dtype(), padded).sharded_state_dict())
         self.reader = CachedMetadataFileSystemReader(str(ck.ckpt_dir))  # .metadata read once
+        model_sd = meta_model(ck.hf_config, ck.dtype(), padded).sharded_state_dict()
+        # the checkpoint's names (local or TE spec) decide the keys read; a mismatch is refused here
+        model_sd, self.naming = match_sharded(model_sd, set(self.reader.read_metadata().state_dict_metadata),
+                                              str(ck.ckpt_dir), extra_state=False)
+        self.entries = table_entries(plan, model_sd)
         self.budget = budget or GROUP_BYTES
         super().__init__(plan, self._local, ck.hf_config, ck.family, ck.config_dir, local_meta=self._meta)
         self._check(self.reader.read_metadata().state_dict_metadata)
@@ -147,6 +154,9 @@ class DistSource(PlanSource):
         try:
             return load_entries({n: self.entries[n] for n in names}, self.reader)
         except CheckpointException as err:  # DCP wraps what a step raised (keys and shapes were checked)
+            refused = safe_load.refusal_in(err)
+            if refused is not None:
+                raise refused from None
             cause = next(iter(err.failures.values()))[0]
             first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
             raise UserError(f"{self.reader.path}: cannot read {names[0]} ({first}); the checkpoint is "

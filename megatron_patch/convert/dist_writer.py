@@ -29,6 +29,7 @@ import torch
 from megatron_patch.errors import UserError
 
 from .engine import RankPosition, ShardPlan
+from .key_map import Naming, te_sharded
 from .hf2mcore import RELEASE_BYTES, dtype_overrides, tensor_bytes
 
 
@@ -334,7 +335,8 @@ def one_file_writer(path: Path):
 # ---------------------------------------------------------------------------------------------------
 # the save
 # ---------------------------------------------------------------------------------------------------
-def save(source, tp: int, dtype: torch.dtype, ckpt_dir: Path, common: dict, progress=None) -> dict:
+def save(source, tp: int, dtype: torch.dtype, ckpt_dir: Path, common: dict, progress=None,
+         naming: Naming | None = None) -> dict:
     """Write `source` (HFSource or a Megatron PlanSource) as a torch_dist checkpoint into the empty
     directory ckpt_dir, the vocab padded for TP=tp, parameters in dtype; `common` (checkpoint_version,
     iteration, args) goes to common.pt. Returns {"tensors", "bytes"} written."""
@@ -351,6 +353,8 @@ def save(source, tp: int, dtype: torch.dtype, ckpt_dir: Path, common: dict, prog
     plan = tp1_plan(source, tp)
     with single_rank():
         model_sd = meta_model(source.hf_config, dtype, plan.ctx.padded_vocab_size).sharded_state_dict()
+        if naming is not None and naming.is_te:  # the keys a TE-spec model asks for
+            model_sd = te_sharded(model_sd)
         maker = TensorMaker(plan, source, model_sd, dtype, progress)
         # from here on as dist_checkpointing.save with the torch_dist strategy, synchronously
         sharded, common_sd = save_preprocess({"model": model_sd, **common})

@@ -27,14 +27,19 @@ from megatron_patch.models.builder import ParallelLayout
 from megatron_patch.models.families.base import Replicated, Vocab
 from megatron_patch.models.families.common import ConcreteRow, expand_rows, shard_context
 
-# Rows without {layer} live on the first stage (embedding) or on the last one (everything else:
-# final norm, output layer, MTP).
+from .key_map import EXTRA as EXTRA_STATE
+from .key_map import LOCAL, Naming, name_map, to_te
+
+# Rows without {layer}: the embedding on the first stage, the output layer on the last, MTP and the
+# final norm where megatron-core builds them for the layout (ShardPlan.stage_of).
 FIRST_STAGE_PREFIXES = ("embedding.",)
+MTP_PREFIX = "mtp."
+FINAL_NORM_PREFIX = "decoder.final_layernorm."
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
 # megatron-core keeps these in fp32 whatever params_dtype is (TopKRouter.expert_bias): never cast them.
 KEEP_DTYPE_SUFFIXES = (".expert_bias",)
-EXTRA_STATE = "._extra_state"
+
 
 
 @dataclass(frozen=True)
@@ -82,10 +87,12 @@ def has_extra_state(row: ConcreteRow) -> bool:
 class ShardPlan:
     """The family table expanded for one model config and one layout."""
 
-    def __init__(self, family, hf_config, layout: ParallelLayout, mcore_config=None, model_args=None):
+    def __init__(self, family, hf_config, layout: ParallelLayout, mcore_config=None, model_args=None,
+                 naming: Naming | None = None):
         from megatron_patch.models.families import model_args as family_model_args
 
         self.family = family
+        self.naming = naming or Naming(LOCAL)  # the names written (key_map); the table holds local ones
         self.layout = layout
         self.mcore_config = mcore_config if mcore_config is not None else family.to_mcore_config(hf_config)
         self.model_args = model_args if model_args is not None else family_model_args(hf_config)
@@ -93,6 +100,9 @@ class ShardPlan:
         self.num_experts = self.mcore_config.num_moe_experts or 0
         self.vpp = layout.vpp or 1
         self._check()
+        from megatron_patch.models.pipeline import stage_map
+
+        self.stages = stage_map(self.mcore_config, layout)
         self.rows: list[ConcreteRow] = expand_rows(family.params(hf_config), self.num_layers, self.num_experts)
         self.ctx = shard_context(self.mcore_config, self.model_args, layout.tp)
         self.placed: list[Placed] = self._place_rows()
@@ -110,24 +120,32 @@ class ShardPlan:
 
     # --- where things live ------------------------------------------------------------------------
     def layer_placement(self, layer: int) -> tuple[int, int, int]:
-        """(pp rank, virtual chunk, stage-local index) of a global decoder layer (megatron's offsets:
-        chunk c of stage p holds the block c*PP + p of L/(PP*VPP) consecutive layers)."""
-        per_chunk = self.num_layers // (self.layout.pp * self.vpp)
-        block = layer // per_chunk
-        return block % self.layout.pp, block // self.layout.pp, layer % per_chunk
+        """(pp rank, virtual chunk, stage-local index) of a global decoder layer, as megatron-core places
+        it for this layout (models/pipeline.stage_map: even, uneven first/last, or a layout string)."""
+        return self.stages.locate(layer)
 
     def placement(self, row: ConcreteRow) -> Placement:
         if row.layer is not None:
             pp, chunk, local = self.layer_placement(row.layer)
-        elif row.mcore.startswith(FIRST_STAGE_PREFIXES):
-            pp, chunk, local = 0, 0, None
         else:
-            pp, chunk, local = self.layout.pp - 1, self.vpp - 1, None
+            (pp, chunk), local = self.stage_of(row.mcore), None
         ep = local_expert = None
         if row.expert is not None:
             per_rank = self.num_experts // self.layout.ep
             ep, local_expert = divmod(row.expert, per_rank)
         return Placement(pp, chunk, local, ep, local_expert)
+
+    def stage_of(self, mcore_name: str) -> tuple[int, int]:
+        """The stage of a row outside the decoder layers: the embedding on the first, MTP where the layout
+        builds it, the final norm with the last decoder layer when there is MTP (megatron-core's
+        TransformerBlock.has_final_layernorm_in_this_stage), the output layer on the last."""
+        if mcore_name.startswith(FIRST_STAGE_PREFIXES):
+            return self.stages.first
+        if mcore_name.startswith(MTP_PREFIX):
+            return self.stages.mtp
+        if mcore_name.startswith(FINAL_NORM_PREFIX):
+            return self.stages.final_norm
+        return self.stages.last
 
     def local_name(self, row: ConcreteRow, place: Placement) -> str:
         fmt = {}
@@ -142,20 +160,20 @@ class ShardPlan:
         return ("etp", self.layout.expert_tp) if row.row.is_expert else ("tp", self.layout.tp)
 
     def _place_rows(self) -> list[Placed]:
-        first, last = (0, 0), (self.layout.pp - 1, self.vpp - 1)
+        first, last, mtp = self.stages.first, self.stages.last, self.stages.mtp
         out = []
         embedding = None
         for row in self.rows:
             out.append(Placed(row, self.placement(row)))
             if row.mcore == EMBEDDING:
                 embedding = row
-        if embedding is not None and first != last:
-            end = Placement(last[0], last[1], None, None, None)
-            if getattr(self.mcore_config, "mtp_num_layers", None):  # GPTModel: mtp_process builds an embedding
-                out.append(Placed(embedding, end, primary=False))
-            if not self.model_args.untie_embeddings_and_output_weights:  # tied: the last stage's output
-                tied = dataclasses.replace(embedding.row, mcore=OUTPUT_LAYER)  # layer holds a copy
-                out.append(Placed(ConcreteRow(OUTPUT_LAYER, embedding.hf, tied), end, primary=False))
+        if embedding is not None:
+            if mtp is not None and mtp != first:  # GPTModel: mtp_process builds an embedding
+                out.append(Placed(embedding, Placement(mtp[0], mtp[1], None, None, None), primary=False))
+            if last != first and not self.model_args.untie_embeddings_and_output_weights:  # tied: the last
+                tied = dataclasses.replace(embedding.row, mcore=OUTPUT_LAYER)  # stage's output layer holds a copy
+                out.append(Placed(ConcreteRow(OUTPUT_LAYER, embedding.hf, tied),
+                                  Placement(last[0], last[1], None, None, None), primary=False))
         return out
 
     def rows_for(self, pos: RankPosition) -> Iterator[tuple[ConcreteRow, Placement]]:
@@ -195,11 +213,28 @@ class ShardPlan:
         for row, place in self.rows_for(pos):
             rank = pos.etp if self.split_group(row)[0] == "etp" else pos.tp
             chunks[place.chunk][self.local_name(row, place)] = self.shard_row(row, read, rank, dtype)
+        if extra_state and self.naming.is_te:
+            last = (self.layout.pp - 1, self.vpp - 1)
+            return [to_te(sd, self.naming.grouped, (pos.pp, chunk) == last) for chunk, sd in enumerate(chunks)]
         if extra_state:
             for chunk, sd in enumerate(chunks):
                 for key in self.extra_state_keys(pos, chunk):
                     sd[key] = None
         return chunks
+
+    def stored_names(self, pp: int) -> list[dict[str, str]]:
+        """Per virtual chunk of stage pp: local parameter name -> the name written (plan.naming)."""
+        names: list[list[str]] = [[] for _ in range(self.vpp)]
+        for row, place in self.rows_for(RankPosition(pp=pp)):
+            names[place.chunk].append(self.local_name(row, place))
+        return [name_map(n, self.naming) for n in names]
+
+    def local_names(self, pos: RankPosition) -> list[set[str]]:
+        """Per virtual chunk: the local-spec parameter names this rank holds."""
+        names: list[set[str]] = [set() for _ in range(self.vpp)]
+        for row, place in self.rows_for(pos):
+            names[place.chunk].add(self.local_name(row, place))
+        return names
 
     def extra_state_keys(self, pos: RankPosition, chunk: int) -> list[str]:
         keys = {self.local_name(row, place).rsplit(".", 1)[0] + EXTRA_STATE
@@ -289,6 +324,13 @@ def check_hf_copies(plan: ShardPlan, read: Callable[[str], object], rows_per_blo
             if not torch.equal(a[start:stop], b[start:stop]):
                 raise UserError(f"{copy_name} differs from {primary[mcore]} (rows {start}..{stop - 1}); megatron-core "
                                 "shares one tensor for both, so this checkpoint cannot be converted exactly")
+
+
+def check_hf_checkpoint(plan: ShardPlan, ckpt) -> None:
+    """An open HFCheckpoint against the table before loading from it in memory (compare, --load-hf): the
+    same name and MTP-copy checks as hf2mcore, so no tensor is dropped without a word."""
+    check_hf_coverage(plan, ckpt.keys())
+    check_hf_copies(plan, ckpt.get_slice)
 
 
 def current_position() -> RankPosition:

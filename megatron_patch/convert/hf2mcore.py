@@ -19,12 +19,17 @@ device, each tensor made from its lazy HF slices only when torch DCP's writer as
 peak memory about one tensor, every HF byte read once. The checkpoint holds global tensors, so it loads
 at any layout; the layout decides only the vocab padding (TP) and the stored args.
 
+Names: `--transformer-impl transformer_engine` (the default, as Megatron-LM's) writes the keys megatron-core's
+TE-spec GPTModel asks for, `local` those of its local spec; `--moe-grouped-gemm` writes TEGroupedMLP's expert
+names (key_map: the family tables keep one set of names, translated on write).
+
 Every output holds `hf_config/` (config.json + tokenizer files) and `convert_meta.json` (family,
-format, layout, dtype), so mcore2hf and reshard need nothing else.
+format, layout, dtype, transformer_impl, moe_grouped_gemm), so mcore2hf and reshard need nothing else.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -36,11 +41,13 @@ from pathlib import Path
 
 import torch
 
+from megatron_patch.checkpoint.safe_load import torch_load
 from megatron_patch.errors import UserError
 
 from . import mcore_layout
-from .atomic import atomic_output_dir
+from .atomic import atomic_output_dir, check_output
 from .engine import EMBEDDING, RankPosition, ShardPlan, check_hf_copies, check_hf_coverage
+from .key_map import LOCAL, TE, Naming
 from .hf_reader import HFCheckpoint
 from .hf_writer import copy_tokenizer_files
 from .progress import ConversionProgress
@@ -89,11 +96,9 @@ def check_layout_values(layout) -> None:
         raise UserError(f"--vpp {layout.vpp} needs pipeline parallelism: pass --pp > 1 (virtual stages split a stage)")
 
 
-def refuse_existing(out, force: bool) -> None:
+def refuse_existing(out, force: bool, inputs=()) -> None:
     """Fail before any work (atomic_output_dir checks again when the writing starts)."""
-    if Path(out).exists() and not force:
-        raise UserError(f"output {Path(out).absolute()} already exists (pass --force to replace it, or choose "
-                        "another path)")
+    check_output(out, force, inputs)
 
 
 def load_hf_config(config_dir):
@@ -117,13 +122,45 @@ def load_hf_config(config_dir):
 
 
 def layout_dict(layout) -> dict:
-    return {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp, "vpp": layout.vpp or 1}
+    """The sizes and pipeline split a checkpoint depends on (convert_meta.json; mcore_layout's `sizes`)."""
+    sizes = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp, "vpp": layout.vpp or 1}
+    return {**sizes, **{k: v for k, v in layout.split_fields().items() if v}}  # an even split adds nothing
+
+
+def normalized_layout(layout):
+    """The layout as converters store it: VPP 1 is no VPP."""
+    return dataclasses.replace(layout, vpp=layout.vpp if layout.vpp and layout.vpp > 1 else None)
 
 
 def describe(layout) -> str:
-    """TP2xPP1xEP4xETP2 (+VPPn): the sizes a checkpoint depends on (sequence parallel does not matter)."""
+    """TP2xPP1xEP4xETP2 (+VPPn, + the uneven split): what a checkpoint depends on (not sequence parallel)."""
     text = f"TP{layout.tp}xPP{layout.pp}xEP{layout.ep}xETP{layout.expert_tp}"
-    return text + (f"xVPP{layout.vpp}" if layout.vpp and layout.vpp > 1 else "")
+    text += f"xVPP{layout.vpp}" if layout.vpp and layout.vpp > 1 else ""
+    split = layout.describe_split()
+    return text + (f" ({split})" if split else "")
+
+
+def plan_lines(hf_path, layout) -> list[str]:
+    """`hf2mcore --dry-run`: which layers each pipeline rank (and virtual stage) gets, from config.json
+    alone (no weights needed), with the rank directories Megatron-LM names for them."""
+    from megatron_patch.models.builder import check_layout
+    from megatron_patch.models.pipeline import stage_map
+
+    check_layout_values(layout)
+    hf_config = load_hf_config(hf_path)
+    from megatron_patch.models.families import family_for_config
+
+    config = family_for_config(hf_config).to_mcore_config(hf_config)
+    layout = normalized_layout(layout)
+    check_layout(layout, config)
+    stages = stage_map(config, layout)
+    lines = [f"plan: {describe(layout)}, {config.num_layers} decoder layers"
+             + (f" + {config.mtp_num_layers} MTP" if getattr(config, "mtp_num_layers", None) else "")]
+    dirs = {pp: mcore_layout.rank_dir_name(0, pp, 0, layout.pp, layout.ep) for pp in range(layout.pp)}
+    for (pp, vp), line in zip(sorted(stages.decoder), stages.lines()):
+        more = layout.tp * layout.ep - 1  # the stage's other (tp, ep) rank files
+        lines.append(f"{line}  [{dirs[pp]}" + (f" + {more} more TP/EP rank files]" if more else "]"))
+    return lines
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -141,10 +178,22 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
             and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
 
 
+def _plain(value) -> bool:
+    """A value Megatron-LM's args can hold and a weights-only unpickler reads (no functions, no enums)."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str, torch.dtype))
+
+
 def megatron_args(plan: ShardPlan, dtype: torch.dtype, fmt: str) -> dict:
     """The `args` fields Megatron-LM's loader checks (check_checkpoint_args) or adopts with
-    --use-checkpoint-args (load_args_from_checkpoint)."""
+    --use-checkpoint-args (load_args_from_checkpoint), plus every plain TransformerConfig field of the
+    family's config under its own name (Megatron-LM's core_transformer_config_from_args copies args by
+    config field name: MLA, rope/yarn, router, MTP fields alike), transformer_impl and moe_grouped_gemm."""
     cfg, ma, lay = plan.mcore_config, plan.model_args, plan.layout
+    layout_fields = set(lay.config_overrides())  # set from the layout (build_args)
+    config_fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                     if f.name not in layout_fields and _plain(getattr(cfg, f.name))}
     heads = cfg.num_attention_heads
     groups = cfg.num_query_groups or heads
     stages = lay.pp * (lay.vpp or 1)
@@ -163,20 +212,25 @@ def megatron_args(plan: ShardPlan, dtype: torch.dtype, fmt: str) -> dict:
         num_experts=cfg.num_moe_experts, moe_router_topk=cfg.moe_router_topk,
         moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
         moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
-        moe_layer_freq=cfg.moe_layer_freq, moe_grouped_gemm=cfg.moe_grouped_gemm,
+        moe_layer_freq=cfg.moe_layer_freq,
         multi_latent_attention=bool(getattr(cfg, "multi_latent_attention", False)),
         q_lora_rank=getattr(cfg, "q_lora_rank", None), kv_lora_rank=getattr(cfg, "kv_lora_rank", None),
         qk_head_dim=getattr(cfg, "qk_head_dim", None), qk_pos_emb_head_dim=getattr(cfg, "qk_pos_emb_head_dim", None),
         v_head_dim=getattr(cfg, "v_head_dim", None), mtp_num_layers=getattr(cfg, "mtp_num_layers", None),
-        num_layers_per_virtual_pipeline_stage=cfg.num_layers // stages if lay.vpp and lay.vpp > 1 else None,
+        # Megatron-LM: an even split names its chunk size, an uneven one the chunk count
+        num_layers_per_virtual_pipeline_stage=(cfg.num_layers // stages if lay.vpp and lay.vpp > 1
+                                               and not lay.uneven else None),
+        num_virtual_stages_per_pipeline_rank=lay.vpp if lay.vpp and lay.vpp > 1 and lay.uneven else None,
+        **lay.split_fields(),
         sequence_parallel=lay.sequence_parallel, consumed_train_samples=0, consumed_valid_samples=0,
-        ckpt_format=fmt,
+        ckpt_format=fmt, rotary_interleaved=cfg.rotary_interleaved, pipeline_dtype=dtype,
+        transformer_impl=plan.naming.impl, moe_grouped_gemm=plan.naming.grouped,
     )
-    return args
+    return {**config_fields, **args}
 
 
 def write_side_files(out: Path, fmt: str, family: str, layout, dtype: torch.dtype, config_dir: Path,
-                     tokenizer_dir: Path | None, source: str, command: str) -> None:
+                     tokenizer_dir: Path | None, source: str, command: str, naming: Naming) -> None:
     """hf_config/ (config.json + tokenizer files) and convert_meta.json."""
     dst = out / HF_CONFIG_DIR
     dst.mkdir(parents=True, exist_ok=True)
@@ -184,7 +238,8 @@ def write_side_files(out: Path, fmt: str, family: str, layout, dtype: torch.dtyp
     for src in dict.fromkeys(p for p in (config_dir, tokenizer_dir) if p is not None):
         copy_tokenizer_files(src, dst)
     meta = {"format": fmt, "family": family, "iteration": ITERATION, "layout": layout_dict(layout),
-            "dtype": dtype_name(dtype), "source": str(source), "created_by": f"megatron-patch convert {command}"}
+            "dtype": dtype_name(dtype), "transformer_impl": naming.impl, "moe_grouped_gemm": naming.grouped,
+            "source": str(source), "created_by": f"megatron-patch convert {command}"}
     (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -234,8 +289,10 @@ def expected_hf_shapes(hf_config) -> dict[str, tuple]:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
         state = model.state_dict()
-    except Exception:  # noqa: BLE001 - an optional check: transformers could not build it
-        return {}
+    except Exception as err:  # noqa: BLE001 - a config transformers cannot build is no model at all
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"transformers cannot build a model from this config.json ({type(err).__name__}: {first}); "
+                        "fix the config (it decides every tensor's shape)") from None
     try:
         from transformers.core_model_loading import revert_weight_conversion
 
@@ -311,7 +368,7 @@ class _RankFile:
             sizes = {i.filename.split("/", 1)[1]: i.file_size for i in zf.infolist() if "/" in i.filename}
         records = {reader.get_record_offset(n): sizes.get(n, 0) for n in reader.get_all_records()
                    if n.startswith("data/")}
-        loaded = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        loaded = torch_load(path, mmap=True)
         ptrs = {(c, k): (v.untyped_storage().data_ptr(), tensor_bytes(v))
                 for c, sd in enumerate(mcore_layout.model_chunks(loaded)) for k, v in sd.items()
                 if torch.is_tensor(v) and v.numel()}
@@ -365,6 +422,7 @@ def write_torch(plan: ShardPlan, source, root: Path, dtype: torch.dtype | None, 
     read_since = 0
     for pp in range(lay.pp):
         files = {(pos.tp, pos.ep): _RankFile.create(root, pos, sizes, metas[pos], args) for pos in plan.positions(pp)}
+        stored = plan.stored_names(pp)  # local name -> the name in the file (TE or local spec)
         try:
             for p in plan.placed:
                 if p.place.pp != pp:
@@ -379,7 +437,7 @@ def write_torch(plan: ShardPlan, source, root: Path, dtype: torch.dtype | None, 
                                and (plan.shard_ranks(row) == 1
                                     or (tp if group == "tp" else tp % lay.expert_tp) == rank)]
                     for f in targets:
-                        f.write(place.chunk, name, tensor)
+                        f.write(place.chunk, stored[place.chunk][name], tensor)
                     nbytes = tensor_bytes(tensor)
                     progress.update(nbytes * len(targets), len(targets))
                     read_since += nbytes * plan.shard_ranks(row)  # ~ the mapped input bytes it touched
@@ -410,15 +468,16 @@ def dist_total_bytes(source, layout, dtype: torch.dtype) -> int:
     return dist_writer.output_bytes(dist_writer.tp1_plan(source, layout.tp), source.meta, dtype)
 
 
-def write_dist(source, layout, dtype: torch.dtype, root: Path, progress=None) -> dict:
+def write_dist(source, layout, dtype: torch.dtype, root: Path, progress=None, naming: Naming | None = None) -> dict:
     """A torch_dist checkpoint at root (Megatron-LM layout: tracker + release/) for `layout` from a
     source (HFSource or a Megatron PlanSource). Returns {"tensors", "bytes"}."""
     from . import dist_writer
 
     ckpt_dir = root / mcore_layout.iteration_dir_name(ITERATION)
     ckpt_dir.mkdir(parents=True)
-    common = dist_common_state(ShardPlan(source.family, source.hf_config, layout), dtype)
-    stats = dist_writer.save(source, layout.tp, dtype, ckpt_dir, common, progress)
+    naming = naming or Naming(LOCAL)
+    common = dist_common_state(ShardPlan(source.family, source.hf_config, layout, naming=naming), dtype)
+    stats = dist_writer.save(source, layout.tp, dtype, ckpt_dir, common, progress, naming)
     mcore_layout.write_latest(root, ITERATION)
     return stats
 
@@ -427,21 +486,22 @@ def write_dist(source, layout, dtype: torch.dtype, root: Path, progress=None) ->
 # hf2mcore
 # ---------------------------------------------------------------------------------------------------
 def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None, force: bool = False,
-             verify: bool = False, model_size: str | None = None, show_progress: bool = False) -> dict:
-    """Convert; returns the summary (tensors, bytes, seconds, gb_per_s, peak_rss_gib, line, verify)."""
-    from megatron_patch.models.builder import ParallelLayout
-
+             verify: bool = False, model_size: str | None = None, show_progress: bool = False,
+             transformer_impl: str = TE, moe_grouped_gemm: bool = False) -> dict:
+    """Convert; returns the summary (tensors, bytes, seconds, gb_per_s, peak_rss_gib, line, verify).
+    transformer_impl / moe_grouped_gemm: Megatron-LM's flags of the run that will load the output (its
+    default is the Transformer Engine spec); they decide the names written (key_map)."""
+    naming = Naming(transformer_impl, moe_grouped_gemm)
     target = parse_dtype(dtype)
     if fmt not in FORMATS:
         raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     check_layout_values(layout)
-    refuse_existing(out, force)
+    refuse_existing(out, force, inputs=[hf_path])
     source = HFSource(hf_path)
     check_not_fp8(source)
     size_note = declared_size_check(model_size, source)
-    layout = ParallelLayout(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.expert_tp,
-                            vpp=layout.vpp if layout.vpp and layout.vpp > 1 else None)
-    plan = ShardPlan(source.family, source.hf_config, layout)
+    layout = normalized_layout(layout)
+    plan = ShardPlan(source.family, source.hf_config, layout, naming=naming)
     check_hf_input(source, plan)
     embedding = next((r.hf[0] for r in plan.rows if r.mcore == EMBEDDING), plan.rows[0].hf[0])
     out_dtype = target or source.meta(embedding).dtype  # the checkpoint's dtype when none is asked for
@@ -451,17 +511,17 @@ def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None,
     total = output_bytes(metas) if fmt == "torch" else dist_total_bytes(source, layout, out_dtype)
     args = megatron_args(plan, out_dtype, fmt)
     result: dict = {}
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs=[hf_path]) as tmp:
         with ConversionProgress(total, f"hf2mcore {fmt}", force=show_progress) as progress:
             if fmt == "torch":
                 write_torch(plan, source, tmp, target, args, progress, metas)
             else:
-                write_dist(source, layout, out_dtype, tmp, progress)
+                write_dist(source, layout, out_dtype, tmp, progress, naming)
             write_side_files(tmp, fmt, source.family.name, layout, out_dtype, source.config_dir, source.path,
-                             hf_path, "hf2mcore")
+                             hf_path, "hf2mcore", naming)
             stats, line = progress.summary()
         result.update(stats, line=line, out=str(Path(out).absolute()), format=fmt, layout=describe(layout),
-                      dtype=dtype_name(out_dtype), size_note=size_note)
+                      dtype=dtype_name(out_dtype), size_note=size_note, naming=naming.describe())
         if verify:
             result["verify"] = verify_against_hf(tmp, source, target)
     return result

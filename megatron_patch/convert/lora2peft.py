@@ -34,10 +34,11 @@ def _checkpoint_dir(path: str) -> Path:
 def read_adapters(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(saved training args, {checkpoint key: full tensor}) of the LoRA entries of a torch_dist checkpoint."""
     import torch.distributed.checkpoint as dcp
-    from megatron.core import dist_checkpointing
+
+    from megatron_patch.checkpoint import safe_load
 
     ck = _checkpoint_dir(path)
-    args = dist_checkpointing.load_common_state_dict(str(ck)).get("args") or {}
+    args = safe_load.load_common(ck).get("args") or {}  # installs the safe DCP metadata reader too
     if not args.get("lora_rank"):
         raise UserError(f"--mcore-path {path}: {ck.name} was not trained with --lora-rank (no adapters)")
     reader = dcp.FileSystemReader(str(ck))

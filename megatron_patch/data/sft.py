@@ -165,7 +165,7 @@ def paths_for(prefix: str) -> dict[str, Path]:
 
 
 def preprocess_sft(inputs: list[str], tokenizer_dir: str, output_prefix: str, seq_length: int | None = None,
-                   drop_long: bool = False) -> dict:
+                   drop_long: bool = False, force: bool = False) -> dict:
     """Tokenize SFT records into PREFIX.{bin,idx,mask.bin,mask.idx,sft.json}; returns the summary.
     Every record is checked before anything is written."""
     import numpy
@@ -182,6 +182,7 @@ def preprocess_sft(inputs: list[str], tokenizer_dir: str, output_prefix: str, se
     for p in paths:
         if not p.is_file():
             raise UserError(f"--input {p}: file not found")
+    _check_outputs(output_prefix, paths, force)
     tok = load_tokenizer(tokenizer_dir)
     samples: list[tuple[list[int], list[int]]] = []
     levels: list[int] = []
@@ -234,13 +235,25 @@ def preprocess_sft(inputs: list[str], tokenizer_dir: str, output_prefix: str, se
     return summary
 
 
+def _check_outputs(prefix: str, inputs: list[Path], force: bool) -> None:
+    """As plain preprocess: an existing dataset is replaced only with --force, and only one this command wrote."""
+    from megatron_patch.data.preprocess import _check_output
+
+    out = paths_for(prefix)
+    _check_output(Path(prefix), inputs, force)  # PREFIX.bin/.idx
+    _check_output(Path(prefix + ".mask"), inputs, force)
+    if out["meta"].exists() and not force:
+        raise UserError(f"output {out['meta']} already exists (pass --force to replace it, or choose another "
+                        "--output-prefix)")
+
+
 def is_sft_prefix(prefix: str) -> bool:
     return paths_for(prefix)["meta"].is_file()
 
 
 def run(args) -> int:
     s = preprocess_sft(args.input, args.tokenizer, args.output_prefix, seq_length=args.seq_length,
-                       drop_long=args.drop_long)
+                       drop_long=args.drop_long, force=args.force)
     lv = ", ".join(f"{k} {v}" for k, v in s["levels"].items())
     print(f"wrote {args.output_prefix}.bin/.idx + .mask.bin/.idx + .sft.json: {s['samples']} of {s['records']} "
           f"records, {s['tokens']} tokens ({s['answer_tokens']} answer), {s['template']} template; "

@@ -215,11 +215,10 @@ def adapters_only(sharded: dict) -> dict:
 def load_adapters(chunks: list, ckpt_path: str, hf_config, config, margs, layout) -> dict:
     """Wrap `chunks` (base weights already loaded) with the LoRA of a `train --lora-rank` checkpoint and load its
     adapters. Returns the checkpoint's saved args."""
-    from megatron.core import dist_checkpointing
-
+    from megatron_patch.checkpoint import safe_load
     from megatron_patch.training.checkpointing import model_keys, sharded_metadata
 
-    common = dist_checkpointing.load_common_state_dict(str(ckpt_path))
+    common = safe_load.load_common(ckpt_path)
     saved = common.get("args") or {}
     if not saved.get("lora_rank"):
         raise UserError(f"--mcore-path {ckpt_path} was not trained with --lora-rank (no adapters to compare)")
@@ -228,7 +227,7 @@ def load_adapters(chunks: list, ckpt_path: str, hf_config, config, margs, layout
     metadata = sharded_metadata()
     keys = model_keys(chunks)
     request = {k: adapters_only(c.sharded_state_dict(metadata=metadata)) for k, c in zip(keys, chunks)}
-    loaded = dist_checkpointing.load(request, str(ckpt_path))
+    loaded = safe_load.dist_load(request, ckpt_path)
     for k, c in zip(keys, chunks):
         result = c.load_state_dict(loaded[k], strict=False)
         if result.unexpected_keys or any(ADAPTER_MARK in m for m in result.missing_keys):

@@ -5,6 +5,7 @@ Import-light (argparse only) so `megatron-patch --help` stays fast.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from megatron_patch.errors import UserError
 
@@ -34,9 +35,17 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--num-virtual-stages-per-pipeline-rank", "--virtual-pipeline-model-parallel-size",
                    dest="virtual_pipeline_model_parallel_size", type=int, default=None)
+    from megatron_patch.models.pipeline import add_split_args
+
+    add_split_args(g)  # --decoder-first/last-pipeline-num-layers, --pipeline-model-parallel-layout, ...
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
     g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--distributed-timeout-minutes", type=float, default=None, metavar="M",
+                   help="a collective that waits longer fails every rank (default 30, or MP_DIST_TIMEOUT_MINUTES)")
+    g.add_argument("--heartbeat-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a rank whose heartbeat stops this long (stopped or dead process) ends the job with exit 3, "
+                   "naming the rank and step (0: off)")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="on by default whenever TP > 1 (megatron's MoE with TP requires it)")
     g.add_argument("--use-distributed-optimizer", action="store_true")
@@ -65,6 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true", help="not supported (use --bf16)")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--hidden-dropout", type=float, default=None,
+                   help="residual dropout (default: the family's, 0 for DeepSeek and Qwen as in HF)")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
                    help="default: from the HF config (DeepSeek aux_loss_alpha)")
 
@@ -163,6 +174,10 @@ def validate(args) -> None:
                  "expert_model_parallel_size", "log_interval"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
+    for flag in ("distributed_timeout_minutes", "heartbeat_timeout"):
+        value = getattr(args, flag)
+        if value is not None and value < 0 or flag == "distributed_timeout_minutes" and value == 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be > 0")
     for flag in ("save_interval", "exit_interval", "eval_interval"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -178,10 +193,14 @@ def validate(args) -> None:
         raise UserError("--save-interval needs --save DIR")
     from megatron_patch.data.gpt import check_prefix
 
+    inputs = [("--load-hf", args.load_hf)] + ([("--load", args.load)] if args.load and args.save and
+                                               Path(args.load).resolve() != Path(args.save).resolve() else [])
     for flag in ("--data-path", "--valid-data-path"):
         blend = parse_data_blend(getattr(args, flag[2:].replace("-", "_")), flag)
         for prefix in blend[0] if blend else ():
             check_prefix(prefix, flag)  # fail before the model is built
+            inputs += [(flag, prefix + ".bin"), (flag, prefix + ".idx")]
+    _check_save(args.save, inputs)
     if args.valid_data_path and args.split:
         raise UserError("--split applies to --data-path only; do not combine it with --valid-data-path")
 
@@ -207,6 +226,17 @@ def validate_sft(args) -> None:
             raise UserError("--sft: validation data (--valid-data-path/--split) is not supported yet")
     elif sft_data:
         raise UserError(f"--data-path {sft_data[0]} is SFT data (it has {sft_data[0]}.sft.json): add --sft")
+
+
+def _check_save(save, inputs) -> None:
+    """--save may not be, contain or lie inside an input (--save == --load is Megatron-LM's resume convention:
+    saves add iter_* directories and move the tracker, they never rewrite what --load holds)."""
+    from megatron_patch.convert.atomic import overlap
+
+    for flag, path in inputs:
+        if save and path and overlap(Path(save), Path(path)):
+            raise UserError(f"--save {save} {overlap(Path(save), Path(path))} the input {flag} {path}: saving there "
+                            "could destroy it; choose a separate --save directory")
 
 
 def build_parser(prog: str = "megatron-patch train") -> argparse.ArgumentParser:

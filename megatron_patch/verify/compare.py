@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -172,17 +173,27 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
         if not (Path(spec.peft_path) / "adapter_config.json").is_file():
             raise UserError(f"--peft-path {spec.peft_path}: no adapter_config.json (write one with "
                             "`megatron-patch convert lora2peft`)")
+    # validates shards and headers (cheap), and the names against the table
     if spec.mcore_path is None or spec.peft_path is not None:
-        with HFCheckpoint(path):  # validates shards and headers (cheap)
-            pass
+        from megatron_patch.convert.engine import ShardPlan, check_hf_checkpoint
+
+        with HFCheckpoint(path) as ckpt:
+            check_hf_checkpoint(ShardPlan(family, hf_config, lay, config), ckpt)
     else:
         fmt, root = mcore_format(spec.mcore_path)
+        if fmt == "torch_dist":
+            from megatron_patch.checkpoint.safe_load import check_dist_checkpoint
+
+            check_dist_checkpoint(root)  # a tampered pickle is refused before any rank starts
         if fmt == "torch":
             from megatron_patch.convert.mcore_layout import read_layout
 
+            from megatron_patch.convert.hf2mcore import layout_dict
+            from megatron_patch.convert.mcore_layout import layout_key
+
             _, sizes = read_layout(root)
-            want = {"tp": lay.tp, "pp": lay.pp, "ep": lay.ep, "etp": lay.expert_tp, "vpp": lay.vpp or 1}
-            if {k: sizes[k] for k in want} != want:
+            want = layout_dict(lay)
+            if layout_key(sizes) != layout_key(want):
                 raise UserError(f"--mcore-path {spec.mcore_path} was saved at {sizes}; this run asks for {want} "
                                 "(a torch-format checkpoint loads only at its own layout; pass the same sizes "
                                 "or use torch_dist)")
@@ -279,17 +290,25 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) ->
                 f"{spec.peft_path}")
     fmt, root = mcore_format(spec.mcore_path)
     if fmt == "torch":
-        from megatron_patch.convert.mcore_layout import read_layout, read_rank
+        from megatron_patch.convert.key_map import down_projection_rows, read_local_rank
+        from megatron_patch.convert.mcore_layout import read_layout
 
-        iteration, sizes = read_layout(root)
-        state_dicts = read_rank(root, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                                ps.get_expert_model_parallel_rank(), sizes, iteration)
+        iteration, sizes = read_layout(root)  # either spec's names (key_map), read as local-spec ones
+        state_dicts, _ = read_local_rank(root, ps.get_tensor_model_parallel_rank(),
+                                         ps.get_pipeline_model_parallel_rank(), ps.get_expert_model_parallel_rank(),
+                                         sizes, iteration, down_projection_rows(config))
     else:
-        from megatron.core import dist_checkpointing
+        from megatron_patch.checkpoint.safe_load import dist_load
 
-        keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-        sharded = {k: c.sharded_state_dict() for k, c in zip(keys, chunks)}
-        loaded = dist_checkpointing.load(sharded, str(root))
+        from megatron_patch.convert.key_map import match_sharded, stored_keys
+
+        from megatron_patch.training.checkpointing import model_keys, model_sharded_state_dict
+
+        keys = model_keys(chunks)  # with Megatron-LM's metadata: MTP's embedding copy on a later stage needs it
+        stored = stored_keys(root)  # the checkpoint's names (local or TE spec) decide the keys requested
+        sharded = {k: match_sharded(sd, stored, f"--mcore-path {spec.mcore_path}", extra_state=False)[0]
+                   for k, sd in model_sharded_state_dict(chunks).items()}
+        loaded = dist_load(sharded, root)
         state_dicts = [loaded[k] for k in keys]
     if len(state_dicts) != len(chunks):
         raise UserError(f"--mcore-path holds {len(state_dicts)} model chunk(s) per rank, the layout builds "
@@ -444,7 +463,7 @@ def run_in_group(spec: CompareSpec) -> dict | None:
         "model": {"num_layers": num_layers, "hidden_size": hf_config.hidden_size, "num_experts": experts,
                   "vocab_size": hf_config.vocab_size},
         "layout": {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp,
-                   "vpp": layout.vpp, "sp": layout.sequence_parallel, "world_size": world,
+                   "vpp": layout.vpp, **{k: v for k, v in layout.split_fields().items() if v}, "sp": layout.sequence_parallel, "world_size": world,
                    "name": layout.describe()},
         "dtype": spec.dtype,
         "dtypes": {"hf": str(DTYPES[spec.dtype]).replace("torch.", ""),
@@ -516,10 +535,15 @@ def run(spec: CompareSpec) -> dict | None:
     return results[0]
 
 
+_USER_ERROR_LINE = re.compile(r"^megatron_patch\.[\w.]*\.(UserError|UnsafeCheckpoint): (.*)$")
+
+
 def _user_error_in(text: str) -> str | None:
+    """The message of a UserError (or subclass) a rank's traceback ends with: bad input, exit 2, not 3."""
     for line in text.splitlines():
-        if line.startswith("megatron_patch.errors.UserError: "):
-            return line.split(": ", 1)[1]
+        m = _USER_ERROR_LINE.match(line)
+        if m:
+            return m.group(2)
     return None
 
 
@@ -531,7 +555,9 @@ def _run_torchrun(spec: CompareSpec) -> dict | None:
     acc = setup()
     if not dist.is_initialized():
         acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(acc.backend)
+        from datetime import timedelta
+
+        dist.init_process_group(acc.backend, timeout=timedelta(seconds=spec.timeout))
     report = run_in_group(spec)
     # every rank exits with rank 0's verdict
     verdict = [report["result"] if report else None]
