@@ -158,8 +158,8 @@ def validate(args) -> None:
         raise UserError("--lora-target/--lora-alpha need --lora-rank R")
     if args.lora_rank and not args.lora_target:
         raise UserError("--lora-rank needs --lora-target NAMES (e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
-    if args.lora_rank and (args.pipeline_model_parallel_size > 1 or args.expert_model_parallel_size > 1):
-        raise UserError("--lora-rank: LoRA is built for tensor parallelism only so far; use PP=1 and EP=1")
+    if args.lora_rank and args.expert_model_parallel_size > 1:
+        raise UserError("--lora-rank: routed experts take no adapters yet and EP>1 is untested with LoRA; use EP=1")
     if args.context_parallel_size != 1:
         raise UserError(f"--context-parallel-size {args.context_parallel_size}: context parallelism is not supported; use 1")
     if args.load and args.load_hf:
