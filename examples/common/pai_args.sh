@@ -13,12 +13,14 @@
 #   MODEL_SIZE           a size with a built-in config (see the family script), `mini` (the config of
 #                        PRETRAIN_CHECKPOINT_PATH, e.g. a make-mini output), or any name with HF_CONFIG_DIR set
 #   BATCH_SIZE           micro batch size;  GLOBAL_BATCH_SIZE: global batch size
-#   PAD_LEN              only used for SFT (not supported here): any number
+#   PAD_LEN              not used (SFT samples are cut/padded to SEQ_LEN): any number
 #   PR                   fp32 | bf16
 #   TP PP EP ETP         tensor / pipeline / expert / expert-tensor parallel sizes;  CP: must be 1
 #   SP DO                sequence parallel, distributed optimizer: true | false
 #   FL                   false (true is refused: no flash-attn path; the runtime picks attention kernels)
-#   SFT                  false;  AC: none | sel | full;  OPTIMIZER_OFFLOAD: false
+#   SFT                  true: supervised fine-tuning (`--sft`: DATASET_PATH from `megatron-patch preprocess --sft`,
+#                        loss on the answer tokens); EXTRA_ARGS adds e.g. "--curriculum --curriculum-seed 42"
+#   AC: none | sel | full;  OPTIMIZER_OFFLOAD: false
 #   SAVE_INTERVAL        iterations between checkpoints
 #   DATASET_PATH         Megatron .bin/.idx prefix (megatron-patch preprocess);  VALID_DATASET_PATH: prefix | none
 #   PRETRAIN_CHECKPOINT_PATH  HF model dir (safetensors) | Megatron checkpoint dir | none (random init)
@@ -125,7 +127,6 @@ pai_launch() {
         *) pai_fail "PR=$PR: expected fp32 or bf16" ;;
     esac
     (( CP == 1 )) || pai_fail "CP=$CP: context parallelism is not supported; use CP=1"
-    [[ "$SFT" == false ]] || pai_fail "SFT=true: fine-tuning is not supported by this launcher; use SFT=false"
     [[ "$OPTIMIZER_OFFLOAD" == false ]] || pai_fail "OPTIMIZER_OFFLOAD=$OPTIMIZER_OFFLOAD: optimizer offload is not supported; use false"
     case "$FL" in
         false) ;;
@@ -147,6 +148,12 @@ pai_launch() {
         pai_fail "EP=$EP ETP=$ETP: $FAMILY is a dense model; use EP=1 ETP=1"
     fi
     pai_prefix DATASET_PATH "$DATASET_PATH"
+    local sft_args=() kind=pretrain
+    if [[ "$SFT" == true ]]; then
+        [[ -f "$DATASET_PATH.sft.json" ]] || pai_fail "SFT=true: DATASET_PATH=$DATASET_PATH is not SFT data (no $DATASET_PATH.sft.json; make it with megatron-patch preprocess --sft)"
+        [[ "$VALID_DATASET_PATH" == none ]] || pai_fail "SFT=true: VALID_DATASET_PATH is not supported with SFT yet; use none"
+        sft_args=(--sft); kind=finetune
+    fi
     local valid_args=()
     if [[ "$VALID_DATASET_PATH" != none ]]; then
         pai_prefix VALID_DATASET_PATH "$VALID_DATASET_PATH"
@@ -217,7 +224,7 @@ a = g(); print(a.type, a.device_count())' 2>/dev/null || echo "unknown 0")
     pai_int GPUS_PER_NODE "$nproc" 1
 
     # --- outputs: the checkpoint directory has no timestamp, so the same command resumes ------------
-    local NAME="pretrain-mcore-$FAMILY-$MODEL_SIZE-lr-$LR-minlr-$MIN_LR-bs-$BATCH_SIZE-gbs-$GLOBAL_BATCH_SIZE-seqlen-$SEQ_LEN-pr-$PR-tp-$TP-pp-$PP-ep-$EP-etp-$ETP-ac-$AC-do-$DO-sp-$SP-ti-$TRAIN_ITERS-wi-$WARMUP_ITERS"
+    local NAME="$kind-mcore-$FAMILY-$MODEL_SIZE-lr-$LR-minlr-$MIN_LR-bs-$BATCH_SIZE-gbs-$GLOBAL_BATCH_SIZE-seqlen-$SEQ_LEN-pr-$PR-tp-$TP-pp-$PP-ep-$EP-etp-$ETP-ac-$AC-do-$DO-sp-$SP-ti-$TRAIN_ITERS-wi-$WARMUP_ITERS"
     local stamp
     stamp=$(date "+%Y.%m.%d-%H.%M.%S")
     local save_dir="$OUTPUT_BASEPATH/checkpoint/$NAME" tb_dir="$OUTPUT_BASEPATH/tensorboard/${NAME}_$stamp"
@@ -232,7 +239,7 @@ a = g(); print(a.type, a.device_count())' 2>/dev/null || echo "unknown 0")
         --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-iters "$WARMUP_ITERS"
         --train-iters "$TRAIN_ITERS" --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
         --data-path "$DATASET_PATH" --data-cache-path "$OUTPUT_BASEPATH/data_cache" "${valid_args[@]}"
-        --tensorboard-dir "$tb_dir" --log-interval 1 "${ac_args[@]}"
+        --tensorboard-dir "$tb_dir" --log-interval 1 "${ac_args[@]}" "${sft_args[@]}"
     )
     [[ "$PR" == bf16 ]] && args+=(--bf16)
     [[ "$SP" == true ]] && (( TP > 1 )) && args+=(--sequence-parallel)

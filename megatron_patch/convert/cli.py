@@ -158,3 +158,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output HF directory (written atomically)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.set_defaults(func=run_fp8)
+
+    from megatron_patch.convert import lora2peft
+
+    lora2peft.register(sub)

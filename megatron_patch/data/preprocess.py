@@ -161,6 +161,12 @@ def _check_output(out: Path, inputs: list[Path], force: bool) -> None:
 
 
 def run(args) -> int:
+    if args.sft:
+        from megatron_patch.data.sft import run as run_sft
+
+        return run_sft(args)
+    if args.seq_length is not None or args.drop_long:
+        raise UserError("--seq-length/--drop-long apply to --sft data only")
     stats = preprocess(args.input, args.tokenizer, args.output_prefix, json_key=args.json_key,
                        append_eod=args.append_eod, force=args.force)
     print(f"wrote {args.output_prefix}.bin/.idx: {stats['documents']} documents, {stats['tokens']} tokens "
@@ -177,6 +183,11 @@ def register(subparsers) -> None:
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--json-key", default="text", help="JSON field holding the text (default: text)")
     p.add_argument("--append-eod", action="store_true", help="end every document with the eos token")
+    p.add_argument("--sft", action="store_true", help="instruction data (.json list / .jsonl of instruction/input/"
+                   "output/difficulty or chat messages): tokens + answer-only loss mask (see megatron_patch/data/sft.py)")
+    p.add_argument("--seq-length", type=int, default=None, metavar="N",
+                   help="--sft: cut samples longer than N tokens (counted in the summary)")
+    p.add_argument("--drop-long", action="store_true", help="--sft: drop samples longer than --seq-length instead")
     p.add_argument("--force", action="store_true", help="replace an existing PREFIX.bin/.idx written by preprocess")
     p.set_defaults(func=run)
 

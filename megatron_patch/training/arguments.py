@@ -89,10 +89,28 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--eval-interval", type=int, default=None, metavar="N")
     g.add_argument("--eval-iters", type=int, default=0, metavar="N")
 
+
+    g = p.add_argument_group("supervised fine-tuning (data from `preprocess --sft`)")
+    g.add_argument("--sft", action="store_true",
+                   help="one sample per sequence, loss = mean over the answer tokens (the stored loss mask)")
+    g.add_argument("--curriculum", action="store_true",
+                   help="--sft: draw batches by 'difficulty' stages (see --curriculum-stages)")
     g.add_argument("--use_curriculum", "--use-curriculum", dest="use_curriculum", type=_bool, default=False,
-                   metavar="True|False", help="order the data by difficulty (not built yet: True is refused)")
-    g.add_argument("--curriculum_seed", "--curriculum-seed", dest="curriculum_seed", type=int, default=None,
-                   help="seed of the curriculum order (used with --use_curriculum)")
+                   metavar="True|False", help="seed 002's spelling of --curriculum")
+    g.add_argument("--curriculum-seed", "--curriculum_seed", dest="curriculum_seed", type=int, default=None,
+                   help="seed of the curriculum draws (default: --seed)")
+    g.add_argument("--curriculum-stages", default=None, metavar="SPEC",
+                   help="START-END:EXPLAIN/REASONING/TOPOLOGY in percent, comma-separated (default "
+                   "0-30:80/20/0,30-70:40/40/20,70-100:25/35/40)")
+    g.add_argument("--curriculum-report", default=None, metavar="PATH",
+                   help="write the per-stage level counts actually drawn as JSON")
+
+    g = p.add_argument_group("LoRA (adapters on the HF-named linears; base weights frozen)")
+    g.add_argument("--lora-rank", type=int, default=None, metavar="R")
+    g.add_argument("--lora-alpha", type=float, default=None, metavar="A", help="scaling alpha/R (default: R)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, metavar="P")
+    g.add_argument("--lora-target", default=None, metavar="NAMES",
+                   help="comma-separated HF module names, e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=1)
@@ -134,8 +152,14 @@ def validate(args) -> None:
     if args.fp16:
         raise UserError("--fp16 is not supported (no loss scaling here); use --bf16 or fp32")
     if args.use_curriculum:
-        raise UserError("--use_curriculum True: curriculum learning (samples ordered by a 'difficulty' field) is "
-                        "not built yet (issue 11, SFT with a difficulty curriculum); drop the flag or pass False")
+        args.curriculum = True
+    validate_sft(args)
+    if (args.lora_target or args.lora_alpha is not None) and not args.lora_rank:
+        raise UserError("--lora-target/--lora-alpha need --lora-rank R")
+    if args.lora_rank and not args.lora_target:
+        raise UserError("--lora-rank needs --lora-target NAMES (e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
+    if args.lora_rank and args.expert_model_parallel_size > 1:
+        raise UserError("--lora-rank: routed experts take no adapters yet and EP>1 is untested with LoRA; use EP=1")
     if args.context_parallel_size != 1:
         raise UserError(f"--context-parallel-size {args.context_parallel_size}: context parallelism is not supported; use 1")
     if args.load and args.load_hf:
@@ -179,6 +203,29 @@ def validate(args) -> None:
     _check_save(args.save, inputs)
     if args.valid_data_path and args.split:
         raise UserError("--split applies to --data-path only; do not combine it with --valid-data-path")
+
+
+def validate_sft(args) -> None:
+    from megatron_patch.data.sft import is_sft_prefix
+
+    uses = [f for f in ("curriculum_stages", "curriculum_report") if getattr(args, f) is not None]
+    if args.curriculum and not args.sft:
+        raise UserError("--curriculum (--use_curriculum True) needs --sft and data from `preprocess --sft`")
+    if uses and not args.curriculum:
+        raise UserError(f"--{uses[0].replace('_', '-')} needs --curriculum")
+    if args.curriculum_stages is not None:
+        from megatron_patch.data.curriculum import parse_stages
+
+        parse_stages(args.curriculum_stages)
+    sft_data = [p for p in args.data_path or () if is_sft_prefix(p)]
+    if args.sft:
+        if not args.data_path or len(args.data_path) != 1 or not sft_data:
+            raise UserError("--sft trains on one prefix written by `megatron-patch preprocess --sft` "
+                            "(PREFIX.sft.json next to PREFIX.bin/.idx)")
+        if args.valid_data_path or args.split:
+            raise UserError("--sft: validation data (--valid-data-path/--split) is not supported yet")
+    elif sft_data:
+        raise UserError(f"--data-path {sft_data[0]} is SFT data (it has {sft_data[0]}.sft.json): add --sft")
 
 
 def _check_save(save, inputs) -> None:

@@ -84,8 +84,13 @@ def sharded_metadata(optimizer=None) -> dict:
 
 
 def model_sharded_state_dict(chunks) -> dict:
+    from megatron_patch.models.lora import adapters_only, has_adapters
+
     metadata = sharded_metadata()
-    return {key: _unwrap(c).sharded_state_dict(metadata=metadata) for key, c in zip(model_keys(chunks), chunks)}
+    out = {key: _unwrap(c).sharded_state_dict(metadata=metadata) for key, c in zip(model_keys(chunks), chunks)}
+    if has_adapters([_unwrap(c) for c in chunks]):  # LoRA: the base is frozen and comes from --load/--load-hf
+        out = {key: adapters_only(sd) for key, sd in out.items()}
+    return out
 
 
 def parallel_signature(optimizer) -> dict:
@@ -172,7 +177,7 @@ def _rng_sharded(state) -> "object":
 # save
 # ---------------------------------------------------------------------------------------------------
 def _train_state(chunks, optimizer, scheduler, iteration: int, consumed: int, args: dict,
-                 is_loading: bool, with_optimizer: bool = True, with_rng: bool = True) -> dict:
+                 is_loading: bool, with_optimizer: bool = True, with_rng: bool = True, extra: dict | None = None) -> dict:
     model = model_sharded_state_dict(chunks)
     state = dict(model)
     if with_optimizer:
@@ -183,7 +188,7 @@ def _train_state(chunks, optimizer, scheduler, iteration: int, consumed: int, ar
     if not is_loading:
         state.update(iteration=iteration, consumed_train_samples=consumed, checkpoint_version=CHECKPOINT_VERSION,
                      opt_param_scheduler=scheduler.state_dict(), args=args, world_size=_world(),
-                     parallel=parallel_signature(optimizer))
+                     parallel=parallel_signature(optimizer), **(extra or {}))
     return state
 
 
@@ -214,8 +219,10 @@ def remove_stale_saves(root: Path) -> None:
             os.rename(path, final)
 
 
-def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed: int, args: dict) -> Path:
-    """Write SAVE/iter_XXXXXXX atomically and point the tracker at it. Call on every rank."""
+def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed: int, args: dict,
+                    extra: dict | None = None) -> Path:
+    """Write SAVE/iter_XXXXXXX atomically and point the tracker at it. Call on every rank. `extra`: more
+    common (non-sharded) state, e.g. the SFT sampler's."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -227,7 +234,7 @@ def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed
             shutil.rmtree(tmp)  # leftover of a save that was killed
         tmp.mkdir()
     _barrier()
-    state = _train_state(chunks, optimizer, scheduler, iteration, consumed, args, is_loading=False)
+    state = _train_state(chunks, optimizer, scheduler, iteration, consumed, args, is_loading=False, extra=extra)
     content = {k: v for k, v in sharded_metadata(optimizer).items() if k != "dp_cp_group"}
     dist_checkpointing.save(state, str(tmp), content_metadata=content)
     _barrier()
@@ -320,8 +327,15 @@ def load_training_checkpoint(path, chunks, optimizer, scheduler, load_optim: boo
     request = _train_state(chunks, optimizer, scheduler, 0, 0, {}, is_loading=True,
                            with_optimizer=load_optim, with_rng=load_rng)
     loaded = safe_load.dist_load(request, path)
+    from megatron_patch.models.lora import ADAPTER_MARK, has_adapters
+
+    lora = has_adapters([_unwrap(c) for c in chunks])
     for key, chunk in zip(model_keys(chunks), chunks):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        result = _unwrap(chunk).load_state_dict(loaded[key], strict=not lora)
+        if lora and (result.unexpected_keys or any(ADAPTER_MARK in k for k in result.missing_keys)):
+            raise UserError(f"{path}: adapters do not match this run's LoRA settings (missing "
+                            f"{[k for k in result.missing_keys if ADAPTER_MARK in k][:3]}, unexpected "
+                            f"{result.unexpected_keys[:3]}); resume with the same --lora-* flags")
     if load_optim:
         # no_grad: with fp32 params the distributed optimizer's main params are views of the model params,
         # and megatron's dp_reshardable loader copies into them in place (it lacks the no_grad its

@@ -66,6 +66,8 @@ def _config_overrides(args) -> dict:
             overrides[name] = getattr(args, name)
     if args.recompute_granularity == "full" and args.recompute_num_layers is None:
         overrides["recompute_num_layers"] = 1
+    if args.sft:  # gradients of the mean over all answer tokens of the global batch (not per micro-batch)
+        overrides["calculate_per_token_loss"] = True
     return overrides
 
 
@@ -183,6 +185,12 @@ class Trainer:
         initialize_parallel(self.layout, seed=args.seed)
         chunks, self.config, self.margs = build_family_model(self.hf_config, self.layout, **overrides)
         self.init_source = self._init_weights(chunks)
+        if args.lora_rank:
+            from megatron_patch.models.lora import apply_lora
+
+            count = apply_lora(chunks, self.hf_config, self.config, self.margs, self.layout, args.lora_rank,
+                               args.lora_alpha or args.lora_rank, args.lora_dropout, args.lora_target, args.seed)
+            self.init_source += f" + LoRA r{args.lora_rank} on {count} linears ({args.lora_target})"
         self.chunks = wrap_ddp(chunks, self.config, use_distributed_optimizer=args.use_distributed_optimizer)
         self.optimizer = build_optimizer(
             self.chunks, lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
@@ -207,8 +215,9 @@ class Trainer:
         from megatron_patch.training import checkpointing as ckpt
 
         self.resume_from = self._resume_dir()
-        if self.resume_from is not None:
+        if self.resume_from is not None and not self.args.lora_rank:
             return f"resume {self.resume_from}"
+        # (a LoRA checkpoint holds the adapters only: the frozen base comes from --load/--load-hf every time)
         if self.args.load:
             return ckpt.init_from_megatron(self.args.load, chunks, self.layout)
         if self.args.load_hf:
@@ -234,6 +243,9 @@ class Trainer:
         from megatron_patch.training.arguments import parse_data_blend
 
         args = self.args
+        if args.sft:
+            self._build_sft_data()
+            return
         eval_samples = 0
         if args.eval_iters and args.eval_interval:
             eval_samples = args.eval_iters * self.gbs
@@ -244,6 +256,34 @@ class Trainer:
                         split=args.split, eval_samples=eval_samples, cache_dir=args.data_cache_path)
         train, self.valid = build_datasets(spec)
         self.batches = GlobalBatches(train, self.gbs, consumed=self.consumed)
+
+    def _build_sft_data(self) -> None:
+        from megatron_patch.checkpoint import safe_load
+        from megatron_patch.data.curriculum import DEFAULT_STAGES, BatchSampler, parse_stages
+        from megatron_patch.data.sft import SFTBatches, SFTDataset
+
+        args = self.args
+        eos = getattr(self.hf_config, "eos_token_id", None)
+        pad = eos[0] if isinstance(eos, (list, tuple)) else eos  # padding is masked out of the loss
+        dataset = SFTDataset(args.data_path[0], args.seq_length, int(pad or 0))
+        stages = parse_stages(args.curriculum_stages or DEFAULT_STAGES) if args.curriculum else None
+        seed = args.curriculum_seed if args.curriculum_seed is not None else args.seed
+        sampler = BatchSampler(dataset.difficulty, args.train_iters, self.gbs, seed, stages, log=_rank0_print)
+        saved = None
+        if self.resume_from is not None:
+            saved = safe_load.load_common(self.resume_from).get("sft_sampler")
+        sampler.restore(saved, self.iteration)
+        self.batches = SFTBatches(dataset, sampler)
+        self.valid = None
+
+    def _extra_state(self) -> dict:
+        return {"sft_sampler": self.batches.sampler.state()} if self.args.sft else {}
+
+    def _write_report(self) -> None:
+        if self.args.curriculum_report and self.rank == 0:
+            from megatron_patch.data.sft import write_report
+
+            write_report(self.args.curriculum_report, self.batches.sampler)
 
     def _build_metrics(self) -> None:
         from megatron.core import parallel_state as ps
@@ -382,7 +422,8 @@ class Trainer:
 
         start = time.perf_counter()
         path = save_checkpoint(self.args.save, self.iteration, self.chunks, self.optimizer, self.scheduler,
-                               self.consumed, _saved_args(self.args, self.world))
+                               self.consumed, _saved_args(self.args, self.world), extra=self._extra_state())
+        self._write_report()
         _rank0_print(f"saved checkpoint {path} ({time.perf_counter() - start:.1f}s)")
 
     def train(self) -> int:
@@ -412,11 +453,13 @@ class Trainer:
                 self.save()
                 saved_at = self.iteration
             if exiting:
+                self._write_report()
                 _rank0_print(f"exiting at iteration {self.iteration} (--exit-interval {args.exit_interval})")
                 self._finish()
                 return 0
         if args.save and saved_at != self.iteration:
             self.save()
+        self._write_report()
         self._finish()
         return 0
 

@@ -22,6 +22,8 @@ def register(subparsers) -> None:
     p.add_argument("--mcore-path", default=None,
                    help="Megatron checkpoint (torch per-rank layout or torch_dist) to compare instead of the "
                         "in-memory conversion; a torch-format one must have been saved at this layout")
+    p.add_argument("--peft-path", default=None, help="a peft LoRA adapter (convert lora2peft): compare the LoRA "
+                   "model of --mcore-path (a `train --lora-rank` checkpoint) with peft's on --hf-path")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
@@ -73,7 +75,7 @@ def _run(args) -> int:
 
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
                             vpp=args.vpp if args.vpp and args.vpp > 1 else None, **split_kwargs(args))
-    spec = CompareSpec(hf_path=args.hf_path, layout=layout, mcore_path=args.mcore_path,
+    spec = CompareSpec(hf_path=args.hf_path, layout=layout, mcore_path=args.mcore_path, peft_path=args.peft_path,
                        batch_size=args.batch_size, seq_length=args.seq_length, dtype=args.dtype,
                        seed=args.seed, atol=args.atol, router_mismatch=args.router_mismatch,
                        debug=args.debug, timeout=(args.distributed_timeout_minutes * 60

@@ -69,6 +69,7 @@ class CompareSpec:
     hf_path: str
     layout: ParallelLayout = field(default_factory=ParallelLayout)
     mcore_path: str | None = None
+    peft_path: str | None = None  # with mcore_path = a `train --lora-rank` checkpoint: LoRA vs peft
     batch_size: int = 2
     seq_length: int = 32
     dtype: str = "fp32"
@@ -166,7 +167,14 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
     if spec.seq_length > hf_config.max_position_embeddings:
         raise UserError(f"--seq-length {spec.seq_length} exceeds max_position_embeddings="
                         f"{hf_config.max_position_embeddings}")
-    if spec.mcore_path is None:  # validates shards and headers (cheap), and the names against the table
+    if spec.peft_path is not None:
+        if spec.mcore_path is None or mcore_format(spec.mcore_path)[0] != "torch_dist":
+            raise UserError("--peft-path needs --mcore-path, the --save directory of a `train --lora-rank` run")
+        if not (Path(spec.peft_path) / "adapter_config.json").is_file():
+            raise UserError(f"--peft-path {spec.peft_path}: no adapter_config.json (write one with "
+                            "`megatron-patch convert lora2peft`)")
+    # validates shards and headers (cheap), and the names against the table
+    if spec.mcore_path is None or spec.peft_path is not None:
         from megatron_patch.convert.engine import ShardPlan, check_hf_checkpoint
 
         with HFCheckpoint(path) as ckpt:
@@ -267,13 +275,19 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) ->
 
     from megatron_patch.convert.engine import ShardPlan, load_into_chunks
 
-    if spec.mcore_path is None:
+    if spec.mcore_path is None or spec.peft_path is not None:
         from megatron_patch.convert.hf_reader import HFCheckpoint
 
         plan = ShardPlan(family, hf_config, spec.layout, config, args)
         with HFCheckpoint(spec.hf_path) as ckpt:
             load_into_chunks(chunks, plan, ckpt.get_slice)
-        return "converted in memory from HF (convert.engine.load_into_chunks)"
+        if spec.peft_path is None:
+            return "converted in memory from HF (convert.engine.load_into_chunks)"
+        from megatron_patch.models.lora import load_adapters
+
+        saved = load_adapters(chunks, str(mcore_format(spec.mcore_path)[1]), hf_config, config, args, spec.layout)
+        return (f"HF base + LoRA r{saved['lora_rank']} adapters of {spec.mcore_path}, against peft "
+                f"{spec.peft_path}")
     fmt, root = mcore_format(spec.mcore_path)
     if fmt == "torch":
         from megatron_patch.convert.key_map import down_projection_rows, read_local_rank
@@ -349,6 +363,10 @@ def hf_forward(spec: CompareSpec, hooks, num_layers: int, tokens: torch.Tensor):
     hf_logging.set_verbosity_error()  # e.g. DeepSeek-V3 MTP weights transformers does not use
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(spec.hf_path, dtype=DTYPES[spec.dtype]).eval()
+    if spec.peft_path is not None:  # peft injects its LoRA layers into `model` in place (module paths unchanged)
+        from peft import PeftModel
+
+        PeftModel.from_pretrained(model, spec.peft_path).eval()
     rec = hf_recorder(model, hooks, num_layers)
     with torch.no_grad():
         model(tokens)
