@@ -1,4 +1,5 @@
-"""Parquet -> JSON lines (one object per row), the form `megatron-patch preprocess --input X.json` reads.
+"""Parquet input: documents read straight from parquet (what `megatron-patch preprocess --input X.parquet|DIR`
+reads), and parquet -> JSON lines (one object per row; toolkits/data/parquet2json.py).
 
 pyarrow is optional (`pip install 'megatron-patch[data]'`): imported only here, when a conversion runs.
 Rows are streamed batch by batch; the output is written to a temp name and renamed at the end.
@@ -33,6 +34,31 @@ def parquet_files(src: str | os.PathLike) -> list[Path]:
     return files
 
 
+def _open(pq, path: Path):
+    try:
+        return pq.ParquetFile(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise UserError(f"{path}: not a readable parquet file ({err})") from None
+
+
+def iter_parquet_documents(path: Path, column: str):
+    """(text, bytes of the file accounted to this row) for every row of one parquet file, read row group by
+    row group (memory bounded by one row group of one column); text None (no document) for a null cell."""
+    pq = require_pyarrow()
+    reader = _open(pq, path)
+    names = reader.schema_arrow.names
+    if column not in names:
+        raise UserError(f"{path}: no column {column!r} (found {names}); pass --json-key COLUMN")
+    groups, total = reader.num_row_groups, path.stat().st_size
+    for g in range(groups):
+        texts = reader.read_row_group(g, columns=[column]).column(0).to_pylist()
+        share = total * (g + 1) // groups - total * g // groups  # progress: the file's bytes spread over groups
+        for i, text in enumerate(texts):
+            if text is not None and not isinstance(text, str):
+                raise UserError(f"{path}: column {column!r} holds {type(text).__name__}, expected strings")
+            yield text, (share if i == len(texts) - 1 else 0)
+
+
 def parquet_to_jsonl(src: str | os.PathLike, out: str | os.PathLike, batch_rows: int = 8192) -> dict:
     """Write every row of every parquet file under `src` to `out` as JSON lines (all columns; values JSON
     cannot hold, e.g. timestamps, as strings). Returns {"files", "rows", "columns"}."""
@@ -45,10 +71,7 @@ def parquet_to_jsonl(src: str | os.PathLike, out: str | os.PathLike, batch_rows:
     try:
         with tmp.open("w", encoding="utf-8") as f:
             for path in files:
-                try:
-                    reader = pq.ParquetFile(path)
-                except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
-                    raise UserError(f"{path}: not a readable parquet file ({err})") from None
+                reader = _open(pq, path)
                 stats["columns"] = stats["columns"] or reader.schema_arrow.names
                 for batch in reader.iter_batches(batch_size=batch_rows):
                     for row in batch.to_pylist():

@@ -2,8 +2,9 @@
 here the output is exactly OUTPUT_PREFIX.bin / OUTPUT_PREFIX.idx), written with megatron-core's
 IndexedDatasetBuilder so megatron's GPTDataset reads it.
 
-Inputs: .jsonl / .json (one JSON object per line, text under --json-key) or plain text (.txt and
-anything else: one document per paragraph, paragraphs separated by blank lines).
+Inputs: .jsonl / .json (one JSON object per line, text under --json-key), .parquet (text in column
+--json-key; read row group by row group; a directory of .parquet files is one dataset, files in sorted
+order) or plain text (.txt and anything else: one document per paragraph, paragraphs separated by blank lines).
 The output is written next to its final name and renamed at the end, so an interrupted run leaves
 no half-written dataset behind.
 """
@@ -21,7 +22,12 @@ BATCH = 256  # documents per tokenizer call (the fast tokenizer parallelises ins
 
 def iter_documents(path: Path, json_key: str = "text") -> Iterator[tuple[str | None, int]]:
     """(document text, bytes of input consumed) for a .jsonl file or a paragraph-separated text file;
-    text is None for input that holds no document (blank lines)."""
+    text is None for input that holds no document (blank lines, null parquet cells)."""
+    if path.suffix == ".parquet":
+        from megatron_patch.data.parquet import iter_parquet_documents
+
+        yield from iter_parquet_documents(path, json_key)
+        return
     if path.suffix in (".jsonl", ".json"):
         with path.open("rb") as f:
             for lineno, raw in enumerate(f, 1):
@@ -55,6 +61,22 @@ def iter_documents(path: Path, json_key: str = "text") -> Iterator[tuple[str | N
     yield (" ".join(paragraph) if paragraph else None), consumed
 
 
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Input files; a directory stands for the .parquet files under it (sorted)."""
+    from megatron_patch.data.parquet import parquet_files
+
+    paths: list[Path] = []
+    for name in inputs:
+        p = Path(name)
+        if p.is_dir():
+            paths += parquet_files(p)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise UserError(f"--input {p}: file not found")
+    return paths
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -74,10 +96,7 @@ def preprocess(inputs: list[str], tokenizer_dir: str, output_prefix: str, json_k
 
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-    paths = [Path(p) for p in inputs]
-    for p in paths:
-        if not p.is_file():
-            raise UserError(f"--input {p}: file not found")
+    paths = expand_inputs(inputs)
     _check_output(Path(output_prefix), paths, force)
     tok = load_tokenizer(tokenizer_dir)
     vocab = len(tok)
@@ -178,10 +197,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("preprocess", help="tokenize text into a Megatron indexed dataset (.bin/.idx)",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, nargs="+",
-                   help=".jsonl (one JSON object per line) or plain text (one document per paragraph)")
+                   help=".jsonl (one JSON object per line), .parquet or a directory of .parquet files (text column "
+                        "--json-key), or plain text (one document per paragraph)")
     p.add_argument("--tokenizer", required=True, help="HF model/tokenizer directory")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
-    p.add_argument("--json-key", default="text", help="JSON field holding the text (default: text)")
+    p.add_argument("--json-key", default="text", help="JSON field / parquet column holding the text (default: text)")
     p.add_argument("--append-eod", action="store_true", help="end every document with the eos token")
     p.add_argument("--sft", action="store_true", help="instruction data (.json list / .jsonl of instruction/input/"
                    "output/difficulty or chat messages): tokens + answer-only loss mask (see megatron_patch/data/sft.py)")
