@@ -24,6 +24,7 @@ class ParallelLayout:
     pipeline_model_parallel_layout: str | None = None  # e.g. "Et*3|(tt|)*29m|L"; implies VPP = stages / PP
     account_for_embedding_in_pipeline_split: bool = False
     account_for_loss_in_pipeline_split: bool = False
+    cp: int = 1  # context parallel (sequence split in 2 x CP load-balanced chunks)
 
     def __post_init__(self):
         if self.pipeline_model_parallel_layout and self.vpp is None and self.pp > 0:
@@ -83,6 +84,8 @@ class ParallelLayout:
         parts = [f"TP{self.tp}", f"PP{self.pp}", f"EP{self.ep}", f"ETP{self.expert_tp}"]
         if self.vpp:
             parts.append(f"VPP{self.vpp}")
+        if self.cp > 1:
+            parts.append(f"CP{self.cp}")
         if self.sequence_parallel:
             parts.append("SP")
         split = self.describe_split()
@@ -95,6 +98,7 @@ class ParallelLayout:
             expert_tensor_parallel_size=self.expert_tp,
             sequence_parallel=self.sequence_parallel,
             **self.pipeline_overrides(),
+            context_parallel_size=self.cp,
         )
 
 
@@ -121,11 +125,13 @@ def check_layout(layout: ParallelLayout, config, world_size: int | None = None) 
     from megatron_patch.models.pipeline import check_pipeline_split
 
     check_pipeline_split(layout, config.num_layers, getattr(config, "mtp_num_layers", None))
+    if layout.cp < 1:
+        raise UserError(f"CP={layout.cp}: must be >= 1")
     if world_size is not None:
-        model_parallel = layout.tp * layout.pp
+        model_parallel = layout.tp * layout.pp * layout.cp
         expert_parallel = layout.expert_tp * layout.ep * layout.pp
         if world_size % model_parallel or world_size % expert_parallel:
-            raise UserError(f"world size {world_size} is not a multiple of TPxPP={model_parallel} and "
+            raise UserError(f"world size {world_size} is not a multiple of TPxPPxCP={model_parallel} and "
                             f"ETPxEPxPP={expert_parallel}; change the layout or the number of ranks")
 
 
@@ -141,6 +147,7 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
         virtual_pipeline_model_parallel_size=layout.vpp,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.expert_tp,
+        context_parallel_size=layout.cp,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

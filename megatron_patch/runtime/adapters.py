@@ -220,6 +220,12 @@ REGISTRY.register(Patch(
     _inside(_tensor_cuda_is_accelerator),
     "PP>1 syncs the last stage's embedding copy (tied embeddings, MTP) with weight.data.cuda()", TESTED, NON_CUDA))
 
+for _module in ("rotary_pos_embedding", "yarn_rotary_pos_embedding"):
+    REGISTRY.register(Patch(
+        f"megatron.core.models.common.embeddings.{_module}.get_pos_emb_on_this_cp_rank",
+        _inside(_tensor_cuda_is_accelerator),
+        "CP>1 picks this rank's RoPE positions with an index tensor moved by .cuda()", TESTED, NON_CUDA))
+
 
 # --- portable modules and kernels --------------------------------------------------------------------
 @patch("megatron.core.models.backends.LocalSpecProvider.core_attention",

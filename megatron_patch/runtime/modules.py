@@ -4,7 +4,8 @@
   it off) and runs the device's RMSNorm kernel (torch on CPU/CUDA, npu_rms_norm on Ascend).
 * PortableCoreAttention replaces the local DotProductAttention: it accepts the k_channels/v_channels
   MLA passes (the local class does not, megatron-core 0.16-0.19) and runs one fused attention call
-  (SDPA / npu_fusion_attention) instead of the unfused baddbmm + softmax path.
+  (SDPA / npu_fusion_attention) instead of the unfused baddbmm + softmax path. With context parallelism
+  it all-gathers K and V over the CP group (runtime/context_parallel.py); megatron's local class asserts CP 1.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from megatron.core.utils import divide
 
 from megatron_patch.runtime import kernels
 from megatron_patch.runtime.accelerator import get_accelerator
+from megatron_patch.runtime.context_parallel import causal_chunks, gather_sequence
 
 
 class PortableNorm(torch.nn.Module):
@@ -52,8 +54,9 @@ class PortableCoreAttention(MegatronModule):
                  k_channels: int | None = None, v_channels: int | None = None,
                  cp_comm_type: str | None = None, pg_collection=None):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("PortableCoreAttention: context parallelism needs TE attention; set CP=1")
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            self.cp_group = pg_collection.cp if pg_collection is not None else _cp_group()
         self.attn_mask_type = attn_mask_type
         k_channels = k_channels or config.kv_channels
         v_channels = v_channels or config.kv_channels
@@ -72,15 +75,30 @@ class PortableCoreAttention(MegatronModule):
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("PortableCoreAttention: packed sequences / attention bias need TE attention")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        cp = self.cp_group is not None and self.cp_group.size() > 1
+        if cp:
+            if attention_mask is not None or mask_type != AttnMaskType.causal:
+                raise ValueError("PortableCoreAttention: context parallelism supports causal attention "
+                                 "without an explicit attention mask only")
+            key, value = gather_sequence(key, self.cp_group), gather_sequence(value, self.cp_group)
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         if k.shape[1] != q.shape[1]:  # GQA: repeat each KV group over its query heads
             repeat = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
-        causal = mask_type == AttnMaskType.causal and attention_mask is None
         attention = kernels.get("core_attention", get_accelerator().type)
-        out = attention(q, k, v, scale=self.softmax_scale, causal=causal, attn_mask=attention_mask)
+        if cp:
+            # each local chunk attends to the sequence prefix up to its end, causally (offset by its position)
+            chunk = q.shape[2] // 2
+            out = torch.cat([
+                attention(q[:, :, rows], k[:, :, :seen], v[:, :, :seen], scale=self.softmax_scale, causal=False,
+                          attn_mask=mask)
+                for rows, seen, mask in causal_chunks(self.cp_group.size(), self.cp_group.rank(), chunk, q.device)
+            ], dim=2)
+        else:
+            causal = mask_type == AttnMaskType.causal and attention_mask is None
+            out = attention(q, k, v, scale=self.softmax_scale, causal=causal, attn_mask=attention_mask)
         # [b, n, s, dv] -> [s, b, n*dv]
         b, n, s, dv = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, n * dv)
@@ -90,3 +108,9 @@ def _tp_size() -> int:
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _cp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_context_parallel_group()

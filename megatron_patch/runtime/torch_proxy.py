@@ -38,8 +38,8 @@ def _factory(fn):
     def call(*args, **kwargs):
         if "device" in kwargs:
             kwargs["device"] = _redirect_device(kwargs["device"])
-            if kwargs["device"].type == "cpu" if isinstance(kwargs["device"], torch.device) else False:
-                kwargs.pop("pin_memory", None)  # pinning needs an accelerator
+            if get_accelerator().type == "cpu":
+                kwargs.pop("pin_memory", None)  # pinning needs an accelerator (also for device="cpu")
         return fn(*args, **kwargs)
 
     return call

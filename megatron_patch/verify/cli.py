@@ -1,6 +1,6 @@
 """`megatron-patch compare`: activations of a Megatron model at any TP/PP/EP/ETP/VPP layout against HF.
 
-    megatron-patch compare --hf-path DIR [--mcore-path DIR] --tp N --pp N --ep N --etp N [--vpp N]
+    megatron-patch compare --hf-path DIR [--mcore-path DIR] --tp N --pp N --ep N --etp N [--vpp N] [--cp N]
         [--decoder-first-pipeline-num-layers N] [--decoder-last-pipeline-num-layers N]
         [--pipeline-model-parallel-layout STR] [--account-for-embedding/loss-in-pipeline-split]
         [--batch-size B] [--seq-length S] [--dtype fp32|bf16] [--json FILE] [--plot FILE] [--debug]
@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
     p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: TP)")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
+    p.add_argument("--cp", type=int, default=1,
+                   help="context parallel size (the sequence split in 2 x CP load-balanced chunks)")
     from megatron_patch.models.pipeline import add_split_args
 
     add_split_args(p)  # Megatron-LM's uneven pipeline flags
@@ -74,7 +76,8 @@ def _run(args) -> int:
     from megatron_patch.models.pipeline import split_kwargs
 
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
-                            vpp=args.vpp if args.vpp and args.vpp > 1 else None, **split_kwargs(args))
+                            vpp=args.vpp if args.vpp and args.vpp > 1 else None, cp=args.cp,
+                            **split_kwargs(args))
     spec = CompareSpec(hf_path=args.hf_path, layout=layout, mcore_path=args.mcore_path, peft_path=args.peft_path,
                        batch_size=args.batch_size, seq_length=args.seq_length, dtype=args.dtype,
                        seed=args.seed, atol=args.atol, router_mismatch=args.router_mismatch,

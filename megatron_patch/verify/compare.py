@@ -1,4 +1,4 @@
-"""Hook-based activation comparison of a Megatron model (any TP/PP/EP/ETP/VPP layout) against its HF model.
+"""Hook-based activation comparison of a Megatron model (any TP/PP/EP/ETP/VPP/CP layout) against its HF model.
 
     from megatron_patch.verify.compare import CompareSpec, run
     report = run(CompareSpec(hf_path="/tmp/ds3-mini", layout=ParallelLayout(tp=2, pp=2, ep=2, etp=1)))
@@ -10,9 +10,10 @@ What runs where:
   * every rank builds its Megatron chunks (models/builder.py) and fills them: from the HF checkpoint in
     memory through the family table (convert/engine.py), or from a Megatron checkpoint (`mcore_path`,
     torch or torch_dist). Every data-parallel replica runs the whole batch (forward only), so each
-    (TP, PP) position holds complete information.
+    (TP, PP) position holds complete information; with CP each CP rank runs its two sequence chunks
+    (megatron's get_batch_on_this_cp_rank).
   * forward hooks from the family's hook table capture each hook point (capture.py); captures are
-    gathered over TP and collected from the pipeline stages on rank 0 (normalize.py).
+    gathered over TP and CP and collected from the pipeline stages on rank 0 (normalize.py).
   * rank 0 runs the HF model on the same seeded tokens, compares row by row (max / mean abs diff,
     cosine; the router as selected-expert sets and their weights) and builds the report (report.py).
 """
@@ -98,7 +99,7 @@ class CompareSpec:
 def minimal_world_size(layout: ParallelLayout) -> int:
     """The fewest ranks megatron accepts for the layout: a multiple of TPxPP (dense part) and of
     ETPxEPxPP (experts). E.g. TP2xPP2xEP2 with ETP1 -> 4; TP1xEP2 -> 2 (data-parallel 2)."""
-    dense = layout.tp * layout.pp
+    dense = layout.tp * layout.pp * layout.cp
     expert = layout.expert_tp * layout.ep * layout.pp
     return dense * expert // math.gcd(dense, expert)
 
@@ -136,7 +137,7 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
     if spec.dtype not in DTYPES:
         raise UserError(f"--dtype {spec.dtype}: choose one of {', '.join(DTYPES)}")
     lay = spec.layout
-    for name in ("tp", "pp", "ep"):
+    for name in ("tp", "pp", "ep", "cp"):
         if getattr(lay, name) < 1:
             raise UserError(f"--{name} {getattr(lay, name)}: must be >= 1")
     if lay.expert_tp < 1 or (lay.vpp is not None and lay.vpp < 1):
@@ -159,8 +160,11 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
         shared = config.moe_shared_expert_intermediate_size or 0
         if shared % lay.tp:
             raise UserError(f"TP={lay.tp} does not divide the shared experts' size {shared}")
-    if lay.sequence_parallel and spec.seq_length % lay.tp:
-        raise UserError(f"--seq-length {spec.seq_length} must be divisible by TP={lay.tp} (sequence parallel)")
+    if spec.seq_length % (2 * lay.cp):
+        raise UserError(f"--seq-length {spec.seq_length} must be divisible by 2 x CP={2 * lay.cp} (CP's chunks)")
+    if lay.sequence_parallel and (spec.seq_length // lay.cp) % lay.tp:
+        raise UserError(f"--seq-length {spec.seq_length} must be divisible by TP x CP={lay.tp * lay.cp} "
+                        "(sequence parallel)")
     if lay.vpp and lay.vpp > 1 and spec.batch_size % lay.pp:
         raise UserError(f"--batch-size {spec.batch_size}: with VPP the batch runs as micro-batches of 1, and "
                         f"megatron's interleaved schedule needs a multiple of PP={lay.pp} of them")
@@ -326,9 +330,14 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) ->
 def _forward_step(data_iterator, model):
     from functools import partial
 
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
     tokens, labels = next(data_iterator)
     b, s = tokens.shape
     position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
+    batch = get_batch_on_this_cp_rank({"tokens": tokens, "labels": labels, "position_ids": position_ids})
+    tokens, labels, position_ids = batch["tokens"], batch["labels"], batch["position_ids"]
+    s = tokens.shape[1]
     # labels: megatron's GPTModel with MTP clones them (a None crashes); logits come from the hook
     output = model(tokens, position_ids, None, labels=labels)
     return output, partial(_loss, b * s)
@@ -412,6 +421,7 @@ def run_in_group(spec: CompareSpec) -> dict | None:
 
     tp_group = ps.get_tensor_model_parallel_group()
     tp = ps.get_tensor_model_parallel_world_size()
+    cp_group = ps.get_context_parallel_group() if layout.cp > 1 else None
     local = {}
     for key, calls in rec.calls.items():
         if not calls:
@@ -419,8 +429,9 @@ def run_in_group(spec: CompareSpec) -> dict | None:
             continue
         kind = rec.kinds[key]
         sbx = local_sbx(calls, kind, num_micro, spec.batch_size // num_micro)
-        local[key] = normalize_mcore(kind, sbx, spec.seq_length, hf_config.vocab_size, tp_group, tp)
-    contribute = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+        local[key] = normalize_mcore(kind, sbx, spec.seq_length, hf_config.vocab_size, tp_group, tp, cp_group)
+    contribute = (ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+                  and ps.get_context_parallel_rank() == 0)
     gathered = collect({"captures": local, "notes": notes}, contribute)
     ps.destroy_model_parallel()
     if dist.get_rank() != 0:
@@ -463,7 +474,7 @@ def run_in_group(spec: CompareSpec) -> dict | None:
         "model": {"num_layers": num_layers, "hidden_size": hf_config.hidden_size, "num_experts": experts,
                   "vocab_size": hf_config.vocab_size},
         "layout": {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp,
-                   "vpp": layout.vpp, **{k: v for k, v in layout.split_fields().items() if v}, "sp": layout.sequence_parallel, "world_size": world,
+                   "vpp": layout.vpp, "cp": layout.cp, **{k: v for k, v in layout.split_fields().items() if v}, "sp": layout.sequence_parallel, "world_size": world,
                    "name": layout.describe()},
         "dtype": spec.dtype,
         "dtypes": {"hf": str(DTYPES[spec.dtype]).replace("torch.", ""),

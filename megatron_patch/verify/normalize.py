@@ -10,7 +10,8 @@ Megatron side, per rank (then gathered over TP and collected from the pipeline s
     sequence across the TP ranks ([s/tp, b, h]): all-gathered over dim 0. The router sees the same local
     tokens (flattened s-major: token = s_i * b + b_i). Logits are [s, b, V/tp] (the column-parallel
     output layer all-gathers the sequence first): all-gathered over the vocab, then the padded vocab is
-    cut to the HF vocab size.
+    cut to the HF vocab size. With context parallelism each CP rank holds two chunks of the sequence
+    (megatron's load-balanced split): after the TP gather, all-gathered over CP and put in sequence order.
 HF side: [b, s, h] already; the router's (top-k weights, top-k indices) over b-major tokens become a
 dense [b, s, E] weight matrix (zeros where not routed), which is what Megatron's router returns.
 """
@@ -65,9 +66,16 @@ def gather(tensor: torch.Tensor, dim: int, group, size: int) -> torch.Tensor:
 
 
 def normalize_mcore(kind: str, local: torch.Tensor, seq_length: int, vocab_size: int, tp_group,
-                    tp_size: int) -> torch.Tensor:
-    """Gather a rank's [s_local, B, X] capture over TP and return [B, S, X]. Collective over the TP group:
-    every TP rank of a stage calls it for the same keys in the same order (they hold the same modules)."""
+                    tp_size: int, cp_group=None) -> torch.Tensor:
+    """Gather a rank's [s_local, B, X] capture over TP (and CP) and return [B, S, X]. Collective over the TP
+    and CP groups: every rank of a stage calls it for the same keys in the same order (same modules)."""
+    if cp_group is not None and cp_group.size() > 1:
+        from megatron_patch.runtime.context_parallel import restore_sequence
+
+        cp = cp_group.size()
+        part = normalize_mcore(kind, local, seq_length // cp, vocab_size, tp_group, tp_size).transpose(0, 1)
+        full = restore_sequence(gather(part, 0, cp_group, cp), cp, dim=0)
+        return full.transpose(0, 1).contiguous()
     if kind == "logits":
         full = gather(local, 2, tp_group, tp_size)[..., :vocab_size]
     elif local.shape[0] == seq_length:
