@@ -82,7 +82,8 @@ def test_log_line_format():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--context-parallel-size", "2"], "--context-parallel-size"),
+    (["--context-parallel-size", "0"], "--context-parallel-size must be >= 1"),
+    (["--context-parallel-size", "3"], "divisible by 2 x --context-parallel-size"),
     (["--fp16"], "--fp16"),
     (["--lr-warmup-iters", "20"], "--lr-warmup-iters"),
     (["--load", "a", "--load-hf", "b"], "--load"),

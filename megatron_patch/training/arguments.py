@@ -160,8 +160,6 @@ def validate(args) -> None:
         raise UserError("--lora-rank needs --lora-target NAMES (e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
     if args.lora_rank and args.expert_model_parallel_size > 1:
         raise UserError("--lora-rank: routed experts take no adapters yet and EP>1 is untested with LoRA; use EP=1")
-    if args.context_parallel_size != 1:
-        raise UserError(f"--context-parallel-size {args.context_parallel_size}: context parallelism is not supported; use 1")
     if args.load and args.load_hf:
         raise UserError("give either --load (Megatron checkpoint) or --load-hf (HF weights), not both")
     if args.train_iters is None or args.train_iters < 1:
@@ -171,13 +169,17 @@ def validate(args) -> None:
     if not args.data_path:
         raise UserError("--data-path PREFIX is required (make one with `megatron-patch preprocess`)")
     for flag in ("micro_batch_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                 "expert_model_parallel_size", "log_interval"):
+                 "expert_model_parallel_size", "context_parallel_size", "log_interval"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
     for flag in ("distributed_timeout_minutes", "heartbeat_timeout"):
         value = getattr(args, flag)
         if value is not None and value < 0 or flag == "distributed_timeout_minutes" and value == 0:
             raise UserError(f"--{flag.replace('_', '-')} must be > 0")
+    cp = args.context_parallel_size
+    if args.seq_length % (2 * cp):
+        raise UserError(f"--seq-length {args.seq_length} must be divisible by 2 x --context-parallel-size = {2 * cp} "
+                        "(each CP rank holds two of 2 x CP chunks)")
     for flag in ("save_interval", "exit_interval", "eval_interval"):
         value = getattr(args, flag)
         if value is not None and value < 1:

@@ -52,18 +52,38 @@ def data_parallel_share(batch: Batch) -> Batch:
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """(loss sum, token count, report): the schedule divides by the count (and by the number of
-    micro-batches); the report keeps sum and count so the logged loss is an exact token mean."""
+    micro-batches); the report keeps sum and count so the logged loss is an exact token mean.
+
+    With context parallelism each CP rank holds part of every sequence: the count is the whole
+    sequence's (summed over CP) and the sum is scaled by CP, because the gradient all-reduce averages
+    over data x context parallel ranks; the CP ranks' gradients then add up to the token mean's."""
+    from megatron.core import parallel_state
+
     mask = loss_mask.float()
     loss_sum = (output_tensor.float() * mask).sum()
     num_tokens = mask.sum().to(torch.int)
-    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach().clone(), mask.sum()])}
+    report = {"lm loss": torch.stack([loss_sum.detach().clone(), mask.sum()])}
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp > 1:
+        torch.distributed.all_reduce(num_tokens, group=parallel_state.get_context_parallel_group())
+        loss_sum = loss_sum * cp
+    return loss_sum, num_tokens, report
+
+
+def context_parallel_share(batch: Batch) -> dict:
+    """This CP rank's two sequence chunks of a micro-batch (megatron's get_batch_on_this_cp_rank: 2 x CP
+    chunks, rank r holds r and 2CP-1-r), as model inputs."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    return get_batch_on_this_cp_rank({"tokens": batch.tokens, "labels": batch.labels,
+                                      "loss_mask": batch.loss_mask, "position_ids": batch.position_ids})
 
 
 def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    part = context_parallel_share(next(data_iterator))
     # loss_mask also masks the multi-token-prediction loss (DeepSeek-V3 MTP) inside GPTModel.
-    output = model(batch.tokens, batch.position_ids, None, labels=batch.labels, loss_mask=batch.loss_mask)
-    return output, partial(_loss_func, batch.loss_mask)
+    output = model(part["tokens"], part["position_ids"], None, labels=part["labels"], loss_mask=part["loss_mask"])
+    return output, partial(_loss_func, part["loss_mask"])
 
 
 def forward_backward(chunks: list, batch: Batch, micro_batch_size: int, forward_only: bool = False):
@@ -86,8 +106,8 @@ def forward_backward(chunks: list, batch: Batch, micro_batch_size: int, forward_
     )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    # Token-weighted mean over micro-batches and data-parallel ranks.
+    # Token-weighted mean over micro-batches and data- (and context-) parallel ranks.
     totals = torch.stack([l["lm loss"] for l in losses]).sum(dim=0)
-    if parallel_state.get_data_parallel_world_size() > 1:
-        torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_data_parallel_world_size(with_context_parallel=True) > 1:
+        torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     return totals[0] / totals[1]

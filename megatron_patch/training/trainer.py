@@ -50,7 +50,8 @@ def _layout(args):
     return ParallelLayout(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                           ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
                           vpp=args.virtual_pipeline_model_parallel_size,
-                          sp=True if args.sequence_parallel else None, **split_kwargs(args))
+                          sp=True if args.sequence_parallel else None, cp=args.context_parallel_size,
+                          **split_kwargs(args))
 
 
 def _config_overrides(args) -> dict:
@@ -88,11 +89,11 @@ def _load_hf_config(args):
 
 
 def _batch_sizes(args, world: int, layout) -> tuple[int, int]:
-    dp = world // (layout.tp * layout.pp)
+    dp = world // (layout.tp * layout.pp * layout.cp)
     gbs = args.global_batch_size or args.micro_batch_size * dp
     if gbs % (args.micro_batch_size * dp):
         raise UserError(f"--global-batch-size {gbs} is not a multiple of --micro-batch-size {args.micro_batch_size} "
-                        f"x data-parallel size {dp} (world {world} / TP{layout.tp} / PP{layout.pp})")
+                        f"x data-parallel size {dp} (world {world} / TP{layout.tp} / PP{layout.pp} / CP{layout.cp})")
     num_micro = gbs // (args.micro_batch_size * dp)
     if layout.vpp and num_micro % layout.pp:
         raise UserError(f"interleaved pipeline: micro-batches per step ({num_micro}) must be a multiple of "
