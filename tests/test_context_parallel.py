@@ -48,3 +48,31 @@ def test_context_parallel_matches_single_rank(reference, name):
         assert not over_bound(res["grad_diff"], GRAD_TOL, STEP_ULPS), (rank, over_bound(res["grad_diff"], GRAD_TOL))
         assert not over_bound(res["step_diff"], GRAD_TOL, STEP_ULPS), (rank, over_bound(res["step_diff"], GRAD_TOL))
         assert len(res["step_diff"]) > 0
+
+
+COMPARE = [
+    ("deepseek_v3", ParallelLayout(cp=2)),
+    ("deepseek_v3", ParallelLayout(tp=2, cp=2)),
+    ("qwen3_moe", ParallelLayout(cp=2)),
+    ("qwen3_moe", ParallelLayout(cp=2, ep=2)),
+]
+
+
+@pytest.fixture(scope="module")
+def compare_reports(tmp_path_factory):
+    from megatron_patch.models.mini import make_mini
+    from megatron_patch.verify.compare import CompareSpec, run_specs_in_group
+
+    root = tmp_path_factory.mktemp("cp-minis")
+    minis = {f: str(make_mini(f, root / f, seed=5)) for f in {f for f, _ in COMPARE}}
+    specs = [CompareSpec(hf_path=minis[f], layout=layout, seq_length=64) for f, layout in COMPARE]
+    return run_ranks(run_specs_in_group, 4, timeout=600, args=(specs,), env={"TORCHDYNAMO_DISABLE": "1"})[0]
+
+
+@pytest.mark.parametrize("index", range(len(COMPARE)), ids=[f"{f}-{lay.describe()}" for f, lay in COMPARE])
+def test_compare_with_context_parallel_passes_against_hf(compare_reports, index):
+    report = compare_reports[index]
+    assert report["layout"]["cp"] == 2 and report["seq_length"] == 64
+    failed = [(r["component"], r["layer"], r["max_abs"]) for r in report["rows"] if not r["passed"]]
+    assert report["result"] == "PASS", failed
+    assert report["logits"]["max_abs"] <= 1e-5 and report["logits"]["top1_agreement"] == 1.0
