@@ -387,3 +387,36 @@ def test_permute_npu_nothing_routed(npu_double):
     assert out.shape == (0, tokens.shape[1]) and out_probs.numel() == 0 and idx.numel() == 0
     back = moe.unpermute_npu(out, idx, None, tokens.shape)
     assert torch.equal(back, torch.zeros_like(tokens))
+
+
+def test_hadamard_rotate_matches_the_sylvester_matrix_and_keeps_dot_products():
+    """DSA indexer rotation (portable stand-in for fast_hadamard_transform): x @ H.T / sqrt(n), H built
+    here independently by Kronecker products; orthogonal, so q.k is unchanged."""
+    from megatron_patch.runtime.kernels.hadamard import hadamard_rotate
+
+    gen = torch.Generator().manual_seed(0)
+    h = torch.ones(1, 1, dtype=torch.float64)
+    for n in (1, 2, 4, 8, 16, 32, 64, 128):
+        if n > 1:
+            h = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), h)
+        x = torch.randn(3, 5, n, generator=gen, dtype=torch.float64)
+        assert torch.allclose(hadamard_rotate(x), x @ h.T / n ** 0.5, rtol=0, atol=1e-12), n
+    q, k = torch.randn(2, 7, 128, generator=gen), torch.randn(2, 9, 128, generator=gen)
+    scores = q @ k.transpose(-1, -2)
+    rotated = hadamard_rotate(q) @ hadamard_rotate(k).transpose(-1, -2)
+    bound = 16 * torch.finfo(torch.float32).eps * scores.abs().max()  # a few ulps of the largest score
+    assert (rotated - scores).abs().max() <= bound
+    with pytest.raises(ValueError, match="power of two"):
+        hadamard_rotate(torch.ones(3, 96))
+
+
+def test_megatron_rotate_activation_is_portable():
+    from megatron_patch.runtime import setup
+
+    setup()
+    from megatron.core.transformer.experimental_attention_variant import dsa
+
+    x = torch.randn(4, 64, dtype=torch.float32)
+    from megatron_patch.runtime.kernels.hadamard import hadamard_rotate
+
+    assert torch.equal(dsa.rotate_activation(x), hadamard_rotate(x))

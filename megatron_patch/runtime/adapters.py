@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from megatron_patch.runtime import kernels
 from megatron_patch.runtime.accelerator import get_accelerator
 from megatron_patch.runtime.patching import MISSING, Patch, PatchRegistry
 from megatron_patch.runtime.torch_proxy import TORCH_PROXY
@@ -247,6 +248,21 @@ def _norm(original):
     from megatron_patch.runtime.modules import PortableNorm
 
     return PortableNorm
+
+
+
+@patch("megatron.core.transformer.experimental_attention_variant.dsa.rotate_activation",
+       "DSA's indexer rotation needs fast_hadamard_transform (a CUDA extension) and bf16; a portable one "
+       "serves any device and dtype", TESTED, ALL)
+def _rotate_activation(original):
+    def rotate_activation(x):
+        from megatron.core.transformer.experimental_attention_variant import dsa
+
+        if dsa.hadamard_transform is not None and x.dtype == torch.bfloat16 and x.is_cuda:
+            return original(x)
+        return kernels.get("hadamard_rotate", x.device.type)(x)
+
+    return rotate_activation
 
 
 __all__ = ["REGISTRY", "import_entry_modules", "register_torch_proxies", "MISSING"]

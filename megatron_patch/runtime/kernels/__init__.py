@@ -20,6 +20,7 @@ _KERNELS: Dict[str, Tuple[str, str, Optional[str]]] = {
     "grouped_matmul": ("moe", "grouped_matmul", "grouped_matmul_npu"),
     "permute": ("moe", "permute", "permute_npu"),
     "unpermute": ("moe", "unpermute", "unpermute_npu"),
+    "hadamard_rotate": ("hadamard", "hadamard_rotate", None),
 }
 
 NAMES = tuple(_KERNELS)
