@@ -15,6 +15,7 @@ STEP_ULPS = 4
 LAYOUTS = {
     "CP2": (2, ParallelLayout(cp=2)),
     "TP2xCP2+SP": (4, ParallelLayout(tp=2, cp=2, sp=True)),
+    "CP2xPP2xEP2": (4, ParallelLayout(pp=2, ep=2, cp=2)),
 }
 
 
