@@ -37,8 +37,14 @@ KERNELS = "tests/test_kernels.py"
 IO = "tests/test_convert_io.py"
 FAMILY_SHARDS = "tests/test_families.py::test_tp_shard_then_merge_gives_back_the_bytes"
 
+CP_EQUIV = "tests/test_context_parallel.py::test_context_parallel_matches_single_rank"
 M = Mutant
 MUTANTS: list[Mutant] = [
+    # --- context parallelism (issue 12) ---------------------------------------------------------------
+    M("step: CP loss not scaled against the DP x CP gradient average", "megatron_patch/training/step.py",
+      "        loss_sum = loss_sum * cp\n", "", (f"{CP_EQUIV}[CP2]",)),
+    M("context parallel: a query chunk sees its own position off by one", "megatron_patch/runtime/context_parallel.py",
+      ".tril(diagonal=c * chunk)", ".tril(diagonal=c * chunk - 1)", (f"{CP_EQUIV}[CP2]",)),
     # --- the ten silent failures of issue 17 -----------------------------------------------------------
     M("step: loss mask dropped from the loss sum", "megatron_patch/training/step.py",
       "loss_sum = (output_tensor.float() * mask).sum()", "loss_sum = output_tensor.float().sum()", (LOSS,)),
