@@ -333,7 +333,7 @@ def test_nan_stops_with_the_step_number(work):
 
 
 @pytest.mark.parametrize("position, value, message", [
-    (12, "2", "CP=2"),
+    (12, "3", "CP=3"),  # SEQ_LEN 64 is not divisible by 2 x CP
     (18, "true", "SFT=true"),
     (17, "true", "FL=true"),
     (20, "0.5", "OPTIMIZER_OFFLOAD=0.5"),

@@ -126,7 +126,7 @@ pai_launch() {
         fp16|fp8) pai_fail "PR=$PR is not supported (no loss scaling / FP8 recipe here); use bf16 or fp32" ;;
         *) pai_fail "PR=$PR: expected fp32 or bf16" ;;
     esac
-    (( CP == 1 )) || pai_fail "CP=$CP: context parallelism is not supported; use CP=1"
+    (( SEQ_LEN % (2 * CP) == 0 )) || pai_fail "CP=$CP: SEQ_LEN=$SEQ_LEN must be divisible by 2 x CP (each CP rank holds two chunks); change SEQ_LEN or CP"
     [[ "$OPTIMIZER_OFFLOAD" == false ]] || pai_fail "OPTIMIZER_OFFLOAD=$OPTIMIZER_OFFLOAD: optimizer offload is not supported; use false"
     case "$FL" in
         false) ;;
@@ -214,7 +214,7 @@ for k, v in settings_for("npu").env_defaults.items(): print(f"export {k}=${{{k}:
 from megatron_patch.runtime.accelerator import get_accelerator as g
 a = g(); print(a.type, a.device_count())' 2>/dev/null || echo "unknown 0")
         if [[ "$device_type" == cpu ]]; then
-            nproc=$(pai_lcm $((TP * PP)) $((ETP * EP * PP)))  # the smallest world this layout needs
+            nproc=$(pai_lcm $((TP * PP * CP)) $((ETP * EP * PP)))  # the smallest world this layout needs
         elif [[ "$device_type" == unknown || "$device_count" == 0 ]]; then
             pai_fail "ENV=$ENV: no usable device found (MP_DEVICE=${MP_DEVICE:-auto}); set GPUS_PER_NODE"
         else
@@ -234,7 +234,7 @@ a = g(); print(a.type, a.device_count())' 2>/dev/null || echo "unknown 0")
     local args=(
         --hf-config "$hf_config" "${init_args[@]}" --save "$save_dir" --save-interval "$SAVE_INTERVAL"
         --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
-        --expert-model-parallel-size "$EP" --expert-tensor-parallel-size "$ETP"
+        --expert-model-parallel-size "$EP" --expert-tensor-parallel-size "$ETP" --context-parallel-size "$CP"
         --micro-batch-size "$BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE" --seq-length "$SEQ_LEN"
         --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-iters "$WARMUP_ITERS"
         --train-iters "$TRAIN_ITERS" --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
