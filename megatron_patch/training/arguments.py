@@ -177,7 +177,7 @@ def validate(args) -> None:
         if value is not None and value < 0 or flag == "distributed_timeout_minutes" and value == 0:
             raise UserError(f"--{flag.replace('_', '-')} must be > 0")
     cp = args.context_parallel_size
-    if args.seq_length % (2 * cp):
+    if cp > 1 and args.seq_length % (2 * cp):
         raise UserError(f"--seq-length {args.seq_length} must be divisible by 2 x --context-parallel-size = {2 * cp} "
                         "(each CP rank holds two of 2 x CP chunks)")
     for flag in ("save_interval", "exit_interval", "eval_interval"):

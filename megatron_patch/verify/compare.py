@@ -160,11 +160,11 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
         shared = config.moe_shared_expert_intermediate_size or 0
         if shared % lay.tp:
             raise UserError(f"TP={lay.tp} does not divide the shared experts' size {shared}")
-    if spec.seq_length % (2 * lay.cp):
+    if lay.cp > 1 and spec.seq_length % (2 * lay.cp):
         raise UserError(f"--seq-length {spec.seq_length} must be divisible by 2 x CP={2 * lay.cp} (CP's chunks)")
     if lay.sequence_parallel and (spec.seq_length // lay.cp) % lay.tp:
-        raise UserError(f"--seq-length {spec.seq_length} must be divisible by TP x CP={lay.tp * lay.cp} "
-                        "(sequence parallel)")
+        by = f"TP={lay.tp}" if lay.cp == 1 else f"TP x CP={lay.tp * lay.cp}"
+        raise UserError(f"--seq-length {spec.seq_length} must be divisible by {by} (sequence parallel)")
     if lay.vpp and lay.vpp > 1 and spec.batch_size % lay.pp:
         raise UserError(f"--batch-size {spec.batch_size}: with VPP the batch runs as micro-batches of 1, and "
                         f"megatron's interleaved schedule needs a multiple of PP={lay.pp} of them")
