@@ -108,3 +108,72 @@ def test_grouped_experts_match_sequential_mlp(reference, name):
     world, layout = GROUPED_LAYOUTS[name]
     results = run_ranks(layout_run, world, timeout=240, args=(layout, reference[0], False, GROUPED))
     _assert_matches_reference(reference, results)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# static-shape dispatch: no data-dependent shapes or host syncs in a MoE layer's forward and backward
+# ----------------------------------------------------------------------------------------------------------------
+STATIC = {"moe_grouped_gemm": True, "moe_expert_capacity_factor": 4.0, "moe_pad_expert_input_to_capacity": True}
+
+
+def moe_layer_ops_run(rank, world, variants):
+    """Per variant (TransformerConfig overrides): the data-dependent ops a MoE layer's forward+backward ran,
+    and its output and input gradient for one fixed input."""
+    from megatron_patch.models.builder import ParallelLayout, apply_layout, build_gpt_chunks, initialize_parallel
+    from megatron_patch.models.spec import local_block_spec
+    from megatron_patch.testing.equivalence import SEQ, VOCAB, tiny_deepseek_config
+    from megatron_patch.testing.static_shapes import DataDependentOps
+
+    from megatron_patch.convert.key_map import te_name
+
+    initialize_parallel(ParallelLayout())
+    out, weights = {}, None
+    for name, overrides in variants.items():
+        config = apply_layout(tiny_deepseek_config(**overrides), ParallelLayout())
+        (model,) = build_gpt_chunks(config, local_block_spec, VOCAB, SEQ, ParallelLayout())
+        layer = model.decoder.layers[1].mlp  # the first MoE layer
+        if weights is None:  # every variant runs the first one's weights (SequentialMLP names -> grouped)
+            weights = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+        grouped = bool(overrides.get("moe_grouped_gemm"))
+        result = model.load_state_dict({te_name(k, (), grouped=grouped): v for k, v in weights.items()},
+                                       strict=False)
+        assert not [k for k in result.missing_keys + result.unexpected_keys if not k.endswith("_extra_state")]
+        x = torch.randn(SEQ, 2, config.hidden_size, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        with DataDependentOps() as ops:
+            y, _ = layer(x)
+            forward_ops = ops.count
+            y.sum().backward()
+        assert ops.count > forward_ops + 10, "the backward must run inside the detecting mode"
+        out[name] = {"ops": ops.seen, "y": y.detach(), "dx": x.grad}
+    return out
+
+
+def _close(got, ref):
+    torch.testing.assert_close(got, ref, atol=4 * torch.finfo(torch.float32).eps * max(1.0, ref.abs().max().item()),
+                               rtol=0)
+
+
+DROP = {"moe_expert_capacity_factor": 1.0}
+VARIANTS = {
+    "dynamic": {},
+    "static": STATIC,  # capacity 4x an even share at top-2 of 8 experts = the tokens: nothing dropped
+    "static_f8": dict(STATIC, moe_expert_capacity_factor=8.0),  # capacity > tokens: filler rows
+    "drop_probs": DROP, "static_drop_probs": dict(STATIC, **DROP),
+    "drop_position": dict(DROP, moe_token_drop_policy="position"),
+    "static_drop_position": dict(STATIC, **DROP, moe_token_drop_policy="position"),
+}
+
+
+def test_static_dispatch_has_no_data_dependent_ops():
+    (res,) = run_ranks(moe_layer_ops_run, 1, timeout=300, args=(VARIANTS,))
+    assert res["dynamic"]["ops"], "the detector must see the dynamic path's masked_select / host syncs"
+    for name in VARIANTS:
+        if name.startswith("static"):
+            assert not res[name]["ops"], (name, res[name]["ops"])
+    for key in ("y", "dx"):
+        _close(res["static"][key], res["dynamic"][key])
+        _close(res["static_f8"][key], res["dynamic"][key])
+        for policy in ("probs", "position"):
+            # with drops: megatron's (dynamic, unpadded) token dropping, and something was dropped
+            _close(res[f"static_drop_{policy}"][key], res[f"drop_{policy}"][key])
+            assert (res[f"drop_{policy}"][key] - res["dynamic"][key]).abs().max() > 1e-4

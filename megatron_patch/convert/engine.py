@@ -17,6 +17,7 @@ on import and written back as copies on export.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -27,7 +28,9 @@ from megatron_patch.models.builder import ParallelLayout
 from megatron_patch.models.families.base import Replicated, Vocab
 from megatron_patch.models.families.common import ConcreteRow, expand_rows, shard_context
 
-from .key_map import LOCAL, Naming, name_map, to_te
+from .key_map import LOCAL, Naming, name_map, te_name, to_te
+
+GROUPED_EXPERT = re.compile(r".*\.experts\.linear_fc[12]\.weight\d+")
 
 # Rows without {layer} live on the first stage (embedding) or on the last one (everything else:
 # final norm, output layer, MTP).
@@ -326,6 +329,8 @@ def load_into_chunks(chunks: list, plan: ShardPlan, read: Callable[[str], object
     for chunk, sd in zip(chunks, state_dicts):
         module = getattr(chunk, "module", chunk)  # DDP-wrapped or not
         own = {k for k in module.state_dict() if not k.endswith("_extra_state")}
+        if any(GROUPED_EXPERT.fullmatch(k) for k in own):  # grouped experts: TE's weight{e} names (key_map)
+            sd = {te_name(k, (), grouped=True): v for k, v in sd.items()}
         missing = sorted(own - set(sd))
         extra = sorted(set(sd) - own)
         if missing or extra:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_patch.errors import UserError
+from megatron_patch.models.moe_options import add_moe_arguments, moe_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -68,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
                    help="default: from the HF config (DeepSeek aux_loss_alpha)")
 
+    add_moe_arguments(p)
+
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", metavar="PREFIX",
                    help="Megatron indexed dataset prefix (PREFIX.bin/.idx), or WEIGHT PREFIX pairs")
@@ -105,6 +108,7 @@ def parse_data_blend(values: list[str] | None, flag: str) -> tuple[list[str], li
 
 def validate(args) -> None:
     """Refuse unsupported or inconsistent settings with a message naming the flag."""
+    moe_overrides(args)  # raises on inconsistent MoE engine flags
     if args.fp16:
         raise UserError("--fp16 is not supported (no loss scaling here); use --bf16 or fp32")
     if args.context_parallel_size != 1:

@@ -9,6 +9,7 @@ from datetime import timedelta
 import torch
 
 from megatron_patch.errors import UserError
+from megatron_patch.models.moe_options import moe_overrides
 
 NAN_EXIT_CODE = 3
 
@@ -57,6 +58,7 @@ def _config_overrides(args) -> dict:
         overrides.update(bf16=True, params_dtype=torch.bfloat16)
     if args.moe_aux_loss_coeff is not None:
         overrides["moe_aux_loss_coeff"] = args.moe_aux_loss_coeff
+    overrides.update(moe_overrides(args))
     for name in ("recompute_granularity", "recompute_method", "recompute_num_layers"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)

@@ -2,6 +2,8 @@
 
     megatron-patch compare --hf-path DIR [--mcore-path DIR] --tp N --pp N --ep N --etp N [--vpp N]
         [--batch-size B] [--seq-length S] [--dtype fp32|bf16] [--json FILE] [--plot FILE] [--debug]
+        [--moe-grouped-gemm] [--moe-expert-capacity-factor F [--moe-pad-expert-input-to-capacity]
+         [--moe-token-drop-policy probs|position]]
 
 Without --mcore-path the HF weights are converted in memory through the family table. The ranks are
 spawned here (gloo on CPU; the fewest the layout needs), or the existing ones are used inside torchrun.
@@ -39,6 +41,9 @@ def register(subparsers) -> None:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before a hung rank fails the run")
     p.add_argument("--debug", action="store_true",
                    help="extra columns (max|HF|, bound), timings, warnings and full rank tracebacks")
+    from megatron_patch.models.moe_options import add_moe_arguments
+
+    add_moe_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -53,6 +58,7 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from megatron_patch.models.builder import ParallelLayout
+    from megatron_patch.models.moe_options import moe_overrides
     from megatron_patch.testing.multirank import RankFailure
     from megatron_patch.verify.compare import CompareSpec
     from megatron_patch.verify.compare import run as run_compare
@@ -67,7 +73,7 @@ def _run(args) -> int:
     spec = CompareSpec(hf_path=args.hf_path, layout=layout, mcore_path=args.mcore_path,
                        batch_size=args.batch_size, seq_length=args.seq_length, dtype=args.dtype,
                        seed=args.seed, atol=args.atol, router_mismatch=args.router_mismatch,
-                       debug=args.debug, timeout=args.timeout)
+                       debug=args.debug, timeout=args.timeout, moe=moe_overrides(args))
     try:
         report = run_compare(spec)
     except RankFailure as err:

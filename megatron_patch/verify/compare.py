@@ -79,6 +79,8 @@ class CompareSpec:
     mutate: Callable | str | None = None
     debug: bool = False
     timeout: float = 900.0
+    # TransformerConfig fields from the MoE engine flags (models.moe_options.moe_overrides)
+    moe: dict = field(default_factory=dict)
 
     @property
     def tolerance(self) -> Tolerance:
@@ -125,6 +127,7 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
     from megatron_patch.convert.hf_reader import HFCheckpoint
     from megatron_patch.models.builder import check_layout
     from megatron_patch.models.families import family_for_config
+    from megatron_patch.models.moe_options import check_moe_overrides
 
     path = Path(spec.hf_path)
     if not path.is_dir():
@@ -148,7 +151,8 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"--hf-path {spec.hf_path}: transformers cannot read config.json ({err})") from None
     family = family_for_config(hf_config)
-    config = family.to_mcore_config(hf_config)
+    config = family.to_mcore_config(hf_config, **spec.moe)
+    check_moe_overrides(spec.moe, config)
     check_layout(lay, config, world_size)
     experts = config.num_moe_experts or 0
     if experts:
@@ -354,7 +358,7 @@ def run_in_group(spec: CompareSpec) -> dict | None:
     layout = spec.layout
     dtype = DTYPES[spec.dtype]
     initialize_parallel(layout, seed=spec.seed)
-    overrides = {"params_dtype": dtype, "bf16": dtype == torch.bfloat16}
+    overrides = {"params_dtype": dtype, "bf16": dtype == torch.bfloat16, **spec.moe}
     notes: list[str] = []
     chunks, config, args = build_family_model(hf_config, layout, **overrides)
     source = _load_weights(spec, chunks, family, hf_config, config, args)
