@@ -34,3 +34,12 @@ def te_double(monkeypatch):
     yield TE_DOUBLE
     for name in [n for n in sys.modules if n.split(".")[0] == "transformer_engine" and n not in before]:
         del sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def te_minis(tmp_path_factory):
+    """Tiny random HF models for the TE tests, made once per session: {family: directory}
+    (tests/te_harness.py MINI_FAMILIES: DeepSeek-V3 with MTP, Qwen3-MoE)."""
+    from te_harness import make_minis
+
+    return make_minis(tmp_path_factory.mktemp("te-minis"))

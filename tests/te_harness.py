@@ -120,22 +120,29 @@ def build_te_chunks(hf, layout, grouped_gemm: bool = False, vocab_size: int | No
     return chunks, config, args
 
 
+def loadable_tensors(chunk) -> dict:
+    """What a checkpoint load must set: parameters and persistent buffers (e.g. the router's expert_bias),
+    by state-dict name, floating point only (`_extra_state` and integer counters are not weights)."""
+    return {name: t for name, t in chunk.state_dict(keep_vars=True).items()
+            if torch.is_tensor(t) and t.is_floating_point() and not name.endswith("_extra_state")}
+
+
 def fill_nan(chunks) -> None:
-    """Every parameter NaN, so a load that leaves one untouched shows (assert_no_nan)."""
+    """Every parameter and persistent buffer NaN, so a load that leaves one untouched shows."""
     with torch.no_grad():
         for chunk in chunks:
-            for p in chunk.parameters():
-                p.fill_(float("nan"))
+            for t in loadable_tensors(chunk).values():
+                t.fill_(float("nan"))
 
 
-def nan_parameters(chunks) -> list[str]:
+def nan_tensors(chunks) -> list[str]:
     return [f"chunk{i}.{name}" for i, chunk in enumerate(chunks)
-            for name, p in chunk.named_parameters() if torch.isnan(p).any()]
+            for name, t in loadable_tensors(chunk).items() if torch.isnan(t).any()]
 
 
 def assert_no_nan(chunks) -> None:
-    bad = nan_parameters(chunks)
-    assert not bad, f"{len(bad)} parameter(s) not loaded (still NaN), first: {bad[:5]}"
+    bad = nan_tensors(chunks)
+    assert not bad, f"{len(bad)} tensor(s) not loaded (still NaN), first: {bad[:5]}"
 
 
 # --- loading as Megatron-LM 0.16 does -------------------------------------------------------------------
@@ -189,28 +196,32 @@ def load_legacy(chunks, root, strict: bool = True):
 
 # --- forward -------------------------------------------------------------------------------------------
 def forward_logits(chunks, tokens: torch.Tensor, all_heads: bool = False):
-    """Run megatron's forward-only pipeline schedule on `tokens` [b, s] (one micro-batch) and return the
-    logits [b, s, vocab] gathered over TP and trimmed to `tokens`' model vocab on the last pipeline
-    stage (None elsewhere). all_heads: every output_layer call (main logits last; MTP heads before)."""
+    """Run megatron's forward-only pipeline schedule on `tokens` [b, s] and return the logits [b, s, vocab]
+    gathered over TP on the last pipeline stage (None elsewhere; vocab still padded). One micro-batch, or
+    PP of them with VPP (the interleaved schedule needs that many; b must divide). all_heads: a list with
+    every output_layer call's logits (the MTP heads first, the main logits last)."""
     from megatron.core import parallel_state as ps
 
     from megatron_patch.verify.compare import megatron_forward
     from megatron_patch.verify.normalize import gather
 
+    num_micro = ps.get_pipeline_model_parallel_world_size() if len(chunks) > 1 else 1
     calls = []
     last = chunks[-1]
     handle = None
     if ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=getattr(last, "vp_stage", None)):
         handle = last.output_layer.register_forward_hook(lambda m, i, o: calls.append(o[0].detach().clone()))
     try:
-        megatron_forward(chunks, tokens, num_micro=1)
+        megatron_forward(chunks, tokens, num_micro=num_micro)
     finally:
         if handle is not None:
             handle.remove()
     if handle is None:
         return None
     group, size = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
-    heads = [gather(c.float(), 2, group, size).transpose(0, 1).contiguous() for c in calls]
+    per = len(calls) // num_micro  # output_layer calls per micro-batch: MTP heads, then the main head
+    heads = [torch.cat([calls[m * per + h] for m in range(num_micro)], dim=1) for h in range(per)]
+    heads = [gather(x.float(), 2, group, size).transpose(0, 1).contiguous() for x in heads]
     return heads if all_heads else heads[-1]
 
 
@@ -252,8 +263,10 @@ def save_pai_legacy(chunks, root, layout, args: dict, iteration="release", split
     local expert index), every `_extra_state` set to None, Megatron-LM's rank directories
     (mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt), an `args` Namespace and latest_checkpointed_iteration.txt.
     split_mla_down_proj: Pai splits MLA's linear_q/kv_down_proj weights by TP rank (rows) where megatron's
-    TE spec replicates them. One writer per (TP, PP, EP) rank (expert-data-parallel rank 0), as Megatron-LM.
-    Returns the file written, or None on ranks that do not write."""
+    TE spec replicates them. One writer per (TP, PP, EP) rank (expert-data-parallel rank 0), as Megatron-LM:
+    only the (TP, PP, EP) combinations that occur in the run get a file (TP2 x EP2 x ETP1 on 2 ranks writes
+    mp_rank_00_000 and mp_rank_01_001), as Pai's generate_rank_group does. Returns the file written, or None
+    on ranks that do not write."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 

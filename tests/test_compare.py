@@ -107,18 +107,21 @@ BROKEN = [
 
 
 def _torch_format_checkpoint(hf_path: str, root) -> str:
-    """The mini model written in Megatron-LM's torch per-rank layout at TP1 (via the engine's table)."""
+    """The mini model written in Megatron-LM's torch per-rank layout at TP1 (via the engine's table), with
+    the Transformer Engine spec's names and grouped experts: compare reads them into its local-spec model."""
     from transformers import AutoConfig
 
     from megatron_patch.convert.engine import RankPosition, ShardPlan
     from megatron_patch.convert.hf_reader import HFCheckpoint
+    from megatron_patch.convert.key_map import TE, Naming
     from megatron_patch.convert.mcore_layout import write_latest, write_rank
     from megatron_patch.models.families import family_for_config
 
     hf = AutoConfig.from_pretrained(hf_path)
-    plan = ShardPlan(family_for_config(hf), hf, ParallelLayout())
+    plan = ShardPlan(family_for_config(hf), hf, ParallelLayout(), naming=Naming(TE, grouped=True))
     with HFCheckpoint(hf_path) as ckpt:
-        state_dicts = plan.rank_state_dicts(ckpt.get_slice, RankPosition())
+        state_dicts = plan.rank_state_dicts(ckpt.get_slice, RankPosition(), extra_state=True)
+    assert "decoder.layers.1.mlp.experts.linear_fc1.weight0" in state_dicts[0]
     write_rank(root, "release", 0, 0, 0, {"tp": 1, "pp": 1, "ep": 1}, state_dicts, args={})
     write_latest(root, "release")
     return str(root)

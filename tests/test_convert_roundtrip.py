@@ -181,7 +181,7 @@ def test_megatron_core_loads_the_rank_files_strictly(minis, work):
         ("q3", minis["qwen3_moe"], ParallelLayout(ep=2)),
         ("tied", tied, ParallelLayout(tp=2)),                                # output_layer without weight
     ]:
-        hf2mcore(hf_dir, work / f"strict-{name}", layout)
+        hf2mcore(hf_dir, work / f"strict-{name}", layout, transformer_impl="local")  # our own (local) spec
         cases.append((str(hf_dir), str(work / f"strict-{name}"), layout))
     counts = run_ranks(_strict_load, 2, timeout=240, args=(cases,))
     assert all(c > 0 for c in counts)
@@ -237,7 +237,7 @@ def _dist_load(rank, world, hf_dir, ckpt_dir, padded, layouts):
 def test_torch_dist_loads_at_other_layouts(minis, work):
     """Written once (one process), loaded by megatron-core at layouts it was not written for."""
     out = work / "dist-any"
-    hf2mcore(minis["deepseek_v2"], out, ParallelLayout(tp=2, ep=4, etp=1), fmt="torch_dist")
+    hf2mcore(minis["deepseek_v2"], out, ParallelLayout(tp=2, ep=4, etp=1), fmt="torch_dist", transformer_impl="local")
     assert sorted(p.name for p in (out / "release").iterdir()) == [
         ".metadata", "__0_0.distcp", "common.pt", "metadata.json"]
     layouts = [ParallelLayout(tp=2, ep=2, etp=1), ParallelLayout(pp=2), ParallelLayout(tp=2, etp=2)]

@@ -28,6 +28,7 @@ from megatron_patch.models.builder import ParallelLayout
 from megatron_patch.models.families.base import Replicated, Vocab
 from megatron_patch.models.families.common import ConcreteRow, expand_rows, shard_context
 
+from .key_map import EXTRA as EXTRA_STATE
 from .key_map import LOCAL, Naming, name_map, te_name, to_te
 
 GROUPED_EXPERT = re.compile(r".*\.experts\.linear_fc[12]\.weight\d+")
@@ -39,7 +40,7 @@ EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
 # megatron-core keeps these in fp32 whatever params_dtype is (TopKRouter.expert_bias): never cast them.
 KEEP_DTYPE_SUFFIXES = (".expert_bias",)
-EXTRA_STATE = "._extra_state"
+
 
 
 @dataclass(frozen=True)
@@ -323,14 +324,21 @@ def current_position() -> RankPosition:
                         ep=ps.get_expert_model_parallel_rank(), etp=ps.get_expert_tensor_parallel_rank())
 
 
+def as_model_names(sd: dict, model_names) -> dict:
+    """A local-spec state dict (SequentialMLP experts) renamed for a model with grouped experts (TE's
+    `linear_fc1.weight{e}`, key_map.te_name); unchanged for any other model."""
+    if not any(GROUPED_EXPERT.fullmatch(k) for k in model_names):
+        return sd
+    return {te_name(k, (), grouped=True): v for k, v in sd.items()}
+
+
 def load_into_chunks(chunks: list, plan: ShardPlan, read: Callable[[str], object]) -> None:
     """Load HF tensors into this rank's model chunks in place; every parameter must be covered."""
     state_dicts = plan.rank_state_dicts(read, current_position())
     for chunk, sd in zip(chunks, state_dicts):
         module = getattr(chunk, "module", chunk)  # DDP-wrapped or not
         own = {k for k in module.state_dict() if not k.endswith("_extra_state")}
-        if any(GROUPED_EXPERT.fullmatch(k) for k in own):  # grouped experts: TE's weight{e} names (key_map)
-            sd = {te_name(k, (), grouped=True): v for k, v in sd.items()}
+        sd = as_model_names(sd, own)
         missing = sorted(own - set(sd))
         extra = sorted(set(sd) - own)
         if missing or extra:

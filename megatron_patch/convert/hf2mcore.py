@@ -19,8 +19,12 @@ device, each tensor made from its lazy HF slices only when torch DCP's writer as
 peak memory about one tensor, every HF byte read once. The checkpoint holds global tensors, so it loads
 at any layout; the layout decides only the vocab padding (TP) and the stored args.
 
+Names: `--transformer-impl transformer_engine` (the default, as Megatron-LM's) writes the keys megatron-core's
+TE-spec GPTModel asks for, `local` those of its local spec; `--moe-grouped-gemm` writes TEGroupedMLP's expert
+names (key_map: the family tables keep one set of names, translated on write).
+
 Every output holds `hf_config/` (config.json + tokenizer files) and `convert_meta.json` (family,
-format, layout, dtype), so mcore2hf and reshard need nothing else.
+format, layout, dtype, transformer_impl, moe_grouped_gemm), so mcore2hf and reshard need nothing else.
 """
 from __future__ import annotations
 

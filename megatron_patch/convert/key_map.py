@@ -89,12 +89,13 @@ def te_name(name: str, names, grouped: bool = False) -> str:
 
 
 def te_extra_state_keys(te_names, legacy: bool = True) -> list[str]:
-    """The `_extra_state` keys a TE-spec chunk holding these (TE-named) parameters has."""
+    """The `_extra_state` keys a TE-spec chunk holding these (TE-named) parameters has. Core attention's
+    is in legacy state dicts, and in torch_dist only inside MTP layers (megatron's MTP layer shards its
+    transformer layer's modules by default, without TEDotProductAttention.sharded_state_dict)."""
     modules = {n.rsplit(".", 1)[0] for n in te_names if not n.endswith(EXTRA)}
     modules = {m for m in modules if not NO_EXTRA_STATE.fullmatch(m)}
-    if legacy:
-        modules |= {n[: -len("linear_proj.weight")] + "core_attention" for n in te_names
-                    if n.endswith(ATTENTION_PROBE)}
+    modules |= {n[: -len("linear_proj.weight")] + "core_attention" for n in te_names
+                if n.endswith(ATTENTION_PROBE) and (legacy or ".transformer_layer." in n)}
     return sorted(m + EXTRA for m in modules)
 
 
@@ -157,6 +158,9 @@ def _layer(name: str):
     return m.group(1) if m else None
 
 
+PROBE_EXTRA = "self_attention.linear_proj" + EXTRA  # in every transformer layer of both specs
+
+
 def te_sharded(model_sd: dict, extra_state: bool = True) -> dict:
     """A local-spec GPTModel's sharded state dict as the TE-spec model's asks for it: fused norms under
     their TE keys (megatron's local keys map, which renames pre_mlp_layernorm on MoE layers too, undone)
@@ -172,8 +176,7 @@ def te_sharded(model_sd: dict, extra_state: bool = True) -> dict:
         prefix = _layer(name)
         if new != name or (isinstance(entry, ShardedTensor) and prefix and "experts" not in name
                            and not entry.key.endswith(name[len(prefix):])):
-            probe = model_sd[prefix + "self_attention.linear_proj._extra_state"]
-            key_prefix = probe.key[: -len("self_attention.linear_proj._extra_state")]
+            key_prefix = model_sd[prefix + PROBE_EXTRA].key[: -len(PROBE_EXTRA)]
             entry = dataclasses.replace(entry, key=key_prefix + new[len(prefix):])
         out[name] = entry
     if not extra_state:
@@ -184,9 +187,9 @@ def te_sharded(model_sd: dict, extra_state: bool = True) -> dict:
         if key in have or key.startswith("output_layer"):
             continue
         prefix = _layer(key)
-        probe = model_sd.get(prefix + "self_attention.linear_proj._extra_state") if prefix else None
-        if probe is not None:
-            sharded_key = probe.key[: -len("self_attention.linear_proj._extra_state")] + key[len(prefix):]
+        probe = model_sd.get(prefix + PROBE_EXTRA) if prefix else None
+        if probe is not None:  # the layer's axis (stacked layers) or per-layer key, as its linear_proj's
+            sharded_key = probe.key[: -len(PROBE_EXTRA)] + key[len(prefix):]
             shape, offset, replica = probe.global_shape, probe.global_offset, probe.replica_id
         else:  # outside a transformer layer (final_layernorm, MTP's enorm/hnorm): no layer axis
             sharded_key, shape, offset, replica = key, (1,), (0,), (0, 0, 0)

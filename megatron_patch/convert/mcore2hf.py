@@ -9,6 +9,10 @@ mappings are dropped before the next stage, so the resident set is about one sta
 shard. torch_dist: read in this process at TP1/PP1/EP1 (dist_reader), a group of parameters (about
 256 MiB) at a time, so the resident set is about one group plus one output shard.
 
+Either spec's names are read (key_map, detected per checkpoint): megatron-core's local or Transformer
+Engine spec, SequentialMLP or grouped experts, Pai-Megatron-Patch's TP-split MLA down projections; a key in
+neither set is refused before anything is written.
+
 The HF config comes from the checkpoint's own hf_config/ (written by hf2mcore and reshard), else from
 --hf-config; --hf-config also supplies the tokenizer files.
 """

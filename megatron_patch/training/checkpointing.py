@@ -331,13 +331,16 @@ def load_training_checkpoint(path, chunks, optimizer, scheduler, load_optim: boo
 
 
 def _copy_into(chunks, state_dicts: list[dict], source: str) -> None:
-    """Load per-chunk state dicts into the model; every tensor of the model must be given."""
+    """Load per-chunk (local-spec) state dicts into the model; every tensor of the model must be given."""
+    from megatron_patch.convert.engine import as_model_names
+
     if len(state_dicts) != len(chunks):
         raise UserError(f"{source} has {len(state_dicts)} model chunk(s) per rank, this run builds {len(chunks)} "
                         "(virtual pipeline size differs)")
     for i, (chunk, sd) in enumerate(zip(chunks, state_dicts)):
         try:
-            missing, unexpected = _unwrap(chunk).load_state_dict(sd, strict=False)
+            module = _unwrap(chunk)
+            missing, unexpected = module.load_state_dict(as_model_names(sd, module.state_dict()), strict=False)
         except RuntimeError as err:  # shape mismatches
             raise UserError(f"{source} (chunk {i}) does not fit the model: {str(err).splitlines()[-1].strip()} "
                             "(converted for another parallel layout or config?)") from None
@@ -361,9 +364,12 @@ def _load_torch_layout(root, chunks, layout) -> int | str:
                         f"TP{sizes['tp']} PP{sizes['pp']} EP{sizes['ep']} ETP{sizes['etp']} VPP{sizes['vpp']}, this run is "
                         f"TP{want['tp']} PP{want['pp']} EP{want['ep']} ETP{want['etp']} VPP{want['vpp']}; "
                         "convert for this layout (or convert with --format torch_dist, which loads at any layout)")
-    state_dicts = mcore_layout.read_rank(root, ps.get_tensor_model_parallel_rank(),
-                                         ps.get_pipeline_model_parallel_rank(), ps.get_expert_model_parallel_rank(),
-                                         sizes, iteration)
+    from megatron_patch.convert.key_map import down_projection_rows, read_local_rank
+
+    # local-spec names whatever spec wrote it (Megatron-LM / Pai-Megatron-Patch TE checkpoints included)
+    state_dicts, _ = read_local_rank(root, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                                     ps.get_expert_model_parallel_rank(), sizes, iteration,
+                                     down_projection_rows(_unwrap(chunks[0]).config))
     _copy_into(chunks, state_dicts, f"--load {root}")
     return iteration
 
@@ -372,7 +378,11 @@ def _load_dist_model(path, chunks) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
+    from megatron_patch.convert.key_map import match_sharded, stored_keys
+
     request = model_sharded_state_dict(chunks)
+    stored = stored_keys(path)  # the checkpoint's names (local or TE spec) decide the keys requested
+    request = {k: match_sharded(sd, stored, f"--load {path}", extra_state=False)[0] for k, sd in request.items()}
     try:
         loaded = dist_checkpointing.load(request, str(path))
     except CheckpointingException as err:

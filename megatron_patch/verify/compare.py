@@ -270,23 +270,31 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) ->
         return "converted in memory from HF (convert.engine.load_into_chunks)"
     fmt, root = mcore_format(spec.mcore_path)
     if fmt == "torch":
-        from megatron_patch.convert.mcore_layout import read_layout, read_rank
+        from megatron_patch.convert.key_map import down_projection_rows, read_local_rank
+        from megatron_patch.convert.mcore_layout import read_layout
 
-        iteration, sizes = read_layout(root)
-        state_dicts = read_rank(root, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                                ps.get_expert_model_parallel_rank(), sizes, iteration)
+        iteration, sizes = read_layout(root)  # either spec's names (key_map), read as local-spec ones
+        state_dicts, _ = read_local_rank(root, ps.get_tensor_model_parallel_rank(),
+                                         ps.get_pipeline_model_parallel_rank(), ps.get_expert_model_parallel_rank(),
+                                         sizes, iteration, down_projection_rows(config))
     else:
         from megatron.core import dist_checkpointing
 
+        from megatron_patch.convert.key_map import match_sharded, stored_keys
+
         keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-        sharded = {k: c.sharded_state_dict() for k, c in zip(keys, chunks)}
+        stored = stored_keys(root)
+        sharded = {k: match_sharded(c.sharded_state_dict(), stored, f"--mcore-path {spec.mcore_path}",
+                                    extra_state=False)[0] for k, c in zip(keys, chunks)}
         loaded = dist_checkpointing.load(sharded, str(root))
         state_dicts = [loaded[k] for k in keys]
     if len(state_dicts) != len(chunks):
         raise UserError(f"--mcore-path holds {len(state_dicts)} model chunk(s) per rank, the layout builds "
                         f"{len(chunks)} (check --vpp)")
+    from megatron_patch.convert.engine import as_model_names
+
     for chunk, sd in zip(chunks, state_dicts):
-        result = chunk.load_state_dict(sd, strict=False)
+        result = chunk.load_state_dict(as_model_names(sd, chunk.state_dict()), strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
         if missing or unexpected:

@@ -7,15 +7,20 @@ import torch
 import torch.distributed as dist
 
 
+# torch >= 2.13 names them *_single (the *_tensor spellings warn); older torch has only the latter.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _gather(x, group):
     out = x.new_empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    _ALL_GATHER(out, x.contiguous(), group=group)
     return out
 
 
 def _reduce_scatter(x, group):
     out = x.new_empty((x.shape[0] // dist.get_world_size(group), *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    _REDUCE_SCATTER(out, x.contiguous(), group=group)
     return out
 
 
