@@ -56,6 +56,8 @@ def _config_overrides(args) -> dict:
     overrides: dict = {}
     if args.bf16:
         overrides.update(bf16=True, params_dtype=torch.bfloat16)
+    if args.fp16:
+        overrides.update(fp16=True, params_dtype=torch.float16)
     if args.moe_aux_loss_coeff is not None:
         overrides["moe_aux_loss_coeff"] = args.moe_aux_loss_coeff
     overrides.update(moe_overrides(args))
@@ -127,6 +129,7 @@ class Trainer:
         self.gbs, self.num_micro = _batch_sizes(args, self.world, self.layout)
         self._build_model()
         self.iteration = 0
+        self.skipped_steps = 0
         self.consumed = 0
         self._start_state()
         self._build_data()
@@ -149,6 +152,9 @@ class Trainer:
         self.optimizer = build_optimizer(
             self.chunks, lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
             clip_grad=args.clip_grad, use_distributed_optimizer=args.use_distributed_optimizer, bf16=args.bf16,
+            fp16=args.fp16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
+            min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window,
+            hysteresis=args.hysteresis,
             min_lr=args.min_lr, adam_eps=args.adam_eps, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2)
         self.scheduler = _scheduler(args, self.optimizer)
 
@@ -252,6 +258,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
         loss = forward_backward(self.chunks, batch.to(self.acc.current_device()), self.args.micro_batch_size)
         loss_ok, grads_ok = self._finite_flags(loss)
+        if self.args.fp16:
+            grads_ok = True  # overflowing fp16 gradients are the loss scaler's to skip (optimizer.step)
         iteration = self.iteration + 1
         if not (loss_ok and grads_ok):
             what = "loss" if not loss_ok else "gradients"
@@ -269,6 +277,7 @@ class Trainer:
             update_ok, grad_norm, _ = self.optimizer.step()
             if update_ok:
                 self.scheduler.step(increment=1)
+        self.skipped_steps += not update_ok
         self.acc.synchronize()
         step_time = time.perf_counter() - start
         writer = self.sink.writer
@@ -281,7 +290,8 @@ class Trainer:
             lr=lr, grad_norm=float(grad_norm if grad_norm is not None else 0.0),
             step_time=step_time, tokens=self.gbs * self.args.seq_length, aux=aux, mtp=mtp,
             flops_per_token=self.flops_per_token, peak_flops=self.peak_flops, world_size=self.world,
-            skipped=not update_ok)
+            skipped=not update_ok, skipped_total=self.skipped_steps,
+            loss_scale=float(self.optimizer.get_loss_scale()) if self.args.fp16 else None)
 
     def _peak_memory(self) -> int:
         peak = torch.tensor([float(self.acc.memory_stats()["peak"])], dtype=torch.float64,
