@@ -14,7 +14,7 @@ def add_moe_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("MoE engine")
     g.add_argument("--moe-grouped-gemm", action="store_true", default=None,
                    help="all local experts in one grouped GEMM (TE-style weights linear_fc1.weight{e}; torch_dist "
-                        "checkpoints are the same as without it)")
+                        "checkpoints are the same as without it); the default for MoE models")
     g.add_argument("--no-moe-grouped-gemm", dest="moe_grouped_gemm", action="store_false",
                    help="one GEMM per expert (SequentialMLP, local_experts.{e})")
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None, metavar="F",
@@ -42,6 +42,14 @@ def moe_overrides(args) -> dict:
         out.update(moe_expert_capacity_factor=float(factor), moe_pad_expert_input_to_capacity=pad,
                    moe_token_drop_policy=getattr(args, "moe_token_drop_policy", "probs"))
     return out
+
+
+def with_moe_defaults(overrides: dict, config) -> dict:
+    """Grouped experts unless --no-moe-grouped-gemm: for MoE models the default (measured faster than
+    SequentialMLP on CPU: benchmarks/train_bench.py); dense models get nothing."""
+    if (config.num_moe_experts or 0) and "moe_grouped_gemm" not in overrides:
+        return {**overrides, "moe_grouped_gemm": True}
+    return overrides
 
 
 def check_moe_overrides(overrides: dict, config) -> None:

@@ -142,9 +142,13 @@ class Trainer:
         from megatron_patch.training.setup_model import build_optimizer, wrap_ddp
 
         args = self.args
+        from megatron_patch.models.moe_options import check_moe_overrides, with_moe_defaults
+
         overrides = _config_overrides(args)
-        check_layout(self.layout, family_for_config(self.hf_config).to_mcore_config(self.hf_config, **overrides),
-                     self.world)
+        config = family_for_config(self.hf_config).to_mcore_config(self.hf_config, **overrides)
+        check_moe_overrides(overrides, config)
+        overrides = with_moe_defaults(overrides, config)
+        check_layout(self.layout, config, self.world)
         initialize_parallel(self.layout, seed=args.seed)
         chunks, self.config, self.margs = build_family_model(self.hf_config, self.layout, **overrides)
         self.init_source = self._init_weights(chunks)

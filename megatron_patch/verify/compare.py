@@ -362,11 +362,13 @@ def run_in_group(spec: CompareSpec) -> dict | None:
 
     t0 = time.perf_counter()
     world = dist.get_world_size()
-    hf_config, family, _ = prepare(spec, world)
+    hf_config, family, base_config = prepare(spec, world)
     layout = spec.layout
     dtype = DTYPES[spec.dtype]
     initialize_parallel(layout, seed=spec.seed)
-    overrides = {"params_dtype": dtype, "bf16": dtype == torch.bfloat16, **spec.moe}
+    from megatron_patch.models.moe_options import with_moe_defaults
+
+    overrides = {"params_dtype": dtype, "bf16": dtype == torch.bfloat16, **with_moe_defaults(spec.moe, base_config)}
     notes: list[str] = []
     chunks, config, args = build_family_model(hf_config, layout, **overrides)
     source = _load_weights(spec, chunks, family, hf_config, config, args)
