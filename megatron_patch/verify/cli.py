@@ -1,7 +1,7 @@
 """`megatron-patch compare`: activations of a Megatron model at any TP/PP/EP/ETP/VPP layout against HF.
 
     megatron-patch compare --hf-path DIR [--mcore-path DIR] --tp N --pp N --ep N --etp N [--vpp N]
-        [--batch-size B] [--seq-length S] [--dtype fp32|bf16] [--json FILE] [--plot FILE] [--debug]
+        [--batch-size B] [--seq-length S] [--dtype fp32|bf16|fp16] [--json FILE] [--plot FILE] [--debug]
         [--moe-grouped-gemm] [--moe-expert-capacity-factor F [--moe-pad-expert-input-to-capacity]
          [--moe-token-drop-policy probs|position]]
 
@@ -29,12 +29,12 @@ def register(subparsers) -> None:
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-length", type=int, default=32)
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--atol", type=float, default=None,
                    help="tolerance (x max(1, max|HF|)) instead of the dtype's default (fp32 1e-5 on the max "
-                        "diff, bf16 3e-2 on the mean diff)")
+                        "diff, bf16 3e-2 and fp16 4e-3 on the mean diff)")
     p.add_argument("--router-mismatch", type=float, default=None,
-                   help="fraction of tokens allowed a different expert choice (default fp32 0, bf16 0.1)")
+                   help="fraction of tokens allowed a different expert choice (default fp32 0, bf16/fp16 0.1)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the random input tokens")
     p.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
     p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG of the max diff per layer")
