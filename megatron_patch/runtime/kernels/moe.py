@@ -21,8 +21,8 @@ def grouped_matmul(x: torch.Tensor, weights: Weights, tokens_per_expert: Counts)
     """Torch implementation. x: [tokens, in] sorted by expert; weights: [E, in, out] or E x [in, out].
 
     One torch.nn.functional.grouped_mm call (offsets from a tensor of counts: no host sync) where it runs:
-    a 3-D weight, fp32/bf16/fp16, in and out widths whose rows are a multiple of 16 bytes. Otherwise one
-    matmul per expert (Python ints for the split: a host sync)."""
+    a 3-D weight, fp32/bf16/fp16 on CPU (bf16 on CUDA), in and out widths whose rows are a multiple of 16
+    bytes. Otherwise one matmul per expert (Python ints for the split: a host sync)."""
     if isinstance(tokens_per_expert, torch.Tensor) and _grouped_mm_fits(x, weights):
         offs = torch.cumsum(tokens_per_expert.to(x.device), dim=0, dtype=torch.int32)
         return torch.nn.functional.grouped_mm(x, weights, offs=offs)
@@ -42,6 +42,8 @@ def _grouped_mm_fits(x: torch.Tensor, weights: Weights) -> bool:
     if x.dtype != weights.dtype or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     if not hasattr(torch.nn.functional, "grouped_mm"):
+        return False
+    if x.device.type != "cpu" and x.dtype != torch.bfloat16:  # CUDA: bf16 only (torch 2.13 docs)
         return False
     align = 16 // x.element_size()
     return x.shape[1] % align == 0 and weights.shape[2] % align == 0
