@@ -89,10 +89,14 @@ def collect_mtp(config, num_microbatches: int, iteration: int, writer=None) -> f
 
 
 def grads_finite(chunks) -> bool:
-    """True when every local gradient (DDP grad buffers) is finite."""
+    """True when every local gradient (DDP grad buffers) is finite.
+
+    One sum per buffer: a NaN or Inf anywhere makes it non-finite, and unlike isfinite(...).all() it
+    allocates nothing the size of the model (that check cost ~0.1 s of a 2 s CPU step). A sum of finite
+    values above the fp32 range (~3e38) is reported too, which is a broken step anyway."""
     for chunk in chunks:
         for buf in list(getattr(chunk, "buffers", [])) + list(getattr(chunk, "expert_parallel_buffers", [])):
-            if not bool(torch.isfinite(buf.grad_data).all()):
+            if not bool(torch.isfinite(buf.grad_data.sum())):
                 return False
     return True
 
