@@ -177,3 +177,42 @@ def test_static_dispatch_has_no_data_dependent_ops():
             # with drops: megatron's (dynamic, unpadded) token dropping, and something was dropped
             _close(res[f"static_drop_{policy}"][key], res[f"drop_{policy}"][key])
             assert (res[f"drop_{policy}"][key] - res["dynamic"][key]).abs().max() > 1e-4
+
+
+def checkpoint_both_ways_run(rank, world, ckpt_dir):
+    """A grouped model's torch_dist checkpoint (all of its sharded state dict, `_extra_state` included) loads
+    into a SequentialMLP model asking for all of its own keys, and back into a grouped model (strict)."""
+    import os
+
+    from megatron.core import dist_checkpointing
+
+    from megatron_patch.convert.key_map import te_name
+    from megatron_patch.models.builder import ParallelLayout, apply_layout, build_gpt_chunks, initialize_parallel
+    from megatron_patch.models.spec import local_block_spec
+    from megatron_patch.testing.equivalence import SEQ, VOCAB, tiny_deepseek_config
+
+    initialize_parallel(ParallelLayout())
+
+    def build(grouped):
+        config = apply_layout(tiny_deepseek_config(moe_grouped_gemm=grouped), ParallelLayout())
+        return build_gpt_chunks(config, local_block_spec, VOCAB, SEQ, ParallelLayout())[0]
+
+    grouped = build(True)
+    os.makedirs(ckpt_dir)
+    dist_checkpointing.save(grouped.sharded_state_dict(), ckpt_dir)
+    sequential, again = build(False), build(True)
+    for model in (sequential, again):
+        loaded = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
+        model.load_state_dict(loaded, strict=True)
+    want = {te_name(k, (), grouped=True): v for k, v in sequential.state_dict().items() if "_extra_state" not in k}
+    saved = {k: v for k, v in grouped.state_dict().items() if "_extra_state" not in k}
+    reloaded = {k: v for k, v in again.state_dict().items() if "_extra_state" not in k}
+    assert sorted(want) == sorted(saved) == sorted(reloaded)
+    assert any(".experts.linear_fc2.weight7" in k for k in saved)
+    return {k: max(float((want[k] - saved[k]).abs().max()), float((reloaded[k] - saved[k]).abs().max()))
+            for k in saved if saved[k].is_floating_point()}
+
+
+def test_grouped_checkpoint_loads_into_sequential_mlp(tmp_path):
+    (diffs,) = run_ranks(checkpoint_both_ways_run, 1, timeout=240, args=(str(tmp_path / "ckpt"),))
+    assert diffs and not {k: d for k, d in diffs.items() if d != 0.0}

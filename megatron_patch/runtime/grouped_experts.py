@@ -52,14 +52,16 @@ class PortableGroupedLinear(MegatronModule):
                 set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=self.tp_axis, stride=1)
             weight.allreduce = allreduce
             setattr(self, f"weight{i}", weight)
+        self._register_load_state_dict_pre_hook(_drop_extra_states)
 
     def stacked_weight(self) -> torch.Tensor:
         """[E, in, out] (a transposed view of the [E, out, in] stack: the layout grouped_mm wants)."""
         return torch.stack([getattr(self, f"weight{i}") for i in range(self.num_gemms)]).transpose(1, 2)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
-        """Like TE's grouped linear: one ShardedTensor per expert on the global expert axis, keyed by
-        `prefix` (TEGroupedMLP renames it to SequentialMLP's `experts.linear_fcN.weight`)."""
+        """Like TE's grouped linear: per expert a ShardedTensor on the global expert axis and an (empty)
+        `_extra_state` ShardedObject, keyed by `prefix` (TEGroupedMLP renames it to SequentialMLP's
+        `experts.linear_fcN.*`): a checkpoint saved here loads into SequentialMLP and TE models alike."""
         from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
@@ -71,17 +73,25 @@ class PortableGroupedLinear(MegatronModule):
         out = {}
         for i in range(self.num_gemms):
             sub = make_sharded_tensors_for_checkpoint(
-                {f"{i}.weight": getattr(self, f"weight{i}")}, "", {f"{i}.weight": self.tp_axis},
-                (*sharded_offsets, (ep_axis, offset + i, num_global)), tp_group=self.tp_group,
-                dp_cp_group=metadata["dp_cp_group"])
+                {f"{i}.weight": getattr(self, f"weight{i}"), f"{i}._extra_state": None}, "",
+                {f"{i}.weight": self.tp_axis}, (*sharded_offsets, (ep_axis, offset + i, num_global)),
+                tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
             replace_prefix_for_sharding(sub, f"{i}.", prefix)
-            tensor = sub[f"{i}.weight"]
-            tensor.replica_id = (*tensor.replica_id[:2], self.expt_dp_group.rank())  # replicas: expert DP only
-            out[f"{prefix}weight{i}"] = tensor
+            for item in sub.values():  # replicas: expert data parallel only
+                item.replica_id = (*item.replica_id[:2], self.expt_dp_group.rank())
+            out[f"{prefix}weight{i}"] = sub[f"{i}.weight"]
+            out[f"{prefix}_extra_state{i or ''}"] = sub[f"{i}._extra_state"]
         return out
 
     def backward_dw(self):
         pass
+
+
+def _drop_extra_states(state_dict, prefix, *args):
+    """TE/SequentialMLP checkpoints carry `_extra_state{i}` entries (fp8 metadata or None) that these
+    linears do not hold: loading ignores them (TE's set_extra_state ignores empty ones the same way)."""
+    for key in [k for k in state_dict if k.startswith(prefix + "_extra_state")]:
+        del state_dict[key]
 
 
 class PortableColumnGroupedLinear(PortableGroupedLinear):
