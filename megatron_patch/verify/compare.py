@@ -192,6 +192,15 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
 # ---------------------------------------------------------------------------------------------------
 # metrics
 # ---------------------------------------------------------------------------------------------------
+def describe_experts(config) -> str:
+    """How the routed experts ran: grouped GEMM or SequentialMLP, dropless or capacity-bound."""
+    text = "grouped GEMM" if config.moe_grouped_gemm else "SequentialMLP"
+    if config.moe_expert_capacity_factor is not None:
+        text += (f", capacity factor {config.moe_expert_capacity_factor:g} ({config.moe_token_drop_policy} drop"
+                 + (", padded: static shapes)" if config.moe_pad_expert_input_to_capacity else ")"))
+    return text
+
+
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.flatten(), b.flatten()
     na, nb = a.norm(), b.norm()
@@ -442,7 +451,7 @@ def run_in_group(spec: CompareSpec) -> dict | None:
         "mcore_path": spec.mcore_path,
         "weights": source,
         "model": {"num_layers": num_layers, "hidden_size": hf_config.hidden_size, "num_experts": experts,
-                  "vocab_size": hf_config.vocab_size},
+                  "vocab_size": hf_config.vocab_size, "experts": describe_experts(config) if experts else None},
         "layout": {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp,
                    "vpp": layout.vpp, "sp": layout.sequence_parallel, "world_size": world,
                    "name": layout.describe()},
