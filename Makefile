@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test mutants clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,10 @@ demo: venv
 
 test: venv
 	TORCHDYNAMO_DISABLE=1 $(BIN)/python -m pytest -q tests
+
+# Not part of `make test`: one-line bugs from megatron_patch/testing/mutant_list.py, each must fail its tests.
+mutants: venv
+	TORCHDYNAMO_DISABLE=1 $(BIN)/python -m megatron_patch.testing.mutants
 
 clean:
 	rm -rf $(VENV) .pytest_cache

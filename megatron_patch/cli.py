@@ -12,6 +12,7 @@ from megatron_patch.errors import UserError
 # module path -> registers one or more subcommands
 COMMAND_MODULES = (
     "megatron_patch.runtime.env_check",
+    "megatron_patch.runtime.preflight",
     "megatron_patch.models.mini",
     "megatron_patch.convert.cli",
     "megatron_patch.verify.cli",
@@ -25,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Megatron-Core patch layer: models, checkpoint conversion, HF comparison, training "
         "on CPU (gloo), CUDA (nccl) and Ascend NPU (hccl).",
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the warnings megatron-core and torch print at import (hidden by default)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -37,17 +40,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_known_warnings() -> None:
+    """megatron-core warns at import that TE/Apex are absent (expected: the runtime picks kernels) and
+    torch's checkpoint code warns about its own deprecations; neither is actionable for a user."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*")
+    warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing.*")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_known_warnings()  # else they precede a command's output and its one-line errors
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    try:
-        return int(args.func(args) or 0)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    import warnings
+
+    with warnings.catch_warnings():
+        if not args.verbose:  # megatron's import-time notes (no Apex / TE, deprecations) would bury `error:` lines
+            warnings.simplefilter("ignore")
+        try:
+            return int(args.func(args) or 0)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

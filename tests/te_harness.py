@@ -6,6 +6,7 @@ In the test process (spawns ranks):
     with te_double_on_path():                 # or the `te_double` fixture (tests/conftest.py)
         run_ranks(fn, world_size, args=...)   # spawned ranks inherit sys.path, so import the double
     run_te_ranks(fn, world_size, args=...)    # the same in one call
+    subprocess.run([...], env=te_double_env())  # torchrun / CLI subprocesses: the double first on PYTHONPATH
     minis = make_minis(tmp_dir)               # tiny random HF models (DeepSeek-V3 with MTP, Qwen3-MoE, ...)
 
 Inside a rank (`fn(rank, world, ...)`, runtime already set up by run_ranks):
@@ -43,6 +44,15 @@ def te_double_on_path():
         yield TE_DOUBLE
     finally:
         sys.path.remove(str(TE_DOUBLE))
+
+
+def te_double_env(env: dict | None = None) -> dict:
+    """An environment for a subprocess (torchrun, the CLI) that must import the double: PYTHONPATH first."""
+    import os
+
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TE_DOUBLE), env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 def run_te_ranks(fn, world_size: int, timeout: float = 300.0, args: tuple = (), env: dict | None = None) -> list:
@@ -181,15 +191,19 @@ def load_torch_dist(chunks, root, strict: bool = True):
 
 
 def load_legacy(chunks, root, strict: bool = True):
-    """--ckpt-format torch: this rank's mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt, one
-    load_state_dict(strict=True) per chunk (strict=False: Megatron-LM's fallback, returns the results)."""
+    """--ckpt-format torch as Megatron-LM reads it: the tracker's iteration, then this rank's own
+    mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt named from the run's layout (no other rank file is looked at),
+    one load_state_dict(strict=True) per chunk (strict=False: Megatron-LM's fallback; returns the results)."""
     from megatron.core import parallel_state as ps
 
     from megatron_patch.convert import mcore_layout
 
-    iteration, sizes = mcore_layout.read_layout(root)
-    state = mcore_layout.read_rank(root, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                                   ps.get_expert_model_parallel_rank(), sizes, iteration)
+    sizes = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+             "ep": ps.get_expert_model_parallel_world_size()}
+    checkpoint = mcore_layout.load_rank_checkpoint(
+        root, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+        ps.get_expert_model_parallel_rank(), sizes, mcore_layout.read_iteration(root))
+    state = mcore_layout.model_chunks(checkpoint)
     assert len(state) == len(chunks), f"checkpoint holds {len(state)} chunk(s) per rank, the model {len(chunks)}"
     return [c.load_state_dict(sd, strict=strict) for c, sd in zip(chunks, state)]
 
@@ -247,7 +261,7 @@ def pai_args(config, args, layout, **extra) -> dict:
               "kv_channels", "normalization", "num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk",
               "moe_grouped_gemm", "moe_shared_expert_intermediate_size", "q_lora_rank", "kv_lora_rank",
               "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "multi_latent_attention", "mtp_num_layers",
-              "qk_layernorm", "add_qkv_bias", "group_query_attention", "moe_layer_freq")
+              "qk_layernorm", "add_qkv_bias", "moe_layer_freq")
     out = {f: getattr(config, f, None) for f in fields}
     out.update(transformer_impl="transformer_engine", padded_vocab_size=args.padded_vocab_size(layout.tp),
                vocab_size=args.vocab_size, max_position_embeddings=args.max_position_embeddings,

@@ -122,8 +122,14 @@ def test_existing_output_needs_force(cases, capsys):
     code, err = _run(capsys, ["convert", "hf2mcore", "--hf-path", str(dirs["good"]), "--out", str(out)])
     assert code == 2 and "already exists" in err and "--force" in err
     assert (out / "keep.txt").read_text() == "mine"
-    assert main(["convert", "hf2mcore", "--hf-path", str(dirs["good"]), "--out", str(out), "--force"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "latest_checkpointed_iteration.txt").is_file()
+    # --force replaces only an earlier output of ours: not this directory, whatever it holds
+    code, err = _run(capsys, ["convert", "hf2mcore", "--hf-path", str(dirs["good"]), "--out", str(out), "--force"])
+    assert code == 2 and "was not written by megatron-patch" in err and (out / "keep.txt").read_text() == "mine"
+    fresh = root / "outputs" / "fresh"
+    assert main(["convert", "hf2mcore", "--hf-path", str(dirs["good"]), "--out", str(fresh)]) == 0
+    (fresh / "latest_checkpointed_iteration.txt").write_text("garbage")
+    assert main(["convert", "hf2mcore", "--hf-path", str(dirs["good"]), "--out", str(fresh), "--force"]) == 0
+    assert (fresh / "latest_checkpointed_iteration.txt").read_text() == "release"
 
 
 def test_mcore2hf_and_reshard_bad_input(cases, capsys):

@@ -2,12 +2,15 @@
 import argparse
 import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from megatron_patch.convert import mcore_layout
-from megatron_patch.convert.atomic import atomic_output_dir
+from megatron_patch.convert.atomic import MARKER, atomic_output_dir
 from megatron_patch.convert.hf_reader import HFCheckpoint
 from megatron_patch.convert.hf_writer import ShardedSafetensorsWriter, copy_tokenizer_files
 from megatron_patch.convert.progress import ConversionProgress
@@ -165,6 +168,7 @@ def test_atomic_dir_commits_on_success(tmp_path):
         (tmp / "f").write_text("x")
     assert os.listdir(tmp_path) == ["out"]
     assert (tmp_path / "out" / "f").read_text() == "x"
+    assert sorted(os.listdir(tmp_path / "out")) == [MARKER, "f"]  # ours: a later --force may replace it
 
 
 def test_atomic_dir_leaves_nothing_on_error(tmp_path):
@@ -185,23 +189,60 @@ def test_atomic_dir_refuses_existing_without_force(tmp_path):
     assert os.listdir(tmp_path) == ["out"]
 
 
+def _earlier_output(path):
+    with atomic_output_dir(path) as tmp:
+        (tmp / "old").write_text("old")
+
+
 def test_atomic_dir_force_replaces(tmp_path):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "old").write_text("old")
+    _earlier_output(tmp_path / "out")
     with atomic_output_dir(tmp_path / "out", force=True) as tmp:
         (tmp / "new").write_text("new")
     assert os.listdir(tmp_path) == ["out"]
-    assert os.listdir(tmp_path / "out") == ["new"]
+    assert sorted(os.listdir(tmp_path / "out")) == [MARKER, "new"]
 
 
 def test_atomic_dir_force_error_keeps_old(tmp_path):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "old").write_text("old")
+    _earlier_output(tmp_path / "out")
     with pytest.raises(KeyboardInterrupt):
         with atomic_output_dir(tmp_path / "out", force=True):
             raise KeyboardInterrupt
     assert os.listdir(tmp_path) == ["out"]
-    assert os.listdir(tmp_path / "out") == ["old"]
+    assert sorted(os.listdir(tmp_path / "out")) == [MARKER, "old"]
+
+
+def test_atomic_dir_force_never_replaces_what_it_did_not_write(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine").write_text("mine")
+    with pytest.raises(UserError, match="not written by megatron-patch"):
+        with atomic_output_dir(tmp_path / "out", force=True):
+            pytest.fail("must not get here")
+    assert os.listdir(tmp_path / "out") == ["mine"] and os.listdir(tmp_path) == ["out"]
+
+
+@pytest.mark.parametrize("out, relation", [("in", "is"), (".", "contains"), ("in/sub", "is inside")])
+def test_atomic_dir_refuses_output_overlapping_an_input(tmp_path, out, relation):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "w").write_text("w")
+    with pytest.raises(UserError, match=f"{relation} the input"):
+        with atomic_output_dir(tmp_path / out, force=True, inputs=[tmp_path / "in"]):
+            pytest.fail("must not get here")
+    assert os.listdir(tmp_path / "in") == ["w"]
+
+
+def test_atomic_dir_lock_and_stale_temporaries(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    (tmp_path / f".out.tmp-{dead.pid}").mkdir()  # a killed run's temporary
+    (tmp_path / ".out.lock").write_text(str(dead.pid))  # and its lock
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        assert (tmp_path / ".out.lock").read_text() == str(os.getpid())
+        (tmp_path / ".other.lock").write_text(str(os.getppid()))  # held by a live process
+        with pytest.raises(UserError, match=re.escape(f"being written by another process (pid {os.getppid()}")):
+            with atomic_output_dir(tmp_path / "other"):
+                pytest.fail("must not get here")
+        (tmp / "f").write_text("x")
+    assert sorted(os.listdir(tmp_path)) == [".other.lock", "out"]
 
 
 # --- progress ----------------------------------------------------------------
@@ -305,3 +346,11 @@ def test_mcore_layout_errors(tmp_path):
     (tmp_path / "iter_0000005" / "mp_rank_01_001" / "model_optim_rng.pt").unlink()
     with pytest.raises(UserError, match="mp_rank_01_001"):
         mcore_layout.read_layout(tmp_path)
+
+
+def test_atomic_dir_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="a parent path is a file"):
+        with atomic_output_dir(tmp_path / "file" / "out"):
+            pytest.fail("must not get here")
+    assert (tmp_path / "file").read_text() == "x"

@@ -383,3 +383,22 @@ def test_reshard_from_torch_dist_round_trips(dist_minis, work, reader_log):
         assert_identical(src, case / f"{out}-hf")
     to_torch, to_dist = reader_log["sources"][:2]
     assert to_torch.loads == len(to_torch.groups) and to_dist.loads == len(to_dist.groups)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_only_the_rank_files_a_run_saved(minis, work, family):
+    """Megatron-LM / Pai-Megatron-Patch save only the ranks their run had: TP2 x EP2 x ETP1 on 2 GPUs writes
+    mp_rank_00_000 and mp_rank_01_001. Such a checkpoint converts back byte-identical (dense weights from any
+    EP rank of their TP rank, experts from any TP rank of their EP rank); one missing a needed file is refused."""
+    out = work / f"{family}-diagonal"
+    hf2mcore(minis[family], out, ParallelLayout(tp=2, ep=2, etp=1))
+    for name in ("mp_rank_00_001", "mp_rank_01_000"):
+        shutil.rmtree(out / "release" / name)
+    mcore2hf(out, work / f"{family}-diagonal-hf")
+    assert_identical(read_all(minis[family]), work / f"{family}-diagonal-hf")
+    shutil.rmtree(out / "release" / "mp_rank_00_000")
+    from megatron_patch.errors import UserError
+
+    with pytest.raises(UserError, match="no rank file holds the weights of TP rank 0"):
+        mcore2hf(out, work / f"{family}-diagonal-hf2")
+    assert not (work / f"{family}-diagonal-hf2").exists()

@@ -39,9 +39,15 @@ def test_layout_matches_single_rank(reference, name):
     world, layout, dist_opt = LAYOUTS[name]
     results = run_ranks(layout_run, world, timeout=240, args=(layout, ref_dir, dist_opt))
     for rank, res in enumerate(results):
-        assert abs(res["loss"] - ref["loss"]) <= LOSS_TOL, (rank, res["loss"], ref["loss"])
-        assert abs(res["grad_norm"] - ref["grad_norm"]) <= 1e-5 * max(1.0, ref["grad_norm"])
-        if "grad_diff" in res:
-            assert not over_bound(res["grad_diff"], GRAD_TOL, STEP_ULPS), (rank, over_bound(res["grad_diff"], GRAD_TOL))
-        assert not over_bound(res["step_diff"], GRAD_TOL, STEP_ULPS), (rank, over_bound(res["step_diff"], GRAD_TOL))
-        assert len(res["step_diff"]) > 0
+        assert_matches_reference(res, ref, rank)
+
+
+def assert_matches_reference(res: dict, ref: dict, where) -> None:
+    """One rank's layout_run result against the single-rank reference_run (loss, grad norm, gradients,
+    post-step weights); `where` names the case in a failure."""
+    assert abs(res["loss"] - ref["loss"]) <= LOSS_TOL, (where, res["loss"], ref["loss"])
+    assert abs(res["grad_norm"] - ref["grad_norm"]) <= 1e-5 * max(1.0, ref["grad_norm"]), where
+    if "grad_diff" in res:
+        assert not over_bound(res["grad_diff"], GRAD_TOL, STEP_ULPS), (where, over_bound(res["grad_diff"], GRAD_TOL))
+    assert not over_bound(res["step_diff"], GRAD_TOL, STEP_ULPS), (where, over_bound(res["step_diff"], GRAD_TOL))
+    assert len(res["step_diff"]) > 0

@@ -113,3 +113,40 @@ def test_megatron_rule_differs_where_the_ratio_differs(megatron_routing):
     assert torch.equal(fixed, hf)
     differing = (native != hf).any(-1).float().mean().item()
     assert differing > 0.05, differing
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_router_module_with_family_config_matches_hf(megatron_routing, family):
+    """The runtime patch itself: megatron's TopKRouter built from the family's config (which sets
+    moe_router_group_score_topk) routes HF's logits to HF's experts with HF's weights, with no
+    group_score_topk block around the call. 4 groups of 8 experts, top-2 groups, top-6 experts: megatron's
+    own group score (top-3 sum) differs from V2's max and V3's top-2 sum for a share of tokens."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from megatron_patch.models.families import family_for_config
+    from megatron_patch.models.mini import config_dict
+
+    routing = dict(n_routed_experts=32, n_group=4, topk_group=2, num_experts_per_tok=6, first_k_dense_replace=0)
+    if family == "deepseek_v2":
+        routing["topk_method"] = "group_limited_greedy"
+    config_cls = DeepseekV2Config if family == "deepseek_v2" else DeepseekV3Config
+    hf = config_cls(**config_dict(family, overrides=routing))
+    config = family_for_config(hf).to_mcore_config(hf, moe_router_load_balancing_type="none")
+    assert config.moe_router_group_score_topk == (1 if family == "deepseek_v2" else 2)
+    groups = SimpleNamespace(tp=None, cp=None, tp_cp=None, tp_dp_cp=None)
+    router = TopKRouter(config, pg_collection=groups)
+    router_cls = DeepseekV2TopkRouter if family == "deepseek_v2" else DeepseekV3TopkRouter
+    hf_router = router_cls(hf)
+    gen = torch.Generator().manual_seed(1)
+    hf_router.weight.data = torch.randn(hf_router.weight.shape, generator=gen)
+    if family == "deepseek_v3":
+        hf_router.e_score_correction_bias.copy_(torch.randn(hf.n_routed_experts, generator=gen) * 0.1)
+        router.expert_bias.copy_(hf_router.e_score_correction_bias)
+    hidden = torch.randn(256, hf.hidden_size, generator=gen)
+    logits, hf_weights, hf_indices = hf_router(hidden)
+    probs, routing_map = router.routing(logits)
+    experts = hf.n_routed_experts
+    assert torch.equal(routing_map, _dense(hf_indices, torch.ones_like(hf_weights), experts).bool())
+    torch.testing.assert_close(probs, _dense(hf_indices, hf_weights, experts), rtol=0, atol=1e-6)

@@ -77,8 +77,8 @@ def _tokens(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(3))
 
 
-def _local_run(rank, world, minis, tokens):
-    """Reference: our local-spec model (no TE importable) with the HF weights; its parameters and logits."""
+def _local_model(hf_dir, tokens):
+    """Our local-spec model with the HF weights (convert.engine, as `compare`): its tensors and logits."""
     from transformers import AutoConfig
 
     from megatron_patch.convert.engine import ShardPlan, load_into_chunks
@@ -86,17 +86,18 @@ def _local_run(rank, world, minis, tokens):
     from megatron_patch.models.builder import build_family_model, initialize_parallel
     from megatron_patch.models.families import family_for_config
 
-    out = {}
-    for family, hf_dir in minis.items():
-        hf_config = AutoConfig.from_pretrained(hf_dir)
-        initialize_parallel(TP1)
-        chunks, config, args = build_family_model(hf_config, TP1)
-        with HFCheckpoint(hf_dir) as ckpt:
-            load_into_chunks(chunks, ShardPlan(family_for_config(hf_config), hf_config, TP1, config, args),
-                             ckpt.get_slice)
-        params = {k: v.detach().clone() for k, v in loadable_tensors(chunks[0]).items()}
-        out[family] = {"params": params, "logits": forward_logits(chunks, tokens, all_heads=True)}
-    return out
+    hf_config = AutoConfig.from_pretrained(hf_dir)
+    initialize_parallel(TP1)
+    chunks, config, args = build_family_model(hf_config, TP1)
+    with HFCheckpoint(hf_dir) as ckpt:
+        load_into_chunks(chunks, ShardPlan(family_for_config(hf_config), hf_config, TP1, config, args), ckpt.get_slice)
+    params = {k: v.detach().clone() for k, v in loadable_tensors(chunks[0]).items()}
+    return {"params": params, "logits": forward_logits(chunks, tokens, all_heads=True)}
+
+
+def _local_run(rank, world, minis, tokens):
+    """Reference: the local-spec models in a process where transformer_engine is not importable."""
+    return {family: _local_model(hf_dir, tokens) for family, hf_dir in minis.items()}
 
 
 def _te_run(rank, world, minis, tokens, local, work):
@@ -107,6 +108,9 @@ def _te_run(rank, world, minis, tokens, local, work):
 
     out = {}
     for family, hf_dir in minis.items():
+        # CPU keeps our local spec even where transformer_engine imports (regression: MLA refused our
+        # replicated down-projections when TE was importable, e.g. in `convert hf2mcore --format torch_dist`).
+        out[family, "local"] = _local_model(hf_dir, tokens)["logits"]
         for grouped in (False, True):
             chunks, config, args = build_te_chunks(hf_dir, TP1, grouped_gemm=grouped)
             model = chunks[0]
@@ -180,6 +184,12 @@ def test_te_forward_equals_local_and_hf(runs, family, grouped):
     hf = hf[family]
     diff, bound = (te_heads[-1][..., :hf.shape[-1]] - hf).abs().max().item(), 16 * EPS * hf.abs().max().item()
     assert diff <= bound, f"TE vs HF max diff {diff:.3e} > {bound:.3e}"  # measured: 1.4e-6 .. 1.7e-6
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_local_spec_unchanged_with_te_importable(runs, family):
+    _, local, te, _ = runs
+    assert all(torch.equal(a, b) for a, b in zip(te[family, "local"], local[family]["logits"]))
 
 
 @pytest.mark.parametrize("family", sorted(EXPECTED))

@@ -84,8 +84,9 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def minis(work):
-    return make_minis(work / "minis", FAMILIES)
+def minis(work, te_minis):
+    """The session's TE minis (DeepSeek-V3 with MTP, Qwen3-MoE) plus DeepSeek-V2-Lite-like and Qwen2."""
+    return {**te_minis, **make_minis(work / "minis", tuple(f for f in FAMILIES if f not in te_minis))}
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +242,10 @@ def test_torch_dist_matching_neither_name_set_is_refused(converted, work, minis)
     asks for (in either spec's names) that the checkpoint lacks; nothing written."""
     root = work / "q3-dist-no-config"
     shutil.copytree(work / "qwen3_moe-torch_dist", root, ignore=shutil.ignore_patterns("hf_config"))
+    common = root / "release" / "common.pt"  # without stored args: the names alone must give it away
+    state = torch.load(common, weights_only=False)
+    state.pop("args", None)
+    torch.save(state, common)
     with pytest.raises(UserError, match=r"the checkpoint has no \S+.* local and Transformer Engine names alike"):
         mcore2hf(root, work / "q3-as-qwen2-hf", hf_config_dir=minis["qwen2"])
     assert not (work / "q3-as-qwen2-hf").exists()

@@ -13,12 +13,14 @@
 #   MODEL_SIZE           a size with a built-in config (see the family script), `mini` (the config of
 #                        PRETRAIN_CHECKPOINT_PATH, e.g. a make-mini output), or any name with HF_CONFIG_DIR set
 #   BATCH_SIZE           micro batch size;  GLOBAL_BATCH_SIZE: global batch size
-#   PAD_LEN              only used for SFT (not supported here): any number
+#   PAD_LEN              not used (SFT samples are cut/padded to SEQ_LEN): any number
 #   PR                   fp32 | bf16
 #   TP PP EP ETP         tensor / pipeline / expert / expert-tensor parallel sizes;  CP: must be 1
 #   SP DO                sequence parallel, distributed optimizer: true | false
 #   FL                   false (true is refused: no flash-attn path; the runtime picks attention kernels)
-#   SFT                  false;  AC: none | sel | full;  OPTIMIZER_OFFLOAD: false
+#   SFT                  true: supervised fine-tuning (`--sft`: DATASET_PATH from `megatron-patch preprocess --sft`,
+#                        loss on the answer tokens); EXTRA_ARGS adds e.g. "--curriculum --curriculum-seed 42"
+#   AC: none | sel | full;  OPTIMIZER_OFFLOAD: false
 #   SAVE_INTERVAL        iterations between checkpoints
 #   DATASET_PATH         Megatron .bin/.idx prefix (megatron-patch preprocess);  VALID_DATASET_PATH: prefix | none
 #   PRETRAIN_CHECKPOINT_PATH  HF model dir (safetensors) | Megatron checkpoint dir | none (random init)
@@ -29,7 +31,22 @@
 # per node; default: the detected device count, on CPU the smallest world the layout needs), MASTER_ADDR,
 # MASTER_PORT, NNODES, NODE_RANK, HF_CONFIG_DIR, MP_AC_LAYERS (recompute layers for AC=full, default 1),
 # EXTRA_ARGS (appended to the trainer's flags, e.g. "--log-interval 10 --exit-interval 1000"), DRY_RUN=1
-# (print the torchrun command and stop).
+# (print the torchrun command and stop), PRESET (below).
+#
+# PRESET=conservative|standard: seed 003's two named settings; they replace BATCH_SIZE, GLOBAL_BATCH_SIZE,
+# LR/MIN_LR and TRAIN_TOKENS (the other arguments stay as given; the model's depth is the checkpoint's):
+#                      conservative (first run)        standard
+#   micro batch        2                               4
+#   global batch       32768 tokens (/ SEQ_LEN)        65536 tokens (/ SEQ_LEN)
+#   learning rate      0.7 x LR, 0.7 x MIN_LR          LR, MIN_LR
+#   steps              500                             1000
+#   allocator          max_split_size_mb:32            default
+#
+# Uneven pipeline stages (DeepSeek-V3's 61 layers, V2-Lite's 27), Megatron-LM's flags: FIRST_PP_LAYERS=N
+# (--decoder-first-pipeline-num-layers; Pai's MP_PP0_LAYERS is read too), LAST_PP_LAYERS=N
+# (--decoder-last-pipeline-num-layers), PP_LAYOUT=STR (--pipeline-model-parallel-layout, e.g.
+# "Et|(tt|)*30mL" at PP=8: VPP follows from it). Plan a split first: megatron-patch convert hf2mcore
+# --hf-path DIR --out X --pp N --decoder-first-pipeline-num-layers F --dry-run (lists each rank's layers).
 
 pai_fail() {
     echo "error: $*" >&2
@@ -49,6 +66,27 @@ pai_prefix() {  # NAME PREFIX: a Megatron indexed dataset
     [[ -f "$2.bin" && -f "$2.idx" ]] || pai_fail "$1=$2: $2.bin / $2.idx not found (make them with megatron-patch preprocess)"
 }
 
+pai_preset() {  # sets pai_launch's BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR TRAIN_TOKENS (dynamic scope)
+    local micro tokens scale steps
+    case "$1" in
+        conservative) micro=2; tokens=32768; scale=0.7; steps=500
+                      export PYTORCH_NPU_ALLOC_CONF=${PYTORCH_NPU_ALLOC_CONF:-max_split_size_mb:32}
+                      export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-max_split_size_mb:32} ;;
+        standard) micro=4; tokens=65536; scale=1; steps=1000 ;;
+        *) pai_fail "PRESET=$1: expected conservative or standard" ;;
+    esac
+    pai_int SEQ_LEN "$SEQ_LEN" 2
+    (( tokens % SEQ_LEN == 0 )) || pai_fail "PRESET=$1: SEQ_LEN=$SEQ_LEN must divide the preset's $tokens tokens per step"
+    BATCH_SIZE=$micro
+    GLOBAL_BATCH_SIZE=$(( tokens / SEQ_LEN ))
+    if [[ "$scale" != 1 ]]; then
+        LR=$(awk -v x="$LR" -v s="$scale" 'BEGIN { printf "%g", x * s }')
+        MIN_LR=$(awk -v x="$MIN_LR" -v s="$scale" 'BEGIN { printf "%g", x * s }')
+    fi
+    TRAIN_TOKENS=$(( steps * tokens ))
+    echo "PRESET=$1: micro batch $BATCH_SIZE, global batch $GLOBAL_BATCH_SIZE x $SEQ_LEN tokens, LR $LR (min $MIN_LR), $steps steps"
+}
+
 pai_lcm() {
     local a=$1 b=$2 x=$1 y=$2
     while (( y )); do local t=$((x % y)); x=$y; y=$t; done
@@ -64,6 +102,7 @@ pai_launch() {
     local TP=${10} PP=${11} CP=${12} ETP=${13} EP=${14} SP=${15} DO=${16} FL=${17} SFT=${18} AC=${19}
     local OPTIMIZER_OFFLOAD=${20} SAVE_INTERVAL=${21} DATASET_PATH=${22} VALID_DATASET_PATH=${23}
     local PRETRAIN_CHECKPOINT_PATH=${24} TRAIN_TOKENS=${25} WARMUP_TOKENS=${26} OUTPUT_BASEPATH=${27}
+    [[ -z "${PRESET:-}" ]] || pai_preset "$PRESET"
     local repo
     repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
     local PY=${PY:-}
@@ -88,7 +127,6 @@ pai_launch() {
         *) pai_fail "PR=$PR: expected fp32 or bf16" ;;
     esac
     (( CP == 1 )) || pai_fail "CP=$CP: context parallelism is not supported; use CP=1"
-    [[ "$SFT" == false ]] || pai_fail "SFT=true: fine-tuning is not supported by this launcher; use SFT=false"
     [[ "$OPTIMIZER_OFFLOAD" == false ]] || pai_fail "OPTIMIZER_OFFLOAD=$OPTIMIZER_OFFLOAD: optimizer offload is not supported; use false"
     case "$FL" in
         false) ;;
@@ -110,6 +148,12 @@ pai_launch() {
         pai_fail "EP=$EP ETP=$ETP: $FAMILY is a dense model; use EP=1 ETP=1"
     fi
     pai_prefix DATASET_PATH "$DATASET_PATH"
+    local sft_args=() kind=pretrain
+    if [[ "$SFT" == true ]]; then
+        [[ -f "$DATASET_PATH.sft.json" ]] || pai_fail "SFT=true: DATASET_PATH=$DATASET_PATH is not SFT data (no $DATASET_PATH.sft.json; make it with megatron-patch preprocess --sft)"
+        [[ "$VALID_DATASET_PATH" == none ]] || pai_fail "SFT=true: VALID_DATASET_PATH is not supported with SFT yet; use none"
+        sft_args=(--sft); kind=finetune
+    fi
     local valid_args=()
     if [[ "$VALID_DATASET_PATH" != none ]]; then
         pai_prefix VALID_DATASET_PATH "$VALID_DATASET_PATH"
@@ -180,7 +224,7 @@ a = g(); print(a.type, a.device_count())' 2>/dev/null || echo "unknown 0")
     pai_int GPUS_PER_NODE "$nproc" 1
 
     # --- outputs: the checkpoint directory has no timestamp, so the same command resumes ------------
-    local NAME="pretrain-mcore-$FAMILY-$MODEL_SIZE-lr-$LR-minlr-$MIN_LR-bs-$BATCH_SIZE-gbs-$GLOBAL_BATCH_SIZE-seqlen-$SEQ_LEN-pr-$PR-tp-$TP-pp-$PP-ep-$EP-etp-$ETP-ac-$AC-do-$DO-sp-$SP-ti-$TRAIN_ITERS-wi-$WARMUP_ITERS"
+    local NAME="$kind-mcore-$FAMILY-$MODEL_SIZE-lr-$LR-minlr-$MIN_LR-bs-$BATCH_SIZE-gbs-$GLOBAL_BATCH_SIZE-seqlen-$SEQ_LEN-pr-$PR-tp-$TP-pp-$PP-ep-$EP-etp-$ETP-ac-$AC-do-$DO-sp-$SP-ti-$TRAIN_ITERS-wi-$WARMUP_ITERS"
     local stamp
     stamp=$(date "+%Y.%m.%d-%H.%M.%S")
     local save_dir="$OUTPUT_BASEPATH/checkpoint/$NAME" tb_dir="$OUTPUT_BASEPATH/tensorboard/${NAME}_$stamp"
@@ -195,11 +239,15 @@ a = g(); print(a.type, a.device_count())' 2>/dev/null || echo "unknown 0")
         --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-iters "$WARMUP_ITERS"
         --train-iters "$TRAIN_ITERS" --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
         --data-path "$DATASET_PATH" --data-cache-path "$OUTPUT_BASEPATH/data_cache" "${valid_args[@]}"
-        --tensorboard-dir "$tb_dir" --log-interval 1 "${ac_args[@]}"
+        --tensorboard-dir "$tb_dir" --log-interval 1 "${ac_args[@]}" "${sft_args[@]}"
     )
     [[ "$PR" == bf16 ]] && args+=(--bf16)
     [[ "$SP" == true ]] && (( TP > 1 )) && args+=(--sequence-parallel)
     [[ "$DO" == true ]] && args+=(--use-distributed-optimizer)
+    local first_pp=${FIRST_PP_LAYERS:-${MP_PP0_LAYERS:-}} last_pp=${LAST_PP_LAYERS:-}
+    if [[ -n "$first_pp" ]]; then pai_int FIRST_PP_LAYERS "$first_pp" 1; args+=(--decoder-first-pipeline-num-layers "$first_pp"); fi
+    if [[ -n "$last_pp" ]]; then pai_int LAST_PP_LAYERS "$last_pp" 1; args+=(--decoder-last-pipeline-num-layers "$last_pp"); fi
+    [[ -n "${PP_LAYOUT:-}" ]] && args+=(--pipeline-model-parallel-layout "$PP_LAYOUT")
     # shellcheck disable=SC2206 - EXTRA_ARGS is a flag list by design
     args+=(${EXTRA_ARGS:-})
 
@@ -211,5 +259,15 @@ a = g(); print(a.type, a.device_count())' 2>/dev/null || echo "unknown 0")
     fi
     echo "${cmd[*]}" | tee "$log_file"
     set -o pipefail
-    PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "${cmd[@]}" 2>&1 | tee -a "$log_file"
+    # torchrun exits 1 whatever went wrong: the ranks write their own codes (2 bad input, 3 NaN stop / hung rank)
+    local status_file="$log_file.exit-status"
+    rm -f "$status_file"
+    local rc=0
+    MP_EXIT_STATUS_FILE="$status_file" PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "${cmd[@]}" 2>&1 \
+        | tee -a "$log_file" || rc=$?
+    if (( rc != 0 )) && [[ -s "$status_file" ]]; then
+        rc=$(awk '$2 > m {m = $2} END {print m}' "$status_file")
+    fi
+    rm -f "$status_file"
+    return "$rc"
 }

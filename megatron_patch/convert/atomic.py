@@ -1,13 +1,27 @@
-"""All-or-nothing output directories: a conversion either produces the complete result or nothing."""
+"""All-or-nothing output directories: a conversion either produces the complete result or nothing.
+
+- An output may not be, contain or lie inside an input (`inputs`): writing it would destroy the input.
+- `--force` replaces only an earlier output of megatron-patch (it carries MARKER) or an empty directory;
+  anything else needs an explicit fresh path: we never delete what we did not write.
+- One writer per output: a lock file next to it names the holder's pid; a second writer is refused.
+- Temporaries of dead processes (`.OUT.tmp-PID`) are removed at the next run; an `.OUT.old-PID` left by a
+  process killed while replacing OUT is put back.
+- A full or read-only disk is one line naming the path.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
 import shutil
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from megatron_patch.errors import UserError
+
+MARKER = ".megatron-patch-output"  # written into every output; --force replaces only what carries it
 
 
 def _remove(path: Path) -> None:
@@ -17,34 +31,158 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def overlap(out: Path, inp: Path) -> str | None:
+    """How `out` overlaps `inp`: 'is', 'contains', 'is inside', or None."""
+    o, i = out.resolve(), inp.resolve()
+    if o == i:
+        return "is"
+    if i.is_relative_to(o):
+        return "contains"
+    if o.is_relative_to(i):
+        return "is inside"
+    return None
+
+
+def check_output(final_path, force: bool, inputs: Iterable = ()) -> Path:
+    """Refuse an output that overlaps an input, or exists (without --force, or not written by us)."""
+    final = Path(final_path).absolute()
+    for inp in inputs:
+        if inp is None:
+            continue
+        relation = overlap(final, Path(inp))
+        if relation:
+            raise UserError(f"output {final} {relation} the input {Path(inp).absolute()}: writing it would destroy "
+                            "the input; choose an output path outside every input")
+    if final.exists() or final.is_symlink():
+        if not force:
+            raise UserError(f"output {final} already exists (pass --force to replace it, or choose another path)")
+        if final.is_symlink() or not final.is_dir():
+            raise UserError(f"output {final} exists and is not a directory: --force replaces only an earlier "
+                            "output of megatron-patch; choose a fresh path")
+        if not (final / MARKER).is_file() and any(final.iterdir()):
+            raise UserError(f"output {final} exists and was not written by megatron-patch (no {MARKER} in it): "
+                            "--force replaces only an earlier output of megatron-patch; choose a fresh path (or "
+                            "remove it yourself)")
+    return final
+
+
+def _clean_stale(final: Path) -> None:
+    """Remove temporaries of dead runs; put back an output a dead run had moved aside to replace it."""
+    for kind in ("tmp", "old", "lock"):
+        for path in final.parent.glob(f".{final.name}.{kind}-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or pid_alive(int(pid)):
+                continue
+            if kind == "old" and not final.exists():
+                os.rename(path, final)
+            else:
+                _remove(path)
+
+
 @contextlib.contextmanager
-def atomic_output_dir(final_path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def output_lock(final: Path) -> Iterator[None]:
+    """Exclusive right to write `final`: a `.NAME.lock` file next to it holding our pid, created whole
+    (written under a private name, then hard-linked: the link fails if the lock exists)."""
+    lock = final.parent / f".{final.name}.lock"
+    mine = final.parent / f".{final.name}.lock-{os.getpid()}"
+    try:
+        mine.write_text(str(os.getpid()))
+        for _ in range(3):
+            try:
+                os.link(mine, lock)
+                break
+            except FileExistsError:
+                try:
+                    holder = int(lock.read_text().strip())
+                except (OSError, ValueError):
+                    holder = 0
+                if holder and holder != os.getpid() and pid_alive(holder):
+                    raise UserError(f"output {final} is being written by another process (pid {holder}, lock "
+                                    f"{lock}); wait for it to finish or choose another path") from None
+                lock.unlink(missing_ok=True)  # stale: its holder is gone
+        else:
+            raise UserError(f"cannot take the lock {lock} (another process keeps re-creating it); choose another path")
+    except OSError as err:
+        raise _disk_error(err, final.parent) or err
+    finally:
+        mine.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _disk_error(err: BaseException, where: Path) -> UserError | None:
+    """One line for a full or read-only disk (torch's writer reports a full disk as 'unexpected pos')."""
+    code = getattr(err, "errno", None)
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UserError(f"cannot write to {where} ({os.strerror(code)}); choose a writable output path")
+    full = code in (errno.ENOSPC, errno.EDQUOT) or isinstance(err, RuntimeError) and any(
+        text in str(err) for text in ("unexpected pos", "PytorchStreamWriter failed", "No space left"))
+    if full:
+        try:
+            free = f"{shutil.disk_usage(where).free} bytes free"
+        except OSError:
+            free = "free space unknown"
+        return UserError(f"no space left on the device of {where} ({free}); free space there or choose another "
+                         "output path")
+    return None
+
+
+def write_marker(directory: Path) -> None:
+    (Path(directory) / MARKER).write_text(json.dumps({"written_by": "megatron-patch", "pid": os.getpid(),
+                                                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final_path: str | os.PathLike, force: bool = False, inputs: Iterable = ()) -> Iterator[Path]:
     """Yield a temporary sibling directory; rename it to final_path only if the block succeeds.
 
     The sibling lives in the same parent so the final rename stays on one filesystem (atomic).
     """
-    final = Path(final_path).absolute()
-    if final.exists() and not force:
-        raise UserError(f"output {final} already exists (pass --force to replace it, or choose another path)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    _remove(tmp)  # leftover of an earlier crashed run that had the same pid
-    tmp.mkdir()
+    final = check_output(final_path, force, inputs)
     try:
-        yield tmp
-        if final.exists():
-            # force: move the old output aside first so a failed rename can put it back.
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            _remove(old)
-            os.rename(final, old)
-            try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if isinstance(err, (FileExistsError, NotADirectoryError)):
+            raise UserError(f"cannot create {final}: a parent path is a file, not a directory; choose another "
+                            "output path") from None
+        raise _disk_error(err, final.parent) or err
+    with output_lock(final):
+        check_output(final, force)  # again, now that we hold the lock (another writer may have finished)
+        _clean_stale(final)
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+        _remove(tmp)  # leftover of an earlier crashed run that had the same pid
+        try:
+            tmp.mkdir()
+            yield tmp
+            write_marker(tmp)
+            if final.exists():
+                # force: move the old output aside first so a failed rename can put it back.
+                old = final.parent / f".{final.name}.old-{os.getpid()}"
+                _remove(old)
+                os.rename(final, old)
+                try:
+                    os.rename(tmp, final)
+                except BaseException:
+                    os.rename(old, final)
+                    raise
+                _remove(old)
+            else:
                 os.rename(tmp, final)
-            except BaseException:
-                os.rename(old, final)
-                raise
-            _remove(old)
-        else:
-            os.rename(tmp, final)
-    except BaseException:  # includes KeyboardInterrupt: never leave a half-written output behind
-        _remove(tmp)
-        raise
+        except BaseException as err:  # includes KeyboardInterrupt: never leave a half-written output behind
+            _remove(tmp)
+            disk = _disk_error(err, final.parent) if not isinstance(err, UserError) else None
+            if disk is not None:
+                raise disk from None
+            raise

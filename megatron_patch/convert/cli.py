@@ -1,13 +1,16 @@
 """`megatron-patch convert ...`: checkpoint conversion between HF and Megatron, at any layout.
 
-    convert hf2mcore --hf-path DIR --out DIR [--tp N --pp N --ep N --etp N --vpp N]
-                     [--format torch|torch_dist] [--dtype fp32|bf16|fp16] [--force] [--verify]
+    convert hf2mcore --hf-path DIR --out DIR [--tp N --pp N --ep N --etp N --vpp N] [SPLIT]
+                     [--format torch|torch_dist] [--dtype fp32|bf16|fp16] [--force] [--verify] [--dry-run]
                      [--transformer-impl transformer_engine|local] [--moe-grouped-gemm]
     convert mcore2hf --mcore-path DIR --out DIR [--hf-config DIR] [--dtype ...] [--force]
-    convert reshard  --mcore-path DIR --out DIR --tp N --pp N --ep N --etp N [--vpp N] [--format ...]
+    convert reshard  --mcore-path DIR --out DIR --tp N --pp N --ep N --etp N [--vpp N] [SPLIT] [--format ...]
                      [--transformer-impl ...] [--moe-grouped-gemm]
     convert fp8-to-bf16 --in DIR --out DIR [--force]
 
+SPLIT: Megatron-LM's uneven pipeline flags, same names and meaning: --decoder-first-pipeline-num-layers N,
+--decoder-last-pipeline-num-layers N, --pipeline-model-parallel-layout STR,
+--account-for-embedding-in-pipeline-split, --account-for-loss-in-pipeline-split.
 Outputs are written atomically (nothing is left behind on error; an existing output needs --force).
 Bad input is one line on stderr and exit code 2; a --verify mismatch exits 1.
 """
@@ -21,7 +24,9 @@ DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 def _layout(args):
     from megatron_patch.models.builder import ParallelLayout
 
-    return ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp)
+    from megatron_patch.models.pipeline import split_kwargs
+
+    return ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp, **split_kwargs(args))
 
 
 def _show() -> bool:
@@ -29,7 +34,11 @@ def _show() -> bool:
 
 
 def run_hf2mcore(args) -> int:
-    from .hf2mcore import VerificationFailed, hf2mcore
+    from .hf2mcore import VerificationFailed, hf2mcore, plan_lines
+
+    if args.dry_run:
+        print("\n".join(plan_lines(args.hf_path, _layout(args))))
+        return 0
 
     try:
         result = hf2mcore(args.hf_path, args.out, _layout(args), fmt=args.format, dtype=args.dtype,
@@ -89,6 +98,9 @@ def _layout_args(p, required: bool) -> None:
     p.add_argument("--etp", type=int, default=None,
                    help="expert tensor parallel size (default: the TP size, as megatron)")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
+    from megatron_patch.models.pipeline import add_split_args
+
+    add_split_args(p)
 
 
 def _spec_args(p) -> None:
@@ -116,6 +128,8 @@ def register(subparsers) -> None:
                    help="convert the output back in memory and compare every tensor bit for bit with the input")
     p.add_argument("--model-size", default=None, help="declared model size (e.g. 16B), checked against the weights")
     _spec_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="write nothing: list each pipeline rank's layers (config.json is enough)")
     p.set_defaults(func=run_hf2mcore)
 
     p = sub.add_parser("mcore2hf", help="Megatron checkpoint (torch or torch_dist) -> HF safetensors")
@@ -144,3 +158,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output HF directory (written atomically)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.set_defaults(func=run_fp8)
+
+    from megatron_patch.convert import lora2peft
+
+    lora2peft.register(sub)

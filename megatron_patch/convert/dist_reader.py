@@ -21,6 +21,7 @@ from typing import Iterable
 
 import torch
 
+from megatron_patch.checkpoint import safe_load
 from megatron_patch.errors import UserError
 
 from .dist_writer import meta_model, saved_tensors, single_rank, table_entries, tp1_plan
@@ -82,6 +83,7 @@ class DistSource(PlanSource):
 
         from megatron_patch.models.families import model_args
 
+        safe_load.install()  # DCP's .metadata and stored objects through the restricted loaders
         saved = maybe_load_config(str(ck.ckpt_dir))
         if saved is None or saved.sharded_backend != "torch_dist":
             what = "no dist_checkpointing metadata" if saved is None else f"backend {saved.sharded_backend!r}"
@@ -152,6 +154,9 @@ class DistSource(PlanSource):
         try:
             return load_entries({n: self.entries[n] for n in names}, self.reader)
         except CheckpointException as err:  # DCP wraps what a step raised (keys and shapes were checked)
+            refused = safe_load.refusal_in(err)
+            if refused is not None:
+                raise refused from None
             cause = next(iter(err.failures.values()))[0]
             first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
             raise UserError(f"{self.reader.path}: cannot read {names[0]} ({first}); the checkpoint is "

@@ -33,9 +33,11 @@ from .key_map import LOCAL, Naming, name_map, te_name, to_te
 
 GROUPED_EXPERT = re.compile(r".*\.experts\.linear_fc[12]\.weight\d+")
 
-# Rows without {layer} live on the first stage (embedding) or on the last one (everything else:
-# final norm, output layer, MTP).
+# Rows without {layer}: the embedding on the first stage, the output layer on the last, MTP and the
+# final norm where megatron-core builds them for the layout (ShardPlan.stage_of).
 FIRST_STAGE_PREFIXES = ("embedding.",)
+MTP_PREFIX = "mtp."
+FINAL_NORM_PREFIX = "decoder.final_layernorm."
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT_LAYER = "output_layer.weight"
 # megatron-core keeps these in fp32 whatever params_dtype is (TopKRouter.expert_bias): never cast them.
@@ -101,6 +103,9 @@ class ShardPlan:
         self.num_experts = self.mcore_config.num_moe_experts or 0
         self.vpp = layout.vpp or 1
         self._check()
+        from megatron_patch.models.pipeline import stage_map
+
+        self.stages = stage_map(self.mcore_config, layout)
         self.rows: list[ConcreteRow] = expand_rows(family.params(hf_config), self.num_layers, self.num_experts)
         self.ctx = shard_context(self.mcore_config, self.model_args, layout.tp)
         self.placed: list[Placed] = self._place_rows()
@@ -118,24 +123,32 @@ class ShardPlan:
 
     # --- where things live ------------------------------------------------------------------------
     def layer_placement(self, layer: int) -> tuple[int, int, int]:
-        """(pp rank, virtual chunk, stage-local index) of a global decoder layer (megatron's offsets:
-        chunk c of stage p holds the block c*PP + p of L/(PP*VPP) consecutive layers)."""
-        per_chunk = self.num_layers // (self.layout.pp * self.vpp)
-        block = layer // per_chunk
-        return block % self.layout.pp, block // self.layout.pp, layer % per_chunk
+        """(pp rank, virtual chunk, stage-local index) of a global decoder layer, as megatron-core places
+        it for this layout (models/pipeline.stage_map: even, uneven first/last, or a layout string)."""
+        return self.stages.locate(layer)
 
     def placement(self, row: ConcreteRow) -> Placement:
         if row.layer is not None:
             pp, chunk, local = self.layer_placement(row.layer)
-        elif row.mcore.startswith(FIRST_STAGE_PREFIXES):
-            pp, chunk, local = 0, 0, None
         else:
-            pp, chunk, local = self.layout.pp - 1, self.vpp - 1, None
+            (pp, chunk), local = self.stage_of(row.mcore), None
         ep = local_expert = None
         if row.expert is not None:
             per_rank = self.num_experts // self.layout.ep
             ep, local_expert = divmod(row.expert, per_rank)
         return Placement(pp, chunk, local, ep, local_expert)
+
+    def stage_of(self, mcore_name: str) -> tuple[int, int]:
+        """The stage of a row outside the decoder layers: the embedding on the first, MTP where the layout
+        builds it, the final norm with the last decoder layer when there is MTP (megatron-core's
+        TransformerBlock.has_final_layernorm_in_this_stage), the output layer on the last."""
+        if mcore_name.startswith(FIRST_STAGE_PREFIXES):
+            return self.stages.first
+        if mcore_name.startswith(MTP_PREFIX):
+            return self.stages.mtp
+        if mcore_name.startswith(FINAL_NORM_PREFIX):
+            return self.stages.final_norm
+        return self.stages.last
 
     def local_name(self, row: ConcreteRow, place: Placement) -> str:
         fmt = {}
@@ -150,20 +163,20 @@ class ShardPlan:
         return ("etp", self.layout.expert_tp) if row.row.is_expert else ("tp", self.layout.tp)
 
     def _place_rows(self) -> list[Placed]:
-        first, last = (0, 0), (self.layout.pp - 1, self.vpp - 1)
+        first, last, mtp = self.stages.first, self.stages.last, self.stages.mtp
         out = []
         embedding = None
         for row in self.rows:
             out.append(Placed(row, self.placement(row)))
             if row.mcore == EMBEDDING:
                 embedding = row
-        if embedding is not None and first != last:
-            end = Placement(last[0], last[1], None, None, None)
-            if getattr(self.mcore_config, "mtp_num_layers", None):  # GPTModel: mtp_process builds an embedding
-                out.append(Placed(embedding, end, primary=False))
-            if not self.model_args.untie_embeddings_and_output_weights:  # tied: the last stage's output
-                tied = dataclasses.replace(embedding.row, mcore=OUTPUT_LAYER)  # layer holds a copy
-                out.append(Placed(ConcreteRow(OUTPUT_LAYER, embedding.hf, tied), end, primary=False))
+        if embedding is not None:
+            if mtp is not None and mtp != first:  # GPTModel: mtp_process builds an embedding
+                out.append(Placed(embedding, Placement(mtp[0], mtp[1], None, None, None), primary=False))
+            if last != first and not self.model_args.untie_embeddings_and_output_weights:  # tied: the last
+                tied = dataclasses.replace(embedding.row, mcore=OUTPUT_LAYER)  # stage's output layer holds a copy
+                out.append(Placed(ConcreteRow(OUTPUT_LAYER, embedding.hf, tied),
+                                  Placement(last[0], last[1], None, None, None), primary=False))
         return out
 
     def rows_for(self, pos: RankPosition) -> Iterator[tuple[ConcreteRow, Placement]]:
@@ -314,6 +327,13 @@ def check_hf_copies(plan: ShardPlan, read: Callable[[str], object], rows_per_blo
             if not torch.equal(a[start:stop], b[start:stop]):
                 raise UserError(f"{copy_name} differs from {primary[mcore]} (rows {start}..{stop - 1}); megatron-core "
                                 "shares one tensor for both, so this checkpoint cannot be converted exactly")
+
+
+def check_hf_checkpoint(plan: ShardPlan, ckpt) -> None:
+    """An open HFCheckpoint against the table before loading from it in memory (compare, --load-hf): the
+    same name and MTP-copy checks as hf2mcore, so no tensor is dropped without a word."""
+    check_hf_coverage(plan, ckpt.keys())
+    check_hf_copies(plan, ckpt.get_slice)
 
 
 def current_position() -> RankPosition:

@@ -16,7 +16,7 @@ import torch
 
 from megatron_patch.errors import UserError
 
-from .atomic import atomic_output_dir
+from .atomic import atomic_output_dir, check_output
 from .hf_reader import HFCheckpoint
 from .hf_writer import DEFAULT_MAX_SHARD_BYTES, ShardedSafetensorsWriter, copy_tokenizer_files
 from .progress import ConversionProgress
@@ -86,10 +86,11 @@ def fp8_to_bf16(
     Returns the progress summary (tensors, bytes, seconds, gb_per_s, peak_rss_gib) plus
     `line` (one-line text), `out_dir` and `shards`. show_progress forces the bar off a TTY.
     """
+    check_output(out_dir, force, inputs=[in_dir])  # before any work
     with HFCheckpoint(in_dir) as src:
         outputs, fp8 = _plan(src)
         total = sum(math.prod(src.shape(n)) * 2 if n in fp8 else src.nbytes(n) for n in outputs)
-        with atomic_output_dir(out_dir, force) as tmp, ConversionProgress(total, "fp8 -> bf16", force=show_progress) as progress:
+        with atomic_output_dir(out_dir, force, inputs=[in_dir]) as tmp, ConversionProgress(total, "fp8 -> bf16", force=show_progress) as progress:
             writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
             for name in outputs:
                 tensor = src.get(name)

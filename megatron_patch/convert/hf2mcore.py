@@ -41,10 +41,11 @@ from pathlib import Path
 
 import torch
 
+from megatron_patch.checkpoint.safe_load import torch_load
 from megatron_patch.errors import UserError
 
 from . import mcore_layout
-from .atomic import atomic_output_dir
+from .atomic import atomic_output_dir, check_output
 from .engine import EMBEDDING, RankPosition, ShardPlan, check_hf_copies, check_hf_coverage
 from .key_map import LOCAL, TE, Naming
 from .hf_reader import HFCheckpoint
@@ -95,11 +96,9 @@ def check_layout_values(layout) -> None:
         raise UserError(f"--vpp {layout.vpp} needs pipeline parallelism: pass --pp > 1 (virtual stages split a stage)")
 
 
-def refuse_existing(out, force: bool) -> None:
+def refuse_existing(out, force: bool, inputs=()) -> None:
     """Fail before any work (atomic_output_dir checks again when the writing starts)."""
-    if Path(out).exists() and not force:
-        raise UserError(f"output {Path(out).absolute()} already exists (pass --force to replace it, or choose "
-                        "another path)")
+    check_output(out, force, inputs)
 
 
 def load_hf_config(config_dir):
@@ -123,13 +122,45 @@ def load_hf_config(config_dir):
 
 
 def layout_dict(layout) -> dict:
-    return {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp, "vpp": layout.vpp or 1}
+    """The sizes and pipeline split a checkpoint depends on (convert_meta.json; mcore_layout's `sizes`)."""
+    sizes = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp, "vpp": layout.vpp or 1}
+    return {**sizes, **{k: v for k, v in layout.split_fields().items() if v}}  # an even split adds nothing
+
+
+def normalized_layout(layout):
+    """The layout as converters store it: VPP 1 is no VPP."""
+    return dataclasses.replace(layout, vpp=layout.vpp if layout.vpp and layout.vpp > 1 else None)
 
 
 def describe(layout) -> str:
-    """TP2xPP1xEP4xETP2 (+VPPn): the sizes a checkpoint depends on (sequence parallel does not matter)."""
+    """TP2xPP1xEP4xETP2 (+VPPn, + the uneven split): what a checkpoint depends on (not sequence parallel)."""
     text = f"TP{layout.tp}xPP{layout.pp}xEP{layout.ep}xETP{layout.expert_tp}"
-    return text + (f"xVPP{layout.vpp}" if layout.vpp and layout.vpp > 1 else "")
+    text += f"xVPP{layout.vpp}" if layout.vpp and layout.vpp > 1 else ""
+    split = layout.describe_split()
+    return text + (f" ({split})" if split else "")
+
+
+def plan_lines(hf_path, layout) -> list[str]:
+    """`hf2mcore --dry-run`: which layers each pipeline rank (and virtual stage) gets, from config.json
+    alone (no weights needed), with the rank directories Megatron-LM names for them."""
+    from megatron_patch.models.builder import check_layout
+    from megatron_patch.models.pipeline import stage_map
+
+    check_layout_values(layout)
+    hf_config = load_hf_config(hf_path)
+    from megatron_patch.models.families import family_for_config
+
+    config = family_for_config(hf_config).to_mcore_config(hf_config)
+    layout = normalized_layout(layout)
+    check_layout(layout, config)
+    stages = stage_map(config, layout)
+    lines = [f"plan: {describe(layout)}, {config.num_layers} decoder layers"
+             + (f" + {config.mtp_num_layers} MTP" if getattr(config, "mtp_num_layers", None) else "")]
+    dirs = {pp: mcore_layout.rank_dir_name(0, pp, 0, layout.pp, layout.ep) for pp in range(layout.pp)}
+    for (pp, vp), line in zip(sorted(stages.decoder), stages.lines()):
+        more = layout.tp * layout.ep - 1  # the stage's other (tp, ep) rank files
+        lines.append(f"{line}  [{dirs[pp]}" + (f" + {more} more TP/EP rank files]" if more else "]"))
+    return lines
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -186,7 +217,11 @@ def megatron_args(plan: ShardPlan, dtype: torch.dtype, fmt: str) -> dict:
         q_lora_rank=getattr(cfg, "q_lora_rank", None), kv_lora_rank=getattr(cfg, "kv_lora_rank", None),
         qk_head_dim=getattr(cfg, "qk_head_dim", None), qk_pos_emb_head_dim=getattr(cfg, "qk_pos_emb_head_dim", None),
         v_head_dim=getattr(cfg, "v_head_dim", None), mtp_num_layers=getattr(cfg, "mtp_num_layers", None),
-        num_layers_per_virtual_pipeline_stage=cfg.num_layers // stages if lay.vpp and lay.vpp > 1 else None,
+        # Megatron-LM: an even split names its chunk size, an uneven one the chunk count
+        num_layers_per_virtual_pipeline_stage=(cfg.num_layers // stages if lay.vpp and lay.vpp > 1
+                                               and not lay.uneven else None),
+        num_virtual_stages_per_pipeline_rank=lay.vpp if lay.vpp and lay.vpp > 1 and lay.uneven else None,
+        **lay.split_fields(),
         sequence_parallel=lay.sequence_parallel, consumed_train_samples=0, consumed_valid_samples=0,
         ckpt_format=fmt, rotary_interleaved=cfg.rotary_interleaved, pipeline_dtype=dtype,
         transformer_impl=plan.naming.impl, moe_grouped_gemm=plan.naming.grouped,
@@ -254,8 +289,10 @@ def expected_hf_shapes(hf_config) -> dict[str, tuple]:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
         state = model.state_dict()
-    except Exception:  # noqa: BLE001 - an optional check: transformers could not build it
-        return {}
+    except Exception as err:  # noqa: BLE001 - a config transformers cannot build is no model at all
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"transformers cannot build a model from this config.json ({type(err).__name__}: {first}); "
+                        "fix the config (it decides every tensor's shape)") from None
     try:
         from transformers.core_model_loading import revert_weight_conversion
 
@@ -331,7 +368,7 @@ class _RankFile:
             sizes = {i.filename.split("/", 1)[1]: i.file_size for i in zf.infolist() if "/" in i.filename}
         records = {reader.get_record_offset(n): sizes.get(n, 0) for n in reader.get_all_records()
                    if n.startswith("data/")}
-        loaded = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        loaded = torch_load(path, mmap=True)
         ptrs = {(c, k): (v.untyped_storage().data_ptr(), tensor_bytes(v))
                 for c, sd in enumerate(mcore_layout.model_chunks(loaded)) for k, v in sd.items()
                 if torch.is_tensor(v) and v.numel()}
@@ -454,19 +491,16 @@ def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None,
     """Convert; returns the summary (tensors, bytes, seconds, gb_per_s, peak_rss_gib, line, verify).
     transformer_impl / moe_grouped_gemm: Megatron-LM's flags of the run that will load the output (its
     default is the Transformer Engine spec); they decide the names written (key_map)."""
-    from megatron_patch.models.builder import ParallelLayout
-
     naming = Naming(transformer_impl, moe_grouped_gemm)
     target = parse_dtype(dtype)
     if fmt not in FORMATS:
         raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     check_layout_values(layout)
-    refuse_existing(out, force)
+    refuse_existing(out, force, inputs=[hf_path])
     source = HFSource(hf_path)
     check_not_fp8(source)
     size_note = declared_size_check(model_size, source)
-    layout = ParallelLayout(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.expert_tp,
-                            vpp=layout.vpp if layout.vpp and layout.vpp > 1 else None)
+    layout = normalized_layout(layout)
     plan = ShardPlan(source.family, source.hf_config, layout, naming=naming)
     check_hf_input(source, plan)
     embedding = next((r.hf[0] for r in plan.rows if r.mcore == EMBEDDING), plan.rows[0].hf[0])
@@ -477,7 +511,7 @@ def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None,
     total = output_bytes(metas) if fmt == "torch" else dist_total_bytes(source, layout, out_dtype)
     args = megatron_args(plan, out_dtype, fmt)
     result: dict = {}
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs=[hf_path]) as tmp:
         with ConversionProgress(total, f"hf2mcore {fmt}", force=show_progress) as progress:
             if fmt == "torch":
                 write_torch(plan, source, tmp, target, args, progress, metas)

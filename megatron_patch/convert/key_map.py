@@ -233,19 +233,25 @@ def read_local_rank(root, tp: int, pp: int, ep: int, sizes: dict, iteration, ful
             if tensor.shape[0] * sizes["tp"] != full_rows[suffix]:
                 raise UserError(f"{name} has {tensor.shape[0]} rows; the config implies {full_rows[suffix]} (or a "
                                 f"1/{sizes['tp']} TP split of them): the checkpoint does not match the config")
+            present = mcore_layout.present_ranks(root, iteration, sizes)
             for r in range(sizes["tp"]):
                 if r not in others:
-                    others[r] = [to_local(x)[0] for x in mcore_layout.read_rank(root, r, pp, ep, sizes, iteration)]
+                    holder = mcore_layout.rank_holding(present, sizes, r, pp, ep, experts=False)
+                    others[r] = [to_local(x)[0] for x in mcore_layout.read_rank(root, *holder, sizes, iteration)]
             local[name] = torch.cat([others[r][c][name] for r in range(sizes["tp"])], dim=0)
         chunks.append(local)
     return chunks, naming
 
 
 def stored_keys(ckpt_dir) -> set[str]:
-    """The keys of a torch_dist checkpoint (its DCP metadata)."""
-    from torch.distributed.checkpoint import FileSystemReader
+    """The keys of a torch_dist checkpoint (its DCP metadata, read through the restricted unpickler)."""
+    from pathlib import Path
 
-    return set(FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata)
+    from megatron_patch.checkpoint.safe_load import load_dcp_metadata
+
+    path = Path(ckpt_dir) / ".metadata"
+    with open(path, "rb") as stream:
+        return set(load_dcp_metadata(stream, path).state_dict_metadata)
 
 
 def _missing(model_sd: dict, stored: set[str]) -> list[str]:

@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 
+from megatron_patch.checkpoint import safe_load
+from megatron_patch.checkpoint.output_check import (TensorCheck, check_rank_layers, check_stored_args, expected_shapes,
+                                                    merge_error)
 from megatron_patch.errors import UserError
 
 from . import mcore_layout
@@ -33,7 +36,7 @@ from .engine import EMBEDDING, KEEP_DTYPE_SUFFIXES, RankPosition, ShardPlan, cas
 from .hf2mcore import (DTYPES, HF_CONFIG_DIR, META_NAME, RELEASE_BYTES, load_hf_config,
                        parse_dtype, refuse_existing, same_bits, tensor_bytes)
 from .hf_writer import ShardedSafetensorsWriter, copy_tokenizer_files
-from .key_map import down_projection_rows, read_local_rank
+from .key_map import check_known, down_projection_rows, read_local_rank
 from .progress import ConversionProgress
 
 DEFAULT_MAX_SHARD_BYTES = 1024**3
@@ -60,16 +63,16 @@ class McoreCheckpoint:
 
         s = self.sizes or {}
         return ParallelLayout(tp=s.get("tp", 1), pp=s.get("pp", 1), ep=s.get("ep", 1), etp=s.get("etp"),
-                              vpp=s["vpp"] if s.get("vpp", 1) > 1 else None)
+                              vpp=s["vpp"] if s.get("vpp", 1) > 1 else None, **mcore_layout.split_of(s))
 
     def plan(self) -> ShardPlan:
         return ShardPlan(self.family, self.hf_config, self.layout())
 
     def common_args(self):
-        from megatron.core import dist_checkpointing
-
         try:
-            return dist_checkpointing.load_common_state_dict(str(self.ckpt_dir)).get("args")
+            return safe_load.load_common(self.ckpt_dir).get("args")
+        except safe_load.UnsafeCheckpoint:
+            raise
         except Exception:  # noqa: BLE001 - older checkpoints may not carry args
             return None
 
@@ -114,6 +117,9 @@ def open_mcore(path, hf_config_dir=None) -> McoreCheckpoint:
     else:
         raise UserError(f"{root} is not a Megatron checkpoint: neither {mcore_layout.TRACKER_NAME} nor a "
                         "dist_checkpointing metadata.json (point --mcore-path at the checkpoint root)")
+    if fmt == "torch_dist":
+        safe_load.check_dist_checkpoint(ckpt_dir)  # a tampered pickle is refused before anything reads it
+        safe_load.install()  # and megatron's / DCP's own loaders stay weights-only
     meta = {}
     if (meta_root / META_NAME).is_file():
         try:
@@ -138,8 +144,12 @@ def open_mcore(path, hf_config_dir=None) -> McoreCheckpoint:
     sizes = None
     if fmt == "torch":
         iteration, sizes = mcore_layout.read_layout(root)
-    return McoreCheckpoint(root, fmt, iteration, ckpt_dir, hf_config, family, config_dir, tokenizer_dir,
-                           sizes, meta)
+    ck = McoreCheckpoint(root, fmt, iteration, ckpt_dir, hf_config, family, config_dir, tokenizer_dir, sizes, meta)
+    args = (mcore_layout.load_rank_checkpoint(root, 0, 0, 0, sizes, iteration).get("args") if fmt == "torch"
+            else ck.common_args())
+    check_stored_args(args, ck.plan(), ckpt_dir, config_dir / "config.json")
+    expected_shapes(hf_config)  # a config transformers cannot build fails here, before anything is read
+    return ck
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -153,6 +163,8 @@ class PlanSource:
         self.plan, self.local = plan, local
         self.local_meta = local_meta or (lambda pos, c, n: self.local(pos, c, n).to("meta"))
         self.hf_config, self.family, self.config_dir = hf_config, family, config_dir
+        self.check = TensorCheck(hf_config, Path(config_dir or ".") / "config.json", KEEP_DTYPE_SUFFIXES)
+        self.local = lambda pos, chunk, name: self.check.local(name, local(pos, chunk, name))
         self._rows = plan.primary_rows()
         self._cached = None
         self._cache: dict[str, torch.Tensor] = {}
@@ -166,8 +178,11 @@ class PlanSource:
     def read(self, name: str) -> torch.Tensor:
         p = self._row(name)
         if p is not self._cached:  # GateUp / QKV rows make several HF tensors: merge once
-            merged = self.plan.merge_row(p.row, p.place, self.local)
-            self._cache = dict(zip(p.row.hf, merged))
+            try:
+                merged = self.plan.merge_row(p.row, p.place, self.local)
+            except RuntimeError as err:
+                raise merge_error(name, err, self.check.config_path) from None
+            self._cache = {n: self.check.hf(n, t) for n, t in zip(p.row.hf, merged)}
             for copy in self.plan._copies_of.get(p.row.mcore, []):
                 self._cache[copy] = merged[0]
             self._cached = p
@@ -194,16 +209,23 @@ class TorchSource(PlanSource):
     def __init__(self, ck: McoreCheckpoint):
         self.ck = ck
         self._files: dict[tuple, list] = {}
+        self._present: set | None = None  # the rank files that exist (a run may have saved only some)
         super().__init__(ck.plan(), self._local, ck.hf_config, ck.family, ck.config_dir)
 
     def _local(self, pos, chunk: int, name: str) -> torch.Tensor:
         # An expert shard of ETP rank e lives in the file of TP rank e (etp = tp % ETP, ETP divides TP).
         tp = pos.etp if pos.etp else pos.tp
-        key = (tp, pos.pp, pos.ep)
+        if self._present is None:
+            self._present = mcore_layout.present_ranks(self.ck.root, self.ck.iteration, self.ck.sizes)
+        key = mcore_layout.rank_holding(self._present, self.ck.sizes, tp, pos.pp, pos.ep, experts=".mlp.experts." in name)
         if key not in self._files:  # local-spec names whatever spec wrote it (key_map); unknown keys refused
-            expected = self.plan.local_names(RankPosition(pp=pos.pp, ep=pos.ep))
             self._files[key], self.naming = read_local_rank(self.ck.root, *key, self.ck.sizes, self.ck.iteration,
-                                                            down_projection_rows(self.plan.mcore_config), expected)
+                                                            down_projection_rows(self.plan.mcore_config))
+            where = mcore_layout.rank_dir_name(*key, self.ck.sizes["pp"], self.ck.sizes["ep"])
+            check_rank_layers(self._files[key], self.plan, pos.pp, where)  # the clearer message first
+            expected = self.plan.local_names(RankPosition(pp=key[1], ep=key[2]))
+            for sd, names in zip(self._files[key], expected):
+                check_known(sd, names, where)
         chunks = self._files[key]
         try:
             return chunks[chunk][name]
@@ -239,7 +261,15 @@ def hf_stream(source: PlanSource, dtype=None):
     is dropped every RELEASE_BYTES (merged tensors own their memory; files are mapped again lazily)."""
     touched = 0
     for pp in range(source.plan.layout.pp):
-        for name, tensor in source.plan.hf_tensors(source.local, pp=pp, dtype=dtype):
+        stream = source.plan.hf_tensors(source.local, pp=pp, dtype=dtype)
+        while True:
+            try:
+                name, tensor = next(stream)
+            except StopIteration:
+                break
+            except RuntimeError as err:
+                raise merge_error("a tensor", err, source.check.config_path) from None
+            source.check.hf(name, tensor)
             touched += tensor_bytes(tensor)
             if touched >= RELEASE_BYTES:
                 source.release()
@@ -313,9 +343,9 @@ def mcore2hf(mcore_path, out, hf_config_dir=None, dtype: str | None = None, forc
     target = parse_dtype(dtype)
     if max_shard_bytes <= 0:
         raise UserError("--max-shard-size must be positive")
-    refuse_existing(out, force)
+    refuse_existing(out, force, inputs=[mcore_path, hf_config_dir])
     ck = open_mcore(mcore_path, hf_config_dir)
-    with mcore_source(ck) as source, atomic_output_dir(out, force) as tmp:  # a mismatch fails before
+    with mcore_source(ck) as source, atomic_output_dir(out, force, inputs=[mcore_path, hf_config_dir]) as tmp:  # a mismatch fails before
         with ConversionProgress(hf_bytes(source, target), "mcore2hf", force=show_progress) as progress:
             write_hf_stream(hf_stream(source, target), tmp, max_shard_bytes, progress)
             stats, line = progress.summary()

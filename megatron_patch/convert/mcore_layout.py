@@ -10,19 +10,21 @@ writes and reads it:
             model_optim_rng.pt                   {"model": sd} or {"model0": sd0, "model1": ...} (VPP),
                                                  "checkpoint_version": 3.0, "iteration", "args"
 
-`sizes` is a dict with keys tp, pp, ep and optionally etp (expert tensor parallel, defaults to tp)
-and vpp (virtual pipeline chunks per stage, 1 = none).
+`sizes` is a dict with keys tp, pp, ep and optionally etp (expert tensor parallel, defaults to tp),
+vpp (virtual pipeline chunks per stage, 1 = none) and the uneven pipeline split under Megatron-LM's
+arg names (decoder_first_pipeline_num_layers, ..., builder.SPLIT_FIELDS). An uneven checkpoint's
+rank directories are named as any other (the split lives in the stored args).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import re
 from pathlib import Path
 
 import torch
 
+from megatron_patch.checkpoint.safe_load import torch_load
 from megatron_patch.errors import UserError
 
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
@@ -58,10 +60,34 @@ def _normalise_sizes(sizes: dict) -> dict:
     return out
 
 
+def split_of(source) -> dict:
+    """The uneven pipeline split of a sizes dict or a stored args Namespace (defaults: the even split).
+    A layout Megatron-LM stored as a parsed PipelineParallelLayerLayout is turned back into its string."""
+    from megatron_patch.models.builder import SPLIT_FIELDS
+
+    get = source.get if isinstance(source, dict) else lambda k, d=None: getattr(source, k, d)
+    out = {}
+    for name in SPLIT_FIELDS:
+        value = get(name, None)
+        if name == "pipeline_model_parallel_layout" and value is not None and not isinstance(value, str):
+            value = getattr(value, "input_data", None) if isinstance(getattr(value, "input_data", None), str) \
+                else str(value)
+        out[name] = bool(value) if name.startswith("account_for") else (value or None)
+    return out
+
+
+def layout_key(sizes: dict) -> dict:
+    """Sizes and split with every default filled in: two checkpoints (or a checkpoint and a run) load into
+    the same model chunks exactly when their keys are equal."""
+    return {**_normalise_sizes(sizes), **split_of(sizes)}
+
+
 def build_args(sizes: dict, args: dict) -> argparse.Namespace:
     """The `args` Namespace Megatron-LM's loader reads (check_checkpoint_args, load_args_from_checkpoint)."""
+    split = split_of(sizes)
     sizes = _normalise_sizes(sizes)
     merged = dict(args)
+    merged.update(split)
     merged.update(
         tensor_model_parallel_size=sizes["tp"],
         pipeline_model_parallel_size=sizes["pp"],
@@ -132,12 +158,12 @@ def read_iteration(root) -> int | str:
 
 
 def _load(path: Path) -> dict:
-    # weights_only=False: Megatron stores `args` as an argparse.Namespace, which the safe
-    # unpickler rejects. Only load checkpoints you trust. mmap=True: tensors are not read until used.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
-        raise UserError(f"cannot load {path} ({err}); the file is corrupt or truncated (re-copy it)") from None
+    # weights_only with Megatron's allowlist (the stored args are an argparse.Namespace): a checkpoint runs
+    # no code. mmap=True: tensors are not read until used.
+    checkpoint = torch_load(path, mmap=True)
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a Megatron checkpoint dict (re-copy it)")
+    return checkpoint
 
 
 def read_layout(root) -> tuple[int | str, dict]:
@@ -177,18 +203,72 @@ def read_layout(root) -> tuple[int | str, dict]:
             raise UserError(f"cannot tell whether the mp_rank_XX_YYY directories in {iter_dir} are PP or EP ranks: the stored args give no parallel sizes (re-save with args)")
     vpp = getattr(args, "virtual_pipeline_model_parallel_size", None) or len(model_chunks(first))
     etp = getattr(args, "expert_tensor_parallel_size", None) or tp_size
+    split = split_of(args or {})
+    if pp_size > 1 and not hasattr(args, "decoder_first_pipeline_num_layers"):  # args from before uneven PP
+        split.update(_detect_split(iter_dir, pp_size, ep_size))
     sizes = {"tp": tp_size, "pp": pp_size, "ep": ep_size, "etp": etp, "vpp": vpp}
+    sizes.update({k: v for k, v in split.items() if v})  # an even split adds nothing
 
     for key, arg_name in (("tp", "tensor_model_parallel_size"), ("pp", "pipeline_model_parallel_size"), ("ep", "expert_model_parallel_size")):
         stored = getattr(args, arg_name, None)
         if stored is not None and stored != sizes[key]:
             raise UserError(f"{iter_dir}: rank directories give {key.upper()}={sizes[key]} but the stored args say {arg_name}={stored} (rank directories are missing; re-copy the checkpoint)")
-    expected = {rank_dir_name(t, p, e, pp_size, ep_size) for t in range(tp_size) for p in range(pp_size) for e in range(ep_size)}
-    missing = sorted(expected - set(ranks))
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise UserError(f"{iter_dir} is incomplete: missing {missing[0]}/{MODEL_FILE}{more} (re-copy the checkpoint)")
+    check_complete(root, iteration, sizes)
     return iteration, sizes
+
+
+def present_ranks(root, iteration, sizes: dict) -> set[tuple[int, int, int]]:
+    """The (tp, pp, ep) positions whose rank file exists."""
+    norm = _normalise_sizes(sizes)
+    return {(t, p, e) for t in range(norm["tp"]) for p in range(norm["pp"]) for e in range(norm["ep"])
+            if (checkpoint_rank_dir(root, iteration, t, p, e, norm["pp"], norm["ep"]) / MODEL_FILE).is_file()}
+
+
+def rank_holding(present: set, sizes: dict, tp: int, pp: int, ep: int, experts: bool) -> tuple[int, int, int]:
+    """The rank file that holds what position (tp, pp, ep) needs: its own file when it exists, else (Megatron-LM
+    and Pai-Megatron-Patch save only the ranks a run had: TP2 x EP2 x ETP1 on 2 GPUs writes mp_rank_00_000 and
+    mp_rank_01_001) one that holds the same thing: for dense weights any EP rank of the same TP rank (they are
+    replicated over EP); for experts any TP rank with the same expert-TP rank (etp = tp % ETP) of the same EP rank."""
+    if (tp, pp, ep) in present:
+        return tp, pp, ep
+    etp = _normalise_sizes(sizes)["etp"]
+    for t, p, e in sorted(present):
+        if p == pp and ((e == ep and t % etp == tp % etp) if experts else t == tp):
+            return t, p, e
+    kind = f"the experts of EP rank {ep}" if experts else f"the weights of TP rank {tp}"
+    raise UserError(f"no rank file holds {kind} at PP rank {pp} (missing {rank_dir_name(tp, pp, ep, sizes['pp'], sizes['ep'])}/"
+                    f"{MODEL_FILE}; re-copy the checkpoint)")
+
+
+def check_complete(root, iteration, sizes: dict) -> None:
+    """Every TP rank's dense weights and every (EP rank, expert-TP rank)'s experts are in some rank file."""
+    norm = _normalise_sizes(sizes)
+    present = present_ranks(root, iteration, sizes)
+    for p in range(norm["pp"]):
+        for t in range(norm["tp"]):
+            rank_holding(present, sizes, t, p, 0, experts=False)
+        for e in range(norm["ep"]):
+            for k in range(norm["etp"]):
+                rank_holding(present, sizes, k, p, e, experts=True)
+
+
+def _detect_split(iter_dir: Path, pp_size: int, ep_size: int) -> dict:
+    """The first/last stage sizes from the decoder layers in each stage's rank file, for stored args that
+    do not name a split (written before Megatron-LM had one): {} when the stages are even."""
+    counts = []
+    for pp in range(pp_size):
+        chunks = model_chunks(_load(iter_dir / rank_dir_name(0, pp, 0, pp_size, ep_size) / MODEL_FILE))
+        counts.append(sum(len({k.split(".")[2] for k in sd if k.startswith("decoder.layers.")}) for sd in chunks))
+    middle = counts[1:-1] or [None]
+    if len(set(counts)) == 1:
+        return {}
+    if len(set(middle)) > 1:
+        raise UserError(f"{iter_dir}: the stages hold {counts} decoder layers, which no first/last split gives and "
+                        "the stored args name no --pipeline-model-parallel-layout (re-save with args)")
+    out = {"decoder_first_pipeline_num_layers": counts[0] if counts[0] != middle[0] else None}
+    if pp_size > 2 and counts[-1] != middle[0]:
+        out["decoder_last_pipeline_num_layers"] = counts[-1]
+    return out
 
 
 def load_rank_checkpoint(root, tp: int, pp: int, ep: int, sizes: dict | None = None, iteration=None) -> dict:

@@ -21,7 +21,7 @@ from .atomic import atomic_output_dir
 from .engine import ShardPlan
 from .key_map import TE, Naming
 from .hf2mcore import (FORMATS, check_layout_values, check_torch_layout, describe,
-                       dist_total_bytes, dry_run, dtype_name, megatron_args, output_bytes, refuse_existing,
+                       dist_total_bytes, dry_run, dtype_name, megatron_args, normalized_layout, output_bytes, refuse_existing,
                        write_dist, write_side_files, write_torch)
 from .mcore2hf import mcore_source, open_mcore
 from .progress import ConversionProgress
@@ -35,13 +35,10 @@ def torch_read_order(plan: ShardPlan) -> list[str]:
 def reshard(mcore_path, out, layout, fmt: str | None = None, force: bool = False, hf_config_dir=None,
             show_progress: bool = False, transformer_impl: str = TE, moe_grouped_gemm: bool = False) -> dict:
     """The names written follow transformer_impl / moe_grouped_gemm (the input's are detected)."""
-    from megatron_patch.models.builder import ParallelLayout
-
     naming = Naming(transformer_impl, moe_grouped_gemm)
     check_layout_values(layout)
-    layout = ParallelLayout(tp=layout.tp, pp=layout.pp, ep=layout.ep, etp=layout.expert_tp,
-                            vpp=layout.vpp if layout.vpp and layout.vpp > 1 else None)
-    refuse_existing(out, force)
+    layout = normalized_layout(layout)
+    refuse_existing(out, force, inputs=[mcore_path, hf_config_dir])
     ck = open_mcore(mcore_path, hf_config_dir)
     fmt = fmt or ck.fmt
     if fmt not in FORMATS:
@@ -57,7 +54,7 @@ def reshard(mcore_path, out, layout, fmt: str | None = None, force: bool = False
             total = output_bytes(metas)
         else:
             total = dist_total_bytes(source, layout, dtype)
-        with atomic_output_dir(out, force) as tmp:
+        with atomic_output_dir(out, force, inputs=[mcore_path, hf_config_dir]) as tmp:
             with ConversionProgress(total, f"reshard -> {fmt}", force=show_progress) as progress:
                 if fmt == "torch":
                     write_torch(plan, source, tmp, None, megatron_args(plan, dtype, "torch"), progress, metas)

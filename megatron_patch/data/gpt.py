@@ -51,6 +51,35 @@ def check_prefix(prefix: str, flag: str = "--data-path") -> str:
     return prefix
 
 
+def check_tokens(prefix: str, vocab_size: int, flag: str = "--data-path") -> None:
+    """The dataset is readable (megatron's own index reader), complete, and its largest token id is inside
+    the model's vocabulary (data tokenized with another tokenizer would index past the embedding: an
+    IndexError at TP1, silently wrong rows of the vocab padding at TP>1)."""
+    import numpy
+    from megatron.core.datasets.indexed_dataset import _IndexReader
+
+    try:
+        index = _IndexReader(prefix + ".idx", multimodal=False)
+    except Exception as err:  # noqa: BLE001 - asserts, struct and buffer errors of a damaged file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"{flag} {prefix}.idx cannot be read ({first}); re-run `megatron-patch preprocess`") from None
+    itemsize = numpy.dtype(index.dtype).itemsize
+    needed = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * itemsize if len(index) else 0
+    size = Path(prefix + ".bin").stat().st_size
+    if size < needed or size % itemsize:
+        raise UserError(f"{flag} {prefix}.bin holds {size} bytes, its .idx describes {needed}: the pair is truncated "
+                        "or mismatched; re-run `megatron-patch preprocess`")
+    if size == 0 or numpy.iinfo(index.dtype).max < vocab_size:
+        return  # the dtype cannot hold an id outside the vocabulary
+    tokens = numpy.memmap(prefix + ".bin", dtype=index.dtype, mode="r")
+    step = 1 << 26
+    largest = max(int(tokens[i:i + step].max()) for i in range(0, len(tokens), step))
+    if largest >= vocab_size:
+        raise UserError(f"{flag} {prefix}: token id {largest} is outside the model's vocabulary ({vocab_size} "
+                        "tokens); the data was tokenized with another tokenizer: re-run `megatron-patch preprocess` "
+                        "with the model's tokenizer")
+
+
 Blend = tuple  # (prefixes, weights or None), as megatron's BlendedMegatronDatasetConfig takes it
 
 
@@ -76,7 +105,7 @@ def build_datasets(spec: DataSpec):
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     for prefix in spec.train_blend[0]:
-        check_prefix(prefix)
+        check_tokens(check_prefix(prefix), spec.tokenizer.vocab_size)
     train_samples = spec.train_iters * spec.global_batch_size
     eval_samples = spec.eval_samples or None
     common = dict(
@@ -86,7 +115,7 @@ def build_datasets(spec: DataSpec):
     )
     if spec.valid_blend:
         for prefix in spec.valid_blend[0]:
-            check_prefix(prefix, "--valid-data-path")
+            check_tokens(check_prefix(prefix, "--valid-data-path"), spec.tokenizer.vocab_size, "--valid-data-path")
         config = GPTDatasetConfig(blend_per_split=[spec.train_blend, spec.valid_blend, None], **common)
     else:
         split = spec.split or "100,0,0"
@@ -123,3 +152,14 @@ class GlobalBatches:
         batch = self.peek()
         self.consumed += self.global_batch_size
         return batch
+
+
+def iterations_per_epoch(prefix: str, seq_length: int, global_batch_size: int) -> int:
+    """Steps that see every token of the dataset once: (tokens - 1) // seq_length samples, whole global batches
+    (at least 1)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix)  # kept alive: sequence_lengths is a view of its memory map
+    tokens = int(dataset.sequence_lengths.sum())
+    del dataset
+    return max(1, (tokens - 1) // seq_length // global_batch_size)

@@ -67,7 +67,7 @@ def load_tokenizer(path: str):
 
 
 def preprocess(inputs: list[str], tokenizer_dir: str, output_prefix: str, json_key: str = "text",
-               append_eod: bool = False, progress: bool | None = None) -> dict:
+               append_eod: bool = False, progress: bool | None = None, force: bool = False) -> dict:
     """Tokenize `inputs` into OUTPUT_PREFIX.bin/.idx; returns counts (documents, tokens, dtype)."""
     import numpy
     from tqdm import tqdm
@@ -78,6 +78,7 @@ def preprocess(inputs: list[str], tokenizer_dir: str, output_prefix: str, json_k
     for p in paths:
         if not p.is_file():
             raise UserError(f"--input {p}: file not found")
+    _check_output(Path(output_prefix), paths, force)
     tok = load_tokenizer(tokenizer_dir)
     vocab = len(tok)
     eod = tok.eos_token_id
@@ -135,9 +136,39 @@ def preprocess(inputs: list[str], tokenizer_dir: str, output_prefix: str, json_k
     return stats
 
 
+def _check_output(out: Path, inputs: list[Path], force: bool) -> None:
+    """PREFIX.bin/.idx may not be an input; an existing pair is replaced only with --force and only if it is
+    a Megatron indexed dataset (what this command writes): never someone's other file."""
+    files = [out.with_name(out.name + ext) for ext in (".bin", ".idx")]
+    for f in files:
+        if any(f.resolve() == p.resolve() for p in inputs):
+            raise UserError(f"output {f} is the input {f}: choose another --output-prefix")
+    existing = [f for f in files if f.exists()]
+    if existing and not force:
+        raise UserError(f"output {existing[0]} already exists (pass --force to replace it, or choose another "
+                        "--output-prefix)")
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER
+
+    idx = files[1]
+    if idx.is_file():
+        with open(idx, "rb") as f:
+            ours = f.read(len(_INDEX_HEADER)) == _INDEX_HEADER
+    else:
+        ours = False
+    if existing and (not ours or any(not f.is_file() for f in existing)):
+        raise UserError(f"output {existing[0]} exists and is not a Megatron indexed dataset: --force replaces only "
+                        "an earlier .bin/.idx pair; choose another --output-prefix")
+
+
 def run(args) -> int:
+    if args.sft:
+        from megatron_patch.data.sft import run as run_sft
+
+        return run_sft(args)
+    if args.seq_length is not None or args.drop_long:
+        raise UserError("--seq-length/--drop-long apply to --sft data only")
     stats = preprocess(args.input, args.tokenizer, args.output_prefix, json_key=args.json_key,
-                       append_eod=args.append_eod)
+                       append_eod=args.append_eod, force=args.force)
     print(f"wrote {args.output_prefix}.bin/.idx: {stats['documents']} documents, {stats['tokens']} tokens "
           f"({stats['dtype']}, vocab {stats['vocab_size']}; {stats['empty']} empty skipped)")
     return 0
@@ -152,4 +183,32 @@ def register(subparsers) -> None:
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--json-key", default="text", help="JSON field holding the text (default: text)")
     p.add_argument("--append-eod", action="store_true", help="end every document with the eos token")
+    p.add_argument("--sft", action="store_true", help="instruction data (.json list / .jsonl of instruction/input/"
+                   "output/difficulty or chat messages): tokens + answer-only loss mask (see megatron_patch/data/sft.py)")
+    p.add_argument("--seq-length", type=int, default=None, metavar="N",
+                   help="--sft: cut samples longer than N tokens (counted in the summary)")
+    p.add_argument("--drop-long", action="store_true", help="--sft: drop samples longer than --seq-length instead")
+    p.add_argument("--force", action="store_true", help="replace an existing PREFIX.bin/.idx written by preprocess")
     p.set_defaults(func=run)
+
+
+def indexed_from_text(path: str, tokenizer_dir: str, cache_dir: str | None = None) -> str:
+    """A Megatron prefix for a text/jsonl file tokenized with tokenizer_dir, made once and reused: cached under
+    cache_dir (default $MP_DATA_CACHE or the temp dir) by the contents of both. Safe when every rank of a
+    torchrun calls it at once: preprocess writes temp names and renames (identical content either way)."""
+    import hashlib
+    import tempfile
+
+    src = Path(path)
+    if not src.is_file():
+        raise UserError(f"--data-path {path}: file not found")
+    digest = hashlib.sha256(src.read_bytes())
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        f = Path(tokenizer_dir) / name
+        if f.is_file():
+            digest.update(name.encode() + f.read_bytes())
+    root = Path(cache_dir or os.environ.get("MP_DATA_CACHE") or tempfile.gettempdir()) / "megatron_patch_data"
+    prefix = root / f"{src.stem}-{digest.hexdigest()[:16]}"
+    if not Path(str(prefix) + ".idx").is_file():  # .idx is renamed into place last
+        preprocess([str(src)], tokenizer_dir, str(prefix), append_eod=True, progress=False)
+    return str(prefix)

@@ -16,6 +16,60 @@ class ParallelLayout:
     etp: int | None = None  # expert tensor parallel; None = same as TP (megatron's default)
     vpp: int | None = None  # virtual pipeline chunks per stage
     sp: bool | None = None  # sequence parallel; None = on when TP > 1 (MoE with TP needs it)
+    # Uneven pipeline stages, Megatron-LM's flags of the same names (megatron-core's TransformerConfig
+    # num_layers_in_first/last_pipeline_stage, pipeline_model_parallel_layout, account_for_*_in_pipeline_split);
+    # models/pipeline.py turns them into each stage's layers.
+    decoder_first_pipeline_num_layers: int | None = None
+    decoder_last_pipeline_num_layers: int | None = None
+    pipeline_model_parallel_layout: str | None = None  # e.g. "Et*3|(tt|)*29m|L"; implies VPP = stages / PP
+    account_for_embedding_in_pipeline_split: bool = False
+    account_for_loss_in_pipeline_split: bool = False
+
+    def __post_init__(self):
+        if self.pipeline_model_parallel_layout and self.vpp is None and self.pp > 0:
+            from megatron_patch.models.pipeline import layout_stages
+
+            stages = layout_stages(self.pipeline_model_parallel_layout)
+            if stages % self.pp == 0 and stages // self.pp > 1:  # Megatron-LM derives VPP the same way
+                object.__setattr__(self, "vpp", stages // self.pp)
+
+    @property
+    def uneven(self) -> bool:
+        """Whether stages are not the even split of the decoder layers."""
+        return bool(self.decoder_first_pipeline_num_layers or self.decoder_last_pipeline_num_layers
+                    or self.pipeline_model_parallel_layout or self.account_for_embedding_in_pipeline_split
+                    or self.account_for_loss_in_pipeline_split)
+
+    def describe_split(self) -> str:
+        """The uneven split in Megatron-LM's flag terms ("" when even)."""
+        if self.pipeline_model_parallel_layout:
+            return f"layout {self.pipeline_model_parallel_layout}"
+        parts = []
+        if self.decoder_first_pipeline_num_layers:
+            parts.append(f"first {self.decoder_first_pipeline_num_layers}")
+        if self.decoder_last_pipeline_num_layers:
+            parts.append(f"last {self.decoder_last_pipeline_num_layers}")
+        if self.account_for_embedding_in_pipeline_split:
+            parts.append("embedding counted")
+        if self.account_for_loss_in_pipeline_split:
+            parts.append("loss counted")
+        return ", ".join(parts)
+
+    def split_fields(self) -> dict:
+        """The split as Megatron-LM's args (the names a checkpoint's `args` and convert_meta.json store)."""
+        return {name: getattr(self, name) for name in SPLIT_FIELDS}
+
+    def pipeline_overrides(self) -> dict:
+        """megatron-core TransformerConfig fields of the pipeline split."""
+        return dict(
+            pipeline_model_parallel_size=self.pp,
+            virtual_pipeline_model_parallel_size=self.vpp,
+            num_layers_in_first_pipeline_stage=self.decoder_first_pipeline_num_layers,
+            num_layers_in_last_pipeline_stage=self.decoder_last_pipeline_num_layers,
+            pipeline_model_parallel_layout=self.pipeline_model_parallel_layout,
+            account_for_embedding_in_pipeline_split=self.account_for_embedding_in_pipeline_split,
+            account_for_loss_in_pipeline_split=self.account_for_loss_in_pipeline_split,
+        )
 
     @property
     def sequence_parallel(self) -> bool:
@@ -31,17 +85,22 @@ class ParallelLayout:
             parts.append(f"VPP{self.vpp}")
         if self.sequence_parallel:
             parts.append("SP")
-        return "x".join(parts)
+        split = self.describe_split()
+        return "x".join(parts) + (f" ({split})" if split else "")
 
     def config_overrides(self) -> dict:
         return dict(
             tensor_model_parallel_size=self.tp,
-            pipeline_model_parallel_size=self.pp,
-            virtual_pipeline_model_parallel_size=self.vpp,
             expert_model_parallel_size=self.ep,
             expert_tensor_parallel_size=self.expert_tp,
             sequence_parallel=self.sequence_parallel,
+            **self.pipeline_overrides(),
         )
+
+
+SPLIT_FIELDS = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+                "pipeline_model_parallel_layout", "account_for_embedding_in_pipeline_split",
+                "account_for_loss_in_pipeline_split")
 
 
 def check_layout(layout: ParallelLayout, config, world_size: int | None = None) -> None:
@@ -59,9 +118,9 @@ def check_layout(layout: ParallelLayout, config, world_size: int | None = None) 
         raise UserError(f"EP={layout.ep} does not divide num_experts={experts}; pick an EP that divides it")
     if not experts and layout.ep > 1:
         raise UserError(f"EP={layout.ep} given for a dense model; use EP=1")
-    stages = layout.pp * (layout.vpp or 1)
-    if config.num_layers < stages or config.num_layers % stages:
-        raise UserError(f"PP={layout.pp} x VPP={layout.vpp or 1} does not divide num_layers={config.num_layers}")
+    from megatron_patch.models.pipeline import check_pipeline_split
+
+    check_pipeline_split(layout, config.num_layers, getattr(config, "mtp_num_layers", None))
     if world_size is not None:
         model_parallel = layout.tp * layout.pp
         expert_parallel = layout.expert_tp * layout.ep * layout.pp

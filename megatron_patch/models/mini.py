@@ -1,8 +1,15 @@
 """`make-mini`: write a tiny random HF model of a family (config, safetensors weights, tokenizer) with
-transformers itself, so tests and examples never download anything.
+transformers itself, so tests and examples never download anything; or cut a real checkpoint to a few of
+its layers (`--from`).
 
     megatron-patch make-mini --family deepseek_v3 --out /tmp/ds3-mini [--layers 4] [--hidden 64]
         [--experts 8] [--seed 0] [--set key=value ...] [--preset mini|real-config] [--force]
+    megatron-patch make-mini --from /models/DeepSeek-V3 --layers 0,1,2,61 --out /models/v3-cut [--keep-mtp]
+
+--from: the kept layers are renumbered 0..n-1 and keep their kind (dense stays dense, MoE stays MoE:
+first_k_dense_replace / mlp_only_layers are rewritten, per-layer lists such as layer_types cut alike);
+embedding, final norm and head are kept; DeepSeek-V3's MTP modules only with --keep-mtp. The tensors are
+copied as they are (dtype, FP8 scales), one source shard at a time; other files (tokenizer, code) are copied.
 
 Presets (per family, in megatron_patch/models/families/<family>.py):
   mini         shaped like the real model (DeepSeek-V2-Lite, DeepSeek-V3, Qwen2.5-32B, Qwen3-30B-A3B),
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -246,8 +254,151 @@ def make_mini(family: str, out_dir: str | os.PathLike, layers: int | None = None
     return out
 
 
+# ---------------------------------------------------------------------------------------------------
+# make-mini --from: a real checkpoint cut to some of its layers
+# ---------------------------------------------------------------------------------------------------
+_LAYER_NAME = re.compile(r"^(model\.layers\.)(\d+)(\..+)$")
+_WEIGHT_FILES = ("model.safetensors.index.json", "config.json", "make_mini.json")
+
+
+def parse_layer_list(text: str) -> list[int]:
+    """--layers 0,1,2,61 (ranges a-b allowed): sorted, unique."""
+    out: set[int] = set()
+    try:
+        for part in str(text).split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UserError(f"--layers {text!r}: expected layer indices like 0,1,2,61 (or ranges 0-2)") from None
+    return sorted(out)
+
+
+def layer_kinds(cfg: dict) -> list[int]:
+    """1 for a MoE layer, 0 for a dense one, as transformers builds the decoder (DeepSeek: MoE from
+    first_k_dense_replace on; Qwen3-MoE: the family's moe_pattern; dense families: all 0)."""
+    num_layers = cfg["num_hidden_layers"]
+    if cfg.get("n_routed_experts"):
+        k = cfg.get("first_k_dense_replace") or 0
+        return [int(i >= k) for i in range(num_layers)]
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts")  # transformers 5 / 4 name (Qwen3-MoE)
+    if experts and "decoder_sparse_step" in cfg:
+        from megatron_patch.models.families.qwen3_moe import moe_pattern
+
+        return moe_pattern(num_layers, experts, cfg.get("decoder_sparse_step"), cfg.get("mlp_only_layers"))
+    return [0] * num_layers
+
+
+def cut_config(cfg: dict, layers: list[int], keep_mtp: bool) -> dict:
+    """The config of the cut model: every kept layer keeps its kind (dense / MoE), per-layer lists cut alike."""
+    num_layers = cfg.get("num_hidden_layers")
+    if not isinstance(num_layers, int):
+        raise UserError("config.json has no num_hidden_layers: not a decoder model this cutter knows")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad or not layers:
+        raise UserError(f"--layers {bad or layers}: the model has layers 0..{num_layers - 1}")
+    kinds = [layer_kinds(cfg)[i] for i in layers]
+    new = dict(cfg, num_hidden_layers=len(layers))
+    for key, value in cfg.items():  # e.g. layer_types: one entry per layer
+        if isinstance(value, list) and len(value) == num_layers and key != "mlp_only_layers":
+            new[key] = [value[i] for i in layers]
+    if "max_window_layers" in cfg:
+        new["max_window_layers"] = sum(i < (cfg["max_window_layers"] or 0) for i in layers)
+    if cfg.get("n_routed_experts"):
+        k = kinds.count(0)
+        if kinds != [0] * k + [1] * (len(kinds) - k):
+            raise UserError(f"--layers {layers}: DeepSeek configs put the dense layers first")
+        new["first_k_dense_replace"] = k
+    elif "decoder_sparse_step" in cfg:
+        new["decoder_sparse_step"] = 1
+        new["mlp_only_layers"] = [j for j, kind in enumerate(kinds) if not kind]
+    if cfg.get("num_nextn_predict_layers") and not keep_mtp:
+        new["num_nextn_predict_layers"] = 0
+    if layer_kinds(new) != kinds:  # the rules above must keep every layer's kind
+        raise UserError(f"--layers {layers}: cannot express the kept layers' dense/MoE pattern in the config")
+    return new
+
+
+def _renamer(layers: list[int], num_layers: int, mtp_layers: int):
+    """HF tensor name -> name in the cut model (None: dropped). MTP modules sit after the last decoder layer
+    (model.layers.{num_layers + i}); kept ones move to after the last kept layer."""
+    new_index = {old: new for new, old in enumerate(layers)}
+    new_index.update({num_layers + i: len(layers) + i for i in range(mtp_layers)})
+
+    def rename(name: str) -> str | None:
+        m = _LAYER_NAME.match(name)
+        if not m:
+            return name
+        j = new_index.get(int(m.group(2)))
+        return None if j is None else f"{m.group(1)}{j}{m.group(3)}"
+
+    return rename
+
+
+def cut_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, layers: list[int], keep_mtp: bool = False,
+                   force: bool = False) -> dict:
+    """Write the checkpoint at `src` cut to `layers` into out_dir (atomically), reading it shard by shard
+    (only one shard's kept tensors in memory; tensors are copied as they are: dtype, FP8 scales and all).
+    Other files (tokenizer, generation config, code) are copied. Returns a summary."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from megatron_patch.convert.hf_reader import HFCheckpoint
+
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise UserError(f"--from {src}: no config.json (point at an HF model directory)")
+    cfg = json.loads((src / "config.json").read_text())
+    new_cfg = cut_config(cfg, layers, keep_mtp)
+    mtp = new_cfg.get("num_nextn_predict_layers") or 0
+    rename = _renamer(layers, cfg["num_hidden_layers"], mtp)
+    summary = {"from": str(src), "layers": layers, "keep_mtp": bool(mtp), "tensors": 0, "bytes": 0}
+    with HFCheckpoint(src) as ckpt, atomic_output_dir(out_dir, force=force) as tmp:
+        plan = [(shard, [(n, rename(n)) for n in names if rename(n) is not None])
+                for shard, names in sorted(ckpt.shards().items())]
+        plan = [(shard, kept) for shard, kept in plan if kept]
+        single = len(plan) == 1
+        weight_map = {}
+        for k, (shard, kept) in enumerate(plan, 1):
+            fname = "model.safetensors" if single else f"model-{k:05d}-of-{len(plan):05d}.safetensors"
+            tensors = {new: ckpt.get(old) for old, new in kept}
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            summary["tensors"] += len(tensors)
+            summary["bytes"] += sum(t.numel() * t.element_size() for t in tensors.values())
+            weight_map.update({new: fname for new in tensors})
+            del tensors
+        if not single:
+            index = {"metadata": {"total_size": summary["bytes"]}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in _WEIGHT_FILES:
+                shutil.copy2(f, tmp / f.name)
+        (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
+        (tmp / "make_mini.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def run(args) -> int:
-    out = make_mini(args.family, args.out, layers=args.layers, hidden=args.hidden, experts=args.experts,
+    if args.source:
+        if args.family or args.hidden or args.experts or args.set or args.preset != "mini":
+            raise UserError("--from cuts a real checkpoint: give only --layers, --out, --keep-mtp, --force "
+                            "(--family/--hidden/--experts/--set/--preset make random models)")
+        if not args.layers:
+            raise UserError("--from needs --layers, e.g. --layers 0,1,2,61")
+        s = cut_checkpoint(args.source, args.out, parse_layer_list(args.layers), keep_mtp=args.keep_mtp,
+                           force=args.force)
+        print(f"wrote {args.out}: layers {s['layers']} of {args.source}{' + MTP' if s['keep_mtp'] else ''}, "
+              f"{s['tensors']} tensors, {s['bytes'] / 2**20:.1f} MiB")
+        return 0
+    if not args.family:
+        raise UserError("give --family FAMILY (a random mini model) or --from DIR (cut a real checkpoint)")
+    if args.keep_mtp:
+        raise UserError("--keep-mtp applies to --from")
+    try:
+        layers = None if args.layers is None else int(args.layers)
+    except ValueError:
+        raise UserError(f"--layers {args.layers!r}: with --family it is the number of layers") from None
+    out = make_mini(args.family, args.out, layers=layers, hidden=args.hidden, experts=args.experts,
                     seed=args.seed, overrides=parse_sets(args.set), preset=args.preset, force=args.force)
     print(f"wrote {args.preset} {args.family} model to {out}")
     return 0
@@ -255,11 +406,14 @@ def run(args) -> int:
 
 def register(subparsers) -> None:
     families = ("deepseek_v2", "deepseek_v3", "qwen2", "qwen3_moe")
-    p = subparsers.add_parser("make-mini", help="write a tiny random HF model + tokenizer (no download)",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--family", required=True, choices=families)
+    p = subparsers.add_parser("make-mini", help="write a tiny random HF model + tokenizer (no download), or cut "
+                              "a real checkpoint to some layers (--from)", description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", choices=families, help="make a random model of this family")
+    p.add_argument("--from", dest="source", metavar="DIR",
+                   help="cut this HF checkpoint to --layers instead (streaming, shard by shard)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--layers", type=int, default=None, help="num_hidden_layers")
+    p.add_argument("--layers", default=None, help="num_hidden_layers; with --from: the layers to keep (0,1,2,61)")
+    p.add_argument("--keep-mtp", action="store_true", help="with --from: keep the MTP modules (DeepSeek-V3)")
     p.add_argument("--hidden", type=int, default=None, help="hidden_size")
     p.add_argument("--experts", type=int, default=None, help="number of routed experts")
     p.add_argument("--seed", type=int, default=0)

@@ -113,8 +113,9 @@ def _mla_without_te(original):
 
 
 @patch("megatron.core.transformer.multi_latent_attention.Linear",
-       "MLA accepts only TE/modelopt Linear as a replicated down-projection; let it accept ours",
-       TESTED, ALL, needed=_no_transformer_engine)
+       "MLA accepts only TE/modelopt Linear as a replicated down-projection; let it accept ours "
+       "(also with Transformer Engine installed: our local spec uses DuplicatedLinear there too)",
+       TESTED, ALL)
 def _mla_duplicated_linear(original):
     from megatron_patch.models.spec import DuplicatedLinear
 

@@ -102,6 +102,25 @@ def format_table(info: dict) -> str:
     return "\n".join(lines)
 
 
+def launch_problems(info: dict, want_device: str | None = None) -> list[str]:
+    """What would stop a torchrun launch on this machine (seed 003's checks): the wanted device type and its
+    backend, WORLD_SIZE against the devices of NNODES nodes, a master port already in use."""
+    problems = []
+    if want_device and info["device"] != want_device:
+        problems.append(f"no {want_device} device: this machine offers {info['device']} "
+                        f"(optional stacks: {', '.join(k for k, v in info['optional'].items() if v) or 'none'})")
+    if not info["backends_available"].get(info["backend"]):
+        problems.append(f"backend {info['backend']} is not available in this torch")
+    world = info["launcher"].get("WORLD_SIZE")
+    nodes = int(info["launcher"].get("NNODES") or 1)
+    if world and info["device"] != "cpu" and int(world) > info["device_count"] * nodes:
+        problems.append(f"WORLD_SIZE={world} is more than {info['device_count']} {info['device']} device(s) x "
+                        f"{nodes} node(s)")
+    if info["master_port_free"] is False:
+        problems.append(f"MASTER_PORT={info['launcher']['MASTER_PORT']} is in use: pick another port")
+    return problems
+
+
 def run(args) -> int:
     info = collect()
     print(json.dumps(info, indent=2) if args.json else format_table(info))

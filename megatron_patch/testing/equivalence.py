@@ -196,3 +196,8 @@ def layout_run(rank: int, world: int, layout: ParallelLayout, ref_dir: str, dist
     result["step_diff"] = _max_diff_to_checkpoint(chunks, os.path.join(ref_dir, "stepped"),
                                                   lambda p: p.detach().clone())
     return result
+
+
+def layouts_run(rank: int, world: int, layouts: list, ref_dir: str) -> list[dict]:
+    """layout_run for several layouts one after the other on the same ranks (the start-up is paid once)."""
+    return [layout_run(rank, world, layout, ref_dir) for layout in layouts]

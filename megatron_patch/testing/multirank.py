@@ -123,4 +123,6 @@ def _wait(procs, out_dir, world_size, timeout):
         p.join()
     import torch
 
+    # Our own ranks' return values in our private scratch directory (multiprocessing's pickle transport by
+    # another road), not checkpoint input: any picklable result is allowed.
     return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

@@ -5,6 +5,7 @@ Import-light (argparse only) so `megatron-patch --help` stays fast.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from megatron_patch.errors import UserError
 from megatron_patch.models.moe_options import add_moe_arguments, moe_overrides
@@ -35,9 +36,17 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--num-virtual-stages-per-pipeline-rank", "--virtual-pipeline-model-parallel-size",
                    dest="virtual_pipeline_model_parallel_size", type=int, default=None)
+    from megatron_patch.models.pipeline import add_split_args
+
+    add_split_args(g)  # --decoder-first/last-pipeline-num-layers, --pipeline-model-parallel-layout, ...
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
     g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--distributed-timeout-minutes", type=float, default=None, metavar="M",
+                   help="a collective that waits longer fails every rank (default 30, or MP_DIST_TIMEOUT_MINUTES)")
+    g.add_argument("--heartbeat-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a rank whose heartbeat stops this long (stopped or dead process) ends the job with exit 3, "
+                   "naming the rank and step (0: off)")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="on by default whenever TP > 1 (megatron's MoE with TP requires it)")
     g.add_argument("--use-distributed-optimizer", action="store_true")
@@ -77,6 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--hysteresis", type=int, default=2,
                    help="fp16 dynamic loss scaling: overflows tolerated before the scale is halved")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--hidden-dropout", type=float, default=None,
+                   help="residual dropout (default: the family's, 0 for DeepSeek and Qwen as in HF)")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
                    help="default: from the HF config (DeepSeek aux_loss_alpha)")
 
@@ -92,6 +103,29 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--eval-interval", type=int, default=None, metavar="N")
     g.add_argument("--eval-iters", type=int, default=0, metavar="N")
 
+
+    g = p.add_argument_group("supervised fine-tuning (data from `preprocess --sft`)")
+    g.add_argument("--sft", action="store_true",
+                   help="one sample per sequence, loss = mean over the answer tokens (the stored loss mask)")
+    g.add_argument("--curriculum", action="store_true",
+                   help="--sft: draw batches by 'difficulty' stages (see --curriculum-stages)")
+    g.add_argument("--use_curriculum", "--use-curriculum", dest="use_curriculum", type=_bool, default=False,
+                   metavar="True|False", help="seed 002's spelling of --curriculum")
+    g.add_argument("--curriculum-seed", "--curriculum_seed", dest="curriculum_seed", type=int, default=None,
+                   help="seed of the curriculum draws (default: --seed)")
+    g.add_argument("--curriculum-stages", default=None, metavar="SPEC",
+                   help="START-END:EXPLAIN/REASONING/TOPOLOGY in percent, comma-separated (default "
+                   "0-30:80/20/0,30-70:40/40/20,70-100:25/35/40)")
+    g.add_argument("--curriculum-report", default=None, metavar="PATH",
+                   help="write the per-stage level counts actually drawn as JSON")
+
+    g = p.add_argument_group("LoRA (adapters on the HF-named linears; base weights frozen)")
+    g.add_argument("--lora-rank", type=int, default=None, metavar="R")
+    g.add_argument("--lora-alpha", type=float, default=None, metavar="A", help="scaling alpha/R (default: R)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, metavar="P")
+    g.add_argument("--lora-target", default=None, metavar="NAMES",
+                   help="comma-separated HF module names, e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", default=None)
@@ -102,6 +136,16 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--no-exit-on-nan", dest="exit_on_nan", action="store_false",
                    help="report NaN/Inf, skip that update and go on")
     return p
+
+
+def _bool(text: str) -> bool:
+    """True/False as the seeds write them (--use_curriculum True)."""
+    low = str(text).strip().lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
 def parse_data_blend(values: list[str] | None, flag: str) -> tuple[list[str], list[float] | None] | None:
@@ -129,6 +173,15 @@ def validate(args) -> None:
     if args.initial_loss_scale < args.min_loss_scale:
         raise UserError(f"--initial-loss-scale {args.initial_loss_scale:g} is below --min-loss-scale "
                         f"{args.min_loss_scale:g}")
+    if args.use_curriculum:
+        args.curriculum = True
+    validate_sft(args)
+    if (args.lora_target or args.lora_alpha is not None) and not args.lora_rank:
+        raise UserError("--lora-target/--lora-alpha need --lora-rank R")
+    if args.lora_rank and not args.lora_target:
+        raise UserError("--lora-rank needs --lora-target NAMES (e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
+    if args.lora_rank and args.expert_model_parallel_size > 1:
+        raise UserError("--lora-rank: routed experts take no adapters yet and EP>1 is untested with LoRA; use EP=1")
     if args.context_parallel_size != 1:
         raise UserError(f"--context-parallel-size {args.context_parallel_size}: context parallelism is not supported; use 1")
     if args.load and args.load_hf:
@@ -143,6 +196,10 @@ def validate(args) -> None:
                  "expert_model_parallel_size", "log_interval"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
+    for flag in ("distributed_timeout_minutes", "heartbeat_timeout"):
+        value = getattr(args, flag)
+        if value is not None and value < 0 or flag == "distributed_timeout_minutes" and value == 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be > 0")
     for flag in ("save_interval", "exit_interval", "eval_interval"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -158,12 +215,50 @@ def validate(args) -> None:
         raise UserError("--save-interval needs --save DIR")
     from megatron_patch.data.gpt import check_prefix
 
+    inputs = [("--load-hf", args.load_hf)] + ([("--load", args.load)] if args.load and args.save and
+                                               Path(args.load).resolve() != Path(args.save).resolve() else [])
     for flag in ("--data-path", "--valid-data-path"):
         blend = parse_data_blend(getattr(args, flag[2:].replace("-", "_")), flag)
         for prefix in blend[0] if blend else ():
             check_prefix(prefix, flag)  # fail before the model is built
+            inputs += [(flag, prefix + ".bin"), (flag, prefix + ".idx")]
+    _check_save(args.save, inputs)
     if args.valid_data_path and args.split:
         raise UserError("--split applies to --data-path only; do not combine it with --valid-data-path")
+
+
+def validate_sft(args) -> None:
+    from megatron_patch.data.sft import is_sft_prefix
+
+    uses = [f for f in ("curriculum_stages", "curriculum_report") if getattr(args, f) is not None]
+    if args.curriculum and not args.sft:
+        raise UserError("--curriculum (--use_curriculum True) needs --sft and data from `preprocess --sft`")
+    if uses and not args.curriculum:
+        raise UserError(f"--{uses[0].replace('_', '-')} needs --curriculum")
+    if args.curriculum_stages is not None:
+        from megatron_patch.data.curriculum import parse_stages
+
+        parse_stages(args.curriculum_stages)
+    sft_data = [p for p in args.data_path or () if is_sft_prefix(p)]
+    if args.sft:
+        if not args.data_path or len(args.data_path) != 1 or not sft_data:
+            raise UserError("--sft trains on one prefix written by `megatron-patch preprocess --sft` "
+                            "(PREFIX.sft.json next to PREFIX.bin/.idx)")
+        if args.valid_data_path or args.split:
+            raise UserError("--sft: validation data (--valid-data-path/--split) is not supported yet")
+    elif sft_data:
+        raise UserError(f"--data-path {sft_data[0]} is SFT data (it has {sft_data[0]}.sft.json): add --sft")
+
+
+def _check_save(save, inputs) -> None:
+    """--save may not be, contain or lie inside an input (--save == --load is Megatron-LM's resume convention:
+    saves add iter_* directories and move the tracker, they never rewrite what --load holds)."""
+    from megatron_patch.convert.atomic import overlap
+
+    for flag, path in inputs:
+        if save and path and overlap(Path(save), Path(path)):
+            raise UserError(f"--save {save} {overlap(Path(save), Path(path))} the input {flag} {path}: saving there "
+                            "could destroy it; choose a separate --save directory")
 
 
 def build_parser(prog: str = "megatron-patch train") -> argparse.ArgumentParser:

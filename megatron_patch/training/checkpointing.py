@@ -30,6 +30,7 @@ import numpy
 import torch
 
 from megatron_patch.convert.mcore_layout import TRACKER_NAME, iteration_dir_name
+from megatron_patch.checkpoint import safe_load
 from megatron_patch.errors import UserError
 
 CHECKPOINT_VERSION = 3.0
@@ -83,8 +84,13 @@ def sharded_metadata(optimizer=None) -> dict:
 
 
 def model_sharded_state_dict(chunks) -> dict:
+    from megatron_patch.models.lora import adapters_only, has_adapters
+
     metadata = sharded_metadata()
-    return {key: _unwrap(c).sharded_state_dict(metadata=metadata) for key, c in zip(model_keys(chunks), chunks)}
+    out = {key: _unwrap(c).sharded_state_dict(metadata=metadata) for key, c in zip(model_keys(chunks), chunks)}
+    if has_adapters([_unwrap(c) for c in chunks]):  # LoRA: the base is frozen and comes from --load/--load-hf
+        out = {key: adapters_only(sd) for key, sd in out.items()}
+    return out
 
 
 def parallel_signature(optimizer) -> dict:
@@ -171,7 +177,7 @@ def _rng_sharded(state) -> "object":
 # save
 # ---------------------------------------------------------------------------------------------------
 def _train_state(chunks, optimizer, scheduler, iteration: int, consumed: int, args: dict,
-                 is_loading: bool, with_optimizer: bool = True, with_rng: bool = True) -> dict:
+                 is_loading: bool, with_optimizer: bool = True, with_rng: bool = True, extra: dict | None = None) -> dict:
     model = model_sharded_state_dict(chunks)
     state = dict(model)
     if with_optimizer:
@@ -182,7 +188,7 @@ def _train_state(chunks, optimizer, scheduler, iteration: int, consumed: int, ar
     if not is_loading:
         state.update(iteration=iteration, consumed_train_samples=consumed, checkpoint_version=CHECKPOINT_VERSION,
                      opt_param_scheduler=scheduler.state_dict(), args=args, world_size=_world(),
-                     parallel=parallel_signature(optimizer))
+                     parallel=parallel_signature(optimizer), **(extra or {}))
     return state
 
 
@@ -198,8 +204,25 @@ def _maybe_crash(iteration: int) -> None:
         os._exit(43)
 
 
-def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed: int, args: dict) -> Path:
-    """Write SAVE/iter_XXXXXXX atomically and point the tracker at it. Call on every rank."""
+def remove_stale_saves(root: Path) -> None:
+    """With the --save lock held: `.iter_N.tmp` of a killed save is removed; `.iter_N.old` (a killed re-save
+    of iteration N) is put back when iter_N is missing, removed otherwise."""
+    if not root.is_dir():
+        return
+    for path in root.glob(".iter_*.tmp"):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in root.glob(".iter_*.old"):
+        final = root / path.name[1:-len(".old")]
+        if final.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.rename(path, final)
+
+
+def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed: int, args: dict,
+                    extra: dict | None = None) -> Path:
+    """Write SAVE/iter_XXXXXXX atomically and point the tracker at it. Call on every rank. `extra`: more
+    common (non-sharded) state, e.g. the SFT sampler's."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -211,7 +234,7 @@ def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed
             shutil.rmtree(tmp)  # leftover of a save that was killed
         tmp.mkdir()
     _barrier()
-    state = _train_state(chunks, optimizer, scheduler, iteration, consumed, args, is_loading=False)
+    state = _train_state(chunks, optimizer, scheduler, iteration, consumed, args, is_loading=False, extra=extra)
     content = {k: v for k, v in sharded_metadata(optimizer).items() if k != "dp_cp_group"}
     dist_checkpointing.save(state, str(tmp), content_metadata=content)
     _barrier()
@@ -236,8 +259,6 @@ def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed
 def train_checkpoint_dir(root) -> Path | None:
     """The directory of the latest complete training checkpoint under `root` (None if there is none or
     it is a model-only checkpoint, e.g. converted from HF)."""
-    from megatron.core import dist_checkpointing
-
     iteration = read_tracker(root)
     if iteration is None or iteration == "release":
         return None
@@ -246,7 +267,7 @@ def train_checkpoint_dir(root) -> Path | None:
         raise UserError(f"{Path(root) / TRACKER_NAME} names {path.name}, which does not exist (fix the tracker)")
     if not is_dist_checkpoint(path):
         return None
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    common = safe_load.load_common(path)
     return path if "opt_param_scheduler" in common else None
 
 
@@ -289,9 +310,7 @@ def load_training_checkpoint(path, chunks, optimizer, scheduler, load_optim: boo
                              load_rng: bool = True) -> tuple[int, int]:
     """Restore model, optimizer, scheduler, rng from a checkpoint written by save_checkpoint.
     Returns (iteration, consumed_train_samples)."""
-    from megatron.core import dist_checkpointing
-
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    common = safe_load.load_common(path)
     saved, now = common.get("parallel"), parallel_signature(optimizer)
     if load_optim and saved != now:
         raise UserError(f"{path} holds optimizer state for {_describe(saved) if saved else 'another layout'}; this "
@@ -307,9 +326,16 @@ def load_training_checkpoint(path, chunks, optimizer, scheduler, load_optim: boo
         _allocate_optimizer_state(optimizer)
     request = _train_state(chunks, optimizer, scheduler, 0, 0, {}, is_loading=True,
                            with_optimizer=load_optim, with_rng=load_rng)
-    loaded = dist_checkpointing.load(request, str(path))
+    loaded = safe_load.dist_load(request, path)
+    from megatron_patch.models.lora import ADAPTER_MARK, has_adapters
+
+    lora = has_adapters([_unwrap(c) for c in chunks])
     for key, chunk in zip(model_keys(chunks), chunks):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        result = _unwrap(chunk).load_state_dict(loaded[key], strict=not lora)
+        if lora and (result.unexpected_keys or any(ADAPTER_MARK in k for k in result.missing_keys)):
+            raise UserError(f"{path}: adapters do not match this run's LoRA settings (missing "
+                            f"{[k for k in result.missing_keys if ADAPTER_MARK in k][:3]}, unexpected "
+                            f"{result.unexpected_keys[:3]}); resume with the same --lora-* flags")
     if load_optim:
         # no_grad: with fp32 params the distributed optimizer's main params are views of the model params,
         # and megatron's dp_reshardable loader copies into them in place (it lacks the no_grad its
@@ -356,14 +382,22 @@ def _load_torch_layout(root, chunks, layout) -> int | str:
 
     from megatron_patch.convert import mcore_layout
 
+    from megatron_patch.convert.hf2mcore import layout_dict
+
     iteration, sizes = mcore_layout.read_layout(root)
-    want = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp, "vpp": layout.vpp or 1}
-    keys = [k for k in want if k != "etp" or _unwrap(chunks[0]).config.num_moe_experts]  # ETP: experts only
-    if {k: sizes[k] for k in keys} != {k: want[k] for k in keys}:
+    want = layout_dict(layout)
+    saved_key, want_key = mcore_layout.layout_key(sizes), mcore_layout.layout_key(want)
+    keys = [k for k in want_key if k != "etp" or _unwrap(chunks[0]).config.num_moe_experts]  # ETP: experts only
+    if {k: saved_key[k] for k in keys} != {k: want_key[k] for k in keys}:
+        split = mcore_layout.split_of(sizes)
+        saved = {k: v for k, v in split.items() if v}
+        asked = {k: v for k, v in layout.split_fields().items() if v}
         raise UserError(f"--load {root}: torch-format checkpoint is for "
-                        f"TP{sizes['tp']} PP{sizes['pp']} EP{sizes['ep']} ETP{sizes['etp']} VPP{sizes['vpp']}, this run is "
-                        f"TP{want['tp']} PP{want['pp']} EP{want['ep']} ETP{want['etp']} VPP{want['vpp']}; "
-                        "convert for this layout (or convert with --format torch_dist, which loads at any layout)")
+                        f"TP{sizes['tp']} PP{sizes['pp']} EP{sizes['ep']} ETP{sizes['etp']} VPP{sizes['vpp']} "
+                        f"{saved or 'even split'}, this run is "
+                        f"TP{want['tp']} PP{want['pp']} EP{want['ep']} ETP{want['etp']} VPP{want['vpp']} "
+                        f"{asked or 'even split'}; convert for this layout (convert reshard) or convert with "
+                        "--format torch_dist, which loads at any layout")
     from megatron_patch.convert.key_map import down_projection_rows, read_local_rank
 
     # local-spec names whatever spec wrote it (Megatron-LM / Pai-Megatron-Patch TE checkpoints included)
@@ -375,7 +409,6 @@ def _load_torch_layout(root, chunks, layout) -> int | str:
 
 
 def _load_dist_model(path, chunks) -> None:
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
     from megatron_patch.convert.key_map import match_sharded, stored_keys
@@ -384,7 +417,7 @@ def _load_dist_model(path, chunks) -> None:
     stored = stored_keys(path)  # the checkpoint's names (local or TE spec) decide the keys requested
     request = {k: match_sharded(sd, stored, f"--load {path}", extra_state=False)[0] for k, sd in request.items()}
     try:
-        loaded = dist_checkpointing.load(request, str(path))
+        loaded = safe_load.dist_load(request, path)
     except CheckpointingException as err:
         raise UserError(f"--load {path}: the checkpoint does not match the model ({err})") from None
     for key, chunk in zip(model_keys(chunks), chunks):
@@ -409,11 +442,12 @@ def init_from_megatron(root, chunks, layout) -> str:
 
 
 def init_from_hf(hf_dir, chunks, hf_config, layout, config, margs) -> str:
-    from megatron_patch.convert.engine import ShardPlan, load_into_chunks
+    from megatron_patch.convert.engine import ShardPlan, check_hf_checkpoint, load_into_chunks
     from megatron_patch.convert.hf_reader import HFCheckpoint
     from megatron_patch.models.families import family_for_config
 
     plan = ShardPlan(family_for_config(hf_config), hf_config, layout, config, margs)
     with HFCheckpoint(hf_dir) as ckpt:
+        check_hf_checkpoint(plan, ckpt)
         load_into_chunks(chunks, plan, ckpt.get_slice)
     return f"HF {hf_dir}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 
+from megatron_patch.cli import quiet_known_warnings
 from megatron_patch.errors import UserError
 
 # Light on purpose (no torch at import): dist_checkpointing's writer spawns a multiprocessing Manager,
@@ -47,29 +48,32 @@ def run(args) -> int:
             torch.distributed.destroy_process_group()
 
 
-def quiet_known_warnings() -> None:
-    """megatron-core warns at import that TE/Apex are absent (expected: the runtime picks kernels) and
-    torch's checkpoint code warns about its own deprecations; neither is actionable for a user."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*")
-    warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
-    warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing.*")
-
-
 def main(argv: list[str] | None = None) -> int:
     from megatron_patch.training.arguments import build_parser
 
     quiet_known_warnings()
     args = build_parser("python -m megatron_patch.training.pretrain").parse_args(argv)
     try:
-        return run(args)
+        code = run(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        code = 2
+    record_exit_code(code)
+    return code
+
+
+def record_exit_code(code: int) -> None:
+    """torchrun exits 1 whatever its workers' codes; a launcher that sets MP_EXIT_STATUS_FILE reads the real
+    ones back (2 bad input, 3 NaN stop or a rank that crashed/hung) from the lines "RANK CODE" appended here."""
+    import os
+
+    path = os.environ.get(STATUS_ENV)
+    if code and path:
+        with open(path, "a") as f:
+            f.write(f"{os.environ.get('RANK', '0')} {code}\n")
+
+
+STATUS_ENV = "MP_EXIT_STATUS_FILE"
 
 
 if __name__ == "__main__":

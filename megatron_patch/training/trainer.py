@@ -5,6 +5,7 @@ import os
 import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -23,7 +24,7 @@ def _rank0_print(*args) -> None:
         print(*args, flush=True)
 
 
-def init_distributed(acc) -> tuple[int, int]:
+def init_distributed(acc, timeout_minutes: float | None = None) -> tuple[int, int]:
     """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); a plain `python` run is
     a world of one. The process group uses the accelerator's backend (gloo / nccl / hccl)."""
     rank = int(os.environ.get("RANK", "0"))
@@ -37,7 +38,7 @@ def init_distributed(acc) -> tuple[int, int]:
             os.environ["MASTER_PORT"] = str(free_port())
     acc.set_device(local)
     if not torch.distributed.is_initialized():
-        minutes = int(os.environ.get("MP_DIST_TIMEOUT_MINUTES", "30"))
+        minutes = timeout_minutes or float(os.environ.get("MP_DIST_TIMEOUT_MINUTES", "30"))
         torch.distributed.init_process_group(acc.backend, rank=rank, world_size=world,
                                              timeout=timedelta(minutes=minutes))
     return rank, world
@@ -45,11 +46,12 @@ def init_distributed(acc) -> tuple[int, int]:
 
 def _layout(args):
     from megatron_patch.models.builder import ParallelLayout
+    from megatron_patch.models.pipeline import split_kwargs
 
     return ParallelLayout(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                           ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
                           vpp=args.virtual_pipeline_model_parallel_size,
-                          sp=True if args.sequence_parallel else None)
+                          sp=True if args.sequence_parallel else None, **split_kwargs(args))
 
 
 def _config_overrides(args) -> dict:
@@ -61,11 +63,15 @@ def _config_overrides(args) -> dict:
     if args.moe_aux_loss_coeff is not None:
         overrides["moe_aux_loss_coeff"] = args.moe_aux_loss_coeff
     overrides.update(moe_overrides(args))
+    if getattr(args, "hidden_dropout", None) is not None:
+        overrides["hidden_dropout"] = args.hidden_dropout
     for name in ("recompute_granularity", "recompute_method", "recompute_num_layers"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.recompute_granularity == "full" and args.recompute_num_layers is None:
         overrides["recompute_num_layers"] = 1
+    if args.sft:  # gradients of the mean over all answer tokens of the global batch (not per micro-batch)
+        overrides["calculate_per_token_loss"] = True
     return overrides
 
 
@@ -123,7 +129,9 @@ class Trainer:
         self.args = args
         self.acc = setup(args.device)
         self.settings = settings_for(self.acc.type)
-        self.rank, self.world = init_distributed(self.acc)
+        self.rank, self.world = init_distributed(self.acc, args.distributed_timeout_minutes)
+        self.heartbeat = self._start_heartbeat()
+        self.save_lock = self._lock_save_dir()
         self.layout = _layout(args)
         self.hf_config = _load_hf_config(args)
         self.gbs, self.num_micro = _batch_sizes(args, self.world, self.layout)
@@ -136,6 +144,41 @@ class Trainer:
         self._build_metrics()
 
     # --- setup ----------------------------------------------------------------------------------------
+    def _start_heartbeat(self):
+        if self.world == 1 or not self.args.heartbeat_timeout:
+            return None
+        from megatron_patch.training.heartbeat import Heartbeat
+        from megatron_patch.training.pretrain import record_exit_code
+
+        store = torch.distributed.distributed_c10d._get_default_store()
+        return Heartbeat(store, self.rank, self.world, self.args.heartbeat_timeout, on_abort=record_exit_code)
+
+    def _lock_save_dir(self):
+        """One training per --save (rank 0 holds the lock; every rank learns whether it got it); then the
+        temporaries of saves that were killed are removed (no other writer can be at work)."""
+        if not self.args.save:
+            return None
+        import contextlib
+
+        from megatron_patch.convert.atomic import output_lock
+        from megatron_patch.training.checkpointing import remove_stale_saves
+
+        stack, refused = contextlib.ExitStack(), ""
+        if self.rank == 0:
+            try:
+                save = Path(self.args.save).absolute()
+                save.parent.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(output_lock(save))
+                remove_stale_saves(save)
+            except UserError as err:
+                refused = str(err)
+        flag = [refused]
+        if self.world > 1:
+            torch.distributed.broadcast_object_list(flag, src=0)
+        if flag[0]:
+            raise UserError(flag[0].replace("output", "--save", 1))
+        return stack
+
     def _build_model(self) -> None:
         from megatron_patch.models.builder import build_family_model, check_layout, initialize_parallel
         from megatron_patch.models.families import family_for_config
@@ -152,6 +195,12 @@ class Trainer:
         initialize_parallel(self.layout, seed=args.seed)
         chunks, self.config, self.margs = build_family_model(self.hf_config, self.layout, **overrides)
         self.init_source = self._init_weights(chunks)
+        if args.lora_rank:
+            from megatron_patch.models.lora import apply_lora
+
+            count = apply_lora(chunks, self.hf_config, self.config, self.margs, self.layout, args.lora_rank,
+                               args.lora_alpha or args.lora_rank, args.lora_dropout, args.lora_target, args.seed)
+            self.init_source += f" + LoRA r{args.lora_rank} on {count} linears ({args.lora_target})"
         self.chunks = wrap_ddp(chunks, self.config, use_distributed_optimizer=args.use_distributed_optimizer)
         self.optimizer = build_optimizer(
             self.chunks, lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
@@ -179,8 +228,9 @@ class Trainer:
         from megatron_patch.training import checkpointing as ckpt
 
         self.resume_from = self._resume_dir()
-        if self.resume_from is not None:
+        if self.resume_from is not None and not self.args.lora_rank:
             return f"resume {self.resume_from}"
+        # (a LoRA checkpoint holds the adapters only: the frozen base comes from --load/--load-hf every time)
         if self.args.load:
             return ckpt.init_from_megatron(self.args.load, chunks, self.layout)
         if self.args.load_hf:
@@ -206,6 +256,9 @@ class Trainer:
         from megatron_patch.training.arguments import parse_data_blend
 
         args = self.args
+        if args.sft:
+            self._build_sft_data()
+            return
         eval_samples = 0
         if args.eval_iters and args.eval_interval:
             eval_samples = args.eval_iters * self.gbs
@@ -216,6 +269,34 @@ class Trainer:
                         split=args.split, eval_samples=eval_samples, cache_dir=args.data_cache_path)
         train, self.valid = build_datasets(spec)
         self.batches = GlobalBatches(train, self.gbs, consumed=self.consumed)
+
+    def _build_sft_data(self) -> None:
+        from megatron_patch.checkpoint import safe_load
+        from megatron_patch.data.curriculum import DEFAULT_STAGES, BatchSampler, parse_stages
+        from megatron_patch.data.sft import SFTBatches, SFTDataset
+
+        args = self.args
+        eos = getattr(self.hf_config, "eos_token_id", None)
+        pad = eos[0] if isinstance(eos, (list, tuple)) else eos  # padding is masked out of the loss
+        dataset = SFTDataset(args.data_path[0], args.seq_length, int(pad or 0))
+        stages = parse_stages(args.curriculum_stages or DEFAULT_STAGES) if args.curriculum else None
+        seed = args.curriculum_seed if args.curriculum_seed is not None else args.seed
+        sampler = BatchSampler(dataset.difficulty, args.train_iters, self.gbs, seed, stages, log=_rank0_print)
+        saved = None
+        if self.resume_from is not None:
+            saved = safe_load.load_common(self.resume_from).get("sft_sampler")
+        sampler.restore(saved, self.iteration)
+        self.batches = SFTBatches(dataset, sampler)
+        self.valid = None
+
+    def _extra_state(self) -> dict:
+        return {"sft_sampler": self.batches.sampler.state()} if self.args.sft else {}
+
+    def _write_report(self) -> None:
+        if self.args.curriculum_report and self.rank == 0:
+            from megatron_patch.data.sft import write_report
+
+            write_report(self.args.curriculum_report, self.batches.sampler)
 
     def _build_metrics(self) -> None:
         from megatron.core import parallel_state as ps
@@ -333,12 +414,17 @@ class Trainer:
         from megatron_patch.training.step import forward_backward
 
         saved_rng = rng_state()
+        start = time.perf_counter()
         finalize, self.config.finalize_model_grads_func = self.config.finalize_model_grads_func, None
         try:
             for _ in range(steps):
-                forward_backward(self.chunks, batch.to(self.acc.current_device()), self.args.micro_batch_size)
+                loss = forward_backward(self.chunks, batch.to(self.acc.current_device()), self.args.micro_batch_size)
         finally:
             self.config.finalize_model_grads_func = finalize
+        loss = self._global_loss(loss)
+        if self.rank == self.log_rank:  # the loss the first step will log again: its state is restored below
+            print(f"warm-up: {steps} step(s) in {time.perf_counter() - start:.1f}s, loss {loss!r} (state reset)",
+                  flush=True)
         zero_grads(self.chunks, self.optimizer)
         reset_model_temporary_tensors(self.config, self.chunks)
         clear_aux_losses_tracker()
@@ -353,7 +439,8 @@ class Trainer:
 
         start = time.perf_counter()
         path = save_checkpoint(self.args.save, self.iteration, self.chunks, self.optimizer, self.scheduler,
-                               self.consumed, _saved_args(self.args, self.world))
+                               self.consumed, _saved_args(self.args, self.world), extra=self._extra_state())
+        self._write_report()
         _rank0_print(f"saved checkpoint {path} ({time.perf_counter() - start:.1f}s)")
 
     def train(self) -> int:
@@ -366,6 +453,8 @@ class Trainer:
         saved_at = self.iteration
         while self.iteration < args.train_iters:
             rec = self.train_step(self.batches.next())
+            if self.heartbeat is not None:
+                self.heartbeat.step = self.iteration
             pending.append(rec)
             self.sink.step(rec)
             if self.iteration % args.log_interval == 0 or self.iteration == args.train_iters:
@@ -381,11 +470,24 @@ class Trainer:
                 self.save()
                 saved_at = self.iteration
             if exiting:
+                self._write_report()
                 _rank0_print(f"exiting at iteration {self.iteration} (--exit-interval {args.exit_interval})")
+                self._finish()
                 return 0
         if args.save and saved_at != self.iteration:
             self.save()
+        self._write_report()
+        self._finish()
         return 0
 
+    def _finish(self) -> None:
+        if self.heartbeat is not None:  # every rank stops watching before any exits (no false alarm)
+            self.heartbeat.stop()
+            torch.distributed.barrier()
+
     def close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        if self.save_lock is not None:
+            self.save_lock.close()
         self.sink.close()

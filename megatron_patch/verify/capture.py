@@ -122,14 +122,15 @@ def hf_targets(model: torch.nn.Module, hooks, num_layers: int) -> list[Target]:
 
 def mcore_targets(chunks: list, hooks) -> list[Target]:
     """Hook targets on this rank's chunks. Pre points only on the chunk that runs the embedding
-    (pre_process), post points only on the chunk with the output layer (post_process): the last
-    stage of a DeepSeek-V3 model with MTP holds an embedding too (MTP reuses it)."""
+    (pre_process): the MTP stage of a DeepSeek-V3 model holds an embedding too (MTP reuses it). Post
+    points wherever their module exists: the output layer is on the post_process chunk, but with MTP
+    megatron builds the final norm on the chunk of the last decoder layer, which a pipeline layout can
+    put on an earlier stage."""
     pre, layer, post = split_hooks(hooks)
     out = []
     for chunk in chunks:
         model = getattr(chunk, "module", chunk)
-        ends = (pre if getattr(model, "pre_process", False) else []) + \
-            (post if getattr(model, "post_process", False) else [])
+        ends = (pre if getattr(model, "pre_process", False) else []) + post
         wanted = [((h.component, None), h.kind, h.mcore) for h in ends]
         decoder = getattr(model, "decoder", None)
         for local, layer_module in enumerate(getattr(decoder, "layers", [])):

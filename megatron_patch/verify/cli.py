@@ -1,6 +1,8 @@
 """`megatron-patch compare`: activations of a Megatron model at any TP/PP/EP/ETP/VPP layout against HF.
 
     megatron-patch compare --hf-path DIR [--mcore-path DIR] --tp N --pp N --ep N --etp N [--vpp N]
+        [--decoder-first-pipeline-num-layers N] [--decoder-last-pipeline-num-layers N]
+        [--pipeline-model-parallel-layout STR] [--account-for-embedding/loss-in-pipeline-split]
         [--batch-size B] [--seq-length S] [--dtype fp32|bf16|fp16] [--json FILE] [--plot FILE] [--debug]
         [--moe-grouped-gemm] [--moe-expert-capacity-factor F [--moe-pad-expert-input-to-capacity]
          [--moe-token-drop-policy probs|position]]
@@ -22,11 +24,16 @@ def register(subparsers) -> None:
     p.add_argument("--mcore-path", default=None,
                    help="Megatron checkpoint (torch per-rank layout or torch_dist) to compare instead of the "
                         "in-memory conversion; a torch-format one must have been saved at this layout")
+    p.add_argument("--peft-path", default=None, help="a peft LoRA adapter (convert lora2peft): compare the LoRA "
+                   "model of --mcore-path (a `train --lora-rank` checkpoint) with peft's on --hf-path")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
     p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: TP)")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
+    from megatron_patch.models.pipeline import add_split_args
+
+    add_split_args(p)  # Megatron-LM's uneven pipeline flags
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-length", type=int, default=32)
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
@@ -39,6 +46,8 @@ def register(subparsers) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
     p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG of the max diff per layer")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before a hung rank fails the run")
+    p.add_argument("--distributed-timeout-minutes", type=float, default=None, metavar="M",
+                   help="Megatron-LM's name for the same limit, in minutes (overrides --timeout)")
     p.add_argument("--debug", action="store_true",
                    help="extra columns (max|HF|, bound), timings, warnings and full rank tracebacks")
     from megatron_patch.models.moe_options import add_moe_arguments
@@ -68,12 +77,16 @@ def _run(args) -> int:
         from megatron_patch.verify.report import require_matplotlib
 
         require_matplotlib()  # before minutes of work, not after
+    from megatron_patch.models.pipeline import split_kwargs
+
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
-                            vpp=args.vpp if args.vpp and args.vpp > 1 else None)
-    spec = CompareSpec(hf_path=args.hf_path, layout=layout, mcore_path=args.mcore_path,
+                            vpp=args.vpp if args.vpp and args.vpp > 1 else None, **split_kwargs(args))
+    spec = CompareSpec(hf_path=args.hf_path, layout=layout, mcore_path=args.mcore_path, peft_path=args.peft_path,
                        batch_size=args.batch_size, seq_length=args.seq_length, dtype=args.dtype,
                        seed=args.seed, atol=args.atol, router_mismatch=args.router_mismatch,
-                       debug=args.debug, timeout=args.timeout, moe=moe_overrides(args))
+                       debug=args.debug, timeout=(args.distributed_timeout_minutes * 60
+                                                  if args.distributed_timeout_minutes else args.timeout),
+                       moe=moe_overrides(args))
     try:
         report = run_compare(spec)
     except RankFailure as err:

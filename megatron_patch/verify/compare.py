@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -71,6 +72,7 @@ class CompareSpec:
     hf_path: str
     layout: ParallelLayout = field(default_factory=ParallelLayout)
     mcore_path: str | None = None
+    peft_path: str | None = None  # with mcore_path = a `train --lora-rank` checkpoint: LoRA vs peft
     batch_size: int = 2
     seq_length: int = 32
     dtype: str = "fp32"
@@ -172,17 +174,33 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
     if spec.seq_length > hf_config.max_position_embeddings:
         raise UserError(f"--seq-length {spec.seq_length} exceeds max_position_embeddings="
                         f"{hf_config.max_position_embeddings}")
-    if spec.mcore_path is None:
-        with HFCheckpoint(path):  # validates shards and headers (cheap)
-            pass
+    if spec.peft_path is not None:
+        if spec.mcore_path is None or mcore_format(spec.mcore_path)[0] != "torch_dist":
+            raise UserError("--peft-path needs --mcore-path, the --save directory of a `train --lora-rank` run")
+        if not (Path(spec.peft_path) / "adapter_config.json").is_file():
+            raise UserError(f"--peft-path {spec.peft_path}: no adapter_config.json (write one with "
+                            "`megatron-patch convert lora2peft`)")
+    # validates shards and headers (cheap), and the names against the table
+    if spec.mcore_path is None or spec.peft_path is not None:
+        from megatron_patch.convert.engine import ShardPlan, check_hf_checkpoint
+
+        with HFCheckpoint(path) as ckpt:
+            check_hf_checkpoint(ShardPlan(family, hf_config, lay, config), ckpt)
     else:
         fmt, root = mcore_format(spec.mcore_path)
+        if fmt == "torch_dist":
+            from megatron_patch.checkpoint.safe_load import check_dist_checkpoint
+
+            check_dist_checkpoint(root)  # a tampered pickle is refused before any rank starts
         if fmt == "torch":
             from megatron_patch.convert.mcore_layout import read_layout
 
+            from megatron_patch.convert.hf2mcore import layout_dict
+            from megatron_patch.convert.mcore_layout import layout_key
+
             _, sizes = read_layout(root)
-            want = {"tp": lay.tp, "pp": lay.pp, "ep": lay.ep, "etp": lay.expert_tp, "vpp": lay.vpp or 1}
-            if {k: sizes[k] for k in want} != want:
+            want = layout_dict(lay)
+            if layout_key(sizes) != layout_key(want):
                 raise UserError(f"--mcore-path {spec.mcore_path} was saved at {sizes}; this run asks for {want} "
                                 "(a torch-format checkpoint loads only at its own layout; pass the same sizes "
                                 "or use torch_dist)")
@@ -273,13 +291,19 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) ->
 
     from megatron_patch.convert.engine import ShardPlan, load_into_chunks
 
-    if spec.mcore_path is None:
+    if spec.mcore_path is None or spec.peft_path is not None:
         from megatron_patch.convert.hf_reader import HFCheckpoint
 
         plan = ShardPlan(family, hf_config, spec.layout, config, args)
         with HFCheckpoint(spec.hf_path) as ckpt:
             load_into_chunks(chunks, plan, ckpt.get_slice)
-        return "converted in memory from HF (convert.engine.load_into_chunks)"
+        if spec.peft_path is None:
+            return "converted in memory from HF (convert.engine.load_into_chunks)"
+        from megatron_patch.models.lora import load_adapters
+
+        saved = load_adapters(chunks, str(mcore_format(spec.mcore_path)[1]), hf_config, config, args, spec.layout)
+        return (f"HF base + LoRA r{saved['lora_rank']} adapters of {spec.mcore_path}, against peft "
+                f"{spec.peft_path}")
     fmt, root = mcore_format(spec.mcore_path)
     if fmt == "torch":
         from megatron_patch.convert.key_map import down_projection_rows, read_local_rank
@@ -290,15 +314,17 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) ->
                                          ps.get_pipeline_model_parallel_rank(), ps.get_expert_model_parallel_rank(),
                                          sizes, iteration, down_projection_rows(config))
     else:
-        from megatron.core import dist_checkpointing
+        from megatron_patch.checkpoint.safe_load import dist_load
 
         from megatron_patch.convert.key_map import match_sharded, stored_keys
 
-        keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-        stored = stored_keys(root)
-        sharded = {k: match_sharded(c.sharded_state_dict(), stored, f"--mcore-path {spec.mcore_path}",
-                                    extra_state=False)[0] for k, c in zip(keys, chunks)}
-        loaded = dist_checkpointing.load(sharded, str(root))
+        from megatron_patch.training.checkpointing import model_keys, model_sharded_state_dict
+
+        keys = model_keys(chunks)  # with Megatron-LM's metadata: MTP's embedding copy on a later stage needs it
+        stored = stored_keys(root)  # the checkpoint's names (local or TE spec) decide the keys requested
+        sharded = {k: match_sharded(sd, stored, f"--mcore-path {spec.mcore_path}", extra_state=False)[0]
+                   for k, sd in model_sharded_state_dict(chunks).items()}
+        loaded = dist_load(sharded, root)
         state_dicts = [loaded[k] for k in keys]
     if len(state_dicts) != len(chunks):
         raise UserError(f"--mcore-path holds {len(state_dicts)} model chunk(s) per rank, the layout builds "
@@ -355,6 +381,10 @@ def hf_forward(spec: CompareSpec, hooks, num_layers: int, tokens: torch.Tensor):
     hf_logging.set_verbosity_error()  # e.g. DeepSeek-V3 MTP weights transformers does not use
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(spec.hf_path, dtype=DTYPES[spec.dtype]).eval()
+    if spec.peft_path is not None:  # peft injects its LoRA layers into `model` in place (module paths unchanged)
+        from peft import PeftModel
+
+        PeftModel.from_pretrained(model, spec.peft_path).eval()
     rec = hf_recorder(model, hooks, num_layers)
     with torch.no_grad():
         model(tokens)
@@ -453,7 +483,7 @@ def run_in_group(spec: CompareSpec) -> dict | None:
         "model": {"num_layers": num_layers, "hidden_size": hf_config.hidden_size, "num_experts": experts,
                   "vocab_size": hf_config.vocab_size, "experts": describe_experts(config) if experts else None},
         "layout": {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp,
-                   "vpp": layout.vpp, "sp": layout.sequence_parallel, "world_size": world,
+                   "vpp": layout.vpp, **{k: v for k, v in layout.split_fields().items() if v}, "sp": layout.sequence_parallel, "world_size": world,
                    "name": layout.describe()},
         "dtype": spec.dtype,
         "dtypes": {"hf": str(DTYPES[spec.dtype]).replace("torch.", ""),
@@ -525,10 +555,15 @@ def run(spec: CompareSpec) -> dict | None:
     return results[0]
 
 
+_USER_ERROR_LINE = re.compile(r"^megatron_patch\.[\w.]*\.(UserError|UnsafeCheckpoint): (.*)$")
+
+
 def _user_error_in(text: str) -> str | None:
+    """The message of a UserError (or subclass) a rank's traceback ends with: bad input, exit 2, not 3."""
     for line in text.splitlines():
-        if line.startswith("megatron_patch.errors.UserError: "):
-            return line.split(": ", 1)[1]
+        m = _USER_ERROR_LINE.match(line)
+        if m:
+            return m.group(2)
     return None
 
 
@@ -540,7 +575,9 @@ def _run_torchrun(spec: CompareSpec) -> dict | None:
     acc = setup()
     if not dist.is_initialized():
         acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(acc.backend)
+        from datetime import timedelta
+
+        dist.init_process_group(acc.backend, timeout=timedelta(seconds=spec.timeout))
     report = run_in_group(spec)
     # every rank exits with rank 0's verdict
     verdict = [report["result"] if report else None]

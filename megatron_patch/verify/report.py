@@ -158,3 +158,41 @@ def write_plot(report: dict, path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# Seed 001's guide reads the comparison as sections of `PASS: <what> - Max diff: .., Avg diff: ..` lines.
+# component -> (section, label); components not listed (norms, layer outputs) only appear with debug.
+SEED_SECTIONS = ("Multi-Latent Attention (MLA)", "Mixture of Experts (MOE)", "Final Output")
+_SEED_LABELS = {
+    "attention": (0, "Attention Output"),
+    "router": (1, "Router Output"),
+    "shared_experts": (1, "Shared Experts Output"),
+    "mlp": (1, "MOE Output"),
+    "logits": (2, "Final Output"),
+    "final_norm": (2, "Final Norm Output"),
+}
+
+
+def format_seed_sections(report: dict, debug: bool = False) -> str:
+    """The report as seed 001's `test_mla_moe_correctness.py` prints it: one section per part of the model,
+    then `Overall Result`. A dense layer's MLP row is labelled `Dense MLP Output` (it sits with the MoE rows)."""
+    moe_layers = {r["layer"] for r in report["rows"] if r["component"] == "router"}
+    sections: list[list[str]] = [[] for _ in SEED_SECTIONS]
+    other: list[str] = []
+    for row in report["rows"]:
+        section, label = _SEED_LABELS.get(row["component"], (None, row["component"]))
+        if row["component"] == "mlp" and report["model"]["num_experts"] and row["layer"] not in moe_layers:
+            label = "Dense MLP Output"
+        where = "" if row["layer"] is None or section == 2 else f"Layer {row['layer']} "
+        note = f" ({row['note']})" if row.get("note") else ""
+        line = (f"{'PASS' if row['passed'] else 'FAIL'}: {where}{label} - Max diff: {_num(row['max_abs'])}, "
+                f"Avg diff: {_num(row['mean_abs'])}{note}")
+        (sections[section] if section is not None else other).append(line)
+    lines = [f"{RULE} Testing Results {RULE}"]
+    for title, body in zip(SEED_SECTIONS, sections):
+        if body:
+            lines += [f"--- Checking {title} ---", *body, ""]
+    if debug and other:
+        lines += ["--- Other hook points ---", *other, ""]
+    lines += [f"{RULE} Overall Result {RULE}", report["result"]]
+    return "\n".join(lines)

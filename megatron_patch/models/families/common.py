@@ -347,6 +347,15 @@ def mtp_block_spec(mcore_config, spec=None, vp_stage: int | None = None):
 
     if spec is None:
         spec = layer_spec(mcore_config, vp_stage=vp_stage)
+    if hasattr(spec, "layer_specs") and not spec.layer_specs:
+        # A stage with MTP and no decoder layer (a layout string's "...|mL"): Megatron-LM's gpt_builders then
+        # takes the model's own decoder layer spec; the last layer's of the unpipelined block is that.
+        import dataclasses
+
+        from megatron_patch.models.builder import ParallelLayout
+
+        whole = dataclasses.replace(mcore_config, **ParallelLayout().pipeline_overrides())
+        spec = layer_spec(whole)
     return get_gpt_mtp_block_spec(mcore_config, spec, use_transformer_engine=False, vp_stage=vp_stage)
 
 

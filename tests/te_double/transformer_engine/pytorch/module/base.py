@@ -71,6 +71,53 @@ class TransformerEngineBaseModule(ExtraStateMixin, torch.nn.Module):
         return param
 
 
+PARALLEL_MODES = (None, "column", "row")
+
+
+def _divide(n: int, d: int) -> int:
+    if n % d:
+        raise ValueError(f"te_double: {n} is not divisible by tensor-parallel size {d}")
+    return n // d
+
+
+class GemmModule(TransformerEngineBaseModule):
+    """What Linear, LayerNormLinear and GroupedLinear share: the TP split of the GEMM and its weight{s}/bias{s}
+    parameters (bias=False: an empty plain tensor, as TE), with the attributes megatron reads."""
+
+    def _setup_gemm(self, in_features, out_features, *, parallel_mode, tp_group, tp_size, sequence_parallel,
+                    fuse_wgrad_accumulation, bias, return_bias, delay_wgrad_compute, ub_name=None,
+                    rng_tracker_name=None) -> None:
+        if parallel_mode not in PARALLEL_MODES:
+            raise ValueError(f"te_double: parallel_mode {parallel_mode!r} not supported")
+        if delay_wgrad_compute:
+            raise NotImplementedError("te_double: delay_wgrad_compute is not emulated")
+        self._set_tp(tp_group, tp_size)
+        self.parallel_mode = parallel_mode
+        self.in_features = _divide(in_features, self.tp_size) if parallel_mode == "row" else in_features
+        self.out_features = _divide(out_features, self.tp_size) if parallel_mode == "column" else out_features
+        self.sequence_parallel = self.tp_size > 1 and sequence_parallel
+        self.fuse_wgrad_accumulation = fuse_wgrad_accumulation
+        self.use_bias, self.return_bias = bias, return_bias
+        self.apply_bias = bias and not return_bias
+        self.ub_name, self.rng_tracker_name = ub_name, rng_tracker_name
+        self.save_original_input = False
+
+    def _gemm_params(self, suffix: str, dtype, device, init_method, get_rng_state_tracker) -> None:
+        """weight{suffix} [out, in] and bias{suffix} [out], TP attributes as TE's reset_parameters sets them."""
+        weight = self._new_param(f"weight{suffix}", (self.out_features, self.in_features), dtype, device,
+                                 init_method or (lambda t: None), get_rng_state_tracker, self.rng_tracker_name)
+        if self.parallel_mode is not None:
+            set_tp_attributes(weight, 1 if self.parallel_mode == "row" else 0)
+        if not self.use_bias:
+            setattr(self, f"bias{suffix}", torch.empty(0, dtype=dtype, device=device))
+            return
+        bias = self._new_param(f"bias{suffix}", (self.out_features,), dtype, device, constant(0.0))
+        if self.parallel_mode == "column":
+            set_tp_attributes(bias, 0)
+        elif self.parallel_mode == "row":
+            bias.sequence_parallel = self.sequence_parallel
+
+
 def params_dtype_of(params_dtype) -> torch.dtype:
     return torch.get_default_dtype() if params_dtype is None else params_dtype
 

@@ -7,12 +7,10 @@ from typing import Callable, List, Optional
 import torch
 
 from transformer_engine.pytorch.module import _comm
-from transformer_engine.pytorch.module.base import (TransformerEngineBaseModule, constant, device_of,
-                                                    params_dtype_of, set_tp_attributes)
-from transformer_engine.pytorch.module.linear import PARALLEL_MODES, _divide
+from transformer_engine.pytorch.module.base import GemmModule, device_of, params_dtype_of
 
 
-class GroupedLinear(TransformerEngineBaseModule):
+class GroupedLinear(GemmModule):
     def __init__(self, num_gemms: int, in_features: int, out_features: int, sequence_parallel: bool = False,
                  fuse_wgrad_accumulation: bool = False, tp_group=None, tp_size: int = 1,
                  get_rng_state_tracker: Optional[Callable] = None, rng_tracker_name: Optional[str] = None,
@@ -21,30 +19,14 @@ class GroupedLinear(TransformerEngineBaseModule):
                  ub_overlap_rs: bool = False, ub_overlap_ag: bool = False, ub_name: Optional[str] = None,
                  delay_wgrad_compute: bool = False, save_original_input: bool = False) -> None:
         super().__init__()
-        if parallel_mode not in PARALLEL_MODES:
-            raise ValueError(f"te_double: parallel_mode {parallel_mode!r} not supported")
-        if delay_wgrad_compute:
-            raise NotImplementedError("te_double: delay_wgrad_compute is not emulated")
-        self._set_tp(tp_group, tp_size)
-        self.num_gemms, self.parallel_mode = num_gemms, parallel_mode
-        self.in_features = _divide(in_features, self.tp_size) if parallel_mode == "row" else in_features
-        self.out_features = _divide(out_features, self.tp_size) if parallel_mode == "column" else out_features
-        self.sequence_parallel = self.tp_size > 1 and sequence_parallel
-        self.fuse_wgrad_accumulation = fuse_wgrad_accumulation
-        self.use_bias, self.return_bias = bias, return_bias
-        self.apply_bias = bias and not return_bias
-        self.ub_name, self.rng_tracker_name = ub_name, rng_tracker_name
-        self.save_original_input = save_original_input
-        dtype, dev = params_dtype_of(params_dtype), device_of(device)
+        self._setup_gemm(in_features, out_features, parallel_mode=parallel_mode, tp_group=tp_group,
+                         tp_size=tp_size, sequence_parallel=sequence_parallel,
+                         fuse_wgrad_accumulation=fuse_wgrad_accumulation, bias=bias, return_bias=return_bias,
+                         delay_wgrad_compute=delay_wgrad_compute, ub_name=ub_name, rng_tracker_name=rng_tracker_name)
+        self.num_gemms, self.save_original_input = num_gemms, save_original_input
         for i in range(num_gemms):
-            w = self._new_param(f"weight{i}", (self.out_features, self.in_features), dtype, dev,
-                                init_method or (lambda t: None), get_rng_state_tracker, rng_tracker_name)
-            if parallel_mode is not None:
-                set_tp_attributes(w, 1 if parallel_mode == "row" else 0)
-            if bias:
-                self._new_param(f"bias{i}", (self.out_features,), dtype, dev, constant(0.0))
-            else:
-                setattr(self, f"bias{i}", torch.empty(0, dtype=dtype, device=dev))
+            self._gemm_params(str(i), params_dtype_of(params_dtype), device_of(device), init_method,
+                              get_rng_state_tracker)
 
     def forward(self, inp: torch.Tensor, m_splits: List[int], is_first_microbatch: Optional[bool] = None):
         if len(m_splits) != self.num_gemms:

@@ -7,52 +7,21 @@ from typing import Callable, Optional
 import torch
 
 from transformer_engine.pytorch.module import _comm
-from transformer_engine.pytorch.module.base import (TransformerEngineBaseModule, constant, device_of,
-                                                    params_dtype_of, set_tp_attributes)
-
-PARALLEL_MODES = (None, "column", "row")
+from transformer_engine.pytorch.module.base import GemmModule, device_of, params_dtype_of
 
 
-def _divide(n: int, d: int) -> int:
-    if n % d:
-        raise ValueError(f"te_double: {n} is not divisible by tensor-parallel size {d}")
-    return n // d
-
-
-class LinearBase(TransformerEngineBaseModule):
+class LinearBase(GemmModule):
     """The set-up Linear and LayerNormLinear share: TP split, weight and bias."""
 
     def _setup_linear(self, in_features, out_features, *, sequence_parallel, fuse_wgrad_accumulation, tp_group,
                       tp_size, get_rng_state_tracker, rng_tracker_name, init_method, bias, return_bias,
                       params_dtype, parallel_mode, device, ub_name, delay_wgrad_compute, symmetric_ar_type):
-        if parallel_mode not in PARALLEL_MODES:
-            raise ValueError(f"te_double: parallel_mode {parallel_mode!r} not supported")
-        if delay_wgrad_compute:
-            raise NotImplementedError("te_double: delay_wgrad_compute is not emulated")
-        self._set_tp(tp_group, tp_size)
-        self.parallel_mode = parallel_mode
-        self.in_features = _divide(in_features, self.tp_size) if parallel_mode == "row" else in_features
-        self.out_features = _divide(out_features, self.tp_size) if parallel_mode == "column" else out_features
-        self.sequence_parallel = self.tp_size > 1 and sequence_parallel
-        self.fuse_wgrad_accumulation = fuse_wgrad_accumulation
-        self.use_bias, self.return_bias = bias, return_bias
-        self.apply_bias = bias and not return_bias
-        self.ub_name, self.symmetric_ar_type = ub_name, symmetric_ar_type
-        self.rng_tracker_name = rng_tracker_name
-        self.save_original_input = False
-        dtype, device = params_dtype_of(params_dtype), device_of(device)
-        self._new_param("weight", (self.out_features, self.in_features), dtype, device,
-                        init_method or (lambda t: None), get_rng_state_tracker, rng_tracker_name)
-        if parallel_mode is not None:
-            set_tp_attributes(self.weight, 1 if parallel_mode == "row" else 0)
-        if bias:
-            self._new_param("bias", (self.out_features,), dtype, device, constant(0.0))
-            if parallel_mode == "column":
-                set_tp_attributes(self.bias, 0)
-            elif parallel_mode == "row":
-                self.bias.sequence_parallel = self.sequence_parallel
-        else:
-            self.bias = torch.empty(0, dtype=dtype, device=device)
+        self._setup_gemm(in_features, out_features, parallel_mode=parallel_mode, tp_group=tp_group,
+                         tp_size=tp_size, sequence_parallel=sequence_parallel,
+                         fuse_wgrad_accumulation=fuse_wgrad_accumulation, bias=bias, return_bias=return_bias,
+                         delay_wgrad_compute=delay_wgrad_compute, ub_name=ub_name, rng_tracker_name=rng_tracker_name)
+        self.symmetric_ar_type = symmetric_ar_type
+        self._gemm_params("", params_dtype_of(params_dtype), device_of(device), init_method, get_rng_state_tracker)
 
     def _gemm(self, x: torch.Tensor):
         """The GEMM with TE's communication; returns what TE's forward returns."""

@@ -1,0 +1,1 @@
+"""Checkpoint I/O shared by convert, verify and training (safe loading so far)."""

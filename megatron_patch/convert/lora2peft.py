@@ -1,0 +1,158 @@
+"""`convert lora2peft`: the adapters of a `train --lora-rank` checkpoint -> a peft adapter directory
+(adapter_config.json + adapter_model.safetensors, HF module names, loadable by PeftModel.from_pretrained),
+or with --merge a full HF model with W + alpha/r * B A (computed in fp32, stored in W's dtype).
+
+The checkpoint stores each adapted linear's A and B with the layers stacked on a first axis, in TP1's layout
+(see models/lora.py). A fused linear's B is split back per HF module by the family row's split kind, exactly
+as its base weight is.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from megatron_patch.errors import UserError
+
+PEFT_PREFIX = "base_model.model."
+
+
+def _checkpoint_dir(path: str) -> Path:
+    from megatron_patch.training.checkpointing import is_dist_checkpoint, train_checkpoint_dir
+
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"--mcore-path {path}: not a directory")
+    found = p if is_dist_checkpoint(p) else train_checkpoint_dir(p)
+    if found is None:
+        raise UserError(f"--mcore-path {path}: no training checkpoint (latest_checkpointed_iteration.txt) there")
+    return found
+
+
+def read_adapters(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(saved training args, {checkpoint key: full tensor}) of the LoRA entries of a torch_dist checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_patch.checkpoint import safe_load
+
+    ck = _checkpoint_dir(path)
+    args = safe_load.load_common(ck).get("args") or {}  # installs the safe DCP metadata reader too
+    if not args.get("lora_rank"):
+        raise UserError(f"--mcore-path {path}: {ck.name} was not trained with --lora-rank (no adapters)")
+    reader = dcp.FileSystemReader(str(ck))
+    meta = reader.read_metadata().state_dict_metadata
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+             if ".lora_" in k and hasattr(m, "size")}
+    if not state:
+        raise UserError(f"--mcore-path {path}: {ck.name} holds no lora_A/lora_B tensors")
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    return args, state
+
+
+def peft_tensors(hf_config, args: dict, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{HF module path: (A [r, in], B [out, r])} for every adapted HF module of every layer."""
+    from megatron_patch.models.families import family_for_config, model_args
+    from megatron_patch.models.families.base import Row
+    from megatron_patch.models.families.common import shard_context
+    from megatron_patch.models.lora import lora_targets
+
+    family = family_for_config(hf_config)
+    config = family.to_mcore_config(hf_config)
+    margs = model_args(hf_config)
+    ctx = shard_context(config, margs, 1)  # the stored layout is TP1's (models/lora.py)
+    r = int(args["lora_rank"])
+    out = {}
+    for t in lora_targets(family, hf_config, args["lora_target"].split(",")):
+        key = f"decoder.layers.{t.rel}"
+        a_all, b_all = stored.get(key + ".lora_A"), stored.get(key + ".lora_B")
+        if a_all is None or b_all is None:
+            raise UserError(f"checkpoint has no {key}.lora_A/lora_B (saved with other --lora-target?)")
+        for layer in range(a_all.shape[0]):
+            a, b = a_all[layer], b_all[layer]
+            parts = [b] if t.split is Row else t.split.merge([b], ctx)
+            for j, p in enumerate(t.parts):
+                name = t.hf[p].format(layer=layer)
+                b_part = parts[0] if t.split is Row else parts[p]
+                out[name] = (a[j * r:(j + 1) * r].contiguous(), b_part[:, j * r:(j + 1) * r].contiguous())
+    return out
+
+
+def _hf_config(hf_dir: str):
+    from transformers import AutoConfig
+
+    if not (Path(hf_dir) / "config.json").is_file():
+        raise UserError(f"--hf-config {hf_dir}: no config.json there (give the base HF model directory)")
+    return AutoConfig.from_pretrained(hf_dir)
+
+
+def write_adapter(out: Path, hf_dir: str, args: dict, adapters: dict) -> None:
+    from safetensors.torch import save_file
+
+    names = sorted({n.rsplit(".", 1)[-1] for n in adapters})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(Path(hf_dir).resolve()),
+              "r": int(args["lora_rank"]), "lora_alpha": float(args.get("lora_alpha") or args["lora_rank"]),
+              "lora_dropout": float(args.get("lora_dropout") or 0.0), "target_modules": names, "bias": "none",
+              "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "use_dora": False,
+              "modules_to_save": None, "init_lora_weights": True}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tensors = {}
+    for name, (a, b) in adapters.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def write_merged(out: Path, hf_dir: str, args: dict, adapters: dict) -> None:
+    """Every file of the HF directory, with W += alpha/r * B A on the adapted weights (fp32 math)."""
+    from safetensors.torch import load_file, save_file
+
+    scaling = float(args.get("lora_alpha") or args["lora_rank"]) / int(args["lora_rank"])
+    src = Path(hf_dir)
+    shards = sorted(src.glob("*.safetensors"))
+    if not shards:
+        raise UserError(f"--hf-config {hf_dir}: no *.safetensors weights to merge into (--merge needs the base model)")
+    left = set(adapters)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy2(f, out / f.name)
+    for shard in shards:
+        tensors = load_file(str(shard))
+        for name in list(tensors):
+            module = name[:-len(".weight")] if name.endswith(".weight") else None
+            if module in adapters:
+                a, b = adapters[module]
+                w = tensors[name]
+                tensors[name] = (w.float() + scaling * (b.float() @ a.float())).to(w.dtype)
+                left.discard(module)
+        save_file(tensors, str(out / shard.name), metadata={"format": "pt"})
+    if left:
+        raise UserError(f"--hf-config {hf_dir}: weights of {sorted(left)[:3]} not found in its safetensors")
+
+
+def run(args) -> int:
+    from megatron_patch.convert.atomic import atomic_output_dir
+
+    hf_config = _hf_config(args.hf_config)
+    saved, stored = read_adapters(args.mcore_path)
+    adapters = peft_tensors(hf_config, saved, stored)
+    with atomic_output_dir(args.out, force=args.force) as tmp:
+        if args.merge:
+            write_merged(tmp, args.hf_config, saved, adapters)
+        else:
+            write_adapter(tmp, args.hf_config, saved, adapters)
+    what = "merged HF model" if args.merge else "peft adapter"
+    print(f"wrote {what} {args.out}: {len(adapters)} adapted modules, r {saved['lora_rank']}, "
+          f"alpha {saved.get('lora_alpha') or saved['lora_rank']}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("lora2peft", help="LoRA adapters of a training checkpoint -> peft adapter (or --merge: HF model)")
+    p.add_argument("--mcore-path", required=True, help="the --save directory of a `train --lora-rank` run")
+    p.add_argument("--hf-config", required=True, help="the base HF model directory")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--merge", action="store_true", help="write the full HF model with the adapters merged in")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=run)

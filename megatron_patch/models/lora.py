@@ -1,0 +1,236 @@
+"""LoRA adapters on megatron-core's tensor-parallel linears, named by HF module (q_proj, ..., down_proj).
+
+The family table's rows say which megatron linear an HF module lives in and how it is split over TP
+(Column, Row, QKV, GateUp); an adapter follows the same split as its base weight:
+
+- column-parallel base (linear_qkv, linear_fc1): A [T*r, in] replicated (one r-block per adapted HF module),
+  B local [out_local, T*r] = the HF modules' B matrices sharded by the row's split kind (QKV grouping, [gate_i;
+  up_i]); a fixed block mask keeps module m's output rows reading only its own r columns (peft's per-module
+  adapters exactly). x (gathered over SP) @ A^T, its gradient all-reduced over TP, then @ B_local^T.
+- row-parallel base (linear_proj, linear_fc2): A local [r, in_local] sharded like the weight, x_local @ A^T
+  reduced over TP (reduce-scattered under SP), then @ B^T with B [out, r] replicated (its gradient summed
+  over TP under SP).
+
+A is initialised like peft (uniform +-1/sqrt(in)) from a generator seeded by (seed, layer, module), so the
+adapters are the same at any layout; B starts at zero. Base weights are frozen. The sharded state dict keeps
+the base keys unchanged and adds `<linear>.lora_A` / `<linear>.lora_B`; checkpoints hold only those, in a
+layout that does not depend on TP (a fused B is stored like its base weight: QKV grouped per query group,
+fc1 as [gate; up]), so a TP2 checkpoint loads at TP1 and exports without knowing its TP size.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from megatron_patch.errors import UserError
+from megatron_patch.models.families.base import GateUp
+
+ADAPTER_MARK = ".lora_"
+
+
+@dataclass(frozen=True)
+class Target:
+    rel: str                  # the linear inside a decoder layer, e.g. "self_attention.linear_qkv"
+    hf: tuple[str, ...]       # HF module per part, with {layer}: "model.layers.{layer}.self_attn.q_proj"
+    split: object             # the family row's split kind
+    parts: tuple[int, ...]    # adapted parts (indices into hf)
+
+    @property
+    def short(self) -> tuple[str, ...]:
+        return tuple(self.hf[p].rsplit(".", 1)[-1] for p in self.parts)
+
+
+def lora_targets(family, hf_config, names: list[str]) -> list[Target]:
+    """Map HF module names to the decoder linears holding them (through the family table)."""
+    from megatron_patch.models.families.base import Column, GateUp, QKV, Row
+
+    rows = [r for r in family.params(hf_config) if r.mcore.startswith("decoder.layers.{layer}.")
+            and r.mcore.endswith(".weight") and r.split in (Column, Row, QKV, GateUp)
+            and "{expert}" not in r.mcore]
+    available = {h.rsplit(".", 2)[-2]: r for r in rows for h in r.hf}
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise UserError(f"--lora-target {','.join(unknown)}: not a linear of this model's decoder layers "
+                        f"(available: {','.join(sorted(available))}; routed experts are not supported yet)")
+    targets = []
+    for r in rows:
+        parts = tuple(i for i, h in enumerate(r.hf) if h.rsplit(".", 2)[-2] in names)
+        if parts:
+            rel = r.mcore[len("decoder.layers.{layer}."):-len(".weight")]
+            targets.append(Target(rel, tuple(h[:-len(".weight")] for h in r.hf), r.split, parts))
+    return targets
+
+
+def _part_sizes(target: Target, out_total: int, ctx) -> list[int]:
+    from megatron_patch.models.families.base import GateUp, QKV
+
+    if target.split is QKV:
+        d = ctx.kv_channels
+        return [ctx.num_attention_heads * d, ctx.num_query_groups * d, ctx.num_query_groups * d]
+    if target.split is GateUp:
+        return [out_total // 2, out_total // 2]
+    return [out_total]
+
+
+def init_a(seed: int, layer: int, rel: str, part: int, rank: int, fan_in: int) -> torch.Tensor:
+    """peft's kaiming_uniform_(a=sqrt(5)) bound, from a generator of (seed, layer, module, part)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{layer}/{rel}/{part}".encode()))
+    bound = 1.0 / math.sqrt(fan_in)
+    return (torch.rand(rank, fan_in, generator=gen, dtype=torch.float64) * 2 - 1).mul(bound).float()
+
+
+class LoRALinear(torch.nn.Module):
+    """base(x) + alpha/r * B(A(dropout(x))), TP-aware; returns (output, bias) like the base."""
+
+    def __init__(self, base, target: Target, layer: int, rank: int, alpha: float, dropout: float, seed: int,
+                 ctx, sequence_parallel: bool):
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        from megatron_patch.models.families.base import Row
+
+        super().__init__()
+        self.base = base
+        self.target, self.layer, self.r, self.scaling = target, layer, rank, alpha / rank
+        self.dropout = dropout
+        self.sp = sequence_parallel
+        self.row = target.split is Row
+        tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        self.tp_rank = tp_rank
+        dtype = base.weight.dtype
+        fan_in, out_total = base.input_size, base.output_size
+        a_full = torch.cat([init_a(seed, layer, target.rel, p, rank, fan_in) for p in target.parts])
+        n = len(target.parts) * rank
+        if self.row:
+            per = fan_in // tp
+            self.lora_A = torch.nn.Parameter(a_full[:, tp_rank * per:(tp_rank + 1) * per].to(dtype).contiguous())
+            set_tensor_model_parallel_attributes(self.lora_A, True, 1, 1)
+            self.lora_B = torch.nn.Parameter(torch.zeros(out_total, n, dtype=dtype))
+            if sequence_parallel:
+                self.lora_B.sequence_parallel = True  # each rank sees its sequence shard: sum over TP
+            self.register_buffer("mask", None, persistent=False)
+        else:
+            self.lora_A = torch.nn.Parameter(a_full.to(dtype))
+            sizes = _part_sizes(target, out_total, ctx)
+            blocks = []
+            for i, size in enumerate(sizes):
+                block = torch.zeros(size, n, dtype=dtype)
+                if i in target.parts:
+                    j = target.parts.index(i)
+                    block[:, j * rank:(j + 1) * rank] = 1
+                blocks.append(block)
+            mask = target.split.shard(blocks, tp_rank, tp, ctx)
+            self.lora_B = torch.nn.Parameter(torch.zeros_like(mask))
+            set_tensor_model_parallel_attributes(self.lora_B, True, 0, 1)
+            self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x):
+        from megatron.core.tensor_parallel import mappings as m
+
+        out, bias = self.base(x)
+        h = self._dropout(x)
+        if self.row:
+            z = torch.nn.functional.linear(h, self.lora_A)
+            z = m.reduce_scatter_to_sequence_parallel_region(z) if self.sp else m.reduce_from_tensor_model_parallel_region(z)
+            delta = torch.nn.functional.linear(z, self.lora_B)
+        else:
+            if self.sp:
+                h = m.gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
+            z = m.copy_to_tensor_model_parallel_region(torch.nn.functional.linear(h, self.lora_A))
+            delta = torch.nn.functional.linear(z, self.lora_B * self.mask)
+        return out + delta * self.scaling, bias
+
+    def _dropout(self, x):
+        """peft's dropout on the adapter input. A TP-sharded input (row-parallel features, or the sequence shard
+        under SP) draws from megatron's tensor-parallel RNG (different per TP rank); a replicated input from the
+        default generator, seeded alike on every TP rank. (Dropout > 0 is not covered by the layout tests.)"""
+        if not self.dropout or not self.training:
+            return x
+        if self.row or self.sp:
+            from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+            with get_cuda_rng_tracker().fork():
+                return torch.nn.functional.dropout(x, self.dropout, True)
+        return torch.nn.functional.dropout(x, self.dropout, True)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        out = self.base.sharded_state_dict(prefix, sharded_offsets, metadata)
+        axis = {"lora_A": 1} if self.row else {"lora_B": 0}
+        out.update(make_sharded_tensors_for_checkpoint(
+            {"lora_A": self.lora_A, "lora_B": self.lora_B}, prefix, axis, sharded_offsets,
+            tp_group=getattr(self.base, "tp_group", None), dp_cp_group=(metadata or {}).get("dp_cp_group")))
+        if self.target.split is GateUp:  # stored as [gate; up] like fc1's weight, so it loads at any TP
+            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+            out[prefix + "lora_B"] = apply_swiglu_sharded_factory(out[prefix + "lora_B"], sharded_offsets)
+        return out
+
+
+def apply_lora(chunks: list, hf_config, config, margs, layout, rank: int, alpha: float, dropout: float,
+               targets_csv: str, seed: int) -> int:
+    """Wrap the targeted linears of every decoder layer and freeze everything else. Returns adapter count."""
+    from megatron_patch.models.families import family_for_config
+    from megatron_patch.models.families.common import shard_context
+
+    if rank < 1:
+        raise UserError(f"--lora-rank {rank}: must be >= 1")
+    if not 0 <= dropout < 1:
+        raise UserError(f"--lora-dropout {dropout}: must be in [0, 1)")
+    names = [n.strip() for n in targets_csv.split(",") if n.strip()]
+    if not names:
+        raise UserError("--lora-target NAMES is required with --lora-rank (e.g. q_proj,k_proj,v_proj,o_proj)")
+    targets = lora_targets(family_for_config(hf_config), hf_config, names)
+    ctx = shard_context(config, margs, layout.tp)
+    for chunk in chunks:
+        for p in chunk.parameters():
+            p.requires_grad_(False)
+    wrapped = 0
+    for chunk in chunks:
+        decoder = getattr(chunk, "decoder", None)
+        for layer in getattr(decoder, "layers", []):
+            for t in targets:
+                parent_path, _, attr = t.rel.rpartition(".")
+                parent = layer.get_submodule(parent_path)
+                base = getattr(parent, attr)
+                setattr(parent, attr, LoRALinear(base, t, layer.layer_number - 1, rank, alpha, dropout, seed, ctx,
+                                                 bool(config.sequence_parallel)))
+                wrapped += 1
+    return wrapped
+
+
+def has_adapters(chunks) -> bool:
+    return any(isinstance(m, LoRALinear) for c in chunks for m in c.modules())
+
+
+def adapters_only(sharded: dict) -> dict:
+    """The adapter entries of a model's sharded state dict (what a LoRA checkpoint holds)."""
+    return {k: v for k, v in sharded.items() if ADAPTER_MARK in k}
+
+
+def load_adapters(chunks: list, ckpt_path: str, hf_config, config, margs, layout) -> dict:
+    """Wrap `chunks` (base weights already loaded) with the LoRA of a `train --lora-rank` checkpoint and load its
+    adapters. Returns the checkpoint's saved args."""
+    from megatron_patch.checkpoint import safe_load
+    from megatron_patch.training.checkpointing import model_keys, sharded_metadata
+
+    common = safe_load.load_common(ckpt_path)
+    saved = common.get("args") or {}
+    if not saved.get("lora_rank"):
+        raise UserError(f"--mcore-path {ckpt_path} was not trained with --lora-rank (no adapters to compare)")
+    apply_lora(chunks, hf_config, config, margs, layout, int(saved["lora_rank"]),
+               float(saved.get("lora_alpha") or saved["lora_rank"]), 0.0, saved["lora_target"], 0)
+    metadata = sharded_metadata()
+    keys = model_keys(chunks)
+    request = {k: adapters_only(c.sharded_state_dict(metadata=metadata)) for k, c in zip(keys, chunks)}
+    loaded = safe_load.dist_load(request, ckpt_path)
+    for k, c in zip(keys, chunks):
+        result = c.load_state_dict(loaded[k], strict=False)
+        if result.unexpected_keys or any(ADAPTER_MARK in m for m in result.missing_keys):
+            raise UserError(f"--mcore-path {ckpt_path}: adapters do not match the model "
+                            f"({result.unexpected_keys[:3]} {[m for m in result.missing_keys if ADAPTER_MARK in m][:3]})")
+    return saved

@@ -1,0 +1,74 @@
+"""A stopped or dead rank is found within seconds, not at the process group's timeout.
+
+Every rank beats (a counter and its current step) into the process group's key-value store from a daemon
+thread, and watches the next rank in a ring. A beat that has not changed for `timeout` seconds (measured
+on the watcher's own clock: no clock skew between nodes) means that rank stopped (SIGSTOP, a dead node,
+a frozen process): the watcher posts an abort naming it and the step, and every rank, polling the abort
+key, prints one `error:` line and exits with code 3. A rank busy in a long step keeps beating (the thread
+runs beside it), so only a process that no longer runs at all is reported; a hang inside a collective is
+bounded by --distributed-timeout-minutes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+EXIT_CODE = 3
+_ABORT = "mp_heartbeat/abort"
+
+
+class Heartbeat:
+    def __init__(self, store, rank: int, world: int, timeout: float, on_abort=None):
+        self.store, self.rank, self.world, self.timeout = store, rank, world, timeout
+        self.step = 0
+        self.on_abort = on_abort
+        self._stop = threading.Event()
+        self._beats = 0
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name="mp-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _key(self, rank: int) -> str:
+        return f"mp_heartbeat/{rank}"
+
+    def _beat(self) -> None:
+        self._beats += 1
+        self.store.set(self._key(self.rank), f"{self._beats} {self.step}")
+
+    def _run(self) -> None:
+        watched = (self.rank + 1) % self.world
+        interval = max(0.2, min(5.0, self.timeout / 5))
+        last, changed = None, time.monotonic()
+        while not self._stop.wait(interval):
+            try:
+                self._beat()
+                if self.store.check([_ABORT]):
+                    self._abort(self.store.get(_ABORT).decode())
+                if self.store.check([self._key(watched)]):
+                    value = self.store.get(self._key(watched)).decode()
+                    if value != last:
+                        last, changed = value, time.monotonic()
+                if time.monotonic() - changed > self.timeout:
+                    step = last.split()[1] if last else "?"
+                    message = (f"rank {watched} stopped responding (no heartbeat for {self.timeout:.0f} s, the last "
+                               f"one at step {step}; seen by rank {self.rank})")
+                    self.store.set(_ABORT, message)
+                    self._abort(message)
+            except Exception:  # noqa: BLE001 - the store is gone: the job is ending anyway
+                if self._stop.is_set():
+                    return
+                self._abort(f"the job's key-value store stopped answering (rank 0 gone?) at step {self.step}")
+
+    def _abort(self, message: str) -> None:
+        if self._stop.is_set():
+            return
+        print(f"error: {message}; rank {self.rank} (step {self.step}) exits with code {EXIT_CODE}",
+              file=sys.stderr, flush=True)
+        if self.on_abort is not None:
+            self.on_abort(EXIT_CODE)
+        os._exit(EXIT_CODE)
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,369 @@
+"""Fault cases: tampered checkpoints are refused without running their payload (every reader), and Megatron-LM's
+real checkpoint content still loads. Each case asserts the exit code, the first line, that the payload did
+not run and that nothing was written or lost."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pickle
+import random
+import shutil
+from pathlib import Path
+
+import numpy
+import pytest
+import torch
+
+from megatron_patch.checkpoint import safe_load
+from megatron_patch.cli import main
+from megatron_patch.convert import mcore_layout
+from megatron_patch.convert.hf2mcore import hf2mcore
+from megatron_patch.errors import UserError
+from megatron_patch.models.builder import ParallelLayout
+from megatron_patch.models.mini import make_mini
+
+REFUSED = "refused to load: it holds posix.system"
+
+
+class Payload:
+    """Unpickling this runs `touch MARKER` (what an attacker's checkpoint would do with a worse command)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _tamper_pt(path, marker, key="args"):
+    ck = torch.load(path, weights_only=False)
+    ck[key].note = Payload(marker)  # inside Megatron's args Namespace, where a real one would hide it
+    torch.save(ck, path)
+
+
+def _tamper_metadata(ckpt_dir, marker):
+    md = pickle.load(open(ckpt_dir / ".metadata", "rb"))
+    md.mcore_data = {"x": Payload(marker)}
+    pickle.dump(md, open(ckpt_dir / ".metadata", "wb"))
+
+
+def _tamper_stored_object(ckpt_dir, marker):
+    """Point one object stored among the tensors (an `_extra_state`) at a pickled payload appended to its file."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    md = pickle.load(open(ckpt_dir / ".metadata", "rb"))
+    key = next(k for k, v in md.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
+    info = next(v for i, v in md.storage_data.items() if i.fqn == key)
+    buf = io.BytesIO()
+    torch.save(Payload(marker), buf)
+    path = ckpt_dir / info.relative_path
+    info.offset, info.length = path.stat().st_size, len(buf.getvalue())
+    with open(path, "ab") as f:
+        f.write(buf.getvalue())
+    pickle.dump(md, open(ckpt_dir / ".metadata", "wb"))
+    return key
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    hf = make_mini("qwen2", root / "hf", layers=2)
+    hf2mcore(str(hf), str(root / "torch"), ParallelLayout(), fmt="torch", dtype="fp32")
+    hf2mcore(str(hf), str(root / "dist"), ParallelLayout(), fmt="torch_dist", dtype="fp32")
+    marker = root / "PAYLOAD_RAN"
+    bad = {}
+    for name, src, tamper in (
+        ("legacy_pt", "torch", lambda d: _tamper_pt(d / "release/mp_rank_00/model_optim_rng.pt", marker)),
+        ("dist_metadata", "dist", lambda d: _tamper_metadata(d / "release", marker)),
+        ("dist_common_pt", "dist", lambda d: _tamper_pt(d / "release/common.pt", marker)),
+        ("dist_stored_object", "dist", lambda d: _tamper_stored_object(d / "release", marker)),
+    ):
+        bad[name] = root / name
+        shutil.copytree(root / src, bad[name])
+        tamper(bad[name])
+    return {"root": root, "hf": hf, "marker": marker, "bad": bad}
+
+
+def _snapshot(path):
+    return {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["legacy_pt", "dist_metadata", "dist_common_pt", "dist_stored_object"])
+def test_tampered_checkpoint_is_refused_by_every_command(ckpts, capsys, case):
+    src = ckpts["bad"][case]
+    before = _snapshot(src)
+    out = ckpts["root"] / f"out-{case}"
+    commands = [["convert", "mcore2hf", "--mcore-path", str(src), "--out", str(out)],
+                ["convert", "reshard", "--mcore-path", str(src), "--out", str(out), "--tp", "1", "--pp", "1", "--ep", "1"],
+                ["compare", "--hf-path", str(ckpts["hf"]), "--mcore-path", str(src)]]
+    for argv in commands:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        first = next(line for line in err if line.startswith("error: "))
+        assert REFUSED in first and str(src) in first, (argv, err)
+        assert not ckpts["marker"].exists(), f"{argv}: the payload ran"
+        assert not out.exists() and not list(out.parent.glob(f".{out.name}*")), f"{argv}: output left behind"
+    assert _snapshot(src) == before  # nothing lost
+
+
+def test_dcp_and_megatron_loaders_are_routed_through_the_safe_ones(ckpts):
+    """Past the up-front check: torch DCP's own FileSystemReader, its load planner's objects and megatron's
+    common.pt loader refuse the payload once safe_load.install() ran."""
+    import torch.distributed.checkpoint as dcp
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint import FileSystemReader
+
+    safe_load.install()
+    with pytest.raises(safe_load.UnsafeCheckpoint, match=REFUSED):
+        FileSystemReader(str(ckpts["bad"]["dist_metadata"] / "release")).read_metadata()
+    with pytest.raises(safe_load.UnsafeCheckpoint, match=REFUSED):
+        dist_checkpointing.load_common_state_dict(str(ckpts["bad"]["dist_common_pt"] / "release"))
+    stored = ckpts["bad"]["dist_stored_object"] / "release"
+    md = pickle.load(open(stored / ".metadata", "rb"))
+    key = next(k for k, v in md.state_dict_metadata.items() if type(v).__name__ == "BytesStorageMetadata")
+    with pytest.raises(BaseException) as err:  # DCP's CheckpointException is a BaseException
+        dcp.load({key: io.BytesIO()}, checkpoint_id=str(stored), no_dist=True)
+    assert isinstance(safe_load.refusal_in(err.value), safe_load.UnsafeCheckpoint)
+    assert not ckpts["marker"].exists()
+    # the untampered checkpoint still reads through the same loaders
+    good = ckpts["root"] / "dist" / "release"
+    assert dist_checkpointing.load_common_state_dict(str(good))["args"].tensor_model_parallel_size == 1
+    objects = {key: io.BytesIO()}
+    dcp.load(objects, checkpoint_id=str(good), no_dist=True)
+    assert not isinstance(objects[key], io.BytesIO)
+
+
+def test_megatron_lm_checkpoint_content_loads(tmp_path):
+    """What Megatron-LM stores next to the weights (args with torch dtypes and megatron enums, the rng states
+    of python/numpy/torch/tracker, the scheduler, the rerun state machine, optimizer state) loads
+    weights-only, equal to what was saved."""
+    from megatron.core.enums import ModelType
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.rerun_state_machine import RerunMode, RerunState
+    from megatron.core.transformer.enums import AttnBackend
+
+    numpy.random.seed(5)
+    args = argparse.Namespace(params_dtype=torch.bfloat16, main_grads_dtype=torch.float32, model_type=ModelType.encoder_or_decoder,
+                              attention_backend=AttnBackend.auto, data_path=["1.0", "/data/a_text_document"],
+                              tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
+                              lr=3e-4, rerun_mode="disabled", virtual_pipeline_model_parallel_size=None)
+    rng = [{"random_rng_state": random.getstate(), "np_rng_state": numpy.random.get_state(),
+            "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": torch.get_rng_state(),
+            "rng_tracker_states": {"model-parallel-rng": torch.get_rng_state()}}]
+    extra = {"rng_state": rng, "opt_param_scheduler": {"max_lr": 3e-4, "num_steps": 80, "lr_decay_style": "cosine"},
+             "rerun_state_machine": {"mode": RerunMode.DISABLED, "state": RerunState.NOT_RUNNING_YET, "rerun_requested": False},
+             "optimizer": {"optimizer": {"state": {0: {"exp_avg": torch.ones(3), "step": torch.tensor(4.0)}},
+                                         "param_groups": [{"lr": 3e-4, "params": [0]}]},
+                           "config": OptimizerConfig(lr=3e-4), "grad_scaler": None},
+             "num_floating_point_operations_so_far": 12345}
+    root = tmp_path / "ckpt"
+    path = mcore_layout.write_rank(root, 80, 0, 0, 0, {"tp": 1}, [{"w": torch.arange(4.0)}], vars(args))
+    saved = torch.load(path, weights_only=False)
+    saved.update(extra)
+    torch.save(saved, path)
+    mcore_layout.write_latest(root, 80)
+
+    loaded = mcore_layout.load_rank_checkpoint(root, 0, 0, 0)
+    assert vars(loaded["args"]) == vars(saved["args"])
+    state = loaded["rng_state"][0]
+    assert state["random_rng_state"] == rng[0]["random_rng_state"]
+    np_saved, np_loaded = rng[0]["np_rng_state"], state["np_rng_state"]
+    assert np_loaded[0] == np_saved[0] and numpy.array_equal(np_loaded[1], np_saved[1]) and np_loaded[2:] == np_saved[2:]
+    numpy.random.set_state(np_loaded)  # numpy accepts it back
+    assert torch.equal(state["torch_rng_state"], rng[0]["torch_rng_state"])
+    assert loaded["rerun_state_machine"] == extra["rerun_state_machine"]
+    assert loaded["optimizer"]["config"] == extra["optimizer"]["config"]
+    assert torch.equal(loaded["optimizer"]["optimizer"]["state"][0]["exp_avg"], torch.ones(3))
+    assert loaded["opt_param_scheduler"] == extra["opt_param_scheduler"]
+    assert torch.equal(mcore_layout.model_chunks(loaded)[0]["w"], torch.arange(4.0))
+
+
+def test_corrupt_checkpoint_files_are_one_line_errors(ckpts, tmp_path):
+    """Not a payload, just damage: a `.pt` holding a list, a truncated `.metadata`."""
+    src = tmp_path / "list_pt"
+    shutil.copytree(ckpts["root"] / "torch", src)
+    torch.save([1, 2, 3], src / "release/mp_rank_00/model_optim_rng.pt")
+    with pytest.raises(UserError, match="holds a list, not a Megatron checkpoint"):
+        mcore_layout.read_layout(src)
+    dist = tmp_path / "cut_metadata"
+    shutil.copytree(ckpts["root"] / "dist", dist)
+    meta = dist / "release/.metadata"
+    meta.write_bytes(meta.read_bytes()[:40])
+    with pytest.raises(UserError, match="the file is corrupt"):
+        safe_load.check_dist_checkpoint(dist / "release")
+
+
+def test_force_never_eats_an_input(ckpts, capsys):
+    """--out that is, contains or lies inside an input is refused even with --force; the input is untouched."""
+    root, hf = ckpts["root"], ckpts["hf"]
+    cases = [
+        (["convert", "hf2mcore", "--hf-path", str(hf), "--out", str(hf), "--force"], hf, "is the input"),
+        (["convert", "hf2mcore", "--hf-path", str(hf), "--out", str(root), "--force"], hf, "contains the input"),
+        (["convert", "mcore2hf", "--mcore-path", str(root / "torch"), "--out", str(root / "torch" / "hf"), "--force"],
+         root / "torch", "is inside the input"),
+        (["convert", "reshard", "--mcore-path", str(root / "dist"), "--out", str(root / "dist"), "--force",
+          "--tp", "1", "--pp", "1", "--ep", "1"], root / "dist", "is the input"),
+        (["convert", "fp8-to-bf16", "--in", str(hf), "--out", str(hf), "--force"], hf, "is the input"),
+    ]
+    for argv, source, relation in cases:
+        before = _snapshot(source)
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        first = capsys.readouterr().err.strip().splitlines()[-1]
+        assert first.startswith("error: output") and relation in first, (argv, first)
+        assert _snapshot(source) == before, argv
+
+
+def test_preprocess_and_train_save_never_eat_an_input(ckpts, tmp_path, capsys):
+    from megatron_patch.training.arguments import build_parser, validate
+
+    hf = str(ckpts["hf"])
+    text = tmp_path / "docs.txt"
+    text.write_text("hello world\n\nsecond document here\n")
+    prefix = tmp_path / "data" / "corpus"
+    pre = ["preprocess", "--input", str(text), "--tokenizer", hf, "--output-prefix"]
+    assert main([*pre, str(prefix)]) == 0
+    idx = (prefix.parent / "corpus.idx").read_bytes()
+    capsys.readouterr()
+    assert main([*pre, str(prefix)]) == 2 and "already exists (pass --force" in capsys.readouterr().err
+    assert main([*pre, str(prefix), "--force"]) == 0 and (prefix.parent / "corpus.idx").read_bytes() == idx
+    (tmp_path / "x.bin").write_text("someone's file")
+    assert main([*pre, str(tmp_path / "x"), "--force"]) == 2
+    assert "not a Megatron indexed dataset" in capsys.readouterr().err and (tmp_path / "x.bin").read_text() == "someone's file"
+    (tmp_path / "y.idx").write_text("text to tokenize")
+    assert main(["preprocess", "--input", str(tmp_path / "y.idx"), "--tokenizer", hf, "--output-prefix",
+                 str(tmp_path / "y"), "--force"]) == 2
+    assert "is the input" in capsys.readouterr().err and (tmp_path / "y.idx").read_text() == "text to tokenize"
+
+    base = ["--hf-config", hf, "--data-path", str(prefix), "--train-iters", "2", "--seq-length", "8"]
+    for extra, message in ((["--save", str(prefix.parent)], "contains the input --data-path"),
+                           (["--save", str(ckpts["root"]), "--load", str(ckpts["root"] / "torch")], "contains the input --load"),
+                           (["--save", str(ckpts["hf"] / "run"), "--load-hf", hf], "is inside the input --load-hf")):
+        with pytest.raises(UserError, match=message):
+            validate(build_parser().parse_args([*base, *extra]))
+    validate(build_parser().parse_args([*base, "--save", str(tmp_path / "run"), "--load", str(tmp_path / "run")]))
+
+
+def _edit_rank_file(src, dst, edit):
+    shutil.copytree(src, dst)
+    path = dst / "release/mp_rank_00/model_optim_rng.pt"
+    ck = torch.load(path, weights_only=False)
+    edit(ck)
+    torch.save(ck, path)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def mismatched(ckpts):
+    """Checkpoints that do not fit their config: each converts to exit 2 with nothing written."""
+    root, norm = ckpts["root"], "decoder.final_layernorm.weight"
+    hf4 = make_mini("qwen2", root / "hf4", layers=4)
+    hf2mcore(str(hf4), str(root / "torch4"), ParallelLayout(), fmt="torch", dtype="fp32")
+    shutil.rmtree(root / "torch4" / "hf_config")  # a Megatron-LM checkpoint: the user passes --hf-config
+    huge = root / "hf_huge"
+    shutil.copytree(ckpts["hf"], huge)
+    config = json.loads((huge / "config.json").read_text())
+    (huge / "config.json").write_text(json.dumps({**config, "hidden_size": 10**12}))
+
+    def no_args(ck):
+        ck.pop("args")
+
+    def drop_config(ck):
+        shutil.rmtree(root / "no_args_2" / "hf_config", ignore_errors=True)
+
+    cases = {
+        "4 layers, 2-layer config": (root / "torch4", ckpts["hf"], "saved with num_layers=4, but"),
+        "4 layers without args": (_edit_rank_file(root / "torch4", root / "no_args_4", no_args), ckpts["hf"],
+                                  "holds decoder.layers.2, a layer the config does not have"),
+        "wrong shape": (_edit_rank_file(root / "torch", root / "shape", lambda ck: ck["model"].__setitem__(norm, torch.ones(7))),
+                        None, "model.norm.weight read from the checkpoint has shape [7], but"),
+        "int64 tensor": (_edit_rank_file(root / "torch", root / "int64", lambda ck: ck["model"].__setitem__(norm, ck["model"][norm].long())),
+                         None, f"{norm} is int64, not floating point"),
+        "stray fp16": (_edit_rank_file(root / "torch", root / "fp16", lambda ck: ck["model"].__setitem__(norm, ck["model"][norm].half())),
+                       None, f"{norm} is float16 while the others are float32"),
+        "unbuildable config": (_edit_rank_file(root / "torch", root / "no_args_2", lambda ck: (no_args(ck), drop_config(ck))),
+                               huge, "transformers cannot build a model from this config.json"),
+    }
+    return cases
+
+
+@pytest.mark.parametrize("case", ["4 layers, 2-layer config", "4 layers without args", "wrong shape", "int64 tensor",
+                                  "stray fp16", "unbuildable config"])
+def test_output_is_checked_against_the_config(ckpts, mismatched, capsys, case):
+    src, hf_config, message = mismatched[case]
+    out = ckpts["root"] / "out-mismatch"
+    config = ["--hf-config", str(hf_config)] if hf_config else []
+    for argv in (["convert", "mcore2hf", "--mcore-path", str(src), "--out", str(out), *config],
+                 ["convert", "reshard", "--mcore-path", str(src), "--out", str(out), "--tp", "1", "--pp", "1", "--ep", "1",
+                  "--format", "torch_dist", *config]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        first = capsys.readouterr().err.strip().splitlines()[-1]
+        assert first.startswith("error: ") and message in first, (argv, first)
+        assert not out.exists() and not list(out.parent.glob(f".{out.name}*")), argv
+
+
+def test_train_data_is_checked_against_the_vocabulary(tmp_path):
+    """Token ids past the vocabulary, a truncated .bin and a garbage .idx: one line each, before any training."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_patch.data.gpt import check_tokens
+
+    prefix = str(tmp_path / "corpus")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.uint16)
+    for doc in ([5, 6, 7], [8, 600, 9]):  # 600: a token of a larger tokenizer
+        builder.add_document(torch.tensor(doc), [len(doc)])
+    builder.finalize(prefix + ".idx")
+    check_tokens(prefix, 601)
+    with pytest.raises(UserError, match="token id 600 is outside the model's vocabulary \\(512 tokens\\)"):
+        check_tokens(prefix, 512)
+    data = Path(prefix + ".bin").read_bytes()
+    Path(prefix + ".bin").write_bytes(data[:-4])
+    with pytest.raises(UserError, match="holds 8 bytes, its .idx describes 12"):
+        check_tokens(prefix, 601)
+    Path(prefix + ".idx").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="corpus.idx cannot be read"):
+        check_tokens(prefix, 601)
+
+
+def test_a_stopped_rank_ends_the_job_naming_it(tmp_path):
+    """Rank 0's heartbeat watches rank 1, whose beat never changes again (a stopped process): rank 0 exits 3
+    with one line naming rank 1 and its step, and records the code for the launcher."""
+    import subprocess
+    import sys
+    import textwrap
+
+    status = tmp_path / "status"
+    script = textwrap.dedent("""
+        import time, torch.distributed as dist
+        from megatron_patch.training.heartbeat import Heartbeat
+        from megatron_patch.training.pretrain import record_exit_code
+        store = dist.TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False)
+        store.set("mp_heartbeat/1", "1 7")  # rank 1 beat once, at step 7, then stopped
+        hb = Heartbeat(store, 0, 2, timeout=1.0, on_abort=record_exit_code)
+        hb.step = 12
+        time.sleep(30)
+    """)
+    env = dict(os.environ, MP_EXIT_STATUS_FILE=str(status), RANK="0")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: rank 1 stopped responding (no heartbeat for 1 s, the last one at step 7; seen by "
+                      "rank 0); rank 0 (step 12) exits with code 3"]
+    assert status.read_text() == "0 3\n"
+
+
+def test_killed_saves_are_cleaned_up_at_the_next_start(tmp_path):
+    from megatron_patch.training.checkpointing import remove_stale_saves
+
+    save = tmp_path / "save"
+    (save / ".iter_0000010.tmp").mkdir(parents=True)  # a save killed while writing
+    (save / ".iter_0000005.old" / "x").mkdir(parents=True)  # a re-save killed after moving iter 5 aside
+    (save / ".iter_0000003.old").mkdir()  # ... and one killed after publishing (iter 3 exists)
+    (save / "iter_0000003").mkdir()
+    remove_stale_saves(save)
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000003", "iter_0000005"]
+    assert (save / "iter_0000005" / "x").is_dir()
