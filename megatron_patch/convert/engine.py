@@ -345,11 +345,17 @@ def current_position() -> RankPosition:
 
 
 def as_model_names(sd: dict, model_names) -> dict:
-    """A local-spec state dict (SequentialMLP experts) renamed for a model with grouped experts (TE's
-    `linear_fc1.weight{e}`, key_map.te_name); unchanged for any other model."""
-    if not any(GROUPED_EXPERT.fullmatch(k) for k in model_names):
-        return sd
-    return {te_name(k, (), grouped=True): v for k, v in sd.items()}
+    """A local-spec state dict (SequentialMLP experts) under the names the model has: TE-spec fused norms
+    (`linear_qkv.layer_norm_weight`, ...) and grouped experts (`linear_fc1.weight{e}`) where the model has
+    those (key_map.te_name); unchanged for a local-spec model with SequentialMLP."""
+    model_names = set(model_names)
+    grouped = any(GROUPED_EXPERT.fullmatch(k) for k in model_names)
+    names = set(sd)
+    out = {}
+    for key, value in sd.items():
+        new = te_name(key, names, grouped=grouped)
+        out[new if new in model_names else key] = value
+    return out
 
 
 def load_into_chunks(chunks: list, plan: ShardPlan, read: Callable[[str], object]) -> None:

@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from megatron_patch.errors import UserError
+from megatron_patch.models.impl import add_impl_argument, check_impl
 from megatron_patch.models.moe_options import add_moe_arguments, moe_overrides
 
 
@@ -92,6 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="default: from the HF config (DeepSeek aux_loss_alpha)")
 
     add_moe_arguments(p)
+    add_impl_argument(p)
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", metavar="PREFIX",
@@ -164,6 +166,7 @@ def parse_data_blend(values: list[str] | None, flag: str) -> tuple[list[str], li
 def validate(args) -> None:
     """Refuse unsupported or inconsistent settings with a message naming the flag."""
     moe_overrides(args)  # raises on inconsistent MoE engine flags
+    check_impl(args.transformer_impl)  # an explicit transformer_engine needs TE importable
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 exclude each other; pick one")
     if args.loss_scale is not None and not args.fp16:

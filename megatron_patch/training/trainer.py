@@ -116,9 +116,11 @@ def _scheduler(args, optimizer):
         use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=False)
 
 
-def _saved_args(args, world: int) -> dict:
+def _saved_args(args, world: int, config) -> dict:
     out = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
     out["world_size"] = world
+    # the spec built (not "auto") and the expert layout: the names the checkpoint holds, as Megatron-LM records
+    out.update(transformer_impl=config.transformer_impl, moe_grouped_gemm=bool(config.moe_grouped_gemm))
     return out
 
 
@@ -194,7 +196,8 @@ class Trainer:
         overrides = with_moe_defaults(overrides, config)
         check_layout(self.layout, config, self.world)
         initialize_parallel(self.layout, seed=args.seed)
-        chunks, self.config, self.margs = build_family_model(self.hf_config, self.layout, **overrides)
+        chunks, self.config, self.margs = build_family_model(
+            self.hf_config, self.layout, transformer_impl=getattr(args, "transformer_impl", "auto"), **overrides)
         self.init_source = self._init_weights(chunks)
         if args.lora_rank:
             from megatron_patch.models.lora import apply_lora
@@ -248,7 +251,8 @@ class Trainer:
             if self.consumed != self.iteration * self.gbs:
                 raise UserError(f"{self.resume_from} consumed {self.consumed} samples in {self.iteration} "
                                 f"iterations; --global-batch-size {self.gbs} does not match the checkpoint")
-        _rank0_print(f"model: {self.init_source} | {self.layout.describe()} | world {self.world} | global batch "
+        _rank0_print(f"model: {self.init_source} | {self.layout.describe()} | {self.config.transformer_impl} spec | "
+                     f"world {self.world} | global batch "
                      f"{self.gbs} x {self.args.seq_length} tokens, {self.num_micro} micro-batch(es) of "
                      f"{self.args.micro_batch_size} per rank | start at iteration {self.iteration}")
 
@@ -440,7 +444,8 @@ class Trainer:
 
         start = time.perf_counter()
         path = save_checkpoint(self.args.save, self.iteration, self.chunks, self.optimizer, self.scheduler,
-                               self.consumed, _saved_args(self.args, self.world), extra=self._extra_state())
+                               self.consumed, _saved_args(self.args, self.world, self.config),
+                               extra=self._extra_state())
         self._write_report()
         _rank0_print(f"saved checkpoint {path} ({time.perf_counter() - start:.1f}s)")
 

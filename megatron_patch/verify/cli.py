@@ -55,6 +55,9 @@ def register(subparsers) -> None:
     from megatron_patch.models.moe_options import add_moe_arguments
 
     add_moe_arguments(p)
+    from megatron_patch.models.impl import add_impl_argument
+
+    add_impl_argument(p)
     p.set_defaults(func=run)
 
 
@@ -75,6 +78,9 @@ def _run(args) -> int:
     from megatron_patch.verify.compare import run as run_compare
     from megatron_patch.verify.report import format_report, write_json, write_plot
 
+    from megatron_patch.models.impl import check_impl
+
+    check_impl(args.transformer_impl)  # before any rank starts
     if args.plot:
         from megatron_patch.verify.report import require_matplotlib
 
@@ -89,7 +95,7 @@ def _run(args) -> int:
                        seed=args.seed, atol=args.atol, router_mismatch=args.router_mismatch,
                        debug=args.debug, timeout=(args.distributed_timeout_minutes * 60
                                                   if args.distributed_timeout_minutes else args.timeout),
-                       moe=moe_overrides(args))
+                       moe=moe_overrides(args), transformer_impl=args.transformer_impl)
     try:
         report = run_compare(spec)
     except RankFailure as err:

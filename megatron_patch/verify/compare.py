@@ -87,6 +87,8 @@ class CompareSpec:
     timeout: float = 900.0
     # TransformerConfig fields from the MoE engine flags (models.moe_options.moe_overrides)
     moe: dict = field(default_factory=dict)
+    # Megatron-LM's --transformer-impl: auto, transformer_engine or local (models/impl.py)
+    transformer_impl: str = "auto"
 
     @property
     def tolerance(self) -> Tolerance:
@@ -421,7 +423,8 @@ def run_in_group(spec: CompareSpec) -> dict | None:
 
     overrides = {"params_dtype": dtype, "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16, **with_moe_defaults(spec.moe, base_config)}
     notes: list[str] = []
-    chunks, config, args = build_family_model(hf_config, layout, **overrides)
+    chunks, config, args = build_family_model(hf_config, layout, transformer_impl=spec.transformer_impl,
+                                              **overrides)
     source = _load_weights(spec, chunks, family, hf_config, config, args)
     mutate = _resolve(spec.mutate)
     if mutate is not None:
@@ -492,7 +495,8 @@ def run_in_group(spec: CompareSpec) -> dict | None:
         "mcore_path": spec.mcore_path,
         "weights": source,
         "model": {"num_layers": num_layers, "hidden_size": hf_config.hidden_size, "num_experts": experts,
-                  "vocab_size": hf_config.vocab_size, "experts": describe_experts(config) if experts else None},
+                  "vocab_size": hf_config.vocab_size, "experts": describe_experts(config) if experts else None,
+                  "transformer_impl": config.transformer_impl},
         "layout": {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp,
                    "vpp": layout.vpp, **({"cp": layout.cp} if layout.cp > 1 else {}),
                    **{k: v for k, v in layout.split_fields().items() if v}, "sp": layout.sequence_parallel, "world_size": world,
