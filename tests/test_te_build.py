@@ -52,7 +52,19 @@ def reports(work):
     _, minis = work
     specs = [CompareSpec(hf_path=str(minis[f]), layout=layout, transformer_impl=impl) for f, impl, layout in CASES]
     specs.append(CompareSpec(hf_path=str(minis["qwen3_moe"]), transformer_impl=TE, mutate=break_fused_input_norm_layer1))
+    specs += [CompareSpec(hf_path=str(minis[f]), transformer_impl=TE, mcore_path=str(path))
+              for f, path in _converted(work).items()]
     return run_te_ranks(run_specs_in_group, 2, timeout=400, args=(specs,), env={"TORCHDYNAMO_DISABLE": "1"})[0]
+
+
+def _converted(work) -> dict:
+    """`convert hf2mcore` outputs in the other names: TE (default) torch_dist, local-spec legacy torch."""
+    from megatron_patch.convert.hf2mcore import hf2mcore
+
+    root, minis = work
+    hf2mcore(str(minis["deepseek_v3"]), str(root / "ds3-dist"), TP1, fmt="torch_dist")
+    hf2mcore(str(minis["qwen3_moe"]), str(root / "q3-local"), TP1, fmt="torch", transformer_impl=LOCAL)
+    return {"deepseek_v3": root / "ds3-dist", "qwen3_moe": root / "q3-local"}
 
 
 def _rows(report) -> list[tuple]:
@@ -81,8 +93,14 @@ def test_auto_builds_the_local_spec_on_cpu(reports):
         assert auto["model"]["transformer_impl"] == LOCAL and auto["result"] == "PASS"
 
 
+def test_te_spec_compares_checkpoints_in_either_names(reports):
+    for report in reports[-2:]:  # TE-named torch_dist (DeepSeek-V3), local-named torch (Qwen3-MoE)
+        assert report["model"]["transformer_impl"] == TE
+        assert report["weights"].startswith("Megatron checkpoint") and report["result"] == "PASS", report["weights"]
+
+
 def test_a_wrong_fused_norm_weight_fails_at_that_row(reports):
-    report = reports[-1]
+    report = reports[len(CASES)]
     assert report["result"] == "FAIL"
     assert (report["first_failure"]["component"], report["first_failure"]["layer"]) == ("input_layernorm", 1)
 
@@ -99,13 +117,15 @@ def test_explicit_te_without_te_is_a_one_line_error(work, tmp_path):
                                 "importable"), proc.stderr[-2000:]
 
 
-def _train(root: Path, minis, name: str, impl: str, data: str) -> tuple[list[float], str]:
+def _train(root: Path, minis, name: str, impl: str, data: str, start: list[str] | None = None,
+           steps: int = 3) -> tuple[list[float], str]:
     out = root / name
     metrics = out / "metrics.jsonl"
     out.mkdir()
-    cmd = [sys.executable, "-m", "megatron_patch.training.pretrain", "--load-hf", str(minis["deepseek_v3"]),
+    hf = str(minis["deepseek_v3"])
+    cmd = [sys.executable, "-m", "megatron_patch.training.pretrain", *(start or ["--load-hf", hf]), "--hf-config", hf,
            "--data-path", data, "--data-cache-path", str(root / "cache"), "--metrics-file", str(metrics),
-           "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "32", "--train-iters", "3",
+           "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "32", "--train-iters", str(steps),
            "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "1",
            "--seed", "1234", "--transformer-impl", impl, "--save", str(out / "ckpt")]
     env = te_double_env()
@@ -138,3 +158,10 @@ def test_train_te_spec_matches_local_losses_and_saves_te_names(work):
     assert fused in te_keys and "decoder.layers.0.self_attention.q_layernorm.weight" not in te_keys
     assert fused not in local_keys and "decoder.layers.0.self_attention.q_layernorm.weight" in local_keys
     assert any(k.startswith("decoder.layers.0.input_layernorm._extra_state") for k in te_keys)
+    # each spec reads the other's torch_dist checkpoint (the model's own names decide the direction)
+    te_from_local, _ = _train(root, minis, "te-from-local", TE, data, ["--load", str(root / "local" / "ckpt"),
+                                                                       "--finetune"], steps=2)
+    local_from_te, _ = _train(root, minis, "local-from-te", LOCAL, data, ["--load", str(root / "te" / "ckpt"),
+                                                                          "--finetune"], steps=2)
+    assert abs(te_from_local[0] - local_from_te[0]) <= LOSS_TOL, (te_from_local, local_from_te)
+    assert te_from_local[0] < te[0] - 0.3  # the trained weights were loaded, not the initial ones

@@ -421,7 +421,12 @@ def _load_dist_model(path, chunks) -> None:
     except CheckpointingException as err:
         raise UserError(f"--load {path}: the checkpoint does not match the model ({err})") from None
     for key, chunk in zip(model_keys(chunks), chunks):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        module = _unwrap(chunk)
+        state = dict(loaded[key])
+        for name in module.state_dict():  # TE `_extra_state` a local-spec checkpoint lacks: None, as TE accepts
+            if name.endswith("_extra_state"):
+                state.setdefault(name, None)
+        module.load_state_dict(state, strict=True)
 
 
 def init_from_megatron(root, chunks, layout) -> str:
