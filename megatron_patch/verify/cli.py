@@ -5,9 +5,10 @@
         [--pipeline-model-parallel-layout STR] [--account-for-embedding/loss-in-pipeline-split]
         [--batch-size B] [--seq-length S] [--dtype fp32|bf16|fp16] [--json FILE] [--plot FILE] [--debug]
         [--moe-grouped-gemm] [--moe-expert-capacity-factor F [--moe-pad-expert-input-to-capacity]
-         [--moe-token-drop-policy probs|position]]
+         [--moe-token-drop-policy probs|position]] [--transformer-impl auto|transformer_engine|local]
 
-Without --mcore-path the HF weights are converted in memory through the family table. The ranks are
+Without --mcore-path the HF weights are converted in memory through the family table. The model is built
+with megatron-core's Transformer Engine spec on CUDA when TE imports (auto), else the local one (models/impl.py). The ranks are
 spawned here (gloo on CPU; the fewest the layout needs), or the existing ones are used inside torchrun.
 Exit status: 0 PASS, 1 FAIL, 2 bad input, 3 the run itself failed (a rank crashed or hung).
 """
