@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/train_bench.py [--steps 8] [--seq-length 256] [--global-batch-size 8]
                                                [--micro-batch-size 2] [--threads N] [--device cpu|cuda|npu]
+                                               [--models dense moe] [--hidden H] [--layers L] [--experts E]
 
 Two models from make-mini, 4 layers, hidden 256, fp32 on CPU (bf16 on an accelerator):
   dense  Qwen2 (GQA 8 heads / 4 groups, SwiGLU 768)
   moe    DeepSeek-V3 (MLA, 8 routed experts top-2 + 1 shared, first layer dense; no MTP, which HF does
          not train)
-Both are trained on the shipped corpus (examples/data/corpus.txt) with the same global batch and micro
+The MoE model runs through megatron twice: experts as one grouped GEMM (--moe-grouped-gemm) and as
+SequentialMLP (one GEMM per expert). Both are trained on the shipped corpus (examples/data/corpus.txt) with the same global batch and micro
 batches: megatron by `python -m megatron_patch.training.pretrain` at TP1 in a subprocess (its per-step
 times come from --metrics-file), HF by a loop with torch AdamW, gradient accumulation and clipping.
 The first WARMUP steps of each are not timed.
@@ -47,6 +49,10 @@ MODELS = {
 }
 
 
+MOE_VARIANTS = (("megatron-core (grouped GEMM)", ("--moe-grouped-gemm",)),
+                ("megatron-core (SequentialMLP)", ("--no-moe-grouped-gemm",)))
+
+
 def gemm_flops(threads: int, device, n: int = 1024, seconds: float = 3.0, dtype=None) -> float:
     """Sustained matmul FLOP/s of this machine (n x n x n, fp32 on CPU), best of 3 timed bursts."""
     import torch
@@ -69,12 +75,15 @@ def gemm_flops(threads: int, device, n: int = 1024, seconds: float = 3.0, dtype=
     return best
 
 
-def prepare(root: Path) -> dict:
+def prepare(root: Path, args) -> dict:
     from megatron_patch.data.preprocess import preprocess
     from megatron_patch.models.mini import make_mini
 
     out = {}
     for name, (family, kw, _) in MODELS.items():
+        kw = dict(kw, hidden=args.hidden or kw["hidden"], layers=args.layers or kw["layers"])
+        if "experts" in kw and args.experts:
+            kw["experts"] = args.experts
         out[name] = make_mini(family, root / name, **kw)
     out["data"] = str(root / "corpus")
     preprocess([str(CORPUS)], str(out["dense"]), out["data"], append_eod=True, progress=False)
@@ -93,13 +102,13 @@ def flops_per_token(model_dir: Path, seq_length: int) -> float:
     return training_flops_per_token(cfg, model_args(hf).padded_vocab_size(1), seq_length)
 
 
-def megatron_steps(model_dir: Path, data: str, args, threads: int, work: Path) -> list[float]:
-    metrics = work / f"{model_dir.name}-metrics.jsonl"
+def megatron_steps(model_dir: Path, data: str, args, threads: int, work: Path, extra=()) -> list[float]:
+    metrics = work / f"{model_dir.name}{'-'.join(('',) + tuple(extra))}-metrics.jsonl"
     cmd = [sys.executable, "-m", "megatron_patch.training.pretrain", "--load-hf", str(model_dir),
            "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
            "--seq-length", str(args.seq_length), "--train-iters", str(args.steps + WARMUP), "--lr", "1e-4",
            "--lr-decay-style", "constant", "--data-path", data, "--data-cache-path", str(work / "cache"),
-           "--metrics-file", str(metrics), "--log-interval", "1000"]
+           "--metrics-file", str(metrics), "--log-interval", "1000", *extra]
     if args.device:
         cmd += ["--device", args.device]
     if args.bf16:
@@ -171,6 +180,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", choices=("cpu", "cuda", "npu"), default=None)
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--hidden", type=int, default=None, help="hidden size of both models (default 256)")
+    p.add_argument("--layers", type=int, default=None, help="layers of both models (default 4)")
+    p.add_argument("--experts", type=int, default=None, help="routed experts of the MoE model (default 8)")
     args = p.parse_args()
 
     import torch
@@ -197,18 +209,21 @@ def main() -> int:
     runs = []
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         work = Path(tmp)
-        prepared = prepare(work)
+        prepared = prepare(work, args)
         for name in args.models:
             model_dir = Path(prepared[name])
             fpt = flops_per_token(model_dir, args.seq_length)
-            mcore = statistics.median(megatron_steps(model_dir, prepared["data"], args, threads, work))
+            # MoE: the experts as one grouped GEMM and as SequentialMLP, in the same run
+            variants = MOE_VARIANTS if name == "moe" else (("megatron-core", ()),)
+            mcore = [(impl, statistics.median(megatron_steps(model_dir, prepared["data"], args, threads, work, extra)))
+                     for impl, extra in variants]
             if acc.type == "cpu":
                 gemms.append(gemm_flops(threads, device))
             hf_times, params = hf_steps(model_dir, prepared["data"], args, threads, device)
             if acc.type == "cpu":
                 gemms.append(gemm_flops(threads, device))
-            runs += [(name, params, fpt, "megatron-core", mcore), (name, params, fpt, "HF transformers",
-                                                                   statistics.median(hf_times))]
+            runs += [(name, params, fpt, impl, step) for impl, step in mcore]
+            runs.append((name, params, fpt, "HF transformers", statistics.median(hf_times)))
     if acc.type == "cpu":
         peak = max(gemms)
         print(f"GEMM throughput (1024^3 fp32 matmul, {threads} threads): best {peak / 1e9:.1f} GFLOP/s of "

@@ -211,11 +211,13 @@ def test_args_rebuild_the_family_config(converted, work, minis, family):
     want = family_for_config(hf_config).to_mcore_config(hf_config)
     got = _config_from_args(args, type(want))
     # functions are made from plain fields (init_method_std; activation: swiglu, compared below);
-    # pipeline_dtype is Megatron-LM's params_dtype (ours is set by the builder when PP > 1)
+    # pipeline_dtype is Megatron-LM's params_dtype (ours is set by the builder when PP > 1);
+    # transformer_impl is the spec the checkpoint was written for, not a mapped field (checked below)
     for f in dataclasses.fields(want):
-        if callable(getattr(want, f.name)) or f.name == "pipeline_dtype":
+        if callable(getattr(want, f.name)) or f.name in ("pipeline_dtype", "transformer_impl"):
             continue
         assert getattr(got, f.name) == getattr(want, f.name), f.name
+    assert args.transformer_impl == "transformer_engine"  # hf2mcore's default, Megatron-LM's
     assert got.activation_func is want.activation_func
     for name in ("moe_router_score_function", "moe_router_enable_expert_bias", "moe_router_topk_scaling_factor",
                  "moe_router_pre_softmax", "moe_layer_freq", "padded_vocab_size", "untie_embeddings_and_output_weights"):

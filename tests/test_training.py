@@ -84,7 +84,8 @@ def test_log_line_format():
 @pytest.mark.parametrize("argv, message", [
     (["--context-parallel-size", "0"], "--context-parallel-size must be >= 1"),
     (["--context-parallel-size", "3"], "divisible by 2 x --context-parallel-size"),
-    (["--fp16"], "--fp16"),
+    (["--fp16", "--bf16"], "--fp16 and --bf16 exclude each other"),
+    (["--loss-scale", "8"], "--loss-scale needs --fp16"),
     (["--lr-warmup-iters", "20"], "--lr-warmup-iters"),
     (["--load", "a", "--load-hf", "b"], "--load"),
     (["--save-interval", "5"], "--save-interval needs --save"),
@@ -380,3 +381,47 @@ def test_preprocess_jsonl_round_trip(work, tmp_path):
         assert numpy.array_equal(ds[i], numpy.array(expected))
     with pytest.raises(UserError, match="json-key"):
         preprocess([str(src)], str(work.ds3), str(tmp_path / "bad"), json_key="text", progress=False)
+
+
+# Mixed precision against the fp32 TP1 run (same data and schedule, first PRECISION_STEPS steps). The bands
+# hold rounding-level drift (measured max |diff| over 8 steps: bf16 ~0.05-0.09, fp16 ~0.01-0.04) and fail
+# on a broken scaling (an un-unscaled fp16 gradient moves the loss by whole units).
+PRECISION_STEPS = 8
+PRECISION_BAND = {"bf16": 0.2, "fp16": 0.1}
+# An overflow injected into the last step's gradients (an inf in one main_grad), like a too-large loss scale.
+INJECT_OVERFLOW = f"""
+import sys
+import megatron_patch.training.step as step
+from megatron_patch.training.pretrain import main
+original, calls = step.forward_backward, []
+def forward_backward(chunks, *args, **kwargs):
+    loss = original(chunks, *args, **kwargs)
+    calls.append(1)
+    if len(calls) == {PRECISION_STEPS}:
+        next(p for p in chunks[0].parameters() if p.requires_grad).main_grad.fill_(float("inf"))
+    return loss
+step.forward_backward = forward_backward
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_bf16_and_fp16_track_fp32_and_an_fp16_overflow_is_skipped(work, ds3_runs):
+    ref = _losses(ds3_runs[0])[:PRECISION_STEPS]
+    common = ["--load-hf", str(work.ds3), *TRAIN, "--exit-interval", str(PRECISION_STEPS)]
+    bf16, _ = train(work, "ds3_bf16", 1, [*common, "--bf16"])
+    fp16_dir = work.root / "ds3_fp16"
+    fp16_dir.mkdir(exist_ok=True)
+    metrics = fp16_dir / "metrics.jsonl"
+    rc, log = _run([PY, "-c", INJECT_OVERFLOW, *common, "--fp16", "--initial-loss-scale", "4096", "--hysteresis", "1",
+                    "--data-path", work.data, "--data-cache-path", work.cache, "--metrics-file", str(metrics)],
+                   fp16_dir / "log.txt")
+    assert rc == 0, log[-3000:]
+    fp16 = _read_metrics(metrics)
+    for name, run in (("bf16", bf16), ("fp16", fp16)):
+        losses = _losses(run)
+        worst = max(abs(a - b) for a, b in zip(ref, losses))
+        assert len(losses) == PRECISION_STEPS and worst <= PRECISION_BAND[name], (name, worst, losses, ref)
+    # fp16: no overflow at scale 4096 until the injected one, which is skipped, counted and halves the scale
+    assert [m["skipped"] for m in fp16] == [False] * (PRECISION_STEPS - 1) + [True]
+    assert [m["loss_scale"] for m in fp16] == [4096.0] * (PRECISION_STEPS - 1) + [2048.0]
+    assert fp16[-1]["skipped_total"] == 1 and "Loss scale: 2048 | update skipped | Skipped: 1" in log

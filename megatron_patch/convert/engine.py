@@ -17,6 +17,7 @@ on import and written back as copies on export.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -28,7 +29,9 @@ from megatron_patch.models.families.base import Replicated, Vocab
 from megatron_patch.models.families.common import ConcreteRow, expand_rows, shard_context
 
 from .key_map import EXTRA as EXTRA_STATE
-from .key_map import LOCAL, Naming, name_map, to_te
+from .key_map import LOCAL, Naming, name_map, te_name, to_te
+
+GROUPED_EXPERT = re.compile(r".*\.experts\.linear_fc[12]\.weight\d+")
 
 # Rows without {layer}: the embedding on the first stage, the output layer on the last, MTP and the
 # final norm where megatron-core builds them for the layout (ShardPlan.stage_of).
@@ -341,12 +344,27 @@ def current_position() -> RankPosition:
                         ep=ps.get_expert_model_parallel_rank(), etp=ps.get_expert_tensor_parallel_rank())
 
 
+def as_model_names(sd: dict, model_names) -> dict:
+    """A local-spec state dict (SequentialMLP experts) under the names the model has: TE-spec fused norms
+    (`linear_qkv.layer_norm_weight`, ...) and grouped experts (`linear_fc1.weight{e}`) where the model has
+    those (key_map.te_name); unchanged for a local-spec model with SequentialMLP."""
+    model_names = set(model_names)
+    grouped = any(GROUPED_EXPERT.fullmatch(k) for k in model_names)
+    names = set(sd)
+    out = {}
+    for key, value in sd.items():
+        new = te_name(key, names, grouped=grouped)
+        out[new if new in model_names else key] = value
+    return out
+
+
 def load_into_chunks(chunks: list, plan: ShardPlan, read: Callable[[str], object]) -> None:
     """Load HF tensors into this rank's model chunks in place; every parameter must be covered."""
     state_dicts = plan.rank_state_dicts(read, current_position())
     for chunk, sd in zip(chunks, state_dicts):
         module = getattr(chunk, "module", chunk)  # DDP-wrapped or not
         own = {k for k in module.state_dict() if not k.endswith("_extra_state")}
+        sd = as_model_names(sd, own)
         missing = sorted(own - set(sd))
         extra = sorted(set(sd) - own)
         if missing or extra:

@@ -266,9 +266,36 @@ def _missing(model_sd: dict, stored: set[str]) -> list[str]:
     return [k for k in keys if k not in stored]
 
 
+# a TE-spec key's suffix -> the local spec's for the same tensor (megatron's local keys map puts a MoE layer's
+# pre_mlp_layernorm under mlp.linear_fc1.layer_norm_weight)
+_TE_TO_LOCAL_SUFFIXES = [(f"{linear}.layer_norm_{p}", f"{norm}.{p}") for norm, linear in FUSED_NORMS
+                         for p in ("weight", "bias")] + [("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")]
+
+
+def local_sharded(model_sd: dict, stored: set[str]) -> dict:
+    """A TE-spec model's sharded state dict under a local-spec checkpoint's keys: each tensor key the
+    checkpoint lacks takes the local name of the same tensor where the checkpoint has that one; TE's
+    `_extra_state` objects it lacks are not requested (the loader sets them to None, as TE accepts)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    out = {}
+    for name, entry in model_sd.items():
+        if isinstance(entry, ShardedObject) and entry.unique_key not in stored and name.endswith(EXTRA):
+            continue
+        if isinstance(entry, ShardedTensor) and entry.key not in stored:
+            for te_suffix, local_suffix in _TE_TO_LOCAL_SUFFIXES:
+                key = entry.key[: -len(te_suffix)] + local_suffix
+                if entry.key.endswith(te_suffix) and key in stored:
+                    entry = dataclasses.replace(entry, key=key)
+                    break
+        out[name] = entry
+    return out
+
+
 def match_sharded(model_sd: dict, stored: set[str], where: str, extra_state: bool = True) -> tuple[dict, Naming]:
-    """A local-spec model's sharded state dict under the keys a torch_dist checkpoint holds: its own, or
-    the TE spec's (detected). Neither: a one-line UserError naming the first key the checkpoint lacks."""
+    """A model's sharded state dict under the keys a torch_dist checkpoint holds: its own, the TE spec's
+    for a local-spec model, or the local spec's for a TE-spec model (detected; the Naming returned is the
+    checkpoint's). None: a one-line UserError naming the first key the checkpoint lacks."""
     missing = _missing(model_sd, stored)
     if not missing:
         return model_sd, Naming(LOCAL)
@@ -276,6 +303,10 @@ def match_sharded(model_sd: dict, stored: set[str], where: str, extra_state: boo
     te_missing = _missing(te, stored)
     if not te_missing:
         return te, Naming(TE)
+    if not extra_state:  # a loader: a TE-spec model may read a local-spec checkpoint
+        local = local_sharded(model_sd, stored)
+        if not _missing(local, stored):
+            return local, Naming(LOCAL)
     first = (missing if len(missing) <= len(te_missing) else te_missing)[0]
     raise UserError(f"{where}: the checkpoint has no {first}, which the model asks for in megatron-core's local "
                     "and Transformer Engine names alike: it does not match this config (wrong --hf-config?)")

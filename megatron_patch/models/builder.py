@@ -201,14 +201,18 @@ def build_gpt_chunks(config, layer_spec_fn, vocab_size: int, max_sequence_length
 
 
 def build_family_model(hf_config, layout: ParallelLayout, vocab_size: int | None = None, device=None,
-                       **config_overrides):
+                       transformer_impl: str = "local", **config_overrides):
     """The GPTModel chunks of this rank for an HF config: (chunks, megatron config, ModelArgs).
     Parallel state must be initialised for `layout` (initialize_parallel). `vocab_size`: embedding rows
-    other than the layout's padding (a torch_dist checkpoint keeps the padding it was written with)."""
+    other than the layout's padding (a torch_dist checkpoint keeps the padding it was written with).
+    `transformer_impl`: local, transformer_engine or auto (models/impl.py; the config records the spec built)."""
     from megatron_patch.models.families import family_for_config, model_args, mtp_block_spec
+    from megatron_patch.models.impl import resolve_impl
+    from megatron_patch.runtime import get_accelerator
 
     family = family_for_config(hf_config)
-    config = apply_layout(family.to_mcore_config(hf_config, **config_overrides), layout)
+    impl = resolve_impl(transformer_impl, get_accelerator().type)
+    config = apply_layout(family.to_mcore_config(hf_config, transformer_impl=impl, **config_overrides), layout)
     check_layout(layout, config)
     args = model_args(hf_config)
     kw = args.gpt_model_kwargs(layout.tp)

@@ -71,3 +71,17 @@ def local_block_spec(config, vp_stage: int | None = None):
     for layer_spec in block.layer_specs:
         _duplicate_mla_down_projections(layer_spec)
     return block
+
+
+def te_block_spec(config, vp_stage: int | None = None):
+    """megatron-core's Transformer Engine decoder block spec, as Megatron-LM builds it (its default
+    --transformer-impl); needs transformer_engine importable."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    return get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization=config.normalization,
+                                      vp_stage=vp_stage)
+
+
+def uses_te(config) -> bool:
+    """Whether a model for this config is built with the TE spec (models/impl.py chose it)."""
+    return getattr(config, "transformer_impl", None) == "transformer_engine"

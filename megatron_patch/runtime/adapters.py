@@ -241,6 +241,24 @@ def _core_attention(original):
     return core_attention
 
 
+@patch("megatron.core.models.backends.LocalSpecProvider.grouped_mlp_modules",
+       "local grouped experts (GroupedMLP) need the CUDA grouped_gemm package; use PortableGroupedMLP "
+       "(TEGroupedMLP's names and checkpoint keys, one portable grouped GEMM)", TESTED, ALL)
+def _grouped_mlp_modules(original):
+    def grouped_mlp_modules(self, moe_use_grouped_gemm, moe_use_legacy_grouped_gemm):
+        if not moe_use_grouped_gemm or moe_use_legacy_grouped_gemm:
+            return original(self, moe_use_grouped_gemm, moe_use_legacy_grouped_gemm)
+        from megatron.core.transformer.mlp import MLPSubmodules
+
+        from megatron_patch.runtime.grouped_experts import (PortableColumnGroupedLinear, PortableGroupedMLP,
+                                                            PortableRowGroupedLinear)
+
+        return PortableGroupedMLP, MLPSubmodules(linear_fc1=PortableColumnGroupedLinear,
+                                                 linear_fc2=PortableRowGroupedLinear)
+
+    return grouped_mlp_modules
+
+
 @patch("megatron.core.transformer.torch_norm.WrappedTorchNorm",
        "WrappedTorchNorm asserts sequence_parallel off; PortableNorm supports SP and device kernels",
        TESTED, ALL)

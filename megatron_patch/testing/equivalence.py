@@ -100,9 +100,9 @@ def _grad_of(param):
     return (grad if grad is not None else param.grad).detach().clone()
 
 
-def _build(layout: ParallelLayout, dist_opt: bool = False):
+def _build(layout: ParallelLayout, dist_opt: bool = False, overrides: dict | None = None):
     initialize_parallel(layout)
-    config = apply_layout(tiny_deepseek_config(), layout)
+    config = apply_layout(tiny_deepseek_config(**(overrides or {})), layout)
     chunks = build_gpt_chunks(config, local_block_spec, VOCAB, 64, layout)
     chunks = wrap_ddp(chunks, config, use_distributed_optimizer=dist_opt)
     optimizer = build_optimizer(chunks, lr=LR, optimizer="adam", adam_eps=ADAM_EPS, clip_grad=1.0,
@@ -178,10 +178,13 @@ def _diff_walk(expected, local, prefix, out):
         out[prefix[:-1]] = ((expected - local.data).abs().max().item(), expected.abs().max().item())
 
 
-def layout_run(rank: int, world: int, layout: ParallelLayout, ref_dir: str, dist_opt: bool = False) -> dict:
+def layout_run(rank: int, world: int, layout: ParallelLayout, ref_dir: str, dist_opt: bool = False,
+               overrides: dict | None = None) -> dict:
+    """`overrides`: TransformerConfig fields of this run only (e.g. grouped experts against the reference's
+    SequentialMLP: the torch_dist keys are the same)."""
     from megatron.core import dist_checkpointing
 
-    _, chunks, optimizer = _build(layout, dist_opt)
+    _, chunks, optimizer = _build(layout, dist_opt, overrides)
     loaded = dist_checkpointing.load(_params_only(_sharded(chunks), chunks), os.path.join(ref_dir, "weights"))
     del loaded  # loaded in place into the params
     loss = _broadcast_loss(forward_backward(chunks, global_batch(), MICRO_BATCH))

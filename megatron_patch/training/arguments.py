@@ -8,6 +8,8 @@ import argparse
 from pathlib import Path
 
 from megatron_patch.errors import UserError
+from megatron_patch.models.impl import add_impl_argument, check_impl
+from megatron_patch.models.moe_options import add_moe_arguments, moe_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -72,12 +74,26 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--bf16", action="store_true")
-    g.add_argument("--fp16", action="store_true", help="not supported (use --bf16)")
+    g.add_argument("--fp16", action="store_true",
+                   help="fp16 weights and activations, fp32 master weights in the optimizer, loss scaling")
+    g.add_argument("--loss-scale", type=float, default=None,
+                   help="fp16: a fixed loss scale (default: dynamic loss scaling)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32,
+                   help="fp16 dynamic loss scaling: the starting scale (halved on every overflow)")
+    g.add_argument("--min-loss-scale", type=float, default=1.0,
+                   help="fp16 dynamic loss scaling: the scale never drops below this")
+    g.add_argument("--loss-scale-window", type=float, default=1000,
+                   help="fp16 dynamic loss scaling: steps without overflow before the scale doubles")
+    g.add_argument("--hysteresis", type=int, default=2,
+                   help="fp16 dynamic loss scaling: overflows tolerated before the scale is halved")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--hidden-dropout", type=float, default=None,
                    help="residual dropout (default: the family's, 0 for DeepSeek and Qwen as in HF)")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
                    help="default: from the HF config (DeepSeek aux_loss_alpha)")
+
+    add_moe_arguments(p)
+    add_impl_argument(p)
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", metavar="PREFIX",
@@ -149,8 +165,17 @@ def parse_data_blend(values: list[str] | None, flag: str) -> tuple[list[str], li
 
 def validate(args) -> None:
     """Refuse unsupported or inconsistent settings with a message naming the flag."""
-    if args.fp16:
-        raise UserError("--fp16 is not supported (no loss scaling here); use --bf16 or fp32")
+    moe_overrides(args)  # raises on inconsistent MoE engine flags
+    check_impl(args.transformer_impl)  # an explicit transformer_engine needs TE importable
+    if args.fp16 and args.bf16:
+        raise UserError("--fp16 and --bf16 exclude each other; pick one")
+    if args.loss_scale is not None and not args.fp16:
+        raise UserError("--loss-scale needs --fp16 (bf16 and fp32 train without loss scaling)")
+    if (args.loss_scale is not None and args.loss_scale <= 0) or args.min_loss_scale <= 0 or args.initial_loss_scale <= 0:
+        raise UserError("--loss-scale, --initial-loss-scale and --min-loss-scale must be > 0")
+    if args.initial_loss_scale < args.min_loss_scale:
+        raise UserError(f"--initial-loss-scale {args.initial_loss_scale:g} is below --min-loss-scale "
+                        f"{args.min_loss_scale:g}")
     if args.use_curriculum:
         args.curriculum = True
     validate_sft(args)

@@ -357,13 +357,16 @@ def load_training_checkpoint(path, chunks, optimizer, scheduler, load_optim: boo
 
 
 def _copy_into(chunks, state_dicts: list[dict], source: str) -> None:
-    """Load per-chunk state dicts into the model; every tensor of the model must be given."""
+    """Load per-chunk (local-spec) state dicts into the model; every tensor of the model must be given."""
+    from megatron_patch.convert.engine import as_model_names
+
     if len(state_dicts) != len(chunks):
         raise UserError(f"{source} has {len(state_dicts)} model chunk(s) per rank, this run builds {len(chunks)} "
                         "(virtual pipeline size differs)")
     for i, (chunk, sd) in enumerate(zip(chunks, state_dicts)):
         try:
-            missing, unexpected = _unwrap(chunk).load_state_dict(sd, strict=False)
+            module = _unwrap(chunk)
+            missing, unexpected = module.load_state_dict(as_model_names(sd, module.state_dict()), strict=False)
         except RuntimeError as err:  # shape mismatches
             raise UserError(f"{source} (chunk {i}) does not fit the model: {str(err).splitlines()[-1].strip()} "
                             "(converted for another parallel layout or config?)") from None
@@ -418,7 +421,12 @@ def _load_dist_model(path, chunks) -> None:
     except CheckpointingException as err:
         raise UserError(f"--load {path}: the checkpoint does not match the model ({err})") from None
     for key, chunk in zip(model_keys(chunks), chunks):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        module = _unwrap(chunk)
+        state = dict(loaded[key])
+        for name in module.state_dict():  # TE `_extra_state` a local-spec checkpoint lacks: None, as TE accepts
+            if name.endswith("_extra_state"):
+                state.setdefault(name, None)
+        module.load_state_dict(state, strict=True)
 
 
 def init_from_megatron(root, chunks, layout) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from megatron_patch.errors import UserError
+from megatron_patch.models.moe_options import moe_overrides
 
 NAN_EXIT_CODE = 3
 
@@ -58,8 +59,11 @@ def _config_overrides(args) -> dict:
     overrides: dict = {}
     if args.bf16:
         overrides.update(bf16=True, params_dtype=torch.bfloat16)
+    if args.fp16:
+        overrides.update(fp16=True, params_dtype=torch.float16)
     if args.moe_aux_loss_coeff is not None:
         overrides["moe_aux_loss_coeff"] = args.moe_aux_loss_coeff
+    overrides.update(moe_overrides(args))
     if getattr(args, "hidden_dropout", None) is not None:
         overrides["hidden_dropout"] = args.hidden_dropout
     for name in ("recompute_granularity", "recompute_method", "recompute_num_layers"):
@@ -112,9 +116,11 @@ def _scheduler(args, optimizer):
         use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=False)
 
 
-def _saved_args(args, world: int) -> dict:
+def _saved_args(args, world: int, config) -> dict:
     out = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
     out["world_size"] = world
+    # the spec built (not "auto") and the expert layout: the names the checkpoint holds, as Megatron-LM records
+    out.update(transformer_impl=config.transformer_impl, moe_grouped_gemm=bool(config.moe_grouped_gemm))
     return out
 
 
@@ -134,6 +140,7 @@ class Trainer:
         self.gbs, self.num_micro = _batch_sizes(args, self.world, self.layout)
         self._build_model()
         self.iteration = 0
+        self.skipped_steps = 0
         self.consumed = 0
         self._start_state()
         self._build_data()
@@ -174,17 +181,23 @@ class Trainer:
         if flag[0]:
             raise UserError(flag[0].replace("output", "--save", 1))
         return stack
+
     def _build_model(self) -> None:
         from megatron_patch.models.builder import build_family_model, check_layout, initialize_parallel
         from megatron_patch.models.families import family_for_config
         from megatron_patch.training.setup_model import build_optimizer, wrap_ddp
 
         args = self.args
+        from megatron_patch.models.moe_options import check_moe_overrides, with_moe_defaults
+
         overrides = _config_overrides(args)
-        check_layout(self.layout, family_for_config(self.hf_config).to_mcore_config(self.hf_config, **overrides),
-                     self.world)
+        config = family_for_config(self.hf_config).to_mcore_config(self.hf_config, **overrides)
+        check_moe_overrides(overrides, config)
+        overrides = with_moe_defaults(overrides, config)
+        check_layout(self.layout, config, self.world)
         initialize_parallel(self.layout, seed=args.seed)
-        chunks, self.config, self.margs = build_family_model(self.hf_config, self.layout, **overrides)
+        chunks, self.config, self.margs = build_family_model(
+            self.hf_config, self.layout, transformer_impl=getattr(args, "transformer_impl", "auto"), **overrides)
         self.init_source = self._init_weights(chunks)
         if args.lora_rank:
             from megatron_patch.models.lora import apply_lora
@@ -196,6 +209,9 @@ class Trainer:
         self.optimizer = build_optimizer(
             self.chunks, lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
             clip_grad=args.clip_grad, use_distributed_optimizer=args.use_distributed_optimizer, bf16=args.bf16,
+            fp16=args.fp16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
+            min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window,
+            hysteresis=args.hysteresis,
             min_lr=args.min_lr, adam_eps=args.adam_eps, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2)
         self.scheduler = _scheduler(args, self.optimizer)
 
@@ -235,7 +251,8 @@ class Trainer:
             if self.consumed != self.iteration * self.gbs:
                 raise UserError(f"{self.resume_from} consumed {self.consumed} samples in {self.iteration} "
                                 f"iterations; --global-batch-size {self.gbs} does not match the checkpoint")
-        _rank0_print(f"model: {self.init_source} | {self.layout.describe()} | world {self.world} | global batch "
+        _rank0_print(f"model: {self.init_source} | {self.layout.describe()} | {self.config.transformer_impl} spec | "
+                     f"world {self.world} | global batch "
                      f"{self.gbs} x {self.args.seq_length} tokens, {self.num_micro} micro-batch(es) of "
                      f"{self.args.micro_batch_size} per rank | start at iteration {self.iteration}")
 
@@ -331,6 +348,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
         loss = forward_backward(self.chunks, batch.to(self.acc.current_device()), self.args.micro_batch_size)
         loss_ok, grads_ok = self._finite_flags(loss)
+        if self.args.fp16:
+            grads_ok = True  # overflowing fp16 gradients are the loss scaler's to skip (optimizer.step)
         iteration = self.iteration + 1
         if not (loss_ok and grads_ok):
             what = "loss" if not loss_ok else "gradients"
@@ -348,6 +367,7 @@ class Trainer:
             update_ok, grad_norm, _ = self.optimizer.step()
             if update_ok:
                 self.scheduler.step(increment=1)
+        self.skipped_steps += not update_ok
         self.acc.synchronize()
         step_time = time.perf_counter() - start
         writer = self.sink.writer
@@ -360,7 +380,8 @@ class Trainer:
             lr=lr, grad_norm=float(grad_norm if grad_norm is not None else 0.0),
             step_time=step_time, tokens=self.gbs * self.args.seq_length, aux=aux, mtp=mtp,
             flops_per_token=self.flops_per_token, peak_flops=self.peak_flops, world_size=self.world,
-            skipped=not update_ok)
+            skipped=not update_ok, skipped_total=self.skipped_steps,
+            loss_scale=float(self.optimizer.get_loss_scale()) if self.args.fp16 else None)
 
     def _peak_memory(self) -> int:
         peak = torch.tensor([float(self.acc.memory_stats()["peak"])], dtype=torch.float64,
@@ -423,7 +444,8 @@ class Trainer:
 
         start = time.perf_counter()
         path = save_checkpoint(self.args.save, self.iteration, self.chunks, self.optimizer, self.scheduler,
-                               self.consumed, _saved_args(self.args, self.world), extra=self._extra_state())
+                               self.consumed, _saved_args(self.args, self.world, self.config),
+                               extra=self._extra_state())
         self._write_report()
         _rank0_print(f"saved checkpoint {path} ({time.perf_counter() - start:.1f}s)")
 

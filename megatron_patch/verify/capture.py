@@ -48,6 +48,23 @@ class Target:
     kind: str
     module: torch.nn.Module
     path: str
+    fused_norm: bool = False  # module is the TE LayerNormLinear the hooked norm is fused into
+
+
+def fused_norm_output(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the norm a TE LayerNormLinear fuses computes on its input: the local spec's norm output, from
+    the fused module's own layer_norm_weight / eps (statistics in fp32, as TE and HF)."""
+    w = linear.layer_norm_weight.float()
+    if getattr(linear, "zero_centered_gamma", False):
+        w = w + 1
+    h = x.float()
+    if getattr(linear, "normalization", "RMSNorm") == "RMSNorm":
+        out = torch.nn.functional.rms_norm(h, (h.shape[-1],), eps=linear.eps) * w
+    else:
+        bias = getattr(linear, "layer_norm_bias", None)
+        out = torch.nn.functional.layer_norm(h, (h.shape[-1],), w, None if bias is None else bias.float(),
+                                             eps=linear.eps)
+    return out.to(x.dtype)
 
 
 class Recorder:
@@ -66,8 +83,12 @@ class Recorder:
         self.paths[target.key] = target.path
         keep, key, kind = self._keep, target.key, target.kind
 
-        def hook(_module, _inputs, output):
-            self.calls[key].append(keep(kind, output))
+        if target.fused_norm:
+            def hook(module, inputs, _output):
+                self.calls[key].append(keep(kind, fused_norm_output(module, inputs[0])))
+        else:
+            def hook(_module, _inputs, output):
+                self.calls[key].append(keep(kind, output))
 
         self._handles.append(target.module.register_forward_hook(hook))
 
@@ -108,9 +129,34 @@ def hook_order(hooks, num_layers: int) -> list[Key]:
     return keys
 
 
+def _fused_into(model: torch.nn.Module, path: str):
+    """The TE LayerNormLinear a norm at `path` is fused into (the TE spec leaves an IdentityOp there;
+    key_map.FUSED_NORMS names the pairs), or None when the norm is a module of its own."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from megatron_patch.convert.key_map import FUSED_NORMS
+
+    if not isinstance(_get(model, path), IdentityOp):
+        return None
+    for norm, linear in FUSED_NORMS:
+        if path == norm or path.endswith("." + norm):
+            fused = _get(model, path[: len(path) - len(norm)] + linear)
+            if fused is not None and hasattr(fused, "layer_norm_weight"):
+                return fused
+    return None
+
+
 def _found(model: torch.nn.Module, wanted) -> list[Target]:
-    """Targets for the (key, kind, module path) triples whose module exists in model."""
-    return [Target(key, kind, mod, path) for key, kind, path in wanted if (mod := _get(model, path)) is not None]
+    """Targets for the (key, kind, module path) triples whose module exists in model. A norm the TE spec
+    fuses into the next linear is recorded from that linear's input (fused_norm_output)."""
+    out = []
+    for key, kind, path in wanted:
+        fused = _fused_into(model, path)
+        if fused is not None:
+            out.append(Target(key, kind, fused, path, fused_norm=True))
+        elif (mod := _get(model, path)) is not None:
+            out.append(Target(key, kind, mod, path))
+    return out
 
 
 def hf_targets(model: torch.nn.Module, hooks, num_layers: int) -> list[Target]:

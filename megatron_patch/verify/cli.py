@@ -3,9 +3,12 @@
     megatron-patch compare --hf-path DIR [--mcore-path DIR] --tp N --pp N --ep N --etp N [--vpp N] [--cp N]
         [--decoder-first-pipeline-num-layers N] [--decoder-last-pipeline-num-layers N]
         [--pipeline-model-parallel-layout STR] [--account-for-embedding/loss-in-pipeline-split]
-        [--batch-size B] [--seq-length S] [--dtype fp32|bf16] [--json FILE] [--plot FILE] [--debug]
+        [--batch-size B] [--seq-length S] [--dtype fp32|bf16|fp16] [--json FILE] [--plot FILE] [--debug]
+        [--moe-grouped-gemm] [--moe-expert-capacity-factor F [--moe-pad-expert-input-to-capacity]
+         [--moe-token-drop-policy probs|position]] [--transformer-impl auto|transformer_engine|local]
 
-Without --mcore-path the HF weights are converted in memory through the family table. The ranks are
+Without --mcore-path the HF weights are converted in memory through the family table. The model is built
+with megatron-core's Transformer Engine spec on CUDA when TE imports (auto), else the local one (models/impl.py). The ranks are
 spawned here (gloo on CPU; the fewest the layout needs), or the existing ones are used inside torchrun.
 Exit status: 0 PASS, 1 FAIL, 2 bad input, 3 the run itself failed (a rank crashed or hung).
 """
@@ -36,12 +39,12 @@ def register(subparsers) -> None:
     add_split_args(p)  # Megatron-LM's uneven pipeline flags
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-length", type=int, default=32)
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--atol", type=float, default=None,
                    help="tolerance (x max(1, max|HF|)) instead of the dtype's default (fp32 1e-5 on the max "
-                        "diff, bf16 3e-2 on the mean diff)")
+                        "diff, bf16 3e-2 and fp16 4e-3 on the mean diff)")
     p.add_argument("--router-mismatch", type=float, default=None,
-                   help="fraction of tokens allowed a different expert choice (default fp32 0, bf16 0.1)")
+                   help="fraction of tokens allowed a different expert choice (default fp32 0, bf16/fp16 0.1)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the random input tokens")
     p.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
     p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG of the max diff per layer")
@@ -50,6 +53,12 @@ def register(subparsers) -> None:
                    help="Megatron-LM's name for the same limit, in minutes (overrides --timeout)")
     p.add_argument("--debug", action="store_true",
                    help="extra columns (max|HF|, bound), timings, warnings and full rank tracebacks")
+    from megatron_patch.models.moe_options import add_moe_arguments
+
+    add_moe_arguments(p)
+    from megatron_patch.models.impl import add_impl_argument
+
+    add_impl_argument(p)
     p.set_defaults(func=run)
 
 
@@ -64,11 +73,15 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from megatron_patch.models.builder import ParallelLayout
+    from megatron_patch.models.moe_options import moe_overrides
     from megatron_patch.testing.multirank import RankFailure
     from megatron_patch.verify.compare import CompareSpec
     from megatron_patch.verify.compare import run as run_compare
     from megatron_patch.verify.report import format_report, write_json, write_plot
 
+    from megatron_patch.models.impl import check_impl
+
+    check_impl(args.transformer_impl)  # before any rank starts
     if args.plot:
         from megatron_patch.verify.report import require_matplotlib
 
@@ -82,7 +95,8 @@ def _run(args) -> int:
                        batch_size=args.batch_size, seq_length=args.seq_length, dtype=args.dtype,
                        seed=args.seed, atol=args.atol, router_mismatch=args.router_mismatch,
                        debug=args.debug, timeout=(args.distributed_timeout_minutes * 60
-                                                  if args.distributed_timeout_minutes else args.timeout))
+                                                  if args.distributed_timeout_minutes else args.timeout),
+                       moe=moe_overrides(args), transformer_impl=args.transformer_impl)
     try:
         report = run_compare(spec)
     except RankFailure as err:

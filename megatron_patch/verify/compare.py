@@ -33,7 +33,7 @@ import torch
 from megatron_patch.errors import UserError
 from megatron_patch.models.builder import ParallelLayout
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,9 @@ class Tolerance:
 DEFAULT_TOLERANCES = {
     "fp32": Tolerance(atol=1e-5, router_mismatch=0.0, metric="max"),
     "bf16": Tolerance(atol=3e-2, router_mismatch=0.1, metric="mean"),
+    # fp16: 3 more mantissa bits than bf16 (eps 9.8e-4 vs 7.8e-3), same mean-|diff| rule, an 8x tighter bar
+    # (measured worst 1.3e-3 x scale on the DeepSeek-V3 mini, one token routed differently)
+    "fp16": Tolerance(atol=4e-3, router_mismatch=0.1, metric="mean"),
 }
 
 
@@ -82,6 +85,10 @@ class CompareSpec:
     mutate: Callable | str | None = None
     debug: bool = False
     timeout: float = 900.0
+    # TransformerConfig fields from the MoE engine flags (models.moe_options.moe_overrides)
+    moe: dict = field(default_factory=dict)
+    # Megatron-LM's --transformer-impl: auto, transformer_engine or local (models/impl.py)
+    transformer_impl: str = "auto"
 
     @property
     def tolerance(self) -> Tolerance:
@@ -128,6 +135,7 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
     from megatron_patch.convert.hf_reader import HFCheckpoint
     from megatron_patch.models.builder import check_layout
     from megatron_patch.models.families import family_for_config
+    from megatron_patch.models.moe_options import check_moe_overrides
 
     path = Path(spec.hf_path)
     if not path.is_dir():
@@ -151,7 +159,8 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"--hf-path {spec.hf_path}: transformers cannot read config.json ({err})") from None
     family = family_for_config(hf_config)
-    config = family.to_mcore_config(hf_config)
+    config = family.to_mcore_config(hf_config, **spec.moe)
+    check_moe_overrides(spec.moe, config)
     check_layout(lay, config, world_size)
     experts = config.num_moe_experts or 0
     if experts:
@@ -207,6 +216,15 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
 # ---------------------------------------------------------------------------------------------------
 # metrics
 # ---------------------------------------------------------------------------------------------------
+def describe_experts(config) -> str:
+    """How the routed experts ran: grouped GEMM or SequentialMLP, dropless or capacity-bound."""
+    text = "grouped GEMM" if config.moe_grouped_gemm else "SequentialMLP"
+    if config.moe_expert_capacity_factor is not None:
+        text += (f", capacity factor {config.moe_expert_capacity_factor:g} ({config.moe_token_drop_policy} drop"
+                 + (", padded: static shapes)" if config.moe_pad_expert_input_to_capacity else ")"))
+    return text
+
+
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.flatten(), b.flatten()
     na, nb = a.norm(), b.norm()
@@ -317,8 +335,10 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) ->
     if len(state_dicts) != len(chunks):
         raise UserError(f"--mcore-path holds {len(state_dicts)} model chunk(s) per rank, the layout builds "
                         f"{len(chunks)} (check --vpp)")
+    from megatron_patch.convert.engine import as_model_names
+
     for chunk, sd in zip(chunks, state_dicts):
-        result = chunk.load_state_dict(sd, strict=False)
+        result = chunk.load_state_dict(as_model_names(sd, chunk.state_dict()), strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
         if missing or unexpected:
@@ -395,13 +415,16 @@ def run_in_group(spec: CompareSpec) -> dict | None:
 
     t0 = time.perf_counter()
     world = dist.get_world_size()
-    hf_config, family, _ = prepare(spec, world)
+    hf_config, family, base_config = prepare(spec, world)
     layout = spec.layout
     dtype = DTYPES[spec.dtype]
     initialize_parallel(layout, seed=spec.seed)
-    overrides = {"params_dtype": dtype, "bf16": dtype == torch.bfloat16}
+    from megatron_patch.models.moe_options import with_moe_defaults
+
+    overrides = {"params_dtype": dtype, "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16, **with_moe_defaults(spec.moe, base_config)}
     notes: list[str] = []
-    chunks, config, args = build_family_model(hf_config, layout, **overrides)
+    chunks, config, args = build_family_model(hf_config, layout, transformer_impl=spec.transformer_impl,
+                                              **overrides)
     source = _load_weights(spec, chunks, family, hf_config, config, args)
     mutate = _resolve(spec.mutate)
     if mutate is not None:
@@ -472,7 +495,8 @@ def run_in_group(spec: CompareSpec) -> dict | None:
         "mcore_path": spec.mcore_path,
         "weights": source,
         "model": {"num_layers": num_layers, "hidden_size": hf_config.hidden_size, "num_experts": experts,
-                  "vocab_size": hf_config.vocab_size},
+                  "vocab_size": hf_config.vocab_size, "experts": describe_experts(config) if experts else None,
+                  "transformer_impl": config.transformer_impl},
         "layout": {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp,
                    "vpp": layout.vpp, **({"cp": layout.cp} if layout.cp > 1 else {}),
                    **{k: v for k, v in layout.split_fields().items() if v}, "sp": layout.sequence_parallel, "world_size": world,

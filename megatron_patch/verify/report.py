@@ -23,7 +23,9 @@ def format_report(report: dict, debug: bool = False, written: list | None = None
     lines = [
         f"{RULE} Megatron vs HuggingFace activations {RULE}",
         f"model     : {report['family']} ({report['hf_path']}): {model['num_layers']} layers, hidden "
-        f"{model['hidden_size']}" + (f", {model['num_experts']} experts" if model["num_experts"] else ""),
+        f"{model['hidden_size']}" + (f", {model['num_experts']} experts" if model["num_experts"] else "")
+        + (f" ({model['experts']})" if model.get("experts") else "")
+        + (f"; {model['transformer_impl']} spec" if model.get("transformer_impl") else ""),
         f"weights   : {report['weights']}",
         f"layout    : {lay['name']} on {lay['world_size']} rank(s)",
         f"input     : batch {report['batch_size']} x seq {report['seq_length']} random tokens (seed {report['seed']})",

@@ -102,7 +102,7 @@ GENERIC_IGNORED = [
 TUNABLE = {
     "attention_dropout", "hidden_dropout", "init_method_std", "moe_aux_loss_coeff",
     "moe_router_load_balancing_type", "moe_router_dtype", "moe_token_dispatcher_type",
-    "moe_router_bias_update_rate", "moe_z_loss_coeff", "mtp_num_layers",
+    "moe_router_bias_update_rate", "moe_z_loss_coeff", "mtp_num_layers", "moe_grouped_gemm",
 }
 
 
@@ -318,6 +318,9 @@ def convert_config(hf_config, mapping: Sequence[Entry], config_cls, overrides: d
         raise UserError(f"{family}: override(s) {', '.join(clash)} contradict the HF config (they are read from "
                         "it); change the HF config instead")
     cfg_kw.update(overrides)
+    # megatron-core's default is transformer_engine; what we build unless told otherwise is the local spec
+    if "transformer_impl" in names:
+        cfg_kw.setdefault("transformer_impl", "local")
     try:
         config = config_cls(**cfg_kw)
     except (ValueError, AssertionError, TypeError) as err:
@@ -330,11 +333,14 @@ def convert_config(hf_config, mapping: Sequence[Entry], config_cls, overrides: d
 # layer spec (one for all families: megatron-core local modules; the runtime swaps kernels)
 # ---------------------------------------------------------------------------------------------------
 def layer_spec(mcore_config, vp_stage: int | None = None):
-    """megatron_patch.models.spec.local_block_spec: get_gpt_decoder_block_spec(config,
+    """The TE spec when config.transformer_impl is transformer_engine (models/impl.py), else
+    megatron_patch.models.spec.local_block_spec: get_gpt_decoder_block_spec(config,
     use_transformer_engine=False, normalization="RMSNorm") with MLA's q/kv down-projections replicated
     (DuplicatedLinear, as TE's 'duplicated' mode) instead of ColumnParallelLinear."""
-    from megatron_patch.models.spec import local_block_spec
+    from megatron_patch.models.spec import local_block_spec, te_block_spec, uses_te
 
+    if uses_te(mcore_config):  # --transformer-impl transformer_engine (models/impl.py)
+        return te_block_spec(mcore_config, vp_stage=vp_stage)
     return local_block_spec(mcore_config, vp_stage=vp_stage)
 
 
@@ -356,7 +362,10 @@ def mtp_block_spec(mcore_config, spec=None, vp_stage: int | None = None):
 
         whole = dataclasses.replace(mcore_config, **ParallelLayout().pipeline_overrides())
         spec = layer_spec(whole)
-    return get_gpt_mtp_block_spec(mcore_config, spec, use_transformer_engine=False, vp_stage=vp_stage)
+    from megatron_patch.models.spec import uses_te
+
+    return get_gpt_mtp_block_spec(mcore_config, spec, use_transformer_engine=uses_te(mcore_config),
+                                  vp_stage=vp_stage)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,14 +14,18 @@ import torch
 Weights = Union[torch.Tensor, Sequence[torch.Tensor]]
 Counts = Union[torch.Tensor, Sequence[int]]
 
-_NPU_MAX_WEIGHT_LIST = 128  # npu_grouped_matmul takes at most 128 tensors per list
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # grouped_matmul
 # ----------------------------------------------------------------------------------------------------------------
 def grouped_matmul(x: torch.Tensor, weights: Weights, tokens_per_expert: Counts) -> torch.Tensor:
-    """Torch implementation. x: [tokens, in] sorted by expert; weights: [E, in, out] or E x [in, out]."""
+    """Torch implementation. x: [tokens, in] sorted by expert; weights: [E, in, out] or E x [in, out].
+
+    One torch.nn.functional.grouped_mm call (offsets from a tensor of counts: no host sync) where it runs:
+    a 3-D weight, fp32/bf16/fp16 on CPU (bf16 on CUDA), in and out widths whose rows are a multiple of 16
+    bytes. Otherwise one matmul per expert (Python ints for the split: a host sync)."""
+    if isinstance(tokens_per_expert, torch.Tensor) and _grouped_mm_fits(x, weights):
+        offs = torch.cumsum(tokens_per_expert.to(x.device), dim=0, dtype=torch.int32)
+        return torch.nn.functional.grouped_mm(x, weights, offs=offs)
     counts = _counts_list(tokens_per_expert)
     if len(counts) != len(weights) or sum(counts) != x.shape[0]:
         raise ValueError(f"tokens_per_expert {counts} does not match {len(weights)} experts / {x.shape[0]} rows")
@@ -30,23 +34,54 @@ def grouped_matmul(x: torch.Tensor, weights: Weights, tokens_per_expert: Counts)
     return torch.cat(outs, dim=0)
 
 
-def grouped_matmul_npu(x: torch.Tensor, weights: Weights, tokens_per_expert: Counts) -> torch.Tensor:
-    """Ascend implementation, via torch_npu.npu_grouped_matmul with groups on the M (token) axis."""
-    import torch_npu
+def _grouped_mm_fits(x: torch.Tensor, weights: Weights) -> bool:
+    """grouped_mm's layout rules (torch 2.13): row strides of x, W, the output and the gradients are
+    multiples of 16 bytes; same dtype; x 2-D and W 3-D."""
+    if not isinstance(weights, torch.Tensor) or weights.dim() != 3 or x.dim() != 2:
+        return False
+    if x.dtype != weights.dtype or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if not hasattr(torch.nn.functional, "grouped_mm"):
+        return False
+    if x.device.type != "cpu" and x.dtype != torch.bfloat16:  # CUDA: bf16 only (torch 2.13 docs)
+        return False
+    align = 16 // x.element_size()
+    return x.shape[1] % align == 0 and weights.shape[2] % align == 0
 
+
+class _NpuGroupedMatmul(torch.autograd.Function):
+    """npu_grouped_matmul has no backward (torch_npu 2.13: inference only), so its gradients are two more
+    grouped GEMMs, as MindSpeed does: dx = dy W_g^T grouped on M (rows), dW_g = x_g^T dy_g grouped on K."""
+
+    @staticmethod
+    def forward(ctx, x, weight, group_list):
+        import torch_npu
+
+        ctx.save_for_backward(x, weight, group_list)
+        return torch_npu.npu_grouped_matmul([x], [weight], group_list=group_list, split_item=3, group_type=0,
+                                            group_list_type=0)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch_npu
+
+        x, weight, group_list = ctx.saved_tensors
+        grad = grad.contiguous()
+        dx = torch_npu.npu_grouped_matmul([grad], [weight.transpose(1, 2)], group_list=group_list, split_item=3,
+                                          group_type=0, group_list_type=0)[0]
+        dw = torch_npu.npu_grouped_matmul([x.t()], [grad], group_list=group_list, split_item=3, group_type=2,
+                                          group_list_type=0)[0]
+        return dx, dw.view_as(weight), None
+
+
+def grouped_matmul_npu(x: torch.Tensor, weights: Weights, tokens_per_expert: Counts) -> torch.Tensor:
+    """Ascend implementation, via torch_npu.npu_grouped_matmul with groups on the M (token) axis, in an
+    autograd.Function that supplies the backward the op lacks."""
     counts = torch.as_tensor(tokens_per_expert, dtype=torch.int64, device=x.device)
     # group_list_type=0 wants the cumulative sum; type 1 (plain counts) rejects a single-expert list.
     group_list = torch.cumsum(counts, dim=0)
-    if isinstance(weights, torch.Tensor):
-        weight_list = [weights]  # one [E, in, out] tensor
-    elif len(weights) > _NPU_MAX_WEIGHT_LIST:
-        weight_list = [torch.stack(list(weights))]
-    else:
-        weight_list = list(weights)  # E x [in, out], no copy
-    # split_item=3 with group_type=0: x is split along M by group_list, and one output tensor comes back.
-    out = torch_npu.npu_grouped_matmul([x], weight_list, group_list=group_list, split_item=3, group_type=0,
-                                       group_list_type=0)
-    return out[0]
+    weight = weights if isinstance(weights, torch.Tensor) else torch.stack(list(weights))  # one [E, in, out]
+    return _NpuGroupedMatmul.apply(x, weight, group_list)
 
 
 def _counts_list(tokens_per_expert: Counts) -> list:

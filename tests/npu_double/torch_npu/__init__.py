@@ -173,7 +173,30 @@ def npu_swiglu(self, dim=-1):
 # ----------------------------------------------------------------------------------------------------------------
 # npu_grouped_matmul (non-quantised paths only)
 # ----------------------------------------------------------------------------------------------------------------
-def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiquant_scale=None,
+class _NoDerivative(torch.autograd.Function):
+    """torch_npu 2.13 has no derivatives entry for npu_grouped_matmul (its docs: inference scenarios): a
+    backward through it fails, so the double's must too (plain torch would otherwise let gradients flow)."""
+
+    @staticmethod
+    def forward(ctx, out, *inputs):
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("the derivative for 'npu_grouped_matmul' is not implemented")
+
+
+def npu_grouped_matmul(x, weight, *, bias=None, **kwargs):
+    """The op (see _grouped_matmul); outputs that depend on tensors requiring grad fail on backward."""
+    with torch.no_grad():
+        outs = _grouped_matmul(x, weight, bias=bias, **kwargs)
+    inputs = [t for t in [*x, *weight, *(bias or [])] if t.requires_grad]
+    if inputs and torch.is_grad_enabled():
+        outs = [_NoDerivative.apply(o, *inputs) for o in outs]
+    return outs
+
+
+def _grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiquant_scale=None,
                        antiquant_offset=None, per_token_scale=None, group_list=None, activation_input=None,
                        activation_quant_scale=None, activation_quant_offset=None, split_item=0, group_type=None,
                        group_list_type=0, act_type=0, tuning_config=None, output_dtype=None, x_dtype=None,
@@ -202,6 +225,8 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
             raise ValueError("npu_grouped_matmul: one weight per x")
         return [_mm(xi, wi, None if bias is None else bias[i]) for i, (xi, wi) in enumerate(zip(x, weight))]
 
+    if group_type == 2:
+        return [_grouped_on_k(x, weight, bias, group_list, split_item, group_list_type)]
     if group_type != 0:
         _unsupported(f"npu_grouped_matmul(group_type={group_type})")
     # group_type=0: split the M axis of the (single, 2-D) x into groups; one output tensor.
@@ -241,6 +266,22 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
         outs.append(_mm(xs[start:start + size], w, None if bias is None else bias[i]))
         start += size
     return [torch.cat(outs, dim=0)]
+
+
+def _grouped_on_k(x, weight, bias, group_list, split_item, group_list_type):
+    """group_type=2 (the weight-gradient form MindSpeed uses): x [m, K] and weight [K, n] split along K by
+    group_list (type 0: cumulative); out[g] = x[:, K_g] @ weight[K_g, :], shape [groups, m, n]."""
+    if bias is not None or split_item != 3 or group_list_type != 0:
+        _unsupported("npu_grouped_matmul(group_type=2) with bias, split_item != 3 or group_list_type != 0")
+    if len(x) != 1 or len(weight) != 1 or x[0].dim() != 2 or weight[0].dim() != 2:
+        raise ValueError("npu_grouped_matmul: group_type=2 takes one 2-D x and one 2-D weight")
+    if not isinstance(group_list, torch.Tensor) or group_list.dtype != torch.int64 or group_list.dim() != 1:
+        raise TypeError("npu_grouped_matmul: group_list must be a 1-D int64 tensor here")
+    ends = [int(v) for v in group_list.tolist()]
+    if ends[-1] != x[0].shape[1] or any(b < a for a, b in zip(ends, ends[1:])):
+        raise ValueError("npu_grouped_matmul: group_list (type 0) must be non-decreasing and end at K")
+    starts = [0] + ends[:-1]
+    return torch.stack([_mm(x[0][:, a:b], weight[0][a:b], None) for a, b in zip(starts, ends)])
 
 
 def _mm(x, w, b):

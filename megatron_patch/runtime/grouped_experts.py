@@ -1,0 +1,135 @@
+"""Grouped experts without Transformer Engine: megatron-core's TEGroupedMLP on portable grouped linears.
+
+megatron-core's local-spec grouped experts (GroupedMLP) need the CUDA `grouped_gemm` package. Here the
+experts keep TE's parameter layout and names (`linear_fc1.weight{e}`, `linear_fc2.weight{e}`: [out, in] per
+local expert) and TEGroupedMLP's sharded_state_dict (the same torch_dist keys as SequentialMLP), while the
+forward multiplies all local experts with one grouped GEMM (runtime kernel `grouped_matmul`:
+torch.nn.functional.grouped_mm on CPU/CUDA, npu_grouped_matmul on Ascend).
+
+tokens_per_expert stays a tensor all the way down (no `.tolist()` host sync): the grouped GEMM takes its
+cumulative sum as offsets, so with a padded, capacity-bound dispatch every shape is known before the data.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.experts import TEGroupedMLP
+from megatron.core.utils import divide
+
+from megatron_patch.runtime import kernels
+
+
+class PortableGroupedLinear(MegatronModule):
+    """TE GroupedLinear's parameters (weight{i}: [out, in]) for experts. No communication: as with TE's
+    `explicit_expert_comm`, the token dispatcher does the experts' TP/EP communication."""
+
+    tp_axis = 0  # 0: column parallel (out split over expert-TP), 1: row parallel (in split)
+
+    def __init__(self, num_gemms: int, input_size: int, output_size: int, *, config, init_method, bias: bool,
+                 skip_bias_add: bool, is_expert: bool, tp_comm_buffer_name=None, pg_collection=None):
+        from megatron.core.tensor_parallel.layers import (_initialize_affine_weight_gpu,
+                                                          set_tensor_model_parallel_attributes)
+
+        super().__init__(config=config)
+        if bias:
+            raise ValueError("grouped experts: expert biases (add_bias_linear) are not supported; turn them off")
+        if not is_expert:
+            raise ValueError("PortableGroupedLinear is for experts only")
+        self.num_gemms = num_gemms
+        self.ep_group, self.tp_group, self.expt_dp_group = pg_collection.ep, pg_collection.expt_tp, pg_collection.expt_dp
+        tp = self.tp_group.size()
+        if self.tp_axis == 0:
+            output_size = divide(output_size, tp)
+        else:
+            input_size = divide(input_size, tp)
+        # Expert-parallel params are reduced over the expert-data-parallel group (megatron's DDP reads this).
+        allreduce = not (config.expert_model_parallel_size > 1)
+        for i in range(num_gemms):
+            weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype))
+            if config.perform_initialization:
+                _initialize_affine_weight_gpu(weight, init_method, self.tp_axis, is_expert=True)
+            else:
+                set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=self.tp_axis, stride=1)
+            weight.allreduce = allreduce
+            setattr(self, f"weight{i}", weight)
+        self._register_load_state_dict_pre_hook(_drop_extra_states)
+
+    def stacked_weight(self) -> torch.Tensor:
+        """[E, in, out] (a transposed view of the [E, out, in] stack: the layout grouped_mm wants)."""
+        return torch.stack([getattr(self, f"weight{i}") for i in range(self.num_gemms)]).transpose(1, 2)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Like TE's grouped linear: per expert a ShardedTensor on the global expert axis and an (empty)
+        `_extra_state` ShardedObject, keyed by `prefix` (TEGroupedMLP renames it to SequentialMLP's
+        `experts.linear_fcN.*`): a checkpoint saved here loads into SequentialMLP and TE models alike."""
+        from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        if (metadata or {}).get("singleton_local_shards"):
+            raise ValueError("grouped experts: singleton_local_shards checkpoints are not supported")
+        num_global = self.ep_group.size() * self.num_gemms
+        offset = self.ep_group.rank() * self.num_gemms
+        ep_axis = len(sharded_offsets)
+        out = {}
+        for i in range(self.num_gemms):
+            sub = make_sharded_tensors_for_checkpoint(
+                {f"{i}.weight": getattr(self, f"weight{i}"), f"{i}._extra_state": None}, "",
+                {f"{i}.weight": self.tp_axis}, (*sharded_offsets, (ep_axis, offset + i, num_global)),
+                tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+            replace_prefix_for_sharding(sub, f"{i}.", prefix)
+            for item in sub.values():  # replicas: expert data parallel only
+                item.replica_id = (*item.replica_id[:2], self.expt_dp_group.rank())
+            out[f"{prefix}weight{i}"] = sub[f"{i}.weight"]
+            out[f"{prefix}_extra_state{i or ''}"] = sub[f"{i}._extra_state"]
+        return out
+
+    def backward_dw(self):
+        pass
+
+
+def _drop_extra_states(state_dict, prefix, *args):
+    """TE/SequentialMLP checkpoints carry `_extra_state{i}` entries (fp8 metadata or None) that these
+    linears do not hold: loading ignores them (TE's set_extra_state ignores empty ones the same way)."""
+    for key in [k for k in state_dict if k.startswith(prefix + "_extra_state")]:
+        del state_dict[key]
+
+
+class PortableColumnGroupedLinear(PortableGroupedLinear):
+    tp_axis = 0
+
+
+class PortableRowGroupedLinear(PortableGroupedLinear):
+    tp_axis = 1
+
+
+class PortableGroupedMLP(TEGroupedMLP):
+    """TEGroupedMLP (construction, sharded_state_dict) with a forward that runs one grouped GEMM per linear."""
+
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None):
+        unsupported = [name for name, on in (
+            ("add_bias_linear", config.add_bias_linear), ("moe_apply_probs_on_input", config.moe_apply_probs_on_input),
+            ("fp8/fp4", config.fp8 or config.fp4), ("moe_latent_size", config.moe_latent_size is not None),
+            ("activation_func_clamp_value", config.activation_func_clamp_value is not None),
+            ("glu_linear_offset", bool(config.glu_linear_offset)),
+            ("selective recompute of moe_act", config.recompute_granularity == "selective"
+             and "moe_act" in (config.recompute_modules or [])),
+            ("activation offloading", config.fine_grained_activation_offloading)) if on]
+        if unsupported:
+            raise ValueError(f"grouped experts (--moe-grouped-gemm) without TE do not support {', '.join(unsupported)}")
+        super().__init__(num_local_experts, config, submodules, pg_collection)
+
+    def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
+                permuted_probs: torch.Tensor):
+        x = permuted_local_hidden_states
+        device = x.device.type
+        gmm = kernels.get("grouped_matmul", device)
+        fc1 = gmm(x, self.linear_fc1.stacked_weight(), tokens_per_expert)
+        if self.config.gated_linear_unit:
+            if self.config.activation_func is not torch.nn.functional.silu:
+                raise ValueError("grouped experts: a gated unit other than SwiGLU is not supported")
+            act = kernels.get("swiglu", device)(fc1)
+        else:
+            act = self.config.activation_func(fc1)
+        # As SequentialMLP's MLP: scale by the router prob in the promoted dtype, then back.
+        act = (act * permuted_probs.unsqueeze(-1)).to(fc1.dtype)
+        return gmm(act, self.linear_fc2.stacked_weight(), tokens_per_expert), None
