@@ -8,7 +8,7 @@ from megatron_patch.runtime.adapters import REGISTRY
 
 
 def _replacement(target):
-    (patch,) = [p for p in REGISTRY.patches if p.target == target]
+    (patch,) = [p for p in REGISTRY.patches if p.target == target and p.devices == ("npu",)]
     assert patch.devices == ("npu",)
     from megatron_patch.runtime.patching import _resolve
 

@@ -277,7 +277,7 @@ def _npu_patch(target):
     from megatron_patch.runtime.adapters import REGISTRY
     from megatron_patch.runtime.patching import _resolve
 
-    (patch,) = [p for p in REGISTRY.patches if p.target == target]
+    (patch,) = [p for p in REGISTRY.patches if p.target == target and p.devices == ("npu",)]
     owner, name = _resolve(target)
     original = getattr(owner, name)
     return original, patch.make(original)
