@@ -4,13 +4,11 @@ import pytest
 
 from megatron_patch.models.builder import ParallelLayout
 from megatron_patch.runtime.context_parallel import causal_chunks, restore_sequence
-from megatron_patch.testing.equivalence import layout_run, over_bound, reference_run
+from megatron_patch.testing.equivalence import layout_run
 from megatron_patch.testing.multirank import run_ranks
 
-# The bounds of tests/test_parallel_layouts.py (fp32, one Adam step; only the reduction order differs).
-LOSS_TOL = 1e-6
-GRAD_TOL = 1e-7
-STEP_ULPS = 4
+# the single-rank reference and the bounds of tests/test_parallel_layouts.py
+from test_parallel_layouts import assert_matches_reference, reference  # noqa: F401 - a module-scoped fixture
 
 LAYOUTS = {
     "CP2": (2, ParallelLayout(cp=2)),
@@ -31,24 +29,14 @@ def test_chunk_order_and_masks():
     assert mask3.tolist() == [[False] * 7 + [True], [False] * 8]  # positions 6 and 7 see keys 0..6 / 0..7
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference")
-    (result,) = run_ranks(reference_run, 1, timeout=240, args=(str(out),))
-    return str(out), result
-
-
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_context_parallel_matches_single_rank(reference, name):
     ref_dir, ref = reference
     world, layout = LAYOUTS[name]
     results = run_ranks(layout_run, world, timeout=240, args=(layout, ref_dir, False))
     for rank, res in enumerate(results):
-        assert abs(res["loss"] - ref["loss"]) <= LOSS_TOL, (rank, res["loss"], ref["loss"])
-        assert abs(res["grad_norm"] - ref["grad_norm"]) <= 1e-5 * max(1.0, ref["grad_norm"])
-        assert not over_bound(res["grad_diff"], GRAD_TOL, STEP_ULPS), (rank, over_bound(res["grad_diff"], GRAD_TOL))
-        assert not over_bound(res["step_diff"], GRAD_TOL, STEP_ULPS), (rank, over_bound(res["step_diff"], GRAD_TOL))
-        assert len(res["step_diff"]) > 0
+        assert "grad_diff" in res  # no distributed optimizer here: every rank holds whole gradients
+        assert_matches_reference(res, ref, (name, rank))
 
 
 COMPARE = [
