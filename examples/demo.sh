@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PY=${PY:-$PWD/.venv/bin/python}
-"$PY" -m megatron_patch.cli env-check 2>/dev/null | head -5
+{ "$PY" -m megatron_patch.cli env-check 2>/dev/null || true; } | head -5  # head closes the pipe early
 echo
 bash examples/deepseek_v3/run_mini_deepseek_test.sh local 2 2 2 1
