@@ -338,7 +338,7 @@ def test_nan_stops_with_the_step_number(work):
     (18, "true", "SFT=true"),
     (17, "true", "FL=true"),
     (20, "0.5", "OPTIMIZER_OFFLOAD=0.5"),
-    (9, "fp16", "PR=fp16"),
+    (9, "fp8", "PR=fp8"),
     (19, "offload", "AC=offload"),
     (25, "100", "TRAIN_TOKENS=100"),
 ])

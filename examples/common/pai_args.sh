@@ -14,7 +14,7 @@
 #                        PRETRAIN_CHECKPOINT_PATH, e.g. a make-mini output), or any name with HF_CONFIG_DIR set
 #   BATCH_SIZE           micro batch size;  GLOBAL_BATCH_SIZE: global batch size
 #   PAD_LEN              not used (SFT samples are cut/padded to SEQ_LEN): any number
-#   PR                   fp32 | bf16
+#   PR                   fp32 | bf16 | fp16 (dynamic loss scaling, fp32 master weights)
 #   TP PP EP ETP         tensor / pipeline / expert / expert-tensor parallel sizes;  CP: must be 1
 #   SP DO                sequence parallel, distributed optimizer: true | false
 #   FL                   false (true is refused: no flash-attn path; the runtime picks attention kernels)
@@ -122,9 +122,9 @@ pai_launch() {
     pai_int WARMUP_TOKENS "$WARMUP_TOKENS"
     for v in SP DO SFT; do pai_bool "$v" "${!v}"; done
     case "$PR" in
-        fp32|bf16) ;;
-        fp16|fp8) pai_fail "PR=$PR is not supported (no loss scaling / FP8 recipe here); use bf16 or fp32" ;;
-        *) pai_fail "PR=$PR: expected fp32 or bf16" ;;
+        fp32|bf16|fp16) ;;
+        fp8) pai_fail "PR=$PR is not supported (no FP8 recipe here); use bf16, fp16 or fp32" ;;
+        *) pai_fail "PR=$PR: expected fp32, bf16 or fp16" ;;
     esac
     (( SEQ_LEN % (2 * CP) == 0 )) || pai_fail "CP=$CP: SEQ_LEN=$SEQ_LEN must be divisible by 2 x CP (each CP rank holds two chunks); change SEQ_LEN or CP"
     [[ "$OPTIMIZER_OFFLOAD" == false ]] || pai_fail "OPTIMIZER_OFFLOAD=$OPTIMIZER_OFFLOAD: optimizer offload is not supported; use false"
@@ -242,6 +242,7 @@ a = g(); print(a.type, a.device_count())' 2>/dev/null || echo "unknown 0")
         --tensorboard-dir "$tb_dir" --log-interval 1 "${ac_args[@]}" "${sft_args[@]}"
     )
     [[ "$PR" == bf16 ]] && args+=(--bf16)
+    [[ "$PR" == fp16 ]] && args+=(--fp16)
     [[ "$SP" == true ]] && (( TP > 1 )) && args+=(--sequence-parallel)
     [[ "$DO" == true ]] && args+=(--use-distributed-optimizer)
     local first_pp=${FIRST_PP_LAYERS:-${MP_PP0_LAYERS:-}} last_pp=${LAST_PP_LAYERS:-}
