@@ -367,3 +367,38 @@ def test_killed_saves_are_cleaned_up_at_the_next_start(tmp_path):
     remove_stale_saves(save)
     assert sorted(p.name for p in save.iterdir()) == ["iter_0000003", "iter_0000005"]
     assert (save / "iter_0000005" / "x").is_dir()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(num_hidden_layers=0), "transformers cannot read"),
+    (lambda c: c.update(num_attention_heads=8.5), "num_attention_heads"),
+    (lambda c: [c], "holds a JSON list"),
+])
+def test_bad_config_values_are_one_line_errors(ckpts, tmp_path, capsys, edit, message):
+    """Config values transformers rejects (0 layers, 8.5 heads, a JSON list) are one `error:` line and exit 2
+    for convert and compare, not a traceback; nothing is written."""
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpts["hf"], bad)
+    config = json.loads((bad / "config.json").read_text())
+    edited = edit(config)
+    (bad / "config.json").write_text(json.dumps(config if edited is None else edited))
+    for argv in (["convert", "hf2mcore", "--hf-path", str(bad), "--out", str(tmp_path / "out")],
+                 ["compare", "--hf-path", str(bad)]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_launcher_environment_and_set_values(ckpts, tmp_path, capsys, monkeypatch):
+    """`make-mini --set hidden_size=abc` and `MASTER_PORT=abc` are one-line errors with exit 2."""
+    assert main(["make-mini", "--family", "qwen2", "--out", str(tmp_path / "m"), "--set", "hidden_size=abc"]) == 2
+    assert "transformers rejects the config" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    from megatron_patch.runtime import get_accelerator
+    from megatron_patch.training.trainer import init_distributed
+
+    monkeypatch.setenv("MASTER_PORT", "abc")
+    with pytest.raises(UserError, match="MASTER_PORT='abc' is not a number"):
+        init_distributed(get_accelerator())  # before any process group is made

@@ -112,13 +112,15 @@ def load_hf_config(config_dir):
         raise UserError(f"no config.json in {config_dir} (point at the HF model directory)") from None
     except ValueError as err:
         raise UserError(f"{path} is not valid JSON ({err}); fix or re-download it") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} holds a JSON {type(raw).__name__}, not an object of config fields; fix or re-download it")
     family_for_config(types.SimpleNamespace(architectures=raw.get("architectures"), model_type=raw.get("model_type")))
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(str(config_dir))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"transformers cannot read {path} ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # noqa: BLE001 - transformers' validators raise assorted types (StrictDataclassError...)
+        raise UserError(f"transformers cannot read {path}: {' '.join(str(err).split())[:300]} (fix the config)") from None
 
 
 def layout_dict(layout) -> dict:

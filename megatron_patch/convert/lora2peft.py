@@ -80,11 +80,11 @@ def peft_tensors(hf_config, args: dict, stored: dict[str, torch.Tensor]) -> dict
 
 
 def _hf_config(hf_dir: str):
-    from transformers import AutoConfig
+    from megatron_patch.convert.hf2mcore import load_hf_config
 
     if not (Path(hf_dir) / "config.json").is_file():
         raise UserError(f"--hf-config {hf_dir}: no config.json there (give the base HF model directory)")
-    return AutoConfig.from_pretrained(hf_dir)
+    return load_hf_config(hf_dir)
 
 
 def write_adapter(out: Path, hf_dir: str, args: dict, adapters: dict) -> None:

@@ -114,8 +114,8 @@ def build_hf_config(family: str, cfg: dict):
     fam = get_family(family)
     try:
         config = CONFIG_MAPPING[fam.hf_model_type](**cfg)
-    except (TypeError, ValueError, KeyError) as err:
-        raise UserError(f"{family}: transformers rejects the config: {err}") from err
+    except Exception as err:  # noqa: BLE001 - transformers' validators raise assorted types (StrictDataclassError...)
+        raise UserError(f"{family}: transformers rejects the config: {' '.join(str(err).split())}") from None
     config.architectures = [fam.hf_architectures[0]]
     fam.to_mcore_config(config)  # refuse configs the megatron mapping cannot represent
     return config

@@ -24,12 +24,21 @@ def _rank0_print(*args) -> None:
         print(*args, flush=True)
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"{name}={value!r} is not a number; fix the launcher environment") from None
+
+
 def init_distributed(acc, timeout_minutes: float | None = None) -> tuple[int, int]:
     """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); a plain `python` run is
     a world of one. The process group uses the accelerator's backend (gloo / nccl / hccl)."""
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local = (_env_int(name, default) for name, default in
+                          (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    if "MASTER_PORT" in os.environ:
+        _env_int("MASTER_PORT", 0)
     if world == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
@@ -77,7 +86,7 @@ def _config_overrides(args) -> dict:
 
 
 def _load_hf_config(args):
-    from transformers import AutoConfig
+    from megatron_patch.convert.hf2mcore import load_hf_config
 
     path = args.hf_config or args.load_hf
     if not path and args.load and os.path.isfile(os.path.join(args.load, "hf_config", "config.json")):
@@ -86,10 +95,7 @@ def _load_hf_config(args):
         raise UserError("--hf-config DIR is required (the HF model directory with config.json)")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"--hf-config {path}: no config.json there (give the HF model directory)")
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"--hf-config {path}: transformers cannot read the config ({err})") from None
+    return load_hf_config(path)
 
 
 def _batch_sizes(args, world: int, layout) -> tuple[int, int]:

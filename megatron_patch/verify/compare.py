@@ -152,12 +152,9 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
         raise UserError("--etp and --vpp must be >= 1")
     if spec.batch_size < 1 or spec.seq_length < 1:
         raise UserError("--batch-size and --seq-length must be >= 1")
-    from transformers import AutoConfig
+    from megatron_patch.convert.hf2mcore import load_hf_config
 
-    try:
-        hf_config = AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"--hf-path {spec.hf_path}: transformers cannot read config.json ({err})") from None
+    hf_config = load_hf_config(path)
     family = family_for_config(hf_config)
     config = family.to_mcore_config(hf_config, **spec.moe)
     check_moe_overrides(spec.moe, config)
