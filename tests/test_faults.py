@@ -402,3 +402,23 @@ def test_bad_launcher_environment_and_set_values(ckpts, tmp_path, capsys, monkey
     monkeypatch.setenv("MASTER_PORT", "abc")
     with pytest.raises(UserError, match="MASTER_PORT='abc' is not a number"):
         init_distributed(get_accelerator())  # before any process group is made
+
+
+def test_rank_scratch_of_a_killed_run_is_removed_at_the_next_run(tmp_path, monkeypatch):
+    """compare/run_ranks scratch directories carry the parent's pid; one whose process is gone is removed by the
+    next run, a live one is left alone."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from megatron_patch.testing.multirank import SCRATCH_PREFIX, clean_stale_scratch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{SCRATCH_PREFIX}{int(dead.stdout)}-abc"
+    live = tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}-def"
+    for d in (stale, live):
+        (d / "rank0.err").parent.mkdir()
+        (d / "rank0.err").write_text("x")
+    clean_stale_scratch()
+    assert not stale.exists() and live.exists()

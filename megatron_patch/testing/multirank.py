@@ -74,11 +74,27 @@ def _rank_main(fn, rank, world_size, port, out_dir, args, device, env):
     os._exit(0)
 
 
+SCRATCH_PREFIX = "mp-ranks-"
+
+
+def clean_stale_scratch() -> None:
+    """Remove the rank scratch directories of runs whose process is gone (a killed compare cannot)."""
+    import shutil
+
+    from megatron_patch.convert.atomic import pid_alive
+
+    for path in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = path.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def run_ranks(fn, world_size: int, timeout: float = 180.0, args: tuple = (), device: str = "cpu",
               env: dict | None = None) -> list:
     ctx = mp.get_context("spawn")
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="mp-ranks-") as out_dir:
+    clean_stale_scratch()
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as out_dir:
         procs = [ctx.Process(target=_rank_main,
                              args=(fn, r, world_size, port, out_dir, args, device, dict(env or {})))
                  for r in range(world_size)]
