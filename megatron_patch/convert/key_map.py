@@ -222,6 +222,7 @@ def read_local_rank(root, tp: int, pp: int, ep: int, sizes: dict, iteration, ful
 
     chunks, naming = [], Naming(LOCAL)
     others: dict[int, list[dict]] = {}
+    present = None  # the rank files that exist, listed on first need
     for c, sd in enumerate(mcore_layout.read_rank(root, tp, pp, ep, sizes, iteration)):
         local, naming = to_local(sd)
         if expected is not None:
@@ -233,7 +234,8 @@ def read_local_rank(root, tp: int, pp: int, ep: int, sizes: dict, iteration, ful
             if tensor.shape[0] * sizes["tp"] != full_rows[suffix]:
                 raise UserError(f"{name} has {tensor.shape[0]} rows; the config implies {full_rows[suffix]} (or a "
                                 f"1/{sizes['tp']} TP split of them): the checkpoint does not match the config")
-            present = mcore_layout.present_ranks(root, iteration, sizes)
+            if present is None:  # listed once: a stat per rank file of the whole checkpoint
+                present = mcore_layout.present_ranks(root, iteration, sizes)
             for r in range(sizes["tp"]):
                 if r not in others:
                     holder = mcore_layout.rank_holding(present, sizes, r, pp, ep, experts=False)
