@@ -43,13 +43,23 @@ class Target:
         return tuple(self.hf[p].rsplit(".", 1)[-1] for p in self.parts)
 
 
-def lora_targets(family, hf_config, names: list[str]) -> list[Target]:
-    """Map HF module names to the decoder linears holding them (through the family table)."""
+def _adaptable_rows(family, hf_config) -> list:
+    """The family table's rows of decoder linears an adapter can wrap (not routed experts)."""
     from megatron_patch.models.families.base import Column, GateUp, QKV, Row
 
-    rows = [r for r in family.params(hf_config) if r.mcore.startswith("decoder.layers.{layer}.")
+    return [r for r in family.params(hf_config) if r.mcore.startswith("decoder.layers.{layer}.")
             and r.mcore.endswith(".weight") and r.split in (Column, Row, QKV, GateUp)
             and "{expert}" not in r.mcore]
+
+
+def target_names(family, hf_config) -> list[str]:
+    """Every HF module name --lora-target accepts for this model."""
+    return sorted({h.rsplit(".", 2)[-2] for r in _adaptable_rows(family, hf_config) for h in r.hf})
+
+
+def lora_targets(family, hf_config, names: list[str]) -> list[Target]:
+    """Map HF module names to the decoder linears holding them (through the family table)."""
+    rows = _adaptable_rows(family, hf_config)
     available = {h.rsplit(".", 2)[-2]: r for r in rows for h in r.hf}
     unknown = [n for n in names if n not in available]
     if unknown:
