@@ -56,24 +56,28 @@ def measured(tmp_path_factory):
     return cases, ranks
 
 
-def _plan(case: dict, world: int = 4):
+@pytest.fixture(scope="module")
+def planned(measured):
+    """(parameters per pp rank, StageMemory per pp rank) of every case, as `plan` computes them."""
     from megatron_patch.training.plan import Model, plan_stages
     from megatron_patch.training.plan_memory import Workload
-    from megatron_patch.training.plan_params import rank_params
 
-    model = Model.load(case["hf"], case.get("lora_rank"), case.get("lora_target"))
-    layout = ParallelLayout(**case["layout"])
-    # CPU's SDPA runs MLA (q/k and v widths differ) through the math path
-    w = Workload(case["seq"], case["mbs"], False, "none", False, case["num_micro"],
-                 fused_attention=not model.config.multi_latent_attention)
-    params = rank_params(model.hf_config, layout, False, case.get("lora_rank"), case.get("lora_target"))
-    return params, plan_stages(model, layout, w, world)
+    out = []
+    for case in measured[0]:
+        model = Model.load(case["hf"], case.get("lora_rank"), case.get("lora_target"))
+        # CPU's SDPA runs MLA (q/k and v widths differ) through the math path
+        w = Workload(case["seq"], case["mbs"], False, "none", False, case["num_micro"],
+                     fused_attention=not model.config.multi_latent_attention)
+        cache: dict = {}
+        stages = plan_stages(model, ParallelLayout(**case["layout"]), w, 4, cache)
+        out.append((next(iter(cache.values())), stages))
+    return out
 
 
-def test_parameters_per_rank_equal_the_built_model(measured):
+def test_parameters_per_rank_equal_the_built_model(measured, planned):
     cases, ranks = measured
     for i, case in enumerate(cases):
-        params, stages = _plan(case)
+        params, stages = planned[i]
         for rank in ranks:
             got = rank[i]
             assert (params[got["pp"]].total, params[got["pp"]].trainable) == (got["total"], got["trainable"]), \
@@ -81,18 +85,18 @@ def test_parameters_per_rank_equal_the_built_model(measured):
             assert stages[got["pp"]].weights == 4 * got["total"]  # fp32 weights
 
 
-def test_activation_estimate_against_saved_tensors(measured):
+def test_activation_estimate_against_saved_tensors(measured, planned):
     cases, ranks = measured
     ratios = []
     for i, case in enumerate(cases):
-        _, stages = _plan(case)
+        _, stages = planned[i]
         ratios += [stages[r[i]["pp"]].activations["none"] / r[i]["saved_peak"] for r in ranks]
     assert all(ACTIVATION_BOUNDS[0] <= x <= ACTIVATION_BOUNDS[1] for x in ratios), ratios
 
 
-def test_memory_estimate_against_peak_rss(measured):
+def test_memory_estimate_against_peak_rss(measured, planned):
     cases, ranks = measured
-    _, stages = _plan(cases[-1])
+    _, stages = planned[-1]
     for rank in ranks:
         stage = stages[rank[-1]["pp"]]
         estimate = stage.total("none") - stage.weights  # the weights were built before the baseline
@@ -108,3 +112,14 @@ def test_layout_that_does_not_divide_is_exit_2(tmp_path, capsys):
     assert err == ["error: TP=3 does not divide num_attention_heads=8; pick a TP that divides it"]
     assert main(["plan", "--hf-config", hf, "--pp", "3", "--seq-length", "64"]) == 2
     assert "PP=3 x VPP=1 does not divide num_layers=4" in capsys.readouterr().err
+
+
+def test_search_enumerates_the_valid_layouts(tmp_path):
+    from megatron_patch.training.plan import Model, candidate_layouts
+    from megatron_patch.training.plan_memory import Workload
+
+    model = Model.load(_config(tmp_path, "qwen2", "q", layers=4), None, None)  # 8 heads, 4 KV groups, 4 layers
+    found = {(l.tp, l.pp, l.cp) for l in candidate_layouts(model, 4, Workload(64), gpus_per_node=2)}
+    # TP within a node of 2; PP dividing 4 layers; TP x PP x CP dividing 4 devices
+    assert found == {(1, 1, 1), (1, 1, 2), (1, 1, 4), (1, 2, 1), (1, 2, 2), (1, 4, 1), (2, 1, 1), (2, 1, 2),
+                     (2, 2, 1)}

@@ -93,7 +93,7 @@ def plan_stages(model: Model, layout, w: Workload, world: int, cache: dict | Non
     from megatron_patch.training.plan_memory import activation_bytes, logits_gradient_bytes, state_bytes
     from megatron_patch.training.plan_params import rank_params
 
-    key = (layout.tp, layout.pp, layout.ep, layout.expert_tp, layout.vpp, layout.split_fields().values().__repr__())
+    key = (layout.tp, layout.pp, layout.ep, layout.expert_tp, layout.vpp, *layout.split_fields().values())
     cache = {} if cache is None else cache
     if key not in cache:
         cache[key] = rank_params(model.hf_config, layout, w.bf16, model.lora_rank, model.lora_target)
