@@ -108,8 +108,9 @@ def test_layout_that_does_not_divide_is_exit_2(tmp_path, capsys):
 
     hf = _config(tmp_path, "qwen2", "q", layers=4)
     assert main(["plan", "--hf-config", hf, "--tp", "3", "--seq-length", "64"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: TP=3 does not divide num_attention_heads=8; pick a TP that divides it"]
+    out = capsys.readouterr()  # (megatron's import-time warnings may precede it under pytest)
+    assert out.out == "" and [l for l in out.err.splitlines() if l.startswith("error:")] == \
+        ["error: TP=3 does not divide num_attention_heads=8; pick a TP that divides it"]
     assert main(["plan", "--hf-config", hf, "--pp", "3", "--seq-length", "64"]) == 2
     assert "PP=3 x VPP=1 does not divide num_layers=4" in capsys.readouterr().err
 
@@ -123,3 +124,21 @@ def test_search_enumerates_the_valid_layouts(tmp_path):
     # TP within a node of 2; PP dividing 4 layers; TP x PP x CP dividing 4 devices
     assert found == {(1, 1, 1), (1, 1, 2), (1, 1, 4), (1, 2, 1), (1, 2, 2), (1, 4, 1), (2, 1, 1), (2, 1, 2),
                      (2, 2, 1)}
+
+
+def test_recompute_estimates_against_saved_tensors(tmp_path):
+    """Selective (megatron's core_attn) and full (uniform, one layer) recompute, one rank, in this process.
+    Measured: 0.97 / 1.02 of autograd's peak (dense); full overestimates MLA+MoE+MTP models by up to 25 %."""
+    from megatron_patch.convert.dist_writer import single_rank
+    from megatron_patch.testing.plan_probe import measure_cases
+    from megatron_patch.training.plan import Model, plan_stages
+    from megatron_patch.training.plan_memory import Workload
+
+    hf = _config(tmp_path, "qwen2", "q", layers=4)
+    cases = [dict(hf=hf, layout={}, seq=SEQ, mbs=MBS, num_micro=1, recompute=mode) for mode in ("selective", "full")]
+    with single_rank():
+        measured = measure_cases(0, 1, cases)
+    model = Model.load(hf, None, None)
+    for case, got in zip(cases, measured):
+        stage = plan_stages(model, ParallelLayout(), Workload(SEQ, MBS, False, case["recompute"], False, 1), 1)[0]
+        assert 0.93 <= stage.activations[case["recompute"]] / got["saved_peak"] <= 1.06, (case["recompute"], got)

@@ -17,6 +17,10 @@ def _build(case: dict):
     layout = ParallelLayout(**case["layout"])
     initialize_parallel(layout)
     overrides = {"moe_grouped_gemm": True} if getattr(hf_config, "n_routed_experts", None) else {}
+    if case.get("recompute"):  # as train --recompute-granularity (full: uniform, one layer per checkpoint)
+        overrides.update(recompute_granularity=case["recompute"])
+        if case["recompute"] == "full":
+            overrides.update(recompute_method="uniform", recompute_num_layers=1)
     if case.get("bf16"):
         overrides.update(bf16=True, params_dtype=torch.bfloat16)
     chunks, config, margs = build_family_model(hf_config, layout, **overrides)

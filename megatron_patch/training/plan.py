@@ -232,6 +232,9 @@ def run(args) -> int:
         raise UserError(f"--device-memory {args.device_memory}: must be > 0 (GiB per device)")
     stages = plan_stages(model, layout, w, world)
     print(describe(model, layout, w, world))
+    if model.lora_rank and w.recompute == "full":
+        print("warning  LoRA with full recompute: megatron's checkpoint of a frozen layer input gives the adapters "
+              "no gradient in `train` today; use selective or none")
     for line in report(stages, layout, w):
         print(line)
     if args.device_memory is None:

@@ -185,7 +185,7 @@ def activation_bytes(c, layout, w: Workload, stage_layers: list[bool], pp_rank: 
             inputs = w.elem * c.hidden_size * sp_tokens * len(stage_layers) * flight
             one = max((layer_bytes(c, layout, w, moe, adapters=adapters) + per_layer_adapters
                        for moe in set(stage_layers)), default=0.0)
-            per_mode[mode] = inputs + one + heads
+            per_mode[mode] = inputs + max(one, heads)  # the loss's tensors are freed before a layer is recomputed
         else:
             layers = sum(layer_bytes(c, layout, w, moe, mode == "none", adapters) + per_layer_adapters
                          for moe in stage_layers)
