@@ -103,10 +103,10 @@ def plan_stages(model: Model, layout, w: Workload, world: int, cache: dict | Non
     out = []
     for rank in range(layout.pp):
         layers = [i for (pp, _), r in sorted(stages.decoder.items()) if pp == rank for i in r]
-        acts = activation_bytes(model.config, layout, w, [i in model.moe for i in layers], rank,
-                                rank == layout.pp - 1, mtp if stages.mtp and stages.mtp[0] == rank else 0,
-                                model.vocab(layout.tp), model.adapters, params[rank].trainable if model.lora_rank else 0)
         last = rank == layout.pp - 1
+        acts = activation_bytes(model.config, layout, w, [i in model.moe for i in layers], rank, last,
+                                mtp if stages.mtp and stages.mtp[0] == rank else 0, model.vocab(layout.tp),
+                                model.adapters, params[rank].trainable if model.lora_rank else 0)
         out.append(StageMemory(rank, len(layers), *state_bytes(params[rank], layout, w, world), acts,
                                logits_gradient_bytes(layout, w, model.vocab(layout.tp)) if last else 0.0))
     return out
@@ -183,7 +183,8 @@ def report(stages: list[StageMemory], layout, w: Workload) -> list[str]:
         mark = "  <- --recompute" if mode == w.recompute else ""
         if mode == "none" and top.transient:
             lines.append(f"  logits grad  {_g(top.transient)}   (last stage, during the loss backward)")
-        lines.append(f"  activations  {_g(top.activations[mode])}   recompute {mode:<9} total {_g(top.total(mode))}{mark}")
+        lines.append(f"  activations  {_g(top.activations[mode])}   recompute {mode:<9} total "
+                     f"{_g(top.total(mode))}{mark}")
     if layout.pp > 1:
         lines.append("per pipeline rank (total at --recompute " + w.recompute + "): " + ", ".join(
             f"{s.pp_rank}: {s.total(w.recompute) / GiB:.2f}" for s in stages) + " GiB")
