@@ -199,6 +199,8 @@ def apply_lora(chunks: list, hf_config, config, margs, layout, rank: int, alpha:
     for chunk in chunks:
         for p in chunk.parameters():
             p.requires_grad_(False)
+    if getattr(config, "recompute_granularity", None) == "full":
+        _make_embedding_output_require_grad(chunks)
     wrapped = 0
     for chunk in chunks:
         decoder = getattr(chunk, "decoder", None)
@@ -211,6 +213,16 @@ def apply_lora(chunks: list, hf_config, config, margs, layout, rank: int, alpha:
                                                  bool(config.sequence_parallel)))
                 wrapped += 1
     return wrapped
+
+
+def _make_embedding_output_require_grad(chunks: list) -> None:
+    """Full recompute runs each layer block in a checkpoint function whose output needs a gradient only if its
+    input does; with the embedding frozen nothing upstream does, so the adapters would get no gradient at all
+    (peft's enable_input_require_grads answers the same problem in HF)."""
+    for chunk in chunks:
+        embedding = getattr(chunk, "embedding", None)
+        if embedding is not None:
+            embedding.register_forward_hook(lambda _module, _inputs, output: output.requires_grad_())
 
 
 def has_adapters(chunks) -> bool:
