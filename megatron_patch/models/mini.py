@@ -38,7 +38,8 @@ from megatron_patch.errors import UserError
 CORPUS = Path(__file__).with_name("mini_corpus.txt")
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"]  # ids 0, 1, 2 (bos, eos, pad)
 PRESETS = ("mini", "real-config")
-_EXPERT_KEY = {"deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts", "qwen3_moe": "num_experts"}
+_EXPERT_KEY = {"deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts", "deepseek_v32": "n_routed_experts",
+               "qwen3_moe": "num_experts"}
 
 
 def parse_value(text: str) -> Any:
@@ -405,7 +406,7 @@ def run(args) -> int:
 
 
 def register(subparsers) -> None:
-    families = ("deepseek_v2", "deepseek_v3", "qwen2", "qwen3_moe")
+    families = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "qwen2", "qwen3_moe")
     p = subparsers.add_parser("make-mini", help="write a tiny random HF model + tokenizer (no download), or cut "
                               "a real checkpoint to some layers (--from)", description=__doc__.split("\n\n")[0])
     p.add_argument("--family", choices=families, help="make a random model of this family")
