@@ -158,6 +158,7 @@ def test_broken_indexer_fails_at_the_first_indexer_row(reports, case):
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt,impl", [("torch", "transformer_engine"), ("torch_dist", "local")])
 def test_hf_to_mcore_tp2_ep2_and_back_is_byte_identical(mini, tmp_path, fmt, impl):
+    """torch with TE names; torch_dist with local names, resharded to PP2xEP2 (torch, TE names) on the way."""
     from megatron_patch.convert.hf2mcore import hf2mcore
     from megatron_patch.convert.mcore2hf import mcore2hf
 
@@ -168,6 +169,12 @@ def test_hf_to_mcore_tp2_ep2_and_back_is_byte_identical(mini, tmp_path, fmt, imp
         ix = "decoder.layers.1.self_attention.core_attention."
         assert ix + "indexer.linear_wq_b._extra_state" in sd and ix + "indexer.k_norm.bias" in sd
         assert ix + "_extra_state" not in sd  # DSAttention is not a TE module
+    if fmt == "torch_dist":  # and resharded to another layout on the way back
+        from megatron_patch.convert.reshard import reshard
+
+        ckpt2 = tmp_path / "resharded"
+        reshard(ckpt, ckpt2, ParallelLayout(pp=2, ep=2, etp=1), fmt="torch")
+        ckpt = ckpt2
     mcore2hf(ckpt, back)
     assert (back / "model.safetensors").read_bytes() == (Path(mini) / "model.safetensors").read_bytes()
 
