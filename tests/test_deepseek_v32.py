@@ -117,12 +117,39 @@ LAYOUTS = [ParallelLayout(), ParallelLayout(tp=2), ParallelLayout(pp=2), Paralle
 BROKEN = [indexer_in_hf_row_order, indexer_selects_everything]
 
 
+WARMUP = 4  # DSA training: dense warm-up steps, then one sparse step
+
+
+def _compare_then_train(rank, world, specs, train_argv):
+    """The comparisons, then a DSA training run (warm-up + one sparse step) on the same two ranks."""
+    reports = run_specs_in_group(rank, world, specs)
+    from megatron_patch.training.pretrain import main
+
+    return reports, main(train_argv)
+
+
 @pytest.fixture(scope="module")
-def reports(mini):
+def group(mini, tmp_path_factory):
+    from megatron_patch.data.preprocess import preprocess
+    from megatron_patch.models.mini import CORPUS
+
+    work = tmp_path_factory.mktemp("v32-train")
+    preprocess([str(CORPUS)], mini, str(work / "corpus"), append_eod=True, progress=False)
+    argv = ["--load-hf", mini, "--data-path", str(work / "corpus"), "--data-cache-path", str(work / "cache"),
+            "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-2",
+            "--lr-warmup-iters", "0", "--train-iters", str(WARMUP + 1), "--dsa-warmup-iters", str(WARMUP),
+            "--dsa-indexer-loss-coeff", "1.0", "--save", str(work / "run"), "--save-interval", str(WARMUP),
+            "--metrics-file", str(work / "metrics.jsonl")]
     specs = [CompareSpec(hf_path=mini, layout=lay, seq_length=64 if lay.cp > 1 else 32) for lay in LAYOUTS]
     specs.append(CompareSpec(hf_path=mini, layout=ParallelLayout(cp=2), seq_length=24))
     specs += [CompareSpec(hf_path=mini, mutate=fn) for fn in BROKEN]
-    return run_ranks(run_specs_in_group, 2, timeout=600, args=(specs,), env=ENV)[0]
+    reports, code = run_ranks(_compare_then_train, 2, timeout=600, args=(specs, argv), env=ENV)[0]
+    return reports, code, work
+
+
+@pytest.fixture(scope="module")
+def reports(group):
+    return group[0]
 
 
 def _check_pass(report):
@@ -237,3 +264,30 @@ def test_fp8_to_bf16_dequantises_every_attention_and_indexer_weight(mini, tmp_pa
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert torch.equal(model.model.layers[1].self_attn.indexer.wk.weight.bfloat16(),
                        got["model.layers.1.self_attn.indexer.wk.weight"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# DSA training stages (the run in the compare group: DP2, 4 warm-up steps, 1 sparse step)
+# ---------------------------------------------------------------------------------------------------
+def test_dsa_warmup_trains_only_the_indexer_and_its_kl_falls(group, mini, tmp_path):
+    from safetensors.torch import load_file
+
+    from megatron_patch.convert.mcore2hf import mcore2hf
+
+    _, code, work = group
+    assert code == 0
+    steps = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    indexer = [r["indexer"] for r in steps]
+    assert len(indexer) == WARMUP + 1 and all(v > 0 for v in indexer)
+    assert indexer[WARMUP - 1] < 0.9 * indexer[0], indexer  # the KL to the dense attention falls
+    start = load_file(str(Path(mini) / "model.safetensors"))
+    changed = {}
+    for it in (WARMUP, WARMUP + 1):
+        out = tmp_path / f"hf{it}"
+        mcore2hf(work / "run" / f"iter_{it:07d}", out, hf_config_dir=mini)
+        got = load_file(str(out / "model.safetensors"))
+        assert set(got) == set(start)
+        changed[it] = {n for n in start if not torch.equal(got[n], start[n])}
+    indexer_names = {n for n in start if ".self_attn.indexer." in n}
+    assert changed[WARMUP] == indexer_names  # warm-up: every indexer tensor moved, nothing else (expert bias too)
+    assert changed[WARMUP + 1] > indexer_names  # sparse stage: the rest of the model trains as well

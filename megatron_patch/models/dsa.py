@@ -106,6 +106,7 @@ class PortableDSAttention(DSAttention):
                          softmax_scale, k_channels, v_channels, cp_comm_type, pg_collection)
         self.cp_group = _cp_group(pg_collection, config)
         self.index_selection = IndexSelection()
+        self.dense = False  # DSA's dense warm-up: attend to every causal key (set_dsa_stage)
 
     def forward(self, query, key, value, attention_mask, x, qr, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -121,8 +122,8 @@ class PortableDSAttention(DSAttention):
         float_mask = torch.zeros(sq, skv, dtype=torch.float32, device=query.device).masked_fill(~keep, float("-inf"))
         # the indexer's input is detached: its loss trains it alone (megatron's DSAttention does the same)
         index_scores, topk = self.indexer.forward_with_scores(x.detach(), qr.detach(), mask=float_mask)
-        k = min(self.indexer.index_topk, skv)
-        if topk.shape[-1] != k:  # megatron caps top-k at the local (CP) length
+        k = skv if self.dense else min(self.indexer.index_topk, skv)
+        if topk.shape[-1] != k:  # megatron caps top-k at the local (CP) length; dense warm-up takes all
             topk = index_scores.topk(k, dim=-1)[1]
         selected = torch.zeros(b, sq, skv, dtype=torch.bool, device=query.device).scatter_(-1, topk, True)
         selected = self.index_selection(selected & keep)
@@ -140,6 +141,24 @@ class PortableDSAttention(DSAttention):
             DSAIndexerLossLoggingHelper.save_loss_to_tracker(loss, self.layer_number, self.config.num_layers)
             out = DSAIndexerLossAutoScaler.apply(out, loss)
         return out
+
+
+def is_indexer_param(name: str) -> bool:
+    return ".core_attention.indexer." in name
+
+
+def set_dsa_stage(chunks, dense: bool) -> int:
+    """DeepSeek-V3.2's training stages: dense (warm-up: every causal key attended, the indexer's KL against
+    that dense attention) or sparse (top-k attention, the indexer's KL on the selected keys, megatron's
+    dsa_indexer_use_sparse_loss). Returns the number of DSA layers set."""
+    count = 0
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, PortableDSAttention):
+                module.dense = dense
+                module.config.dsa_indexer_use_sparse_loss = not dense
+                count += 1
+    return count
 
 
 def dsa_core_attention_spec(config):
