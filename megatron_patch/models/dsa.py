@@ -138,9 +138,15 @@ class PortableDSAttention(DSAttention):
             loss = compute_dsa_indexer_loss(index_scores, topk, query.detach(), key.detach(), self.softmax_scale,
                                             coeff, self.config.dsa_indexer_use_sparse_loss,
                                             self.indexer.pg_collection)
-            DSAIndexerLossLoggingHelper.save_loss_to_tracker(loss, self.layer_number, self.config.num_layers)
+            DSAIndexerLossLoggingHelper.save_loss_to_tracker(loss, self.layer_number, tracked_layers(self.config))
             out = DSAIndexerLossAutoScaler.apply(out, loss)
         return out
+
+
+def tracked_layers(config) -> int:
+    """Entries of megatron's DSA loss tracker: decoder and MTP layers (an MTP layer's layer_number follows the
+    decoder's; megatron-core 0.16.1 sizes the tracker by num_layers alone and fails on MTP)."""
+    return config.num_layers + (config.mtp_num_layers or 0)
 
 
 def is_indexer_param(name: str) -> bool:

@@ -91,17 +91,18 @@ def collect_mtp(config, num_microbatches: int, iteration: int, writer=None) -> f
 
 
 def collect_dsa_indexer(config, num_microbatches: int, iteration: int, writer=None) -> float | None:
-    """Mean DSA indexer loss over the layers (coefficient included) from megatron's DSA tracker; None without
+    """Mean DSA indexer loss over the DSA layers, MTP's included (coefficient included) from megatron's DSA tracker; None without
     one. A collective over PP and DP: every rank pre-creates its entry, as MoEAuxLosses does."""
     if getattr(config, "experimental_attention_variant", None) != "dsa" or not config.dsa_indexer_loss_coeff:
         return None
     from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossLoggingHelper
 
+    from megatron_patch.models.dsa import tracked_layers
     from megatron_patch.runtime import get_accelerator
 
     tracker = DSAIndexerLossLoggingHelper.tracker
     if "values" not in tracker:
-        tracker["values"] = torch.zeros(config.num_layers, device=get_accelerator().current_device())
+        tracker["values"] = torch.zeros(tracked_layers(config), device=get_accelerator().current_device())
     totals: dict = {}
     DSAIndexerLossLoggingHelper.track_indexer_metrics(1.0 / num_microbatches, iteration, writer,
                                                       total_loss_dict=totals)

@@ -242,6 +242,9 @@ class Trainer:
         from megatron_patch.models.dsa import is_indexer_param, set_dsa_stage
 
         warmup = args.dsa_warmup_iters
+        if args.dsa_indexer_loss_coeff and self.layout.cp > 1:
+            raise UserError("--dsa-indexer-loss-coeff with --context-parallel-size > 1 is not supported yet (the "
+                            "indexer loss needs the full attention rows); train the indexer at CP 1")
         if warmup and (self.resume_from is not None or args.lora_rank):
             raise UserError("--dsa-warmup-iters: run the warm-up as a fresh run without LoRA (resuming into it is "
                             "not supported yet); continue with --load/--finetune without the flag")
