@@ -19,6 +19,9 @@ Presets (per family, in megatron_patch/models/families/<family>.py):
                every layer visibly moves the residual stream and a comparison with megatron is sensitive.
   real-config  the published config values except the layer count; config.json only (shape tests).
 
+DeepSeek-V3.2 (deepseek_v32): the V3 mini plus the DSA indexer (8 heads of 32, index_topk 16, below compare's
+32-token default so the selection matters), no MTP unless --set num_nextn_predict_layers=1.
+
 DeepSeek-V3 specifics: the router's e_score_correction_bias is set to random values (transformers
 initialises it to zeros, which would hide a missing bias), and with num_nextn_predict_layers > 0 random
 MTP weights are appended at model.layers.{num_hidden_layers + i}.* as in the real checkpoint
