@@ -208,8 +208,9 @@ def test_hf_to_mcore_tp2_ep2_and_back_is_byte_identical(mini, tmp_path, fmt, imp
     assert (back / "model.safetensors").read_bytes() == (Path(mini) / "model.safetensors").read_bytes()
 
 
-def _quantise(w: torch.Tensor, block: int = 128):
-    """DeepSeek's block FP8: per 128x128 block, scale = amax / 448, fp8 = w / scale, scale_inv = scale."""
+def _quantise(w: torch.Tensor, ue8m0: bool, block: int = 128):
+    """DeepSeek's block FP8: per 128x128 block, scale = amax / 448, fp8 = w / scale, scale_inv = scale.
+    ue8m0 (V3.2's scale_fmt): the scale rounded up to a power of two, stored as float8_e8m0fnu."""
     rows, cols = w.shape
     fmax = torch.finfo(torch.float8_e4m3fn).max
     s = torch.empty(math.ceil(rows / block), math.ceil(cols / block))
@@ -218,8 +219,10 @@ def _quantise(w: torch.Tensor, block: int = 128):
         for j in range(s.shape[1]):
             b = w[i * block:(i + 1) * block, j * block:(j + 1) * block].float()
             s[i, j] = b.abs().max().clamp(min=1e-12) / fmax
+            if ue8m0:
+                s[i, j] = 2.0 ** torch.ceil(torch.log2(s[i, j]))
             q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (b / s[i, j]).to(torch.float8_e4m3fn)
-    return q, s
+    return q, s.to(torch.float8_e8m0fnu) if ue8m0 else s
 
 
 def test_fp8_to_bf16_dequantises_every_attention_and_indexer_weight(mini, tmp_path):
@@ -242,7 +245,7 @@ def test_fp8_to_bf16_dequantises_every_attention_and_indexer_weight(mini, tmp_pa
         if plain:
             stored[name] = t if "weights_proj" in name else t.to(torch.bfloat16)
         else:
-            q, s = _quantise(t)
+            q, s = _quantise(t, ue8m0=".indexer." in name)  # both scale formats
             fp8[name] = (q, s)
             stored[name], stored[name + "_scale_inv"] = q, s
     assert any(".indexer.wq_b." in n for n in fp8) and any(".indexer.wk." in n for n in fp8)
@@ -258,7 +261,7 @@ def test_fp8_to_bf16_dequantises_every_attention_and_indexer_weight(mini, tmp_pa
         assert t.dtype in (torch.bfloat16, torch.float32), name
         if name in fp8:
             q, s = fp8[name]
-            scale = s.repeat_interleave(128, 0)[: q.shape[0]].repeat_interleave(128, 1)[:, : q.shape[1]]
+            scale = s.float().repeat_interleave(128, 0)[: q.shape[0]].repeat_interleave(128, 1)[:, : q.shape[1]]
             assert torch.equal(t, (q.float() * scale).to(torch.bfloat16)), name
         else:
             assert torch.equal(t, stored[name]), name
