@@ -122,8 +122,10 @@ class PortableDSAttention(DSAttention):
         float_mask = torch.zeros(sq, skv, dtype=torch.float32, device=query.device).masked_fill(~keep, float("-inf"))
         # the indexer's input is detached: its loss trains it alone (megatron's DSAttention does the same)
         index_scores, topk = self.indexer.forward_with_scores(x.detach(), qr.detach(), mask=float_mask)
-        k = skv if self.dense else min(self.indexer.index_topk, skv)
-        if topk.shape[-1] != k:  # megatron caps top-k at the local (CP) length; dense warm-up takes all
+        k = min(self.indexer.index_topk, skv)
+        if self.dense:  # warm-up: every key (the causal mask still applies)
+            topk = torch.arange(skv, device=query.device).expand(b, sq, skv)
+        elif topk.shape[-1] != k:  # megatron caps top-k at the local (CP) length
             topk = index_scores.topk(k, dim=-1)[1]
         selected = torch.zeros(b, sq, skv, dtype=torch.bool, device=query.device).scatter_(-1, topk, True)
         selected = self.index_selection(selected & keep)

@@ -54,8 +54,7 @@ MUTANTS: list[Mutant] = [
       "rows = torch.where(rows < chunk, rows + first * chunk, rows - chunk + second * chunk)", "rows = rows",
       (DSA, "-k", "CP2")),
     M("dsa: top-k capped at the local CP length", "megatron_patch/models/dsa.py",
-      "k = skv if self.dense else min(self.indexer.index_topk, skv)",
-      "k = skv if self.dense else topk.shape[-1]", (DSA, "-k", "CP2-24")),
+      "elif topk.shape[-1] != k:", "elif False:", (DSA, "-k", "CP2-24")),
     # --- the ten silent failures of issue 17 -----------------------------------------------------------
     M("step: loss mask dropped from the loss sum", "megatron_patch/training/step.py",
       "loss_sum = (output_tensor.float() * mask).sum()", "loss_sum = output_tensor.float().sum()", (LOSS,)),

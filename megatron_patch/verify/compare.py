@@ -258,11 +258,11 @@ def compare_tensors(component: str, layer: int | None, kind: str, mc: torch.Tens
         if differs.any():
             row["note"] = f"{int(differs.sum())}/{differs.numel()} tokens routed to other experts"
     elif kind == "indexer":
-        # the keys each query attends to, as sets (fp32: all equal). The mismatch is the share of HF's selected
-        # keys megatron does not select: in bf16 a query swaps a boundary key now and then (rounding)
+        # the keys each query attends to, as sets (fp32: all equal). The mismatch is the share of selections
+        # (either side's) the other side lacks: in bf16 a query swaps a boundary key now and then (rounding)
         differs = (mc != hf).any(dim=-1)  # [b, s]
         row["max_abs"] = row["mean_abs"] = 0.0  # no values to compare, only the sets
-        row["selection_mismatch"] = float(((hf > 0) & (mc == 0)).sum() / hf.sum().clamp(min=1))
+        row["selection_mismatch"] = float((mc != hf).sum() / (mc.sum() + hf.sum()).clamp(min=1))
         row["passed"] = row["selection_mismatch"] <= tol.router_mismatch
         if differs.any():
             row["note"] = f"{int(differs.sum())}/{differs.numel()} queries attend to other keys"
