@@ -52,9 +52,15 @@ def tiny_deepseek_config(**overrides):
     return MLATransformerConfig(**fields)
 
 
-def global_batch(seed: int = 7):
+def global_batch(seed: int = 7, sft: bool = False):
+    """`sft`: the loss on "answer" tokens only, as SFT trains: row i masks a prompt of 3 + 3i tokens, so the
+    masked count differs per row, per micro-batch and per CP chunk (CP2 chunks are 4 tokens)."""
     gen = torch.Generator().manual_seed(seed)
-    return batch_from_tokens(torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=gen))
+    batch = batch_from_tokens(torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=gen))
+    if sft:
+        for row in range(GLOBAL_BATCH):
+            batch.loss_mask[row, :3 + 3 * row] = 0
+    return batch
 
 
 def _sharded(chunks):
@@ -128,11 +134,11 @@ def _save(sharded, path: str) -> None:
     dist_checkpointing.save(sharded, path)
 
 
-def reference_run(rank: int, world: int, out_dir: str) -> dict:
+def reference_run(rank: int, world: int, out_dir: str, sft: bool = False) -> dict:
     """TP1/PP1/EP1: save weights, grads and post-step weights; return the loss."""
     _, chunks, optimizer = _build(ParallelLayout())
     _save(_params_only(_sharded(chunks), chunks), os.path.join(out_dir, "weights"))
-    loss = forward_backward(chunks, global_batch(), MICRO_BATCH)
+    loss = forward_backward(chunks, global_batch(sft=sft), MICRO_BATCH)
     _save(_params_only(_sharded(chunks), chunks, _grad_of), os.path.join(out_dir, "grads"))
     _, grad_norm, _ = optimizer.step()
     _save(_params_only(_sharded(chunks), chunks), os.path.join(out_dir, "stepped"))
@@ -178,16 +184,22 @@ def _diff_walk(expected, local, prefix, out):
         out[prefix[:-1]] = ((expected - local.data).abs().max().item(), expected.abs().max().item())
 
 
+def references_run(rank: int, world: int, runs: list[tuple[str, bool]]) -> list[dict]:
+    """reference_run for several (out_dir, sft) one after the other on one rank (the start-up is paid once)."""
+    return [reference_run(rank, world, out_dir, sft) for out_dir, sft in runs]
+
+
 def layout_run(rank: int, world: int, layout: ParallelLayout, ref_dir: str, dist_opt: bool = False,
-               overrides: dict | None = None) -> dict:
+               overrides: dict | None = None, sft: bool = False) -> dict:
     """`overrides`: TransformerConfig fields of this run only (e.g. grouped experts against the reference's
-    SequentialMLP: the torch_dist keys are the same)."""
+    SequentialMLP: the torch_dist keys are the same). `sft`: the masked batch of global_batch (its reference
+    must be an sft reference_run)."""
     from megatron.core import dist_checkpointing
 
     _, chunks, optimizer = _build(layout, dist_opt, overrides)
     loaded = dist_checkpointing.load(_params_only(_sharded(chunks), chunks), os.path.join(ref_dir, "weights"))
     del loaded  # loaded in place into the params
-    loss = _broadcast_loss(forward_backward(chunks, global_batch(), MICRO_BATCH))
+    loss = _broadcast_loss(forward_backward(chunks, global_batch(sft=sft), MICRO_BATCH))
     result = {"loss": loss}
     if not dist_opt:  # the distributed optimizer reduce-scatters: each rank holds only its grad shard
         result["grad_diff"] = _max_diff_to_checkpoint(chunks, os.path.join(ref_dir, "grads"), _grad_of)
@@ -200,4 +212,9 @@ def layout_run(rank: int, world: int, layout: ParallelLayout, ref_dir: str, dist
 
 def layouts_run(rank: int, world: int, layouts: list, ref_dir: str) -> list[dict]:
     """layout_run for several layouts one after the other on the same ranks (the start-up is paid once)."""
-    return [layout_run(rank, world, layout, ref_dir) for layout in layouts]
+    return cases_run(rank, world, [dict(layout=layout, ref_dir=ref_dir) for layout in layouts])
+
+
+def cases_run(rank: int, world: int, cases: list[dict]) -> list[dict]:
+    """layout_run for several keyword sets (layout, ref_dir, dist_opt, overrides, sft) on the same ranks."""
+    return [layout_run(rank, world, **case) for case in cases]
