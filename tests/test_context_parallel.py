@@ -11,6 +11,8 @@ from megatron_patch.testing.multirank import run_ranks
 # the bounds of tests/test_parallel_layouts.py
 from test_parallel_layouts import assert_matches_reference
 
+P2P = {"cp_comm_type": "p2p"}
+
 # name -> (world, layout_run keywords). One spawn per world size runs its cases one after the other. CP2
 # alone leaves DP1 (distributed optimizer sharded over CP); at 4 ranks CP2 without TP/PP/EP runs beside DP2.
 CASES = {
@@ -23,6 +25,11 @@ CASES = {
     "CP2xPP2xEP2": (4, dict(layout=ParallelLayout(pp=2, ep=2, cp=2))),
     "DP2xCP2+distopt": (4, dict(layout=ParallelLayout(cp=2), dist_opt=True)),
     "TP2xCP2+SP+SFT-mask": (4, dict(layout=ParallelLayout(tp=2, cp=2, sp=True), sft=True)),
+    "CP4": (4, dict(layout=ParallelLayout(cp=4))),
+    # the ring (--cp-comm-type p2p): CP2 passes one hop between two peers, CP4 three hops around four ranks
+    "CP2 p2p": (2, dict(layout=ParallelLayout(cp=2), overrides=P2P)),
+    "CP4 p2p": (4, dict(layout=ParallelLayout(cp=4), overrides=P2P)),
+    "TP2xCP2+SP p2p": (4, dict(layout=ParallelLayout(tp=2, cp=2, sp=True), overrides=P2P)),
 }
 
 
@@ -36,18 +43,60 @@ def references(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cp_runs(references):
-    """name -> per-rank layout_run results, lazily one spawn per world size."""
+    """name -> per-rank layout_run results, lazily one spawn per world size; ("ring", world) -> per-rank
+    ring_against_full_attention results of that spawn."""
     done = {}
 
-    def get(name):
-        world = CASES[name][0]
+    def get(name, world=None):
+        world = world or CASES[name][0]
         if world not in done:
             names = [n for n, (w, _) in CASES.items() if w == world]
             cases = [dict(CASES[n][1], ref_dir=references[CASES[n][1].get("sft", False)][0]) for n in names]
-            per_rank = run_ranks(cases_run, world, timeout=400, args=(cases,))
-            done[world] = {n: [results[i] for results in per_rank] for i, n in enumerate(names)}
+            per_rank = run_ranks(cases_and_ring_run, world, timeout=400, args=(cases,))
+            done[world] = {n: [results[i] for results, _ in per_rank] for i, n in enumerate(names)}
+            done[world]["ring"] = [ring for _, ring in per_rank]
         return done[world][name]
     return get
+
+
+def cases_and_ring_run(rank, world, cases):
+    return cases_run(rank, world, cases), ring_against_full_attention(rank, world)
+
+
+def ring_against_full_attention(rank, world) -> dict:
+    """ring_attention on this rank's chunks against fp64 causal attention over the whole sequence, GQA
+    (4 query heads over 2 K/V heads) with MLA's head dims (q/k 24, v 16), on CP groups of 2 and of `world`:
+    case -> {tensor: (max diff on this rank's rows, max |reference|)}."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_patch.runtime.context_parallel import chunk_ids
+    from megatron_patch.runtime.ring_attention import ring_attention
+
+    pairs = [dist.new_group([r, r + 1]) for r in range(0, world, 2)]
+    groups = {f"cp{world}": dist.group.WORLD} if world > 2 else {}
+    groups["cp2"] = pairs[rank // 2]
+    gen = torch.Generator().manual_seed(11)
+    b, h, hk, seq, d, dv, scale = 2, 4, 2, 32, 24, 16, 0.3
+    full = {"q": torch.randn(b, h, seq, d, generator=gen, dtype=torch.float64),
+            "k": torch.randn(b, hk, seq, d, generator=gen, dtype=torch.float64),
+            "v": torch.randn(b, hk, seq, dv, generator=gen, dtype=torch.float64)}
+    dout = torch.randn(b, h, seq, dv, generator=gen, dtype=torch.float64)
+    ref = {n: t.clone().requires_grad_() for n, t in full.items()}
+    ref_out = torch.nn.functional.scaled_dot_product_attention(ref["q"], ref["k"], ref["v"], is_causal=True,
+                                                               scale=scale, enable_gqa=True)
+    ref_out.backward(dout)
+    out = {}
+    for name, group in groups.items():
+        cp, chunk = group.size(), seq // (2 * group.size())
+        rows = torch.cat([torch.arange(c * chunk, (c + 1) * chunk) for c in chunk_ids(cp, group.rank())])
+        local = {n: t[:, :, rows].float().requires_grad_() for n, t in full.items()}
+        result = ring_attention(local["q"], local["k"], local["v"], scale, group)
+        result.backward(dout[:, :, rows].float())
+        diff = lambda mine, theirs: ((mine.double() - theirs).abs().max().item(), theirs.abs().max().item())
+        out[name] = {"out": diff(result.detach(), ref_out.detach()[:, :, rows]),
+                     **{f"d{n}": diff(local[n].grad, ref[n].grad[:, :, rows]) for n in full}}
+    return out
 
 
 def test_chunk_order_and_masks():
@@ -73,6 +122,57 @@ def test_context_parallel_matches_single_rank(references, cp_runs, name):
         # the distributed optimizer reduce-scatters: each rank holds only its gradient shard
         assert ("grad_diff" in res) != case.get("dist_opt", False)
         assert_matches_reference(res, ref, (name, rank))
+
+
+# fp32 against fp64 (values ~1-3): blocks merged by log-sum-exp; measured worst 3.2 ulps of the magnitude
+RING_ULPS = 8
+
+
+@pytest.mark.parametrize("path", ["cpu_flash", "math"])
+def test_attention_blocks_merge_to_full_attention(path):
+    """Two key blocks (a full one and a causal diagonal one) merged by log-sum-exp, and their backward given
+    the merged output and log-sum-exp, equal fp64 causal attention over all keys (MLA head dims)."""
+    import torch
+
+    from megatron_patch.runtime.kernels import attention_blocks as blocks
+    from megatron_patch.runtime.ring_attention import _merge
+    from megatron_patch.testing.equivalence import FP32_EPS
+
+    fwd, bwd = ((blocks.attention_lse, blocks.attention_lse_backward) if path == "cpu_flash" else
+                (blocks.attention_lse_math, blocks.attention_lse_backward_math))
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 4, 16, 24, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 4, 16, 16, generator=gen, dtype=torch.float64)
+    dout = torch.zeros(2, 4, 16, 16, dtype=torch.float64)
+    dout[:, :, 8:] = torch.randn(2, 4, 8, 16, generator=gen, dtype=torch.float64)  # rows 8..15 are ours
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out = torch.nn.functional.scaled_dot_product_attention(*ref, is_causal=True, scale=0.3)
+    ref_out.backward(dout)
+    q32, k32, v32, g32 = q[:, :, 8:].float(), k.float(), v.float(), dout[:, :, 8:].float()
+    keys = {0: (slice(0, 8), False), 1: (slice(8, 16), True)}  # keys 0..7 seen whole, 8..15 causally
+    out = lse = None
+    for cols, causal in keys.values():
+        o, s = fwd(q32, k32[:, :, cols], v32[:, :, cols], scale=0.3, causal=causal)
+        out, lse = _merge(out, lse, o.float(), s)
+    grads = [bwd(g32, q32, k32[:, :, cols], v32[:, :, cols], out, lse, scale=0.3, causal=causal)
+             for cols, causal in keys.values()]
+    got = {"out": out, "dq": grads[0][0] + grads[1][0], "dk": torch.cat([grads[0][1], grads[1][1]], dim=2),
+           "dv": torch.cat([grads[0][2], grads[1][2]], dim=2)}
+    want = {"out": ref_out[:, :, 8:], "dq": ref[0].grad[:, :, 8:], "dk": ref[1].grad, "dv": ref[2].grad}
+    for name in got:
+        diff, scale = (got[name].double() - want[name]).abs().max().item(), want[name].abs().max().item()
+        assert diff <= RING_ULPS * FP32_EPS * scale, (name, diff, scale)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_attention_against_full_attention(cp_runs, world):
+    from megatron_patch.testing.equivalence import FP32_EPS
+
+    for rank, cases in enumerate(cp_runs("ring", world)):
+        assert set(cases) == ({"cp2"} if world == 2 else {"cp2", "cp4"})
+        for case, tensors in cases.items():
+            for name, (diff, scale) in tensors.items():
+                assert diff <= RING_ULPS * FP32_EPS * scale, (rank, case, name, diff, scale)
 
 
 COMPARE = [

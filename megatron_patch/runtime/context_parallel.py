@@ -5,11 +5,15 @@ get_batch_on_this_cp_rank cuts the batch, megatron's rotary embeddings cut their
 Attention: K and V are all-gathered over the CP group (megatron's gather_from_sequence_parallel_region:
 backward is a reduce-scatter, so each rank gets the key/value gradients of its own tokens from every
 rank's queries), put back in sequence order, and each local query chunk attends causally to the prefix
-it may see. Per rank this holds the full K/V of the sequence (all-gather CP, not ring).
+it may see. Per rank this holds the full K/V of the sequence; the ring (`cp_comm_type` "p2p",
+runtime/ring_attention.py) holds two K/V blocks at a time.
 """
 from __future__ import annotations
 
 import torch
+
+# Megatron-LM's --cp-comm-type values the portable attention implements (p2p: runtime/ring_attention.py)
+CP_COMM_TYPES = ("all_gather", "p2p")
 
 
 def chunk_ids(cp_size: int, cp_rank: int) -> tuple[int, int]:

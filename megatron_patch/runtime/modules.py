@@ -5,7 +5,8 @@
 * PortableCoreAttention replaces the local DotProductAttention: it accepts the k_channels/v_channels
   MLA passes (the local class does not, megatron-core 0.16-0.19) and runs one fused attention call
   (SDPA / npu_fusion_attention) instead of the unfused baddbmm + softmax path. With context parallelism
-  it all-gathers K and V over the CP group (runtime/context_parallel.py); megatron's local class asserts CP 1.
+  it all-gathers K and V over the CP group (runtime/context_parallel.py, `cp_comm_type` "all_gather", the
+  default) or passes them around a ring (runtime/ring_attention.py, "p2p"); megatron's local class asserts CP 1.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from megatron.core.utils import divide
 
 from megatron_patch.runtime import kernels
 from megatron_patch.runtime.accelerator import get_accelerator
-from megatron_patch.runtime.context_parallel import causal_chunks, gather_sequence
+from megatron_patch.runtime.context_parallel import CP_COMM_TYPES, causal_chunks, gather_sequence
+from megatron_patch.runtime.ring_attention import ring_attention
 
 
 class PortableNorm(torch.nn.Module):
@@ -55,8 +57,12 @@ class PortableCoreAttention(MegatronModule):
                  cp_comm_type: str | None = None, pg_collection=None):
         super().__init__(config=config)
         self.cp_group = None
+        self.cp_comm_type = cp_comm_type or "all_gather"
         if config.context_parallel_size > 1:
             self.cp_group = pg_collection.cp if pg_collection is not None else _cp_group()
+            if self.cp_comm_type not in CP_COMM_TYPES:
+                raise ValueError(f"PortableCoreAttention: cp_comm_type {self.cp_comm_type!r} is not supported "
+                                 f"(a2a needs Transformer Engine's attention); use one of {', '.join(CP_COMM_TYPES)}")
         self.attn_mask_type = attn_mask_type
         k_channels = k_channels or config.kv_channels
         v_channels = v_channels or config.kv_channels
@@ -80,6 +86,9 @@ class PortableCoreAttention(MegatronModule):
             if attention_mask is not None or mask_type != AttnMaskType.causal:
                 raise ValueError("PortableCoreAttention: context parallelism supports causal attention "
                                  "without an explicit attention mask only")
+            if self.cp_comm_type == "p2p":
+                q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+                return _merge_heads(ring_attention(q, k, v, self.softmax_scale, self.cp_group))
             key, value = gather_sequence(key, self.cp_group), gather_sequence(value, self.cp_group)
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -99,9 +108,13 @@ class PortableCoreAttention(MegatronModule):
         else:
             causal = mask_type == AttnMaskType.causal and attention_mask is None
             out = attention(q, k, v, scale=self.softmax_scale, causal=causal, attn_mask=attention_mask)
-        # [b, n, s, dv] -> [s, b, n*dv]
-        b, n, s, dv = out.shape
-        return out.permute(2, 0, 1, 3).reshape(s, b, n * dv)
+        return _merge_heads(out)
+
+
+def _merge_heads(out):
+    """[b, n, s, dv] -> [s, b, n*dv]"""
+    b, n, s, dv = out.shape
+    return out.permute(2, 0, 1, 3).reshape(s, b, n * dv)
 
 
 def _tp_size() -> int:

@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
     g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--cp-comm-type", default="all_gather", metavar="p2p|all_gather",
+                   help="context parallelism's K/V exchange: all_gather (each rank holds the whole K/V) or p2p "
+                   "(a ring: two K/V blocks at a time); Megatron-LM's a2a is not implemented")
     g.add_argument("--distributed-timeout-minutes", type=float, default=None, metavar="M",
                    help="a collective that waits longer fails every rank (default 30, or MP_DIST_TIMEOUT_MINUTES)")
     g.add_argument("--heartbeat-timeout", type=float, default=60.0, metavar="SECONDS",
@@ -208,6 +211,11 @@ def validate(args) -> None:
         if value is not None and value < 0 or flag == "distributed_timeout_minutes" and value == 0:
             raise UserError(f"--{flag.replace('_', '-')} must be > 0")
     cp = args.context_parallel_size
+    from megatron_patch.runtime.context_parallel import CP_COMM_TYPES
+
+    if args.cp_comm_type not in CP_COMM_TYPES:
+        raise UserError(f"--cp-comm-type {args.cp_comm_type} is not supported by the portable attention (a2a needs "
+                        f"Transformer Engine's); use p2p or all_gather")
     if cp > 1 and args.seq_length % (2 * cp):
         raise UserError(f"--seq-length {args.seq_length} must be divisible by 2 x --context-parallel-size = {2 * cp} "
                         "(each CP rank holds two of 2 x CP chunks)")

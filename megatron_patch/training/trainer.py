@@ -75,6 +75,8 @@ def _config_overrides(args) -> dict:
     if getattr(args, "dsa_indexer_loss_coeff", None) is not None:
         overrides["dsa_indexer_loss_coeff"] = args.dsa_indexer_loss_coeff
     overrides.update(moe_overrides(args))
+    if args.context_parallel_size > 1:
+        overrides["cp_comm_type"] = getattr(args, "cp_comm_type", "all_gather")
     if getattr(args, "hidden_dropout", None) is not None:
         overrides["hidden_dropout"] = args.hidden_dropout
     for name in ("recompute_granularity", "recompute_method", "recompute_num_layers"):

@@ -13,6 +13,8 @@ from typing import Callable, Dict, Optional, Tuple
 # name -> (module, torch implementation, NPU implementation or None when one body serves every backend)
 _KERNELS: Dict[str, Tuple[str, str, Optional[str]]] = {
     "core_attention": ("attention", "core_attention", "core_attention_npu"),
+    "attention_lse": ("attention_blocks", "attention_lse", None),
+    "attention_lse_backward": ("attention_blocks", "attention_lse_backward", None),
     "rms_norm": ("rms_norm", "rms_norm", "rms_norm_npu"),
     "apply_rope": ("rope", "apply_rope", "apply_rope_npu"),
     "deinterleave": ("rope", "deinterleave", None),
