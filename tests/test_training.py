@@ -84,6 +84,7 @@ def test_log_line_format():
 @pytest.mark.parametrize("argv, message", [
     (["--context-parallel-size", "0"], "--context-parallel-size must be >= 1"),
     (["--context-parallel-size", "3"], "divisible by 2 x --context-parallel-size"),
+    (["--context-parallel-size", "2", "--cp-comm-type", "a2a"], "--cp-comm-type a2a is not supported.*use p2p or"),
     (["--fp16", "--bf16"], "--fp16 and --bf16 exclude each other"),
     (["--loss-scale", "8"], "--loss-scale needs --fp16"),
     (["--lr-warmup-iters", "20"], "--lr-warmup-iters"),
