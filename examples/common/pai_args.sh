@@ -1,7 +1,8 @@
 # Shared body of examples/<family>/run_mcore_<family>.sh: Pai-Megatron-Patch's positional launch
 # arguments -> `python -m megatron_patch.training.pretrain` under torchrun. Sourced, not run: the family
 # script sets FAMILY, MOE (true|false), MLA (true|false) and SIZES (MODEL_SIZE=LAYERS of the family's
-# published config, written with `make-mini --preset real-config`), then calls `pai_launch "$@"`.
+# published config, written with `make-mini --preset real-config`), optionally DEFAULT_SEQ_LEN (what
+# SEQ_LEN / PAD_LEN `default` mean), then calls `pai_launch "$@"`.
 #
 #   run_mcore_<family>.sh ENV MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN PAD_LEN PR \
 #       TP PP CP ETP EP SP DO FL SFT AC OPTIMIZER_OFFLOAD SAVE_INTERVAL DATASET_PATH VALID_DATASET_PATH \
@@ -11,11 +12,14 @@
 #                        are set) | dlc (PAI-DLC: WORLD_SIZE nodes, this is node RANK, MASTER_ADDR/PORT
 #                        given) | npu (as local, plus the HCCL settings of megatron_patch.runtime.settings)
 #   MODEL_SIZE           a size with a built-in config (see the family script), `mini` (the config of
-#                        PRETRAIN_CHECKPOINT_PATH, e.g. a make-mini output), or any name with HF_CONFIG_DIR set
+#                        PRETRAIN_CHECKPOINT_PATH, e.g. a make-mini output), `tiny` (a random make-mini config
+#                        of the family, written under OUTPUT_BASEPATH), or any name with HF_CONFIG_DIR set
 #   BATCH_SIZE           micro batch size;  GLOBAL_BATCH_SIZE: global batch size
 #   PAD_LEN              not used (SFT samples are cut/padded to SEQ_LEN): any number
 #   PR                   fp32 | bf16 | fp16 (dynamic loss scaling, fp32 master weights)
-#   TP PP EP ETP         tensor / pipeline / expert / expert-tensor parallel sizes;  CP: must be 1
+#   TP PP EP ETP         tensor / pipeline / expert / expert-tensor parallel sizes
+#   CP                   context parallel size (SEQ_LEN divisible by 2 x CP); CP_COMM_TYPE=all_gather (default) |
+#                        p2p (ring: a rank holds two K/V blocks, not the whole sequence's)
 #   SP DO                sequence parallel, distributed optimizer: true | false
 #   FL                   false (true is refused: no flash-attn path; the runtime picks attention kernels)
 #   SFT                  true: supervised fine-tuning (`--sft`: DATASET_PATH from `megatron-patch preprocess --sft`,
@@ -102,6 +106,10 @@ pai_launch() {
     local TP=${10} PP=${11} CP=${12} ETP=${13} EP=${14} SP=${15} DO=${16} FL=${17} SFT=${18} AC=${19}
     local OPTIMIZER_OFFLOAD=${20} SAVE_INTERVAL=${21} DATASET_PATH=${22} VALID_DATASET_PATH=${23}
     local PRETRAIN_CHECKPOINT_PATH=${24} TRAIN_TOKENS=${25} WARMUP_TOKENS=${26} OUTPUT_BASEPATH=${27}
+    if [[ -n "${DEFAULT_SEQ_LEN:-}" ]]; then
+        [[ "$SEQ_LEN" == default ]] && SEQ_LEN=$DEFAULT_SEQ_LEN
+        [[ "$PAD_LEN" == default ]] && PAD_LEN=$DEFAULT_SEQ_LEN
+    fi
     [[ -z "${PRESET:-}" ]] || pai_preset "$PRESET"
     local repo
     repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -126,6 +134,13 @@ pai_launch() {
         fp8) pai_fail "PR=$PR is not supported (no FP8 recipe here); use bf16, fp16 or fp32" ;;
         *) pai_fail "PR=$PR: expected fp32, bf16 or fp16" ;;
     esac
+    local cp_args=()
+    if (( CP > 1 )); then
+        case "${CP_COMM_TYPE:=all_gather}" in
+            p2p|all_gather) cp_args=(--cp-comm-type "$CP_COMM_TYPE") ;;
+            *) pai_fail "CP_COMM_TYPE=$CP_COMM_TYPE: expected p2p or all_gather (a2a needs Transformer Engine's attention)" ;;
+        esac
+    fi
     (( SEQ_LEN % (2 * CP) == 0 )) || pai_fail "CP=$CP: SEQ_LEN=$SEQ_LEN must be divisible by 2 x CP (each CP rank holds two chunks); change SEQ_LEN or CP"
     [[ "$OPTIMIZER_OFFLOAD" == false ]] || pai_fail "OPTIMIZER_OFFLOAD=$OPTIMIZER_OFFLOAD: optimizer offload is not supported; use false"
     case "$FL" in
@@ -180,12 +195,20 @@ pai_launch() {
     fi
     if [[ -n "${HF_CONFIG_DIR:-}" ]]; then
         hf_config="$HF_CONFIG_DIR"
+    elif [[ "$MODEL_SIZE" == tiny ]]; then
+        hf_config="$OUTPUT_BASEPATH/hf_config/$FAMILY-tiny"
+        if [[ ! -f "$hf_config/config.json" ]]; then
+            local out
+            out=$(PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$PY" -W ignore -m megatron_patch.cli make-mini \
+                  --family "$FAMILY" --out "$hf_config" 2>&1) \
+                || pai_fail "MODEL_SIZE=tiny: could not write a tiny $FAMILY config: $out"
+        fi
     elif [[ "$MODEL_SIZE" == mini ]]; then
         [[ -n "$hf_config" && -f "$hf_config/config.json" ]] || pai_fail "MODEL_SIZE=mini takes the config from PRETRAIN_CHECKPOINT_PATH, which has no config.json (give a make-mini output, or set HF_CONFIG_DIR)"
     else
         local layers="" entry
         for entry in $SIZES; do [[ "${entry%%=*}" == "$MODEL_SIZE" ]] && layers="${entry#*=}"; done
-        [[ -n "$layers" ]] || pai_fail "MODEL_SIZE=$MODEL_SIZE: no built-in $FAMILY config (known: mini ${SIZES//=[0-9]*/}); set HF_CONFIG_DIR to the model's HF directory"
+        [[ -n "$layers" ]] || pai_fail "MODEL_SIZE=$MODEL_SIZE: no built-in $FAMILY config (known: mini tiny ${SIZES//=[0-9]*/}); set HF_CONFIG_DIR to the model's HF directory"
         hf_config="$OUTPUT_BASEPATH/hf_config/$FAMILY-$MODEL_SIZE"
         if [[ ! -f "$hf_config/config.json" ]]; then
             local out
@@ -234,7 +257,7 @@ a = g(); print(a.type, a.device_count())' 2>/dev/null || echo "unknown 0")
     local args=(
         --hf-config "$hf_config" "${init_args[@]}" --save "$save_dir" --save-interval "$SAVE_INTERVAL"
         --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
-        --expert-model-parallel-size "$EP" --expert-tensor-parallel-size "$ETP" --context-parallel-size "$CP"
+        --expert-model-parallel-size "$EP" --expert-tensor-parallel-size "$ETP" --context-parallel-size "$CP" "${cp_args[@]}"
         --micro-batch-size "$BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE" --seq-length "$SEQ_LEN"
         --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-iters "$WARMUP_ITERS"
         --train-iters "$TRAIN_ITERS" --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
