@@ -135,7 +135,7 @@ def test_attention_blocks_merge_to_full_attention(path):
     import torch
 
     from megatron_patch.runtime.kernels import attention_blocks as blocks
-    from megatron_patch.runtime.ring_attention import _merge
+    from megatron_patch.runtime.blocked_attention import merge_lse
     from megatron_patch.testing.equivalence import FP32_EPS
 
     fwd, bwd = ((blocks.attention_lse, blocks.attention_lse_backward) if path == "cpu_flash" else
@@ -153,7 +153,7 @@ def test_attention_blocks_merge_to_full_attention(path):
     out = lse = None
     for cols, causal in keys.values():
         o, s = fwd(q32, k32[:, :, cols], v32[:, :, cols], scale=0.3, causal=causal)
-        out, lse = _merge(out, lse, o.float(), s)
+        out, lse = merge_lse(out, lse, o.float(), s)
     grads = [bwd(g32, q32, k32[:, :, cols], v32[:, :, cols], out, lse, scale=0.3, causal=causal)
              for cols, causal in keys.values()]
     got = {"out": out, "dq": grads[0][0] + grads[1][0], "dk": torch.cat([grads[0][1], grads[1][1]], dim=2),

@@ -17,7 +17,9 @@ from megatron.core.utils import divide
 
 from megatron_patch.runtime import kernels
 from megatron_patch.runtime.accelerator import get_accelerator
+from megatron_patch.runtime.blocked_attention import gathered_causal_attention
 from megatron_patch.runtime.context_parallel import CP_COMM_TYPES, causal_chunks, gather_sequence
+from megatron_patch.runtime.kernels.attention_blocks import has_fused_lse
 from megatron_patch.runtime.ring_attention import ring_attention
 
 
@@ -92,13 +94,17 @@ class PortableCoreAttention(MegatronModule):
             key, value = gather_sequence(key, self.cp_group), gather_sequence(value, self.cp_group)
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if cp and has_fused_lse(q.device.type):  # no [chunk, prefix] mask: O(S) memory (blocked_attention.py)
+            group = self.cp_group
+            return _merge_heads(gathered_causal_attention(q, k, v, self.softmax_scale, group.size(), group.rank()))
         if k.shape[1] != q.shape[1]:  # GQA: repeat each KV group over its query heads
             repeat = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
         attention = kernels.get("core_attention", get_accelerator().type)
         if cp:
-            # each local chunk attends to the sequence prefix up to its end, causally (offset by its position)
+            # devices without a fused attention returning the log-sum-exp (NPU: npu_fusion_attention takes the
+            # mask): each local chunk attends to the sequence prefix up to its end, causally (offset by its position)
             chunk = q.shape[2] // 2
             out = torch.cat([
                 attention(q[:, :, rows], k[:, :, :seen], v[:, :, :seen], scale=self.softmax_scale, causal=False,

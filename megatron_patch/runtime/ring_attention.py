@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch.runtime import kernels
+from megatron_patch.runtime.blocked_attention import merge_lse, repeat_kv, sum_kv
 from megatron_patch.runtime.context_parallel import chunk_ids
 
 
@@ -49,9 +50,9 @@ class _RingAttention(torch.autograd.Function):
             pending = _Exchange(group, [k, v] if step < cp - 1 else [], block)
             kb, vb = block
             for qi, kj, causal in visible_pairs(cp, rank, (rank - step) % cp):
-                o, s = attention(_chunk(q, qi, half), _heads(_chunk(kb, kj, half), q), _heads(_chunk(vb, kj, half), q),
-                                 scale=scale, causal=causal)
-                out[qi], lse[qi] = _merge(out[qi], lse[qi], o.float(), s)
+                o, s = attention(_chunk(q, qi, half), repeat_kv(_chunk(kb, kj, half), q),
+                                 repeat_kv(_chunk(vb, kj, half), q), scale=scale, causal=causal)
+                out[qi], lse[qi] = merge_lse(out[qi], lse[qi], o.float(), s)
             block = pending.wait() or block
         out = torch.cat(out, dim=2).to(q.dtype)
         lse = torch.cat(lse, dim=2)
@@ -73,12 +74,12 @@ class _RingAttention(torch.autograd.Function):
             kb, vb, dk, dv = block
             for qi, kj, causal in visible_pairs(cp, rank, (rank - step) % cp):
                 rows = slice(qi * half, (qi + 1) * half)
-                g_q, g_k, g_v = backward(dout[:, :, rows], q[:, :, rows], _heads(_chunk(kb, kj, half), q),
-                                         _heads(_chunk(vb, kj, half), q), out[:, :, rows], lse[:, :, rows],
+                g_q, g_k, g_v = backward(dout[:, :, rows], q[:, :, rows], repeat_kv(_chunk(kb, kj, half), q),
+                                         repeat_kv(_chunk(vb, kj, half), q), out[:, :, rows], lse[:, :, rows],
                                          scale=scale, causal=causal)
                 dq[:, :, rows] += g_q.float()
-                dk[:, :, kj * half:(kj + 1) * half] += _sum_heads(g_k.float(), kb.shape[1])
-                dv[:, :, kj * half:(kj + 1) * half] += _sum_heads(g_v.float(), vb.shape[1])
+                dk[:, :, kj * half:(kj + 1) * half] += sum_kv(g_k.float(), kb.shape[1])
+                dv[:, :, kj * half:(kj + 1) * half] += sum_kv(g_v.float(), vb.shape[1])
             # the accumulators always move on (after CP hops they are home); K/V only while someone needs them
             passed = [kb, vb, dk, dv] if step < cp - 1 else [dk, dv]
             received = _Exchange(group, passed, passed).wait()
@@ -118,23 +119,3 @@ class _Exchange:
 
 def _chunk(x, index: int, half: int):
     return x[:, :, index * half:(index + 1) * half]
-
-
-def _heads(kv, q):
-    """GQA: repeat each K/V head over its query heads."""
-    repeat = q.shape[1] // kv.shape[1]
-    return kv if repeat == 1 else kv.repeat_interleave(repeat, dim=1)
-
-
-def _sum_heads(grad, kv_heads: int):
-    b, h, s, d = grad.shape
-    return grad if h == kv_heads else grad.view(b, kv_heads, h // kv_heads, s, d).sum(dim=2)
-
-
-def _merge(out, lse, block_out, block_lse):
-    """Online softmax: combine two partial attentions over disjoint key sets by their log-sum-exp."""
-    if out is None:
-        return block_out, block_lse
-    new_lse = torch.logaddexp(lse, block_lse)
-    return (out * torch.exp(lse - new_lse).unsqueeze(-1)
-            + block_out * torch.exp(block_lse - new_lse).unsqueeze(-1)), new_lse

@@ -16,6 +16,11 @@ import torch
 import torch.nn.functional as F
 
 
+def has_fused_lse(device_type: str) -> bool:
+    """Whether attention_lse runs a fused kernel on this device (else it materialises each block's scores)."""
+    return device_type == "cpu"
+
+
 def attention_lse(q, k, v, *, scale: float, causal: bool):
     """(out [b, h, sq, dv] in q's dtype, lse [b, h, sq] fp32) of softmax(q k^T * scale) v over this block."""
     if q.device.type == "cpu":
