@@ -21,6 +21,12 @@ _NPU_DEFAULT_MASK = 0     # sparse_mode: use atten_mask as given (pre/next_tocke
 def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
                    attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Torch implementation, via scaled_dot_product_attention."""
+    dqk, dv = q.shape[-1], v.shape[-1]
+    if dv != dqk:
+        # SDPA's fused kernels (CPU and CUDA flash) take one head dim; with MLA's 192/128 it fell back to the
+        # math kernel, which holds [sq, sk] scores per head (O(S^2) memory). Zero columns change no q.k or
+        # output column (the scale is explicit); the padded output columns are dropped.
+        q, k, v = (pad_head_dim(t, max(dqk, dv)) for t in (q, k, v))
     sdpa_mask = None
     if attn_mask is not None:
         sdpa_mask = ~attn_mask.bool()  # SDPA's bool mask means True = keep
@@ -28,8 +34,9 @@ def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: 
             # SDPA refuses is_causal together with attn_mask, so fold the triangle into the mask.
             sdpa_mask = sdpa_mask & _keep_lower_triangle(q.shape[-2], k.shape[-2], q.device)
             causal = False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=0.0, is_causal=causal,
-                                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=0.0, is_causal=causal,
+                                         scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out[..., :dv]
 
 
 def core_attention_npu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
@@ -57,6 +64,11 @@ def core_attention_npu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
     out = torch_npu.npu_fusion_attention(q, k, v, h, input_layout="BNSD", atten_mask=mask, scale=scale,
                                          keep_prob=1.0, sparse_mode=sparse_mode)
     return out[0]  # the rest are softmax statistics and dropout seeds kept for the backward pass
+
+
+def pad_head_dim(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x [..., d] zero-padded to [..., width]."""
+    return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
 
 
 def _keep_lower_triangle(sq: int, sk: int, device) -> torch.Tensor:

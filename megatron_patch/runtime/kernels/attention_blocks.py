@@ -13,7 +13,8 @@ scores (exact, O(sq * sk) memory): the fused CUDA/NPU kernels that return the st
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from megatron_patch.runtime.kernels.attention import pad_head_dim
 
 
 def has_fused_lse(device_type: str) -> bool:
@@ -26,7 +27,7 @@ def attention_lse(q, k, v, *, scale: float, causal: bool):
     if q.device.type == "cpu":
         dv = v.shape[-1]
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, _pad_to(v, q.shape[-1]), 0.0, causal, scale=scale)
+            q, k, pad_head_dim(v, q.shape[-1]), 0.0, causal, scale=scale)
         return out[..., :dv], lse.float()
     return attention_lse_math(q, k, v, scale=scale, causal=causal)
 
@@ -46,7 +47,7 @@ def attention_lse_backward(dout, q, k, v, out, lse, *, scale: float, causal: boo
     if q.device.type == "cpu":
         d, dv = q.shape[-1], v.shape[-1]
         dq, dk, dval = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            _pad_to(dout, d), q, k, _pad_to(v, d), _pad_to(out, d), lse, 0.0, causal, scale=scale)
+            pad_head_dim(dout, d), q, k, pad_head_dim(v, d), pad_head_dim(out, d), lse, 0.0, causal, scale=scale)
         return dq, dk, dval[..., :dv]
     return attention_lse_backward_math(dout, q, k, v, out, lse, scale=scale, causal=causal)
 
@@ -68,7 +69,3 @@ def _scores(q, k, scale, causal):
         keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
     return scores
-
-
-def _pad_to(x, width: int):
-    return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
