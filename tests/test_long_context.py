@@ -32,18 +32,15 @@ def positional(model_size, seq, cp, data, ckpt, out, train_tokens, etp_ep=("1", 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    from megatron_patch.data.preprocess import preprocess
-    from megatron_patch.models.mini import make_mini
-
+    """A dataset prefix the launcher accepts (a dry run only checks that its .bin/.idx exist)."""
     root = tmp_path_factory.mktemp("v32-launcher")
-    model = make_mini("deepseek_v3", root / "ds3", seed=2, overrides={"num_nextn_predict_layers": 0})
-    data = str(root / "corpus")
-    preprocess([str(REPO / "examples" / "data" / "corpus.txt")], str(model), data, append_eod=True, progress=False)
-    return root, str(model), data
+    for suffix in (".bin", ".idx"):
+        (root / f"corpus{suffix}").write_bytes(b"")
+    return root, str(root / "corpus")
 
 
 def test_dry_run_tiny_at_the_default_32k_with_ring_context_parallelism(work):
-    root, _, data = work
+    root, data = work
     proc = launch(positional("tiny", "default", 4, data, "none", root / "dry", 32768 * 2 * 3), root / "dry",
                   DRY_RUN="1", CP_COMM_TYPE="p2p", GPUS_PER_NODE="8")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -59,7 +56,7 @@ def test_dry_run_tiny_at_the_default_32k_with_ring_context_parallelism(work):
     ({}, "error: CP=3: SEQ_LEN=32768 must be divisible by 2 x CP"),
 ])
 def test_bad_context_parallel_arguments_are_one_line_errors(work, env, message):
-    root, _, data = work
+    root, data = work
     cp = 3 if not env else 2
     proc = launch(positional("tiny", "default", cp, data, "none", root / "bad", 10 ** 6), root / "bad",
                   DRY_RUN="1", **env)
