@@ -47,7 +47,7 @@ class _RingAttention(torch.autograd.Function):
         lse = [None, None]
         block = (k, v)
         for step in range(cp):
-            pending = _Exchange(group, [k, v] if step < cp - 1 else [], block)
+            pending = _Exchange(group, list(block) if step < cp - 1 else [])
             kb, vb = block
             for qi, kj, causal in visible_pairs(cp, rank, (rank - step) % cp):
                 o, s = attention(_chunk(q, qi, half), repeat_kv(_chunk(kb, kj, half), q),
@@ -82,37 +82,37 @@ class _RingAttention(torch.autograd.Function):
                 dv[:, :, kj * half:(kj + 1) * half] += sum_kv(g_v.float(), vb.shape[1])
             # the accumulators always move on (after CP hops they are home); K/V only while someone needs them
             passed = [kb, vb, dk, dv] if step < cp - 1 else [dk, dv]
-            received = _Exchange(group, passed, passed).wait()
+            received = _Exchange(group, passed).wait()
             block = tuple(received) if step < cp - 1 else (None, None, *received)
         _, _, dk, dv = block
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 class _Exchange:
-    """Send `tensors` to the next CP rank and receive same-shaped ones from the previous (one flat buffer)."""
+    """Send `tensors` to the next CP rank and receive same-shaped ones from the previous, as one flat buffer
+    (of their promoted dtype: bf16 K/V travel beside fp32 gradient accumulators); nothing when empty."""
 
-    def __init__(self, group, like: list, tensors):
-        self.shapes = [t.shape for t in like]
-        if not like:
-            self.work = None
+    def __init__(self, group, tensors: list):
+        self.meta = [(t.shape, t.dtype) for t in tensors]
+        self.work = None
+        if not tensors:
             return
         cp, rank = group.size(), group.rank()
-        send = torch.cat([t.reshape(-1) for t in tensors[:len(like)]])
-        self.recv = torch.empty_like(send)
-        ops = [dist.P2POp(dist.isend, send, dist.get_global_rank(group, (rank + 1) % cp), group),
+        self.send = torch.cat([t.reshape(-1) for t in tensors])  # kept alive until sent
+        self.recv = torch.empty_like(self.send)
+        ops = [dist.P2POp(dist.isend, self.send, dist.get_global_rank(group, (rank + 1) % cp), group),
                dist.P2POp(dist.irecv, self.recv, dist.get_global_rank(group, (rank - 1) % cp), group)]
         self.work = dist.batch_isend_irecv(ops)
-        self.send = send  # keep alive until sent
 
-    def wait(self):
+    def wait(self) -> list | None:
         if self.work is None:
             return None
         for w in self.work:
             w.wait()
         out, offset = [], 0
-        for shape in self.shapes:
+        for shape, dtype in self.meta:
             n = shape.numel()
-            out.append(self.recv[offset:offset + n].view(shape))
+            out.append(self.recv[offset:offset + n].view(shape).to(dtype))
             offset += n
         return out
 
