@@ -125,6 +125,44 @@ def test_context_parallel_matches_single_rank(references, cp_runs, name):
 RING_ULPS = 8
 
 
+@pytest.mark.parametrize("cp", [2, 4])
+def test_masked_and_blocked_gathered_attention_equal_full_attention(cp):
+    """The two all_gather paths on every CP rank's chunks (MLA head dims), single process: the [chunk, prefix]
+    mask path (NPU) and the blocked path (CPU: prefix whole + diagonal causally, custom backward) against fp64
+    causal attention over the whole sequence, outputs and (blocked) gradients."""
+    import torch
+
+    from megatron_patch.runtime.blocked_attention import gathered_causal_attention
+    from megatron_patch.runtime.context_parallel import chunk_ids, masked_chunk_attention
+    from megatron_patch.runtime.kernels.attention import core_attention
+    from megatron_patch.testing.equivalence import FP32_EPS
+
+    gen = torch.Generator().manual_seed(5)
+    seq, scale = 32, 0.3
+    q, k = (torch.randn(2, 4, seq, 24, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 4, seq, 16, generator=gen, dtype=torch.float64)
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out = torch.nn.functional.scaled_dot_product_attention(*ref, is_causal=True, scale=scale)
+    ref_out.sum().backward()
+    chunk = seq // (2 * cp)
+    dk = dv = 0  # every rank's key/value gradients add up to the whole sequence's (what reduce-scatter does)
+    for rank in range(cp):
+        rows = torch.cat([torch.arange(c * chunk, (c + 1) * chunk) for c in chunk_ids(cp, rank)])
+        want = ref_out.detach()[:, :, rows]
+        bound = RING_ULPS * FP32_EPS * want.abs().max().item()
+        q32, k32, v32 = (t.float().requires_grad_() for t in (q[:, :, rows], k, v))
+        masked = masked_chunk_attention(q32, k32, v32, scale, cp, rank, core_attention)
+        assert (masked.double() - want).abs().max().item() <= bound, (cp, rank, "masked")
+        blocked = gathered_causal_attention(q32, k32, v32, scale, cp, rank)
+        assert (blocked.double() - want).abs().max().item() <= bound, (cp, rank, "blocked")
+        blocked.sum().backward()
+        assert (q32.grad.double() - ref[0].grad[:, :, rows]).abs().max() <= RING_ULPS * FP32_EPS * \
+            ref[0].grad.abs().max(), (cp, rank, "dq")
+        dk, dv = dk + k32.grad.double(), dv + v32.grad.double()
+    for name, got, want in (("dk", dk, ref[1].grad), ("dv", dv, ref[2].grad)):
+        assert (got - want).abs().max() <= RING_ULPS * FP32_EPS * want.abs().max(), (cp, name)
+
+
 @pytest.mark.parametrize("path", ["cpu_flash", "math"])
 def test_attention_blocks_merge_to_full_attention(path):
     """Two key blocks (a full one and a causal diagonal one) merged by log-sum-exp, and their backward given

@@ -54,3 +54,14 @@ def causal_chunks(cp_size: int, cp_rank: int, chunk: int, device) -> list[tuple[
         keep = torch.ones(chunk, seen, dtype=torch.bool, device=device).tril(diagonal=c * chunk)
         out.append((slice(i * chunk, (i + 1) * chunk), seen, ~keep))
     return out
+
+
+def masked_chunk_attention(q, k, v, scale: float, cp_size: int, cp_rank: int, attention) -> torch.Tensor:
+    """q [b, h, 2c, d] (this rank's chunks), k/v [b, h, S, d] gathered in sequence order: each local chunk
+    attends to the sequence prefix up to its end, causally (offset by its position), through `attention`
+    (a core_attention kernel) with a [c, prefix] mask."""
+    chunk = q.shape[2] // 2
+    return torch.cat([
+        attention(q[:, :, rows], k[:, :, :seen], v[:, :, :seen], scale=scale, causal=False, attn_mask=mask)
+        for rows, seen, mask in causal_chunks(cp_size, cp_rank, chunk, q.device)
+    ], dim=2)

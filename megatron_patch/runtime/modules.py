@@ -18,7 +18,7 @@ from megatron.core.utils import divide
 from megatron_patch.runtime import kernels
 from megatron_patch.runtime.accelerator import get_accelerator
 from megatron_patch.runtime.blocked_attention import gathered_causal_attention
-from megatron_patch.runtime.context_parallel import CP_COMM_TYPES, causal_chunks, gather_sequence
+from megatron_patch.runtime.context_parallel import CP_COMM_TYPES, gather_sequence, masked_chunk_attention
 from megatron_patch.runtime.kernels.attention_blocks import has_fused_lse
 from megatron_patch.runtime.ring_attention import ring_attention
 
@@ -102,15 +102,9 @@ class PortableCoreAttention(MegatronModule):
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
         attention = kernels.get("core_attention", get_accelerator().type)
-        if cp:
-            # devices without a fused attention returning the log-sum-exp (NPU: npu_fusion_attention takes the
-            # mask): each local chunk attends to the sequence prefix up to its end, causally (offset by its position)
-            chunk = q.shape[2] // 2
-            out = torch.cat([
-                attention(q[:, :, rows], k[:, :, :seen], v[:, :, :seen], scale=self.softmax_scale, causal=False,
-                          attn_mask=mask)
-                for rows, seen, mask in causal_chunks(self.cp_group.size(), self.cp_group.rank(), chunk, q.device)
-            ], dim=2)
+        if cp:  # devices without a fused attention returning the log-sum-exp (NPU: npu_fusion_attention takes masks)
+            out = masked_chunk_attention(q, k, v, self.softmax_scale, self.cp_group.size(), self.cp_group.rank(),
+                                         attention)
         else:
             causal = mask_type == AttnMaskType.causal and attention_mask is None
             out = attention(q, k, v, scale=self.softmax_scale, causal=causal, attn_mask=attention_mask)
