@@ -1,6 +1,6 @@
 """examples/deepseek_v32/run_mcore_deepseek_v32.sh: Pai's positional arguments with context parallelism wired
-(CP, CP_COMM_TYPE), SEQ_LEN `default` = 32768 (seed 004), MODEL_SIZE tiny. Until the deepseek_v32 family lands
-the runs use V32_FAMILY=deepseek_v3, a stand-in with the same MLA + MoE layers (no indexer)."""
+(CP; CP_COMM_TYPE only all_gather: DSA gathers K/V), SEQ_LEN `default` = 32768 (seed 004), MODEL_SIZE tiny
+(make-mini --family deepseek_v32)."""
 from __future__ import annotations
 
 import os
@@ -13,11 +13,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "examples" / "deepseek_v32" / "run_mcore_deepseek_v32.sh"
-STAND_IN = {"V32_FAMILY": "deepseek_v3"}
 
 
 def launch(args: list[str], out: Path, **env) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, PY=sys.executable, TORCHDYNAMO_DISABLE="1", **STAND_IN, **env,
+    full_env = dict(os.environ, PY=sys.executable, TORCHDYNAMO_DISABLE="1", **env,
                     PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run(["bash", str(LAUNCHER), *args], cwd=REPO, env=full_env, capture_output=True, text=True,
                           timeout=300)
@@ -39,20 +38,20 @@ def work(tmp_path_factory):
     return root, str(root / "corpus")
 
 
-def test_dry_run_tiny_at_the_default_32k_with_ring_context_parallelism(work):
+def test_dry_run_tiny_at_the_default_32k_with_context_parallelism(work):
     root, data = work
     proc = launch(positional("tiny", "default", 4, data, "none", root / "dry", 32768 * 2 * 3), root / "dry",
-                  DRY_RUN="1", CP_COMM_TYPE="p2p", GPUS_PER_NODE="8")
+                  DRY_RUN="1", GPUS_PER_NODE="8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     cmd = proc.stdout
-    assert "--seq-length 32768" in cmd and "--context-parallel-size 4 --cp-comm-type p2p" in cmd, cmd
+    assert "--seq-length 32768" in cmd and "--context-parallel-size 4 --cp-comm-type all_gather" in cmd, cmd
     assert "--train-iters 3" in cmd and "--nproc_per_node 8" in cmd
-    assert re.search(r"--hf-config \S*/hf_config/deepseek_v3-tiny ", cmd)
-    assert (root / "dry" / "hf_config" / "deepseek_v3-tiny" / "config.json").is_file()
+    assert re.search(r"--hf-config \S*/hf_config/deepseek_v32-tiny ", cmd)
+    assert (root / "dry" / "hf_config" / "deepseek_v32-tiny" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("env, message", [
-    ({"CP_COMM_TYPE": "a2a"}, "error: CP_COMM_TYPE=a2a: expected p2p or all_gather"),
+    ({"CP_COMM_TYPE": "p2p"}, "error: CP_COMM_TYPE=p2p: DeepSeek-V3.2's DSA attention gathers K/V"),
     ({}, "error: CP=3: SEQ_LEN=32768 must be divisible by 2 x CP"),
 ])
 def test_bad_context_parallel_arguments_are_one_line_errors(work, env, message):
