@@ -84,9 +84,13 @@ def attention_bytes(c, layout, w: Workload, core: bool = True, frozen: bool = Fa
     else:
         dqk = dv = c.kv_channels
     kv_factor = layout.cp                                               # K and V gathered over CP
-    full = e * a * dqk * (1 + kv_factor) + e * a * dv * kv_factor      # q; k and v expanded to every head
+    # torch's fused SDPA takes one head dim: kernels/attention.py pads MLA's v (and so the output) to q/k's
+    dv_kernel = max(dqk, dv) if w.fused_attention else dv
+    full = e * a * dqk * (1 + kv_factor) + e * a * dv_kernel * kv_factor  # q; k and v expanded to every head
     if w.fused_attention or not frozen or proj_adapted:
-        full += e * a * dv                                              # output (kernel's / linear_proj input)
+        full += e * a * dv_kernel                                       # output (kernel's / linear_proj input)
+    if w.fused_attention and dv_kernel != dv and not (frozen and not proj_adapted):
+        full += e * a * dv                                              # linear_proj's input: the unpadded copy
     if core:
         full += 4 * a if w.fused_attention else e * a * s_kv            # lse, or the softmax probabilities
     return sp, full
