@@ -186,8 +186,6 @@ def validate(args) -> None:
         raise UserError("--lora-target/--lora-alpha need --lora-rank R")
     if args.lora_rank and not args.lora_target:
         raise UserError("--lora-rank needs --lora-target NAMES (e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
-    if args.lora_rank and args.expert_model_parallel_size > 1:
-        raise UserError("--lora-rank: routed experts take no adapters yet and EP>1 is untested with LoRA; use EP=1")
     if args.load and args.load_hf:
         raise UserError("give either --load (Megatron checkpoint) or --load-hf (HF weights), not both")
     if args.train_iters is None or args.train_iters < 1:

@@ -80,6 +80,8 @@ def _config_overrides(args) -> dict:
             overrides[name] = getattr(args, name)
     if args.recompute_granularity == "full" and args.recompute_num_layers is None:
         overrides["recompute_num_layers"] = 1
+    if args.lora_rank:  # the base is frozen: so is DeepSeek-V3's router expert bias (not in the adapters either)
+        overrides["moe_router_bias_update_rate"] = 0.0
     if args.sft:  # gradients of the mean over all answer tokens of the global batch (not per micro-batch)
         overrides["calculate_per_token_loss"] = True
     return overrides
