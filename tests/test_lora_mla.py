@@ -70,7 +70,8 @@ def _hf_batch(w, step: int):
     from megatron_patch.data.curriculum import DEFAULT_STAGES, BatchSampler, parse_stages
 
     meta = json.loads(Path(w.prefix + ".sft.json").read_text())
-    rows = BatchSampler(meta["difficulty"], ITERS, GBS, 42, parse_stages(DEFAULT_STAGES), log=lambda *_: None).batch(step)
+    sampler = BatchSampler(meta["difficulty"], ITERS, GBS, 42, parse_stages(DEFAULT_STAGES), log=lambda *_: None)
+    rows = sampler.batch(step)
     ids, masks = IndexedDataset(w.prefix), IndexedDataset(w.prefix + ".mask")
     pad = json.loads((w.model / "config.json").read_text())["eos_token_id"]
     inputs = torch.full((GBS, SEQ), pad, dtype=torch.int64)

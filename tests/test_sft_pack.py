@@ -48,8 +48,7 @@ def minis(tmp_path_factory):
     src.write_text(json.dumps(_records(12)))
     out = {}
     for family, sets in (("qwen2", {}), ("deepseek_v3", {"num_nextn_predict_layers": 0})):
-        model = make_mini(family, root / family, seed=3, overrides=sets) if sets else make_mini(family, root / family,
-                                                                                                seed=3)
+        model = make_mini(family, root / family, seed=3, overrides=sets or None)
         preprocess_sft([str(src)], str(model), str(root / f"{family}-sft"), seq_length=SEQ)
         out[family] = (str(model), str(root / f"{family}-sft"))
     return out
@@ -138,8 +137,8 @@ def _per_sample_and_grads(rank, world, minis):
             # micro-batches of 2 rows where the row count allows (a packed micro-batch travels as one sequence)
             schedule = [float(forward_backward(chunks, b, 2 if len(b.tokens) % 2 == 0 else 1, forward_only=True))
                         for b in (rows_plain, rows_packed)]
-        out[family] = {"loss": per_sample_diff(loss_packed), "leak": per_sample_diff(loss_leaky)[0], "grads": grad, "schedule": schedule,
-                       "rows": (len(plain), len(packed)), "params": len(grad)}
+        out[family] = {"loss": per_sample_diff(loss_packed), "leak": per_sample_diff(loss_leaky)[0], "grads": grad,
+                       "schedule": schedule, "rows": (len(plain), len(packed)), "params": len(grad)}
     return out
 
 

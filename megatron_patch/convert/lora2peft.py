@@ -86,7 +86,8 @@ def _layer_adapters(t, stored: dict, num_layers: int):
     for layer in t.layers if t.layers is not None else range(num_layers):
         a, b = (stored.get(f"decoder.layers.{layer}.{t.rel}.lora_{x}") for x in "AB")
         if a is None or b is None:
-            raise UserError(f"checkpoint has no {key}.lora_A/lora_B for layer {layer} (saved with other --lora-target?)")
+            raise UserError(f"checkpoint has no {key}.lora_A/lora_B for layer {layer} "
+                            "(saved with other --lora-target?)")
         found.append((layer, a, b))
     return found
 

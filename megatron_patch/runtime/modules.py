@@ -6,6 +6,7 @@
   MLA passes (the local class does not, megatron-core 0.16-0.19) and runs one fused attention call
   (SDPA / npu_fusion_attention) instead of the unfused baddbmm + softmax path. With context parallelism
   it all-gathers K and V over the CP group (runtime/context_parallel.py); megatron's local class asserts CP 1.
+  Packed sequences (megatron's PackedSeqParams, `thd`): causal attention within each cu_seqlens segment.
 """
 from __future__ import annotations
 
@@ -105,7 +106,6 @@ class PortableCoreAttention(MegatronModule):
         # [b, n, s, dv] -> [s, b, n*dv]
         b, n, s, dv = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, n * dv)
-
 
     def _packed(self, query, key, value, params, unsupported: bool):
         """megatron's `thd` layout ([tokens, heads, dim], segments at params.cu_seqlens_q): causal attention within
