@@ -68,10 +68,24 @@ def peft_remapped(hf_config) -> set[str]:
     return set(_MOE_TARGET_MODULE_MAPPING.get(base) or {})
 
 
-def lora_targets(family, hf_config, names: list[str]) -> list[Target]:
-    """Map HF module names to the decoder linears holding them (through the family table)."""
+def _adaptable_rows(family, hf_config) -> list:
+    """The family table's rows of decoder linears an adapter can wrap (megatron names them linear_*: not the
+    router or the norms; not routed experts)."""
     from megatron_patch.models.families.base import Column, GateUp, QKV, Replicated, Row
 
+    return [r for r in family.params(hf_config) if r.mcore.startswith("decoder.layers.{layer}.")
+            and r.mcore.endswith(".weight") and r.split in (Column, Row, QKV, GateUp, Replicated)
+            and r.mcore.rsplit(".", 2)[-2].startswith("linear_") and "{expert}" not in r.mcore]
+
+
+def target_names(family, hf_config) -> list[str]:
+    """Every HF module name --lora-target accepts for this model."""
+    names = {h.rsplit(".", 2)[-2] for r in _adaptable_rows(family, hf_config) for h in r.hf}
+    return sorted(names - peft_remapped(hf_config))
+
+
+def lora_targets(family, hf_config, names: list[str]) -> list[Target]:
+    """Map HF module names to the decoder linears holding them (through the family table)."""
     if "experts" in names:
         raise UserError(ROUTED_EXPERTS)
     remapped = [n for n in names if n in peft_remapped(hf_config)]
@@ -81,10 +95,7 @@ def lora_targets(family, hf_config, names: list[str]) -> list[Target]:
                         "shared experts would not load in peft, and routed-expert LoRA is not built yet; adapt the "
                         "attention projections only (q_proj,k_proj,v_proj,o_proj; MLA: q_a_proj,q_b_proj,q_proj,"
                         "kv_a_proj_with_mqa,kv_b_proj,o_proj)")
-    # megatron names its linears linear_* (the router and the norms are not adapted)
-    rows = [r for r in family.params(hf_config) if r.mcore.startswith("decoder.layers.{layer}.")
-            and r.mcore.endswith(".weight") and r.split in (Column, Row, QKV, GateUp, Replicated)
-            and r.mcore.rsplit(".", 2)[-2].startswith("linear_") and "{expert}" not in r.mcore]
+    rows = _adaptable_rows(family, hf_config)
     available = {h.rsplit(".", 2)[-2]: r for r in rows for h in r.hf}
     mla = bool(getattr(hf_config, "kv_lora_rank", None))
     unknown = [n for n in names if n not in available and not (mla and n in MLA_ALTERNATES)]
@@ -242,6 +253,8 @@ def apply_lora(chunks: list, hf_config, config, margs, layout, rank: int, alpha:
     for chunk in chunks:
         for p in chunk.parameters():
             p.requires_grad_(False)
+    if getattr(config, "recompute_granularity", None) == "full":
+        _make_embedding_output_require_grad(chunks)
     wrapped = 0
     for chunk in chunks:
         decoder = getattr(chunk, "decoder", None)
@@ -256,6 +269,16 @@ def apply_lora(chunks: list, hf_config, config, margs, layout, rank: int, alpha:
                                                  bool(config.sequence_parallel)))
                 wrapped += 1
     return wrapped
+
+
+def _make_embedding_output_require_grad(chunks: list) -> None:
+    """Full recompute runs each layer block in a checkpoint function whose output needs a gradient only if its
+    input does; with the embedding frozen nothing upstream does, so the adapters would get no gradient at all
+    (peft's enable_input_require_grads answers the same problem in HF)."""
+    for chunk in chunks:
+        embedding = getattr(chunk, "embedding", None)
+        if embedding is not None:
+            embedding.register_forward_hook(lambda _module, _inputs, output: output.requires_grad_())
 
 
 def has_adapters(chunks) -> bool:
