@@ -1,7 +1,7 @@
 """Supervised fine-tuning with LoRA (issue 11): `preprocess --sft`; `train --sft` against HF's loss with labels=-100
 on the prompt; the difficulty curriculum (shares, determinism, resume, short levels, no difficulty); LoRA on all
 seven Qwen projections at TP1 and TP2 (+SP), resumed, adapters-only checkpoints; `convert lora2peft` loaded by
-peft itself (and --merge)."""
+peft itself (and --merge); validation on SFT data."""
 from __future__ import annotations
 
 import json
@@ -215,15 +215,23 @@ def _train(work, name: str, nproc: int, extra: list[str]) -> list[float]:
     return [json.loads(line)["loss"] for line in metrics.read_text().splitlines() if '"loss"' in line]
 
 
-def _hf_batch(work, step: int):
-    """input_ids and labels (-100 on prompt and padding) of global batch `step` (0-based), as HF takes them."""
+def _valid_losses(work, name: str) -> dict:
+    lines = (work.root / name / "metrics.jsonl").read_text().splitlines()
+    return {r["iteration"]: r["valid_loss"] for r in map(json.loads, lines) if "valid_loss" in r}
+
+
+def _hf_batch(work, step: int | None, indices=None):
+    """input_ids and labels (-100 on prompt and padding) of global batch `step` (0-based), or of the dataset rows
+    `indices`, as HF takes them."""
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from megatron_patch.data.curriculum import DEFAULT_STAGES, BatchSampler, parse_stages
 
     meta = json.loads(Path(work.prefix + ".sft.json").read_text())
-    indices = BatchSampler(meta["difficulty"], 6, 4, 42, parse_stages(DEFAULT_STAGES), log=lambda *_: None).batch(step)
+    if indices is None:
+        indices = BatchSampler(meta["difficulty"], 6, 4, 42, parse_stages(DEFAULT_STAGES),
+                               log=lambda *_: None).batch(step)
     ids, masks = IndexedDataset(work.prefix), IndexedDataset(work.prefix + ".mask")
     pad = json.loads((work.model / "config.json").read_text())["eos_token_id"]
     inputs = torch.full((4, SEQ), pad, dtype=torch.int64)
@@ -254,7 +262,8 @@ def sft_runs(work):
     tp1 = _train(work, "tp1", 1, ["--curriculum-report", str(work.root / "tp1.json")])
     # TP2 stopped after step 3 (mid-run, at a stage boundary) and resumed to 6
     tp2_args = ["--tensor-model-parallel-size", "2", "--save", str(work.root / "ck"),
-                "--curriculum-report", str(work.root / "tp2.json")]
+                "--curriculum-report", str(work.root / "tp2.json"),
+                "--valid-data-path", work.prefix, "--eval-iters", "1", "--eval-interval", "3"]  # rows 0-3 of the data
     first = _train(work, "tp2", 2, [*tp2_args, "--exit-interval", "3"])
     assert len(first) == 3
     both = _train(work, "tp2", 2, tp2_args)  # the metrics file is appended to: steps 1-3, then 4-6
@@ -318,6 +327,11 @@ def test_lora2peft_loads_in_peft_and_matches_training_loss(work, sft_runs, tmp_p
         peft_logits = peft_model(batch[0]).logits
     assert (peft_logits - base_logits).abs().max() > 0.1  # the adapters act
     assert abs(_loss(peft_model, batch) - sft_runs.tp2[3]) <= LOSS_TOL, (_loss(peft_model, batch), sft_runs.tp2[3])
+    # --sft validation after step 3 (--valid-data-path, 1 batch: the data's first 4 rows): peft's answer-token loss
+    valid = _valid_losses(work, "tp2")
+    assert sorted(valid) == [3, 6]
+    peft_valid = _loss(peft_model, _hf_batch(work, None, range(4)))
+    assert abs(valid[3] - peft_valid) <= LOSS_TOL, (valid[3], peft_valid)
     with torch.no_grad():
         merged_logits = _hf_model(tmp_path / "merged")(batch[0]).logits
     bound = 1e-5 * max(1.0, float(peft_logits.abs().max()))  # W + s*BA in fp32 vs peft's separate path

@@ -65,18 +65,31 @@ def peft_tensors(hf_config, args: dict, stored: dict[str, torch.Tensor]) -> dict
     r = int(args["lora_rank"])
     out = {}
     for t in lora_targets(family, hf_config, args["lora_target"].split(",")):
-        key = f"decoder.layers.{t.rel}"
-        a_all, b_all = stored.get(key + ".lora_A"), stored.get(key + ".lora_B")
-        if a_all is None or b_all is None:
-            raise UserError(f"checkpoint has no {key}.lora_A/lora_B (saved with other --lora-target?)")
-        for layer in range(a_all.shape[0]):
-            a, b = a_all[layer], b_all[layer]
+        for layer, a, b in _layer_adapters(t, stored, hf_config.num_hidden_layers):
             parts = [b] if t.split is Row else t.split.merge([b], ctx)
             for j, p in enumerate(t.parts):
                 name = t.hf[p].format(layer=layer)
                 b_part = parts[0] if t.split is Row else parts[p]
                 out[name] = (a[j * r:(j + 1) * r].contiguous(), b_part[:, j * r:(j + 1) * r].contiguous())
     return out
+
+
+def _layer_adapters(t, stored: dict, num_layers: int):
+    """(layer, A, B) of a target: megatron stores a block of identical layers stacked on a first axis
+    (`decoder.layers.<linear>`), and per layer (`decoder.layers.<i>.<linear>`) where layers differ (DeepSeek's
+    dense first layers, MoE)."""
+    key = f"decoder.layers.{t.rel}"
+    if key + ".lora_A" in stored and key + ".lora_B" in stored:
+        a_all, b_all = stored[key + ".lora_A"], stored[key + ".lora_B"]
+        return [(layer, a_all[layer], b_all[layer]) for layer in range(a_all.shape[0])]
+    found = []
+    for layer in t.layers if t.layers is not None else range(num_layers):
+        a, b = (stored.get(f"decoder.layers.{layer}.{t.rel}.lora_{x}") for x in "AB")
+        if a is None or b is None:
+            raise UserError(f"checkpoint has no {key}.lora_A/lora_B for layer {layer} "
+                            "(saved with other --lora-target?)")
+        found.append((layer, a, b))
+    return found
 
 
 def _hf_config(hf_dir: str):

@@ -265,39 +265,101 @@ def run(args) -> int:
 # ---------------------------------------------------------------------------------------------------
 # training: samples and global batches
 # ---------------------------------------------------------------------------------------------------
+def pack_plan(costs, levels, capacity: int) -> list[list[int]]:
+    """`--pack`: sample indices per packed sequence. Best fit decreasing within each difficulty level (a pack holds
+    one level, so the curriculum draws packs as it draws samples): each sample (longest first, ties by index) goes
+    into the pack with the least room that still holds its `cost` tokens; samples keep index order inside a pack,
+    packs are ordered by their first sample. A pure function of (costs, levels, capacity)."""
+    import bisect
+
+    packs: list[list[int]] = []
+    for level in sorted(set(levels)):
+        order = sorted((i for i, lv in enumerate(levels) if lv == level), key=lambda i: (-costs[i], i))
+        room: list[tuple[int, int]] = []  # (free tokens, pack number), sorted
+        members: list[list[int]] = []
+        for i in order:
+            at = bisect.bisect_left(room, (costs[i], -1))
+            if at == len(room):
+                members.append([i])
+                free, n = capacity - costs[i], len(members) - 1
+            else:
+                free, n = room.pop(at)
+                members[n].append(i)
+                free -= costs[i]
+            bisect.insort(room, (free, n))
+        packs += [sorted(m) for m in members]
+    return sorted(packs)
+
+
 class SFTDataset:
     """One sample per sequence: ids cut/padded to seq_length + 1; tokens = ids[:-1], labels = ids[1:],
-    loss mask = answer mask of the labels (padding masked)."""
+    loss mask = answer mask of the labels (padding masked).
 
-    def __init__(self, prefix: str, seq_length: int, pad_id: int):
+    pack=True: several samples per sequence (`pack_plan`). Each sample is shifted on its own (its last token
+    predicts nothing of the next sample) and takes len - 1 positions; position ids restart at 0 for every sample
+    and for the padding after the last one, which is how the model finds the samples' boundaries
+    (`training.step.packed_params`: attention stays within each sample, RoPE positions restart)."""
+
+    def __init__(self, prefix: str, seq_length: int, pad_id: int, pack: bool = False, flag: str = "--data-path"):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         meta_path = paths_for(prefix)["meta"]
         if not meta_path.is_file():
-            raise UserError(f"--data-path {prefix}: no {meta_path.name}; make SFT data with "
+            raise UserError(f"{flag} {prefix}: no {meta_path.name}; make SFT data with "
                             "`megatron-patch preprocess --sft`")
         self.meta = json.loads(meta_path.read_text())
         self.tokens = IndexedDataset(prefix)
         self.masks = IndexedDataset(prefix + ".mask")
-        self.difficulty = self.meta["difficulty"]
-        if len(self.tokens) != len(self.masks) or len(self.tokens) != len(self.difficulty):
-            raise UserError(f"--data-path {prefix}: tokens, mask and {meta_path.name} disagree on the sample count; "
+        difficulty = self.meta["difficulty"]
+        if len(self.tokens) != len(self.masks) or len(self.tokens) != len(difficulty):
+            raise UserError(f"{flag} {prefix}: tokens, mask and {meta_path.name} disagree on the sample count; "
                             "preprocess again")
         self.seq_length, self.pad_id = seq_length, pad_id
+        self.packs = None
+        self.difficulty = difficulty
+        if pack:
+            costs = [min(int(n), seq_length + 1) - 1 for n in self.tokens.sequence_lengths]
+            self.packs = pack_plan(costs, difficulty, seq_length)
+            self.difficulty = [difficulty[p[0]] for p in self.packs]
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return len(self.tokens) if self.packs is None else len(self.packs)
 
-    def sample(self, i: int):
+    def _shifted(self, i: int):
+        """(tokens, labels, loss mask) of sample i, cut at seq_length + 1 ids."""
         import torch
 
-        n = self.seq_length + 1
-        ids = torch.full((n,), self.pad_id, dtype=torch.int64)
-        mask = torch.zeros(n, dtype=torch.float32)
-        got = torch.from_numpy(self.tokens[i][:n].astype("int64"))
-        ids[:len(got)] = got
-        mask[:len(got)] = torch.from_numpy(self.masks[i][:n].astype("float32"))
+        ids = torch.from_numpy(self.tokens[i][:self.seq_length + 1].astype("int64"))
+        mask = torch.from_numpy(self.masks[i][:self.seq_length + 1].astype("float32"))
         return ids[:-1], ids[1:], mask[1:]
+
+    def sample(self, i: int):
+        """tokens, labels, loss mask [seq_length] (+ position ids when packed)."""
+        import torch
+
+        n = self.seq_length
+        parts = [self._shifted(i)] if self.packs is None else [self._shifted(j) for j in self.packs[i]]
+        tokens = torch.full((n,), self.pad_id, dtype=torch.int64)
+        labels = torch.full((n,), self.pad_id, dtype=torch.int64)
+        mask = torch.zeros(n, dtype=torch.float32)
+        positions = torch.zeros(n, dtype=torch.int64)
+        at = 0
+        for tok, lab, msk in parts:
+            tokens[at:at + len(tok)], labels[at:at + len(tok)], mask[at:at + len(tok)] = tok, lab, msk
+            positions[at:at + len(tok)] = torch.arange(len(tok))
+            at += len(tok)
+        positions[at:] = torch.arange(n - at)  # the padding is a segment of its own
+        return (tokens, labels, mask) if self.packs is None else (tokens, labels, mask, positions)
+
+
+def collate(dataset: SFTDataset, indices):
+    """A Batch of the dataset's rows `indices` (with position ids when packed)."""
+    import torch
+
+    from megatron_patch.training.step import Batch
+
+    rows = [dataset.sample(int(i)) for i in indices]
+    return Batch(*(torch.stack([r[k] for r in rows]) for k in range(len(rows[0]))))
 
 
 class SFTBatches:
@@ -310,19 +372,24 @@ class SFTBatches:
     def consumed(self) -> int:
         return self.sampler.step * self.sampler.gbs
 
-    def _collate(self, indices):
-        import torch
-
-        from megatron_patch.training.step import Batch
-
-        rows = [self.dataset.sample(int(i)) for i in indices]
-        return Batch(*(torch.stack([r[k] for r in rows]) for k in range(3)))
-
     def peek(self):
-        return self._collate(self.sampler.batch(self.sampler.step))
+        return collate(self.dataset, self.sampler.batch(self.sampler.step))
 
     def next(self):
-        return self._collate(self.sampler.next())
+        return collate(self.dataset, self.sampler.next())
+
+
+class ValidationBatches:
+    """`--valid-data-path` with --sft: the validation rows in order, global batch after global batch (wrapping
+    around a set smaller than --eval-iters x the global batch), so every evaluation sees the same batches."""
+
+    def __init__(self, dataset: SFTDataset, global_batch_size: int):
+        self.dataset, self.gbs, self.at = dataset, global_batch_size, 0
+
+    def next(self):
+        rows = [(self.at + k) % len(self.dataset) for k in range(self.gbs)]
+        self.at += self.gbs
+        return collate(self.dataset, rows)
 
 
 def write_report(path: str, sampler) -> None:

@@ -10,6 +10,13 @@ The family table's rows say which megatron linear an HF module lives in and how 
 - row-parallel base (linear_proj, linear_fc2): A local [r, in_local] sharded like the weight, x_local @ A^T
   reduced over TP (reduce-scattered under SP), then @ B^T with B [out, r] replicated (its gradient summed
   over TP under SP).
+- replicated base (MLA's q/kv down-projections, models/spec.py DuplicatedLinear): A and B replicated, applied to
+  the rank's own tokens; under SP their gradients are partial per rank and summed over TP like the weight's.
+
+MLA names (q_a_proj, q_b_proj, q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj) come from the DeepSeek tables: q_proj
+exists only without q_lora (V2-Lite), q_a_proj/q_b_proj only with it, so an MLA model skips whichever it lacks (as
+peft does). A name in several rows (gate_proj: dense MLP and shared experts) adapts each, in the layers the row
+exists in. Routed experts (`experts`) are refused: see ROUTED_EXPERTS.
 
 A is initialised like peft (uniform +-1/sqrt(in)) from a generator seeded by (seed, layer, module), so the
 adapters are the same at any layout; B starts at zero. Base weights are frozen. The sharded state dict keeps
@@ -29,6 +36,10 @@ from megatron_patch.errors import UserError
 from megatron_patch.models.families.base import GateUp
 
 ADAPTER_MARK = ".lora_"
+MLA_ALTERNATES = {"q_proj", "q_a_proj", "q_b_proj"}  # an MLA model has q_proj or q_a_proj + q_b_proj
+ROUTED_EXPERTS = ("--lora-target experts: LoRA on routed experts is not built yet (transformers 5.23 keeps them as "
+                  "fused 3-D parameters that peft 0.21 adapts through target_parameters); adapt the attention, "
+                  "dense MLP and shared experts (gate_proj,up_proj,down_proj) instead")
 
 
 @dataclass(frozen=True)
@@ -37,40 +48,69 @@ class Target:
     hf: tuple[str, ...]       # HF module per part, with {layer}: "model.layers.{layer}.self_attn.q_proj"
     split: object             # the family row's split kind
     parts: tuple[int, ...]    # adapted parts (indices into hf)
+    layers: tuple[int, ...] | None = None  # the global decoder layers holding this linear (None: all)
 
     @property
     def short(self) -> tuple[str, ...]:
         return tuple(self.hf[p].rsplit(".", 1)[-1] for p in self.parts)
 
 
+def peft_remapped(hf_config) -> set[str]:
+    """HF module names peft 0.21 re-targets on this model type under transformers 5: for the MoE families
+    (deepseek_v2/v3, qwen3_moe) it reads gate_proj/up_proj/down_proj as the routed experts' fused gate_up_proj /
+    down_proj parameters (peft.utils.transformers_weight_conversion), so it would not put adapters exported under
+    those names on the dense MLP or the shared experts."""
+    try:
+        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
+    except ImportError:  # no peft here: nothing to stay loadable by
+        return set()
+    base = _MODEL_TO_CONVERSION_PATTERN.get(getattr(hf_config, "model_type", None))
+    return set(_MOE_TARGET_MODULE_MAPPING.get(base) or {})
+
+
 def _adaptable_rows(family, hf_config) -> list:
-    """The family table's rows of decoder linears an adapter can wrap (not routed experts)."""
-    from megatron_patch.models.families.base import Column, GateUp, QKV, Row
+    """The family table's rows of decoder linears an adapter can wrap (megatron names them linear_*: not the
+    router or the norms; not routed experts)."""
+    from megatron_patch.models.families.base import Column, GateUp, QKV, Replicated, Row
 
     return [r for r in family.params(hf_config) if r.mcore.startswith("decoder.layers.{layer}.")
-            and r.mcore.endswith(".weight") and r.split in (Column, Row, QKV, GateUp)
-            and "{expert}" not in r.mcore]
+            and r.mcore.endswith(".weight") and r.split in (Column, Row, QKV, GateUp, Replicated)
+            and r.mcore.rsplit(".", 2)[-2].startswith("linear_") and "{expert}" not in r.mcore]
 
 
 def target_names(family, hf_config) -> list[str]:
     """Every HF module name --lora-target accepts for this model."""
-    return sorted({h.rsplit(".", 2)[-2] for r in _adaptable_rows(family, hf_config) for h in r.hf})
+    names = {h.rsplit(".", 2)[-2] for r in _adaptable_rows(family, hf_config) for h in r.hf}
+    return sorted(names - peft_remapped(hf_config))
 
 
 def lora_targets(family, hf_config, names: list[str]) -> list[Target]:
     """Map HF module names to the decoder linears holding them (through the family table)."""
+    if "experts" in names:
+        raise UserError(ROUTED_EXPERTS)
+    remapped = [n for n in names if n in peft_remapped(hf_config)]
+    if remapped:
+        raise UserError(f"--lora-target {','.join(remapped)}: on {hf_config.model_type} peft 0.21 (transformers 5) "
+                        "reads these names as the routed experts' fused parameters, so adapters on the dense MLP / "
+                        "shared experts would not load in peft, and routed-expert LoRA is not built yet; adapt the "
+                        "attention projections only (q_proj,k_proj,v_proj,o_proj; MLA: q_a_proj,q_b_proj,q_proj,"
+                        "kv_a_proj_with_mqa,kv_b_proj,o_proj)")
     rows = _adaptable_rows(family, hf_config)
     available = {h.rsplit(".", 2)[-2]: r for r in rows for h in r.hf}
-    unknown = [n for n in names if n not in available]
+    mla = bool(getattr(hf_config, "kv_lora_rank", None))
+    unknown = [n for n in names if n not in available and not (mla and n in MLA_ALTERNATES)]
     if unknown:
         raise UserError(f"--lora-target {','.join(unknown)}: not a linear of this model's decoder layers "
-                        f"(available: {','.join(sorted(available))}; routed experts are not supported yet)")
+                        f"(available: {','.join(sorted(available))})")
     targets = []
     for r in rows:
         parts = tuple(i for i, h in enumerate(r.hf) if h.rsplit(".", 2)[-2] in names)
         if parts:
             rel = r.mcore[len("decoder.layers.{layer}."):-len(".weight")]
-            targets.append(Target(rel, tuple(h[:-len(".weight")] for h in r.hf), r.split, parts))
+            targets.append(Target(rel, tuple(h[:-len(".weight")] for h in r.hf), r.split, parts, r.layers))
+    if not targets:
+        raise UserError(f"--lora-target {','.join(names)}: none of these is a linear of this model "
+                        f"(available: {','.join(sorted(available))})")
     return targets
 
 
@@ -100,7 +140,7 @@ class LoRALinear(torch.nn.Module):
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-        from megatron_patch.models.families.base import Row
+        from megatron_patch.models.families.base import Replicated, Row
 
         super().__init__()
         self.base = base
@@ -108,13 +148,23 @@ class LoRALinear(torch.nn.Module):
         self.dropout = dropout
         self.sp = sequence_parallel
         self.row = target.split is Row
+        self.replicated = target.split is Replicated
         tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
         self.tp_rank = tp_rank
         dtype = base.weight.dtype
-        fan_in, out_total = base.input_size, base.output_size
+        if self.replicated:  # DuplicatedLinear (or TE's duplicated linear): the whole weight on every rank
+            out_total, fan_in = base.weight.shape
+        else:
+            fan_in, out_total = base.input_size, base.output_size
         a_full = torch.cat([init_a(seed, layer, target.rel, p, rank, fan_in) for p in target.parts])
         n = len(target.parts) * rank
-        if self.row:
+        if self.replicated:
+            self.lora_A = torch.nn.Parameter(a_full.to(dtype))
+            self.lora_B = torch.nn.Parameter(torch.zeros(out_total, n, dtype=dtype))
+            for p in (self.lora_A, self.lora_B):  # each rank sees its sequence shard: sum over TP
+                p.sequence_parallel = sequence_parallel
+            self.register_buffer("mask", None, persistent=False)
+        elif self.row:
             per = fan_in // tp
             self.lora_A = torch.nn.Parameter(a_full[:, tp_rank * per:(tp_rank + 1) * per].to(dtype).contiguous())
             set_tensor_model_parallel_attributes(self.lora_A, True, 1, 1)
@@ -142,7 +192,9 @@ class LoRALinear(torch.nn.Module):
 
         out, bias = self.base(x)
         h = self._dropout(x)
-        if self.row:
+        if self.replicated:
+            delta = torch.nn.functional.linear(torch.nn.functional.linear(h, self.lora_A), self.lora_B)
+        elif self.row:
             z = torch.nn.functional.linear(h, self.lora_A)
             z = m.reduce_scatter_to_sequence_parallel_region(z) if self.sp else m.reduce_from_tensor_model_parallel_region(z)
             delta = torch.nn.functional.linear(z, self.lora_B)
@@ -167,13 +219,15 @@ class LoRALinear(torch.nn.Module):
         return torch.nn.functional.dropout(x, self.dropout, True)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core import parallel_state as ps
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
         out = self.base.sharded_state_dict(prefix, sharded_offsets, metadata)
-        axis = {"lora_A": 1} if self.row else {"lora_B": 0}
+        axis = {} if self.replicated else {"lora_A": 1} if self.row else {"lora_B": 0}
         out.update(make_sharded_tensors_for_checkpoint(
             {"lora_A": self.lora_A, "lora_B": self.lora_B}, prefix, axis, sharded_offsets,
-            tp_group=getattr(self.base, "tp_group", None), dp_cp_group=(metadata or {}).get("dp_cp_group")))
+            tp_group=getattr(self.base, "tp_group", None) or ps.get_tensor_model_parallel_group(),
+            dp_cp_group=(metadata or {}).get("dp_cp_group")))
         if self.target.split is GateUp:  # stored as [gate; up] like fc1's weight, so it loads at any TP
             from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 
@@ -206,6 +260,8 @@ def apply_lora(chunks: list, hf_config, config, margs, layout, rank: int, alpha:
         decoder = getattr(chunk, "decoder", None)
         for layer in getattr(decoder, "layers", []):
             for t in targets:
+                if t.layers is not None and layer.layer_number - 1 not in t.layers:
+                    continue
                 parent_path, _, attr = t.rel.rpartition(".")
                 parent = layer.get_submodule(parent_path)
                 base = getattr(parent, attr)

@@ -7,6 +7,7 @@
   (SDPA / npu_fusion_attention) instead of the unfused baddbmm + softmax path. With context parallelism
   it all-gathers K and V over the CP group (runtime/context_parallel.py, `cp_comm_type` "all_gather", the
   default) or passes them around a ring (runtime/ring_attention.py, "p2p"); megatron's local class asserts CP 1.
+  Packed sequences (megatron's PackedSeqParams, `thd`): causal attention within each cu_seqlens segment.
 """
 from __future__ import annotations
 
@@ -80,10 +81,13 @@ class PortableCoreAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("PortableCoreAttention: packed sequences / attention bias need TE attention")
+        if attention_bias is not None:
+            raise ValueError("PortableCoreAttention: attention bias needs TE attention")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         cp = self.cp_group is not None and self.cp_group.size() > 1
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params, cp or attention_mask is not None or
+                                mask_type != AttnMaskType.causal)
         if cp:
             if attention_mask is not None or mask_type != AttnMaskType.causal:
                 raise ValueError("PortableCoreAttention: context parallelism supports causal attention "
@@ -109,6 +113,25 @@ class PortableCoreAttention(MegatronModule):
             causal = mask_type == AttnMaskType.causal and attention_mask is None
             out = attention(q, k, v, scale=self.softmax_scale, causal=causal, attn_mask=attention_mask)
         return _merge_heads(out)
+
+
+    def _packed(self, query, key, value, params, unsupported: bool):
+        """megatron's `thd` layout ([tokens, heads, dim], segments at params.cu_seqlens_q): causal attention within
+        each segment, one kernel call per segment (what TE's varlen attention computes)."""
+        if params.qkv_format != "thd" or unsupported:
+            raise ValueError("PortableCoreAttention: packed sequences need the thd format, causal attention without "
+                             "an explicit mask, and no context parallelism")
+        bounds = params.cu_seqlens_q.tolist()
+        if bounds != params.cu_seqlens_kv.tolist() or bounds[-1] != query.shape[0]:
+            raise ValueError(f"PortableCoreAttention: cu_seqlens {bounds} do not cover the {query.shape[0]} tokens")
+        attention = kernels.get("core_attention", get_accelerator().type)
+        q, k, v = (t.unsqueeze(0).transpose(1, 2) for t in (query, key, value))  # [1, n, t, d]
+        if k.shape[1] != q.shape[1]:
+            repeat = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        out = torch.cat([attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], scale=self.softmax_scale, causal=True)
+                         for a, b in zip(bounds, bounds[1:])], dim=2)
+        return out[0].transpose(0, 1).reshape(query.shape[0], 1, -1)  # [t, 1, n*dv], as megatron reshapes it
 
 
 def _merge_heads(out):

@@ -118,6 +118,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("supervised fine-tuning (data from `preprocess --sft`)")
     g.add_argument("--sft", action="store_true",
                    help="one sample per sequence, loss = mean over the answer tokens (the stored loss mask)")
+    g.add_argument("--pack", action="store_true",
+                   help="--sft: several samples per sequence (attention within each sample, positions restarting; "
+                   "samples of one difficulty level per sequence)")
     g.add_argument("--curriculum", action="store_true",
                    help="--sft: draw batches by 'difficulty' stages (see --curriculum-stages)")
     g.add_argument("--use_curriculum", "--use-curriculum", dest="use_curriculum", type=_bool, default=False,
@@ -190,10 +193,12 @@ def validate(args) -> None:
     validate_sft(args)
     if (args.lora_target or args.lora_alpha is not None) and not args.lora_rank:
         raise UserError("--lora-target/--lora-alpha need --lora-rank R")
+    if args.lora_target and "experts" in [n.strip() for n in args.lora_target.split(",")]:
+        from megatron_patch.models.lora import ROUTED_EXPERTS
+
+        raise UserError(ROUTED_EXPERTS)
     if args.lora_rank and not args.lora_target:
         raise UserError("--lora-rank needs --lora-target NAMES (e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
-    if args.lora_rank and args.expert_model_parallel_size > 1:
-        raise UserError("--lora-rank: routed experts take no adapters yet and EP>1 is untested with LoRA; use EP=1")
     if args.load and args.load_hf:
         raise UserError("give either --load (Megatron checkpoint) or --load-hf (HF weights), not both")
     if args.train_iters is None or args.train_iters < 1:
@@ -266,8 +271,19 @@ def validate_sft(args) -> None:
         if not args.data_path or len(args.data_path) != 1 or not sft_data:
             raise UserError("--sft trains on one prefix written by `megatron-patch preprocess --sft` "
                             "(PREFIX.sft.json next to PREFIX.bin/.idx)")
-        if args.valid_data_path or args.split:
-            raise UserError("--sft: validation data (--valid-data-path/--split) is not supported yet")
+        if args.split:
+            raise UserError("--sft: --split is not supported; give the validation set as --valid-data-path PREFIX "
+                            "(also from `preprocess --sft`)")
+        bad = [p for p in args.valid_data_path or () if not is_sft_prefix(p)]
+        if bad or (args.valid_data_path and len(args.valid_data_path) != 1):
+            raise UserError(f"--sft: --valid-data-path takes one prefix written by `megatron-patch preprocess --sft` "
+                            f"(no {(bad or args.valid_data_path)[0]}.sft.json)" if bad else
+                            "--sft: --valid-data-path takes one prefix written by `megatron-patch preprocess --sft`")
+        if args.pack and args.context_parallel_size > 1:
+            raise UserError("--pack with --context-parallel-size > 1 is not supported (the portable attention "
+                            "splits whole sequences over CP); use CP=1 or train unpacked")
+    elif args.pack:
+        raise UserError("--pack needs --sft (data from `megatron-patch preprocess --sft`)")
     elif sft_data:
         raise UserError(f"--data-path {sft_data[0]} is SFT data (it has {sft_data[0]}.sft.json): add --sft")
 

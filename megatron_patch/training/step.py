@@ -16,17 +16,27 @@ class Batch:
     tokens: torch.Tensor  # [b, s] int64
     labels: torch.Tensor  # [b, s] int64
     loss_mask: torch.Tensor  # [b, s] float
+    positions: torch.Tensor | None = None  # [b, s] int64, packed sequences only: 0 where each sample starts
+
+    @property
+    def packed(self) -> bool:
+        return self.positions is not None
 
     @property
     def position_ids(self) -> torch.Tensor:
+        if self.positions is not None:
+            return self.positions
         b, s = self.tokens.shape
         return torch.arange(s, device=self.tokens.device).unsqueeze(0).expand(b, s)
 
     def slice(self, start: int, stop: int) -> "Batch":
-        return Batch(self.tokens[start:stop], self.labels[start:stop], self.loss_mask[start:stop])
+        return Batch(*(None if t is None else t[start:stop] for t in self._fields()))
 
     def to(self, device) -> "Batch":
-        return Batch(self.tokens.to(device), self.labels.to(device), self.loss_mask.to(device))
+        return Batch(*(None if t is None else t.to(device) for t in self._fields()))
+
+    def _fields(self):
+        return self.tokens, self.labels, self.loss_mask, self.positions
 
 
 def batch_from_tokens(tokens: torch.Tensor) -> Batch:
@@ -79,10 +89,31 @@ def context_parallel_share(batch: Batch) -> dict:
                                       "loss_mask": batch.loss_mask, "position_ids": batch.position_ids})
 
 
+def packed_params(positions: torch.Tensor):
+    """megatron-core's PackedSeqParams (the `thd` format TE's attention and megatron's RoPE take) for a packed
+    micro-batch flattened to one sequence: a segment starts wherever the position id is 0 (every row starts one)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    flat = positions.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
+
+
 def _forward_step(data_iterator, model):
-    part = context_parallel_share(next(data_iterator))
+    micro = next(data_iterator)
+    if micro.packed:
+        # [b, s] rows -> one [1, b*s] sequence whose segments are the samples (megatron's thd layout)
+        part = {k: v.reshape(1, -1) for k, v in (("tokens", micro.tokens), ("labels", micro.labels),
+                                                ("loss_mask", micro.loss_mask), ("position_ids", micro.positions))}
+        packed = packed_params(micro.positions)
+    else:
+        part, packed = context_parallel_share(micro), None
     # loss_mask also masks the multi-token-prediction loss (DeepSeek-V3 MTP) inside GPTModel.
-    output = model(part["tokens"], part["position_ids"], None, labels=part["labels"], loss_mask=part["loss_mask"])
+    output = model(part["tokens"], part["position_ids"], None, labels=part["labels"], loss_mask=part["loss_mask"],
+                   packed_seq_params=packed)
     return output, partial(_loss_func, part["loss_mask"])
 
 
@@ -99,6 +130,8 @@ def forward_backward(chunks: list, batch: Batch, micro_batch_size: int, forward_
         raise ValueError(f"per-rank batch {rows} is not divisible by micro batch size {micro_batch_size}")
     micro = [share.slice(i, i + micro_batch_size) for i in range(0, rows, micro_batch_size)]
     iterators = [iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro)
+    if batch.packed:  # each micro-batch travels (between pipeline stages too) as one sequence of all its rows
+        seq, micro_batch_size = seq * micro_batch_size, 1
     losses = get_forward_backward_func()(
         forward_step_func=_forward_step, data_iterator=iterators,
         model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(micro),

@@ -84,6 +84,8 @@ def _config_overrides(args) -> dict:
             overrides[name] = getattr(args, name)
     if args.recompute_granularity == "full" and args.recompute_num_layers is None:
         overrides["recompute_num_layers"] = 1
+    if args.lora_rank:  # the base is frozen: so is DeepSeek-V3's router expert bias (not in the adapters either)
+        overrides["moe_router_bias_update_rate"] = 0.0
     if args.sft:  # gradients of the mean over all answer tokens of the global batch (not per micro-batch)
         overrides["calculate_per_token_loss"] = True
     return overrides
@@ -344,7 +346,14 @@ class Trainer:
         args = self.args
         eos = getattr(self.hf_config, "eos_token_id", None)
         pad = eos[0] if isinstance(eos, (list, tuple)) else eos  # padding is masked out of the loss
-        dataset = SFTDataset(args.data_path[0], args.seq_length, int(pad or 0))
+        dataset = SFTDataset(args.data_path[0], args.seq_length, int(pad or 0), pack=args.pack)
+        if args.pack:
+            _rank0_print(f"--pack: {len(dataset.tokens)} samples in {len(dataset)} sequences of {args.seq_length} "
+                         "tokens")
+        self.valid = None
+        if args.valid_data_path:
+            self.valid = SFTDataset(args.valid_data_path[0], args.seq_length, int(pad or 0), pack=args.pack,
+                                    flag="--valid-data-path")
         stages = parse_stages(args.curriculum_stages or DEFAULT_STAGES) if args.curriculum else None
         seed = args.curriculum_seed if args.curriculum_seed is not None else args.seed
         sampler = BatchSampler(dataset.difficulty, args.train_iters, self.gbs, seed, stages, log=_rank0_print)
@@ -353,7 +362,6 @@ class Trainer:
             saved = safe_load.load_common(self.resume_from).get("sft_sampler")
         sampler.restore(saved, self.iteration)
         self.batches = SFTBatches(dataset, sampler)
-        self.valid = None
 
     def _extra_state(self) -> dict:
         return {"sft_sampler": self.batches.sampler.state()} if self.args.sft else {}
@@ -468,11 +476,13 @@ class Trainer:
 
     def evaluate(self) -> float:
         from megatron_patch.data.gpt import GlobalBatches
+        from megatron_patch.data.sft import ValidationBatches
         from megatron_patch.training.step import forward_backward
 
         for c in self.chunks:
             c.eval()
-        batches = GlobalBatches(self.valid, self.gbs)  # the same validation batches every time
+        # the same validation batches every time
+        batches = ValidationBatches(self.valid, self.gbs) if self.args.sft else GlobalBatches(self.valid, self.gbs)
         total = 0.0
         with torch.no_grad():
             for _ in range(self.args.eval_iters):
