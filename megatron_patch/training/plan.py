@@ -83,8 +83,6 @@ def validate(model: Model, layout, w: Workload, world: int) -> None:
                         "(sequence parallel)")
     if layout.cp > 1 and w.seq_length % (2 * layout.cp):
         raise UserError(f"--seq-length {w.seq_length} must be divisible by 2 x CP = {2 * layout.cp}")
-    if model.lora_rank and layout.ep > 1:
-        raise UserError("--lora-rank with EP>1: training refuses it (routed experts take no adapters yet); use EP=1")
 
 
 def plan_stages(model: Model, layout, w: Workload, world: int, cache: dict | None = None) -> list[StageMemory]:
