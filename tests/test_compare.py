@@ -114,7 +114,7 @@ def _torch_format_checkpoint(hf_path: str, root) -> str:
     from megatron_patch.convert.engine import RankPosition, ShardPlan
     from megatron_patch.convert.hf_reader import HFCheckpoint
     from megatron_patch.convert.key_map import TE, Naming
-    from megatron_patch.convert.mcore_layout import write_latest, write_rank
+    from megatron_patch.checkpoint.mcore_layout import write_latest, write_rank
     from megatron_patch.models.families import family_for_config
 
     hf = AutoConfig.from_pretrained(hf_path)

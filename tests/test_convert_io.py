@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from megatron_patch.convert import mcore_layout
+from megatron_patch.checkpoint import mcore_layout
 from megatron_patch.convert.atomic import MARKER, atomic_output_dir
 from megatron_patch.convert.hf_reader import HFCheckpoint
 from megatron_patch.convert.hf_writer import ShardedSafetensorsWriter, copy_tokenizer_files

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from megatron_patch.convert import mcore_layout
+from megatron_patch.checkpoint import mcore_layout
 from megatron_patch.convert.hf2mcore import hf2mcore
 from megatron_patch.convert.mcore2hf import mcore2hf, open_mcore
 from megatron_patch.convert.reshard import reshard

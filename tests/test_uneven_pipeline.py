@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_patch.convert import mcore_layout
+from megatron_patch.checkpoint import mcore_layout
 from megatron_patch.convert.hf2mcore import hf2mcore
 from megatron_patch.convert.mcore2hf import mcore2hf
 from megatron_patch.convert.reshard import reshard

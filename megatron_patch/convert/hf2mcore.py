@@ -44,7 +44,7 @@ import torch
 from megatron_patch.checkpoint.safe_load import torch_load
 from megatron_patch.errors import UserError
 
-from . import mcore_layout
+from megatron_patch.checkpoint import mcore_layout
 from .atomic import atomic_output_dir, check_output
 from .engine import EMBEDDING, RankPosition, ShardPlan, check_hf_copies, check_hf_coverage
 from .key_map import LOCAL, TE, Naming

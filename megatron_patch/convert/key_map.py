@@ -218,7 +218,7 @@ def read_local_rank(root, tp: int, pp: int, ep: int, sizes: dict, iteration, ful
     TP ranks' files. `expected` (per chunk: the local names the rank should hold) refuses unknown keys."""
     import torch
 
-    from . import mcore_layout
+    from megatron_patch.checkpoint import mcore_layout
 
     chunks, naming = [], Naming(LOCAL)
     others: dict[int, list[dict]] = {}

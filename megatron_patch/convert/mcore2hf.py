@@ -30,7 +30,7 @@ from megatron_patch.checkpoint.output_check import (TensorCheck, check_rank_laye
                                                     merge_error)
 from megatron_patch.errors import UserError
 
-from . import mcore_layout
+from megatron_patch.checkpoint import mcore_layout
 from .atomic import atomic_output_dir
 from .engine import EMBEDDING, KEEP_DTYPE_SUFFIXES, RankPosition, ShardPlan, cast
 from .hf2mcore import (DTYPES, HF_CONFIG_DIR, META_NAME, RELEASE_BYTES, load_hf_config,

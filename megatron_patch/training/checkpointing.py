@@ -16,7 +16,7 @@ the tracker on the previous complete checkpoint. `MP_TEST_CRASH_IN_SAVE=<iterati
 os._exit(43) after the files are written and before they are published (used by the tests).
 
 Initialisation for a fresh run: `init_from_megatron` (--load of a model-only Megatron checkpoint: torch
-per-rank layout via convert.mcore_layout, or torch_dist) or `init_from_hf` (--load-hf: HF safetensors
+per-rank layout via checkpoint.mcore_layout, or torch_dist) or `init_from_hf` (--load-hf: HF safetensors
 through the family table and convert.engine).
 """
 from __future__ import annotations
@@ -29,11 +29,10 @@ from pathlib import Path
 import numpy
 import torch
 
-from megatron_patch.convert.mcore_layout import TRACKER_NAME, iteration_dir_name
 from megatron_patch.checkpoint import safe_load
+from megatron_patch.checkpoint.mcore_layout import CHECKPOINT_VERSION, TRACKER_NAME, iteration_dir_name
 from megatron_patch.errors import UserError
 
-CHECKPOINT_VERSION = 3.0
 CRASH_ENV = "MP_TEST_CRASH_IN_SAVE"
 # The distributed optimizer saves its own DP shards in parallel ('dp_reshardable', Megatron-LM's default:
 # no gather on one rank; reshardable in DP only). ('fully_reshardable' gathers with tensor.cuda() in
@@ -380,7 +379,7 @@ def _copy_into(chunks, state_dicts: list[dict], source: str) -> None:
 def _load_torch_layout(root, chunks, layout) -> int | str:
     from megatron.core import parallel_state as ps
 
-    from megatron_patch.convert import mcore_layout
+    from megatron_patch.checkpoint import mcore_layout
 
     from megatron_patch.convert.hf2mcore import layout_dict
 

@@ -114,7 +114,7 @@ def minimal_world_size(layout: ParallelLayout) -> int:
 def mcore_format(path: str) -> tuple[str, Path]:
     """('torch', root) for Megatron-LM's per-rank torch layout, ('torch_dist', dir) for a
     dist_checkpointing directory (dir holds metadata.json; a root with the iteration tracker is followed)."""
-    from megatron_patch.convert.mcore_layout import TRACKER_NAME, iteration_dir_name, read_iteration
+    from megatron_patch.checkpoint.mcore_layout import TRACKER_NAME, iteration_dir_name, read_iteration
 
     root = Path(path)
     if not root.is_dir():
@@ -196,10 +196,10 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
 
             check_dist_checkpoint(root)  # a tampered pickle is refused before any rank starts
         if fmt == "torch":
-            from megatron_patch.convert.mcore_layout import read_layout
+            from megatron_patch.checkpoint.mcore_layout import read_layout
 
             from megatron_patch.convert.hf2mcore import layout_dict
-            from megatron_patch.convert.mcore_layout import layout_key
+            from megatron_patch.checkpoint.mcore_layout import layout_key
 
             _, sizes = read_layout(root)
             want = layout_dict(lay)
@@ -310,7 +310,7 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) ->
     fmt, root = mcore_format(spec.mcore_path)
     if fmt == "torch":
         from megatron_patch.convert.key_map import down_projection_rows, read_local_rank
-        from megatron_patch.convert.mcore_layout import read_layout
+        from megatron_patch.checkpoint.mcore_layout import read_layout
 
         iteration, sizes = read_layout(root)  # either spec's names (key_map), read as local-spec ones
         state_dicts, _ = read_local_rank(root, ps.get_tensor_model_parallel_rank(),

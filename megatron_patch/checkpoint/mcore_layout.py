@@ -29,7 +29,7 @@ from megatron_patch.errors import UserError
 
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
-CHECKPOINT_VERSION = 3.0
+CHECKPOINT_VERSION = 3.0  # Megatron-LM's; training checkpoints store it too
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
