@@ -312,6 +312,7 @@ def test_npu_moe_fallbacks_pass_every_argument_to_megatron(npu_double):
 
 
 def test_tracker_survives_a_kill_between_write_and_rename(tmp_path, monkeypatch):
+    from megatron_patch.checkpoint.mcore_layout import read_tracker
     from megatron_patch.training import checkpointing as ckpt
 
     ckpt._write_tracker(tmp_path, 5)
@@ -322,7 +323,7 @@ def test_tracker_survives_a_kill_between_write_and_rename(tmp_path, monkeypatch)
     monkeypatch.setattr(ckpt.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         ckpt._write_tracker(tmp_path, 10)
-    assert ckpt.read_tracker(tmp_path) == 5
+    assert read_tracker(tmp_path) == 5
 
 
 # ---------------------------------------------------------------------------------------------------

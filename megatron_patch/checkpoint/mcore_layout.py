@@ -141,13 +141,11 @@ def write_latest(root, iteration) -> None:
     (root / TRACKER_NAME).write_text("release" if iteration == "release" else str(int(iteration)))
 
 
-def read_iteration(root) -> int | str:
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"Megatron checkpoint directory not found: {root} (check the path)")
-    tracker = root / TRACKER_NAME
+def read_tracker(root) -> int | str | None:
+    """The iteration the tracker names ("release" or a number), or None when `root` holds no tracker."""
+    tracker = Path(root) / TRACKER_NAME
     if not tracker.is_file():
-        raise UserError(f"no {TRACKER_NAME} in {root}: not a Megatron torch checkpoint (point at the folder that holds it)")
+        return None
     text = tracker.read_text().strip()
     if text == "release":
         return "release"
@@ -155,6 +153,16 @@ def read_iteration(root) -> int | str:
         return int(text)
     except ValueError:
         raise UserError(f"{tracker} contains {text!r}, expected an iteration number or 'release' (fix the file)") from None
+
+
+def read_iteration(root) -> int | str:
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"Megatron checkpoint directory not found: {root} (check the path)")
+    iteration = read_tracker(root)
+    if iteration is None:
+        raise UserError(f"no {TRACKER_NAME} in {root}: not a Megatron torch checkpoint (point at the folder that holds it)")
+    return iteration
 
 
 def _load(path: Path) -> dict:

@@ -20,7 +20,7 @@ PEFT_PREFIX = "base_model.model."
 
 
 def _checkpoint_dir(path: str) -> Path:
-    from megatron_patch.training.checkpointing import is_dist_checkpoint, train_checkpoint_dir
+    from megatron_patch.checkpoint.locate import is_dist_checkpoint, train_checkpoint_dir
 
     p = Path(path)
     if not p.is_dir():

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from megatron_patch.checkpoint import safe_load
+from megatron_patch.checkpoint.locate import locate
 from megatron_patch.checkpoint.output_check import (TensorCheck, check_rank_layers, check_stored_args, expected_shapes,
                                                     merge_error)
 from megatron_patch.errors import UserError
@@ -102,21 +103,11 @@ class McoreCheckpoint:
 
 def open_mcore(path, hf_config_dir=None) -> McoreCheckpoint:
     """Detect the format, read the stored metadata and the HF config; fail with one line otherwise."""
-    root = Path(path)
-    if not root.is_dir():
-        raise UserError(f"Megatron checkpoint directory not found: {root} (check --mcore-path)")
+    found = locate(path)
+    root, fmt, iteration, ckpt_dir = found.root, found.fmt, found.iteration, found.ckpt_dir
     meta_root = root
-    if (root / "metadata.json").is_file():  # a bare dist_checkpointing directory
-        fmt, iteration, ckpt_dir = "torch_dist", None, root
-        if not (root / META_NAME).is_file() and (root.parent / META_NAME).is_file():
-            meta_root = root.parent
-    elif (root / mcore_layout.TRACKER_NAME).is_file():
-        iteration = mcore_layout.read_iteration(root)
-        ckpt_dir = root / mcore_layout.iteration_dir_name(iteration)
-        fmt = "torch_dist" if (ckpt_dir / "metadata.json").is_file() else "torch"
-    else:
-        raise UserError(f"{root} is not a Megatron checkpoint: neither {mcore_layout.TRACKER_NAME} nor a "
-                        "dist_checkpointing metadata.json (point --mcore-path at the checkpoint root)")
+    if iteration is None and not (root / META_NAME).is_file() and (root.parent / META_NAME).is_file():
+        meta_root = root.parent  # a bare dist_checkpointing directory inside a converted checkpoint
     if fmt == "torch_dist":
         safe_load.check_dist_checkpoint(ckpt_dir)  # a tampered pickle is refused before anything reads it
         safe_load.install()  # and megatron's / DCP's own loaders stay weights-only

@@ -30,6 +30,7 @@ import numpy
 import torch
 
 from megatron_patch.checkpoint import safe_load
+from megatron_patch.checkpoint.locate import TORCH_DIST, locate
 from megatron_patch.checkpoint.mcore_layout import CHECKPOINT_VERSION, TRACKER_NAME, iteration_dir_name
 from megatron_patch.errors import UserError
 
@@ -110,20 +111,6 @@ def _describe(sig: dict) -> str:
 # ---------------------------------------------------------------------------------------------------
 # the tracker
 # ---------------------------------------------------------------------------------------------------
-def read_tracker(root) -> int | str | None:
-    """The iteration the tracker names, or None when `root` holds no checkpoint."""
-    tracker = Path(root) / TRACKER_NAME
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text().strip()
-    if text == "release":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise UserError(f"{tracker} contains {text!r}, expected an iteration number (fix or remove it)") from None
-
-
 def _write_tracker(root: Path, iteration: int) -> None:
     tmp = root / (TRACKER_NAME + ".tmp")
     with open(tmp, "w") as f:
@@ -131,10 +118,6 @@ def _write_tracker(root: Path, iteration: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, root / TRACKER_NAME)
-
-
-def is_dist_checkpoint(path) -> bool:
-    return (Path(path) / "metadata.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -255,21 +238,6 @@ def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed
 # ---------------------------------------------------------------------------------------------------
 # load
 # ---------------------------------------------------------------------------------------------------
-def train_checkpoint_dir(root) -> Path | None:
-    """The directory of the latest complete training checkpoint under `root` (None if there is none or
-    it is a model-only checkpoint, e.g. converted from HF)."""
-    iteration = read_tracker(root)
-    if iteration is None or iteration == "release":
-        return None
-    path = Path(root) / iteration_dir_name(iteration)
-    if not path.is_dir():
-        raise UserError(f"{Path(root) / TRACKER_NAME} names {path.name}, which does not exist (fix the tracker)")
-    if not is_dist_checkpoint(path):
-        return None
-    common = safe_load.load_common(path)
-    return path if "opt_param_scheduler" in common else None
-
-
 def _allocate_optimizer_state(optimizer) -> None:
     """megatron-core 0.16.1 without TE/Apex (CPU, NPU): DistributedOptimizer.sharded_state_dict(is_loading=
     True) first calls state_dict(), which reads torch Adam's per-parameter "step" and asserts there is
@@ -430,19 +398,12 @@ def _load_dist_model(path, chunks) -> None:
 
 def init_from_megatron(root, chunks, layout) -> str:
     """Load model weights (only) from a Megatron checkpoint directory: torch_dist or torch layout."""
-    root = Path(root)
-    iteration = read_tracker(root)
-    if iteration is None:
-        if is_dist_checkpoint(root):  # pointed at an iter_* directory itself
-            _load_dist_model(root, chunks)
-            return f"torch_dist {root}"
-        raise UserError(f"--load {root}: no {TRACKER_NAME} (not a Megatron checkpoint directory)")
-    path = root / iteration_dir_name(iteration)
-    if is_dist_checkpoint(path):
-        _load_dist_model(path, chunks)
-        return f"torch_dist {path}"
-    iteration = _load_torch_layout(root, chunks, layout)
-    return f"torch {root / iteration_dir_name(iteration)}"
+    found = locate(root, "--load")
+    if found.fmt == TORCH_DIST:
+        _load_dist_model(found.ckpt_dir, chunks)
+        return f"torch_dist {found.ckpt_dir}"
+    iteration = _load_torch_layout(found.root, chunks, layout)
+    return f"torch {found.root / iteration_dir_name(iteration)}"
 
 
 def init_from_hf(hf_dir, chunks, hf_config, layout, config, margs) -> str:

@@ -222,7 +222,7 @@ class Trainer:
         self.scheduler = _scheduler(args, self.optimizer)
 
     def _resume_dir(self):
-        from megatron_patch.training.checkpointing import train_checkpoint_dir
+        from megatron_patch.checkpoint.locate import train_checkpoint_dir
 
         if self.args.finetune:
             return None

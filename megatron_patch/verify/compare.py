@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 
+from megatron_patch.checkpoint.locate import TORCH, TORCH_DIST, locate
 from megatron_patch.errors import UserError
 from megatron_patch.models.builder import ParallelLayout
 
@@ -111,25 +112,6 @@ def minimal_world_size(layout: ParallelLayout) -> int:
     return dense * expert // math.gcd(dense, expert)
 
 
-def mcore_format(path: str) -> tuple[str, Path]:
-    """('torch', root) for Megatron-LM's per-rank torch layout, ('torch_dist', dir) for a
-    dist_checkpointing directory (dir holds metadata.json; a root with the iteration tracker is followed)."""
-    from megatron_patch.checkpoint.mcore_layout import TRACKER_NAME, iteration_dir_name, read_iteration
-
-    root = Path(path)
-    if not root.is_dir():
-        raise UserError(f"--mcore-path {path}: directory not found")
-    if (root / "metadata.json").is_file():
-        return "torch_dist", root
-    if (root / TRACKER_NAME).is_file():
-        it_dir = root / iteration_dir_name(read_iteration(root))
-        if (it_dir / "metadata.json").is_file():
-            return "torch_dist", it_dir
-        return "torch", root
-    raise UserError(f"--mcore-path {path}: neither {TRACKER_NAME} (torch format) nor metadata.json "
-                    "(torch_dist) found; point at the checkpoint root")
-
-
 def prepare(spec: CompareSpec, world_size: int | None = None):
     """Check the input and the layout; return (hf_config, family, megatron config)."""
     from megatron_patch.convert.hf_reader import HFCheckpoint
@@ -178,7 +160,7 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
         raise UserError(f"--seq-length {spec.seq_length} exceeds max_position_embeddings="
                         f"{hf_config.max_position_embeddings}")
     if spec.peft_path is not None:
-        if spec.mcore_path is None or mcore_format(spec.mcore_path)[0] != "torch_dist":
+        if spec.mcore_path is None or locate(spec.mcore_path).fmt != TORCH_DIST:
             raise UserError("--peft-path needs --mcore-path, the --save directory of a `train --lora-rank` run")
         if not (Path(spec.peft_path) / "adapter_config.json").is_file():
             raise UserError(f"--peft-path {spec.peft_path}: no adapter_config.json (write one with "
@@ -190,18 +172,18 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
         with HFCheckpoint(path) as ckpt:
             check_hf_checkpoint(ShardPlan(family, hf_config, lay, config), ckpt)
     else:
-        fmt, root = mcore_format(spec.mcore_path)
-        if fmt == "torch_dist":
+        found = locate(spec.mcore_path)
+        if found.fmt == TORCH_DIST:
             from megatron_patch.checkpoint.safe_load import check_dist_checkpoint
 
-            check_dist_checkpoint(root)  # a tampered pickle is refused before any rank starts
-        if fmt == "torch":
+            check_dist_checkpoint(found.ckpt_dir)  # a tampered pickle is refused before any rank starts
+        else:
             from megatron_patch.checkpoint.mcore_layout import read_layout
 
             from megatron_patch.convert.hf2mcore import layout_dict
             from megatron_patch.checkpoint.mcore_layout import layout_key
 
-            _, sizes = read_layout(root)
+            _, sizes = read_layout(found.root)
             want = layout_dict(lay)
             if layout_key(sizes) != layout_key(want):
                 raise UserError(f"--mcore-path {spec.mcore_path} was saved at {sizes}; this run asks for {want} "
@@ -304,11 +286,12 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) ->
             return "converted in memory from HF (convert.engine.load_into_chunks)"
         from megatron_patch.models.lora import load_adapters
 
-        saved = load_adapters(chunks, str(mcore_format(spec.mcore_path)[1]), hf_config, config, args, spec.layout)
+        saved = load_adapters(chunks, str(locate(spec.mcore_path).ckpt_dir), hf_config, config, args, spec.layout)
         return (f"HF base + LoRA r{saved['lora_rank']} adapters of {spec.mcore_path}, against peft "
                 f"{spec.peft_path}")
-    fmt, root = mcore_format(spec.mcore_path)
-    if fmt == "torch":
+    found = locate(spec.mcore_path)
+    fmt, root = found.fmt, found.root if found.fmt == TORCH else found.ckpt_dir
+    if fmt == TORCH:
         from megatron_patch.convert.key_map import down_projection_rows, read_local_rank
         from megatron_patch.checkpoint.mcore_layout import read_layout
 
