@@ -210,7 +210,8 @@ def _dist_load(rank, world, hf_dir, ckpt_dir, padded, layouts):
     from megatron.core import dist_checkpointing
 
     from megatron_patch.convert.engine import ShardPlan, current_position
-    from megatron_patch.convert.hf2mcore import HFSource, dtype_overrides
+    from megatron_patch.checkpoint.tensors import dtype_overrides
+    from megatron_patch.convert.hf2mcore import HFSource
     from megatron_patch.models.builder import build_family_model, initialize_parallel
 
     source = HFSource(hf_dir)

@@ -201,7 +201,7 @@ def _config_from_args(args: argparse.Namespace, config_cls):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_args_rebuild_the_family_config(converted, work, minis, family):
     """Megatron-LM's --use-checkpoint-args path rebuilds every TransformerConfig field of our mapping."""
-    from megatron_patch.convert.hf2mcore import load_hf_config
+    from megatron_patch.checkpoint.hf_config import load_hf_config
     from megatron_patch.models.builder import apply_layout
     from megatron_patch.models.families import family_for_config
 

@@ -30,7 +30,7 @@ from megatron_patch.errors import UserError
 
 from .engine import RankPosition, ShardPlan
 from .key_map import Naming, te_sharded
-from .hf2mcore import RELEASE_BYTES, dtype_overrides, tensor_bytes
+from megatron_patch.checkpoint.tensors import RELEASE_BYTES, dtype_overrides, tensor_bytes
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -28,23 +28,23 @@ format, layout, dtype, transformer_impl, moe_grouped_gemm), so mcore2hf and resh
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
 import os
 import re
 import shutil
-import types
 import zipfile
 from pathlib import Path
 
 import torch
 
+from megatron_patch.checkpoint import mcore_layout
+from megatron_patch.checkpoint.hf_config import expected_hf_shapes, load_hf_config
 from megatron_patch.checkpoint.safe_load import torch_load
+from megatron_patch.checkpoint.tensors import RELEASE_BYTES, dtype_name, parse_dtype, raw_bytes, tensor_bytes
 from megatron_patch.errors import UserError
 
-from megatron_patch.checkpoint import mcore_layout
 from .atomic import atomic_output_dir, check_output
 from .engine import EMBEDDING, RankPosition, ShardPlan, check_hf_copies, check_hf_coverage
 from .key_map import LOCAL, TE, Naming
@@ -52,12 +52,10 @@ from .hf_reader import HFCheckpoint
 from .hf_writer import copy_tokenizer_files
 from .progress import ConversionProgress
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = ("torch", "torch_dist")
 ITERATION = "release"  # no optimizer state: Megatron-LM loads a release checkpoint as iteration 0
 META_NAME = "convert_meta.json"
 HF_CONFIG_DIR = "hf_config"
-RELEASE_BYTES = 128 * 1024**2  # unmap the input after about this many bytes read (bounds the resident set)
 
 
 class VerificationFailed(RuntimeError):
@@ -67,23 +65,6 @@ class VerificationFailed(RuntimeError):
 # ---------------------------------------------------------------------------------------------------
 # small helpers shared by hf2mcore, mcore2hf and reshard
 # ---------------------------------------------------------------------------------------------------
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).replace("torch.", ""))
-
-
-def dtype_overrides(dtype: torch.dtype) -> dict:
-    """TransformerConfig fields for building a model in dtype."""
-    return {"params_dtype": dtype, "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
-
-
 def check_layout_values(layout) -> None:
     for name in ("tp", "pp", "ep"):
         if getattr(layout, name) < 1:
@@ -99,28 +80,6 @@ def check_layout_values(layout) -> None:
 def refuse_existing(out, force: bool, inputs=()) -> None:
     """Fail before any work (atomic_output_dir checks again when the writing starts)."""
     check_output(out, force, inputs)
-
-
-def load_hf_config(config_dir):
-    """The transformers config of config.json in config_dir; unsupported architectures fail by name first."""
-    from megatron_patch.models.families import family_for_config
-
-    path = Path(config_dir) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except OSError:
-        raise UserError(f"no config.json in {config_dir} (point at the HF model directory)") from None
-    except ValueError as err:
-        raise UserError(f"{path} is not valid JSON ({err}); fix or re-download it") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} holds a JSON {type(raw).__name__}, not an object of config fields; fix or re-download it")
-    family_for_config(types.SimpleNamespace(architectures=raw.get("architectures"), model_type=raw.get("model_type")))
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(str(config_dir))
-    except Exception as err:  # noqa: BLE001 - transformers' validators raise assorted types (StrictDataclassError...)
-        raise UserError(f"transformers cannot read {path}: {' '.join(str(err).split())[:300]} (fix the config)") from None
 
 
 def layout_dict(layout) -> dict:
@@ -163,21 +122,6 @@ def plan_lines(hf_path, layout) -> list[str]:
         more = layout.tp * layout.ep - 1  # the stage's other (tp, ep) rank files
         lines.append(f"{line}  [{dirs[pp]}" + (f" + {more} more TP/EP rank files]" if more else "]"))
     return lines
-
-
-def tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def raw_bytes(t: torch.Tensor):
-    """The bytes of a CPU tensor as a buffer (bf16 has no numpy dtype: view as uint8)."""
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-for-bit equality (NaN payloads and -0.0 included), dtype and shape too."""
-    return (a.dtype == b.dtype and a.shape == b.shape
-            and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
 
 
 def _plain(value) -> bool:
@@ -275,33 +219,6 @@ class HFSource:
 
     def release(self) -> None:
         self.ckpt.close()
-
-
-def expected_hf_shapes(hf_config) -> dict[str, tuple]:
-    """The on-disk tensor shapes transformers would build from the config (a meta-device model, saved
-    names via transformers' own weight-conversion revert: per-expert names for fused experts). DeepSeek
-    MTP layers (model.layers.{L + i}) are shaped as decoder layers; their extra tensors are unchecked."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = copy.deepcopy(hf_config)
-    mtp = getattr(cfg, "num_nextn_predict_layers", 0) or 0
-    if mtp:
-        cfg.num_hidden_layers += mtp
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
-        state = model.state_dict()
-    except Exception as err:  # noqa: BLE001 - a config transformers cannot build is no model at all
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(f"transformers cannot build a model from this config.json ({type(err).__name__}: {first}); "
-                        "fix the config (it decides every tensor's shape)") from None
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-
-        state = revert_weight_conversion(model, state)
-    except Exception:  # noqa: BLE001 - older/newer transformers: the model's own names
-        pass
-    return {k: tuple(v.shape) for k, v in state.items()}
 
 
 def check_not_fp8(source: HFSource) -> None:

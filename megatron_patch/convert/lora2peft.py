@@ -80,7 +80,7 @@ def peft_tensors(hf_config, args: dict, stored: dict[str, torch.Tensor]) -> dict
 
 
 def _hf_config(hf_dir: str):
-    from megatron_patch.convert.hf2mcore import load_hf_config
+    from megatron_patch.checkpoint.hf_config import load_hf_config
 
     if not (Path(hf_dir) / "config.json").is_file():
         raise UserError(f"--hf-config {hf_dir}: no config.json there (give the base HF model directory)")

@@ -26,16 +26,17 @@ from pathlib import Path
 import torch
 
 from megatron_patch.checkpoint import safe_load
+from megatron_patch.checkpoint.hf_config import load_hf_config
 from megatron_patch.checkpoint.locate import locate
 from megatron_patch.checkpoint.output_check import (TensorCheck, check_rank_layers, check_stored_args, expected_shapes,
                                                     merge_error)
+from megatron_patch.checkpoint.tensors import DTYPES, RELEASE_BYTES, parse_dtype, same_bits, tensor_bytes
 from megatron_patch.errors import UserError
 
 from megatron_patch.checkpoint import mcore_layout
 from .atomic import atomic_output_dir
 from .engine import EMBEDDING, KEEP_DTYPE_SUFFIXES, RankPosition, ShardPlan, cast
-from .hf2mcore import (DTYPES, HF_CONFIG_DIR, META_NAME, RELEASE_BYTES, load_hf_config,
-                       parse_dtype, refuse_existing, same_bits, tensor_bytes)
+from .hf2mcore import HF_CONFIG_DIR, META_NAME, refuse_existing
 from .hf_writer import ShardedSafetensorsWriter, copy_tokenizer_files
 from .key_map import check_known, down_projection_rows, read_local_rank
 from .progress import ConversionProgress

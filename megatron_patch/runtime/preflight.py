@@ -114,7 +114,7 @@ def check_tokenizer(hf_path: str, vocab_size: int) -> Step:
 
 def check_config(spec: PreflightSpec, world: int):
     """(Step, hf_config, megatron config) with the family table's mapping and the layout checked."""
-    from megatron_patch.convert.hf2mcore import load_hf_config
+    from megatron_patch.checkpoint.hf_config import load_hf_config
     from megatron_patch.models.builder import check_layout
     from megatron_patch.models.families import family_for_config
 

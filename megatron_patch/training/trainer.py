@@ -86,7 +86,7 @@ def _config_overrides(args) -> dict:
 
 
 def _load_hf_config(args):
-    from megatron_patch.convert.hf2mcore import load_hf_config
+    from megatron_patch.checkpoint.hf_config import load_hf_config
 
     path = args.hf_config or args.load_hf
     if not path and args.load and os.path.isfile(os.path.join(args.load, "hf_config", "config.json")):

@@ -31,10 +31,10 @@ from typing import Any, Callable
 import torch
 
 from megatron_patch.checkpoint.locate import TORCH, TORCH_DIST, locate
+from megatron_patch.checkpoint.tensors import DTYPES, dtype_overrides
 from megatron_patch.errors import UserError
 from megatron_patch.models.builder import ParallelLayout
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
         raise UserError("--etp and --vpp must be >= 1")
     if spec.batch_size < 1 or spec.seq_length < 1:
         raise UserError("--batch-size and --seq-length must be >= 1")
-    from megatron_patch.convert.hf2mcore import load_hf_config
+    from megatron_patch.checkpoint.hf_config import load_hf_config
 
     hf_config = load_hf_config(path)
     family = family_for_config(hf_config)
@@ -401,7 +401,7 @@ def run_in_group(spec: CompareSpec) -> dict | None:
     initialize_parallel(layout, seed=spec.seed)
     from megatron_patch.models.moe_options import with_moe_defaults
 
-    overrides = {"params_dtype": dtype, "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16, **with_moe_defaults(spec.moe, base_config)}
+    overrides = {**dtype_overrides(dtype), **with_moe_defaults(spec.moe, base_config)}
     notes: list[str] = []
     chunks, config, args = build_family_model(hf_config, layout, transformer_impl=spec.transformer_impl,
                                               **overrides)
