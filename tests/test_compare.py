@@ -111,9 +111,9 @@ def _torch_format_checkpoint(hf_path: str, root) -> str:
     the Transformer Engine spec's names and grouped experts: compare reads them into its local-spec model."""
     from transformers import AutoConfig
 
-    from megatron_patch.convert.engine import RankPosition, ShardPlan
-    from megatron_patch.convert.hf_reader import HFCheckpoint
-    from megatron_patch.convert.key_map import TE, Naming
+    from megatron_patch.checkpoint.engine import RankPosition, ShardPlan
+    from megatron_patch.checkpoint.hf_reader import HFCheckpoint
+    from megatron_patch.checkpoint.key_map import TE, Naming
     from megatron_patch.checkpoint.mcore_layout import write_latest, write_rank
     from megatron_patch.models.families import family_for_config
 

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_patch.cli import main
-from megatron_patch.convert.hf_writer import ShardedSafetensorsWriter
+from megatron_patch.checkpoint.hf_writer import ShardedSafetensorsWriter
 from megatron_patch.models.mini import make_mini
 
 

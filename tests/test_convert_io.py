@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from megatron_patch.checkpoint import mcore_layout
-from megatron_patch.convert.atomic import MARKER, atomic_output_dir
-from megatron_patch.convert.hf_reader import HFCheckpoint
-from megatron_patch.convert.hf_writer import ShardedSafetensorsWriter, copy_tokenizer_files
+from megatron_patch.checkpoint.atomic import MARKER, atomic_output_dir
+from megatron_patch.checkpoint.hf_reader import HFCheckpoint
+from megatron_patch.checkpoint.hf_writer import ShardedSafetensorsWriter, copy_tokenizer_files
 from megatron_patch.convert.progress import ConversionProgress
 from megatron_patch.errors import UserError
 

@@ -156,7 +156,7 @@ def _strict_load(rank, world, cases):
     """Build each case's model at its layout and load this rank's torch-format file with strict=True."""
     from transformers import AutoConfig
 
-    from megatron_patch.convert.engine import current_position
+    from megatron_patch.checkpoint.engine import current_position
     from megatron_patch.models.builder import build_family_model, initialize_parallel
 
     loaded = 0
@@ -209,7 +209,7 @@ def _dist_load(rank, world, hf_dir, ckpt_dir, padded, layouts):
     (megatron reshards it) and compare every parameter with the rank's shard cut from the HF files."""
     from megatron.core import dist_checkpointing
 
-    from megatron_patch.convert.engine import ShardPlan, current_position
+    from megatron_patch.checkpoint.engine import ShardPlan, current_position
     from megatron_patch.checkpoint.tensors import dtype_overrides
     from megatron_patch.convert.hf2mcore import HFSource
     from megatron_patch.models.builder import build_family_model, initialize_parallel

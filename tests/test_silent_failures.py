@@ -178,7 +178,7 @@ def test_layer_placement_matches_megatron_layer_offsets(work, pp, vpp):
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
     from transformers import AutoConfig
 
-    from megatron_patch.convert.engine import ShardPlan
+    from megatron_patch.checkpoint.engine import ShardPlan
     from megatron_patch.models.builder import apply_layout
     from megatron_patch.models.families import family_for_config
 
@@ -244,7 +244,7 @@ def test_in_memory_loads_refuse_a_tensor_the_table_does_not_map(extra_tensor_hf)
 def test_mtp_copy_that_differs_past_row_4096_is_refused():
     from types import SimpleNamespace
 
-    from megatron_patch.convert.engine import check_hf_copies
+    from megatron_patch.checkpoint.engine import check_hf_copies
 
     primary = torch.randn(4100, 4)
     copy = primary.clone()

@@ -78,11 +78,11 @@ def _tokens(vocab: int) -> torch.Tensor:
 
 
 def _local_model(hf_dir, tokens):
-    """Our local-spec model with the HF weights (convert.engine, as `compare`): its tensors and logits."""
+    """Our local-spec model with the HF weights (checkpoint.engine, as `compare`): its tensors and logits."""
     from transformers import AutoConfig
 
-    from megatron_patch.convert.engine import ShardPlan, load_into_chunks
-    from megatron_patch.convert.hf_reader import HFCheckpoint
+    from megatron_patch.checkpoint.engine import ShardPlan, load_into_chunks
+    from megatron_patch.checkpoint.hf_reader import HFCheckpoint
     from megatron_patch.models.builder import build_family_model, initialize_parallel
     from megatron_patch.models.families import family_for_config
 

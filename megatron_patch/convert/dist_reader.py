@@ -26,7 +26,7 @@ from megatron_patch.errors import UserError
 
 from .dist_writer import meta_model, saved_tensors, single_rank, table_entries, tp1_plan
 from megatron_patch.checkpoint.tensors import tensor_bytes
-from .key_map import match_sharded
+from megatron_patch.checkpoint.key_map import match_sharded
 from .mcore2hf import McoreCheckpoint, PlanSource
 
 GROUP_BYTES = 256 * 1024**2

@@ -45,11 +45,11 @@ from megatron_patch.checkpoint.safe_load import torch_load
 from megatron_patch.checkpoint.tensors import RELEASE_BYTES, dtype_name, parse_dtype, raw_bytes, tensor_bytes
 from megatron_patch.errors import UserError
 
-from .atomic import atomic_output_dir, check_output
-from .engine import EMBEDDING, RankPosition, ShardPlan, check_hf_copies, check_hf_coverage
-from .key_map import LOCAL, TE, Naming
-from .hf_reader import HFCheckpoint
-from .hf_writer import copy_tokenizer_files
+from megatron_patch.checkpoint.atomic import atomic_output_dir, check_output
+from megatron_patch.checkpoint.engine import EMBEDDING, RankPosition, ShardPlan, check_hf_copies, check_hf_coverage
+from megatron_patch.checkpoint.key_map import LOCAL, TE, Naming
+from megatron_patch.checkpoint.hf_reader import HFCheckpoint
+from megatron_patch.checkpoint.hf_writer import copy_tokenizer_files
 from .progress import ConversionProgress
 
 FORMATS = ("torch", "torch_dist")

@@ -132,7 +132,7 @@ def write_merged(out: Path, hf_dir: str, args: dict, adapters: dict) -> None:
 
 
 def run(args) -> int:
-    from megatron_patch.convert.atomic import atomic_output_dir
+    from megatron_patch.checkpoint.atomic import atomic_output_dir
 
     hf_config = _hf_config(args.hf_config)
     saved, stored = read_adapters(args.mcore_path)

@@ -34,11 +34,11 @@ from megatron_patch.checkpoint.tensors import DTYPES, RELEASE_BYTES, parse_dtype
 from megatron_patch.errors import UserError
 
 from megatron_patch.checkpoint import mcore_layout
-from .atomic import atomic_output_dir
-from .engine import EMBEDDING, KEEP_DTYPE_SUFFIXES, RankPosition, ShardPlan, cast
+from megatron_patch.checkpoint.atomic import atomic_output_dir
+from megatron_patch.checkpoint.engine import EMBEDDING, KEEP_DTYPE_SUFFIXES, RankPosition, ShardPlan, cast
 from .hf2mcore import HF_CONFIG_DIR, META_NAME, refuse_existing
-from .hf_writer import ShardedSafetensorsWriter, copy_tokenizer_files
-from .key_map import check_known, down_projection_rows, read_local_rank
+from megatron_patch.checkpoint.hf_writer import ShardedSafetensorsWriter, copy_tokenizer_files
+from megatron_patch.checkpoint.key_map import check_known, down_projection_rows, read_local_rank
 from .progress import ConversionProgress
 
 DEFAULT_MAX_SHARD_BYTES = 1024**3

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from megatron_patch.errors import UserError
 
-from .atomic import atomic_output_dir
-from .engine import ShardPlan
-from .key_map import TE, Naming
+from megatron_patch.checkpoint.atomic import atomic_output_dir
+from megatron_patch.checkpoint.engine import ShardPlan
+from megatron_patch.checkpoint.key_map import TE, Naming
 from .hf2mcore import (FORMATS, check_layout_values, check_torch_layout, describe,
                        dist_total_bytes, dry_run, dtype_name, megatron_args, normalized_layout, output_bytes, refuse_existing,
                        write_dist, write_side_files, write_torch)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_patch.convert.key_map import LOCAL, TE
+from megatron_patch.checkpoint.key_map import LOCAL, TE
 from megatron_patch.errors import UserError
 
 AUTO = "auto"

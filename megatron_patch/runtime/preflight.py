@@ -144,7 +144,7 @@ def describe_model(config) -> str:
 
 
 def check_weights(hf_path: str) -> Step:
-    from megatron_patch.convert.hf_reader import HFCheckpoint
+    from megatron_patch.checkpoint.hf_reader import HFCheckpoint
 
     with HFCheckpoint(hf_path) as ckpt:  # validates the index, shards and headers without reading tensors
         names = ckpt.keys()

@@ -17,7 +17,7 @@ os._exit(43) after the files are written and before they are published (used by 
 
 Initialisation for a fresh run: `init_from_megatron` (--load of a model-only Megatron checkpoint: torch
 per-rank layout via checkpoint.mcore_layout, or torch_dist) or `init_from_hf` (--load-hf: HF safetensors
-through the family table and convert.engine).
+through the family table and checkpoint.engine).
 """
 from __future__ import annotations
 
@@ -325,7 +325,7 @@ def load_training_checkpoint(path, chunks, optimizer, scheduler, load_optim: boo
 
 def _copy_into(chunks, state_dicts: list[dict], source: str) -> None:
     """Load per-chunk (local-spec) state dicts into the model; every tensor of the model must be given."""
-    from megatron_patch.convert.engine import as_model_names
+    from megatron_patch.checkpoint.engine import as_model_names
 
     if len(state_dicts) != len(chunks):
         raise UserError(f"{source} has {len(state_dicts)} model chunk(s) per rank, this run builds {len(chunks)} "
@@ -365,7 +365,7 @@ def _load_torch_layout(root, chunks, layout) -> int | str:
                         f"TP{want['tp']} PP{want['pp']} EP{want['ep']} ETP{want['etp']} VPP{want['vpp']} "
                         f"{asked or 'even split'}; convert for this layout (convert reshard) or convert with "
                         "--format torch_dist, which loads at any layout")
-    from megatron_patch.convert.key_map import down_projection_rows, read_local_rank
+    from megatron_patch.checkpoint.key_map import down_projection_rows, read_local_rank
 
     # local-spec names whatever spec wrote it (Megatron-LM / Pai-Megatron-Patch TE checkpoints included)
     state_dicts, _ = read_local_rank(root, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
@@ -378,7 +378,7 @@ def _load_torch_layout(root, chunks, layout) -> int | str:
 def _load_dist_model(path, chunks) -> None:
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
-    from megatron_patch.convert.key_map import match_sharded, stored_keys
+    from megatron_patch.checkpoint.key_map import match_sharded, stored_keys
 
     request = model_sharded_state_dict(chunks)
     stored = stored_keys(path)  # the checkpoint's names (local or TE spec) decide the keys requested
@@ -407,8 +407,8 @@ def init_from_megatron(root, chunks, layout) -> str:
 
 
 def init_from_hf(hf_dir, chunks, hf_config, layout, config, margs) -> str:
-    from megatron_patch.convert.engine import ShardPlan, check_hf_checkpoint, load_into_chunks
-    from megatron_patch.convert.hf_reader import HFCheckpoint
+    from megatron_patch.checkpoint.engine import ShardPlan, check_hf_checkpoint, load_into_chunks
+    from megatron_patch.checkpoint.hf_reader import HFCheckpoint
     from megatron_patch.models.families import family_for_config
 
     plan = ShardPlan(family_for_config(hf_config), hf_config, layout, config, margs)

@@ -169,7 +169,7 @@ class Trainer:
             return None
         import contextlib
 
-        from megatron_patch.convert.atomic import output_lock
+        from megatron_patch.checkpoint.atomic import output_lock
         from megatron_patch.training.checkpointing import remove_stale_saves
 
         stack, refused = contextlib.ExitStack(), ""

@@ -8,7 +8,7 @@ What runs where:
   * `run` spawns the minimal number of gloo ranks for the layout (megatron_patch.testing.multirank),
     or, inside torchrun (WORLD_SIZE/RANK set), uses the existing ranks.
   * every rank builds its Megatron chunks (models/builder.py) and fills them: from the HF checkpoint in
-    memory through the family table (convert/engine.py), or from a Megatron checkpoint (`mcore_path`,
+    memory through the family table (checkpoint/engine.py), or from a Megatron checkpoint (`mcore_path`,
     torch or torch_dist). Every data-parallel replica runs the whole batch (forward only), so each
     (TP, PP) position holds complete information; with CP each CP rank runs its two sequence chunks
     (megatron's get_batch_on_this_cp_rank).
@@ -114,7 +114,7 @@ def minimal_world_size(layout: ParallelLayout) -> int:
 
 def prepare(spec: CompareSpec, world_size: int | None = None):
     """Check the input and the layout; return (hf_config, family, megatron config)."""
-    from megatron_patch.convert.hf_reader import HFCheckpoint
+    from megatron_patch.checkpoint.hf_reader import HFCheckpoint
     from megatron_patch.models.builder import check_layout
     from megatron_patch.models.families import family_for_config
     from megatron_patch.models.moe_options import check_moe_overrides
@@ -167,7 +167,7 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
                             "`megatron-patch convert lora2peft`)")
     # validates shards and headers (cheap), and the names against the table
     if spec.mcore_path is None or spec.peft_path is not None:
-        from megatron_patch.convert.engine import ShardPlan, check_hf_checkpoint
+        from megatron_patch.checkpoint.engine import ShardPlan, check_hf_checkpoint
 
         with HFCheckpoint(path) as ckpt:
             check_hf_checkpoint(ShardPlan(family, hf_config, lay, config), ckpt)
@@ -274,16 +274,16 @@ def input_tokens(spec: CompareSpec, vocab_size: int) -> torch.Tensor:
 def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) -> str:
     from megatron.core import parallel_state as ps
 
-    from megatron_patch.convert.engine import ShardPlan, load_into_chunks
+    from megatron_patch.checkpoint.engine import ShardPlan, load_into_chunks
 
     if spec.mcore_path is None or spec.peft_path is not None:
-        from megatron_patch.convert.hf_reader import HFCheckpoint
+        from megatron_patch.checkpoint.hf_reader import HFCheckpoint
 
         plan = ShardPlan(family, hf_config, spec.layout, config, args)
         with HFCheckpoint(spec.hf_path) as ckpt:
             load_into_chunks(chunks, plan, ckpt.get_slice)
         if spec.peft_path is None:
-            return "converted in memory from HF (convert.engine.load_into_chunks)"
+            return "converted in memory from HF (checkpoint.engine.load_into_chunks)"
         from megatron_patch.models.lora import load_adapters
 
         saved = load_adapters(chunks, str(locate(spec.mcore_path).ckpt_dir), hf_config, config, args, spec.layout)
@@ -292,7 +292,7 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) ->
     found = locate(spec.mcore_path)
     fmt, root = found.fmt, found.root if found.fmt == TORCH else found.ckpt_dir
     if fmt == TORCH:
-        from megatron_patch.convert.key_map import down_projection_rows, read_local_rank
+        from megatron_patch.checkpoint.key_map import down_projection_rows, read_local_rank
         from megatron_patch.checkpoint.mcore_layout import read_layout
 
         iteration, sizes = read_layout(root)  # either spec's names (key_map), read as local-spec ones
@@ -302,7 +302,7 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) ->
     else:
         from megatron_patch.checkpoint.safe_load import dist_load
 
-        from megatron_patch.convert.key_map import match_sharded, stored_keys
+        from megatron_patch.checkpoint.key_map import match_sharded, stored_keys
 
         from megatron_patch.training.checkpointing import model_keys, model_sharded_state_dict
 
@@ -315,7 +315,7 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) ->
     if len(state_dicts) != len(chunks):
         raise UserError(f"--mcore-path holds {len(state_dicts)} model chunk(s) per rank, the layout builds "
                         f"{len(chunks)} (check --vpp)")
-    from megatron_patch.convert.engine import as_model_names
+    from megatron_patch.checkpoint.engine import as_model_names
 
     for chunk, sd in zip(chunks, state_dicts):
         result = chunk.load_state_dict(as_model_names(sd, chunk.state_dict()), strict=False)
