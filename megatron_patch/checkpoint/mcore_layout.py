@@ -76,6 +76,12 @@ def split_of(source) -> dict:
     return out
 
 
+def layout_dict(layout) -> dict:
+    """The sizes and pipeline split a checkpoint depends on (convert_meta.json; this module's `sizes`)."""
+    sizes = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp, "vpp": layout.vpp or 1}
+    return {**sizes, **{k: v for k, v in layout.split_fields().items() if v}}  # an even split adds nothing
+
+
 def layout_key(sizes: dict) -> dict:
     """Sizes and split with every default filled in: two checkpoints (or a checkpoint and a run) load into
     the same model chunks exactly when their keys are equal."""

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from megatron_patch.checkpoint import mcore_layout
+from megatron_patch.checkpoint.mcore_layout import layout_dict
 from megatron_patch.checkpoint.hf_config import expected_hf_shapes, load_hf_config
 from megatron_patch.checkpoint.safe_load import torch_load
 from megatron_patch.checkpoint.tensors import RELEASE_BYTES, dtype_name, parse_dtype, raw_bytes, tensor_bytes
@@ -80,12 +81,6 @@ def check_layout_values(layout) -> None:
 def refuse_existing(out, force: bool, inputs=()) -> None:
     """Fail before any work (atomic_output_dir checks again when the writing starts)."""
     check_output(out, force, inputs)
-
-
-def layout_dict(layout) -> dict:
-    """The sizes and pipeline split a checkpoint depends on (convert_meta.json; mcore_layout's `sizes`)."""
-    sizes = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp, "vpp": layout.vpp or 1}
-    return {**sizes, **{k: v for k, v in layout.split_fields().items() if v}}  # an even split adds nothing
 
 
 def normalized_layout(layout):

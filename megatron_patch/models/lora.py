@@ -216,7 +216,7 @@ def load_adapters(chunks: list, ckpt_path: str, hf_config, config, margs, layout
     """Wrap `chunks` (base weights already loaded) with the LoRA of a `train --lora-rank` checkpoint and load its
     adapters. Returns the checkpoint's saved args."""
     from megatron_patch.checkpoint import safe_load
-    from megatron_patch.training.checkpointing import model_keys, sharded_metadata
+    from megatron_patch.checkpoint.chunks import model_keys, sharded_metadata
 
     common = safe_load.load_common(ckpt_path)
     saved = common.get("args") or {}

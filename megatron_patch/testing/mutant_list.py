@@ -109,8 +109,8 @@ MUTANTS: list[Mutant] = [
       "        set_rng_state(saved_rng)\n", "", (EVALUATE,)),
     M("trainer: warm-up never runs", "megatron_patch/training/trainer.py",
       "if self.iteration < args.train_iters and self.settings.warmup_steps:", "if False:", (EVALUATE,)),
-    M("checkpointing: torch_dist --load loads nothing", "megatron_patch/training/checkpointing.py",
-      "        _load_dist_model(found.ckpt_dir, chunks)\n", "", (EVALUATE,)),
+    M("checkpointing: torch_dist --load loads nothing", "megatron_patch/checkpoint/chunks.py",
+      "        load_dist(found.ckpt_dir, chunks, where)\n", "", (EVALUATE,)),
     M("trainer: --hidden-dropout ignored", "megatron_patch/training/trainer.py",
       'overrides["hidden_dropout"] = args.hidden_dropout', "pass", (EVALUATE,)),
     # --- conversion engine, families, compare, step, kernels ----------------------------------------------

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from megatron_patch.checkpoint.locate import TORCH, TORCH_DIST, locate
+from megatron_patch.checkpoint.locate import TORCH_DIST, locate
 from megatron_patch.checkpoint.tensors import DTYPES, dtype_overrides
 from megatron_patch.errors import UserError
 from megatron_patch.models.builder import ParallelLayout
@@ -177,18 +177,11 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
             from megatron_patch.checkpoint.safe_load import check_dist_checkpoint
 
             check_dist_checkpoint(found.ckpt_dir)  # a tampered pickle is refused before any rank starts
-        else:
+        else:  # a torch-format checkpoint loads only at its own layout: refused before any rank starts
+            from megatron_patch.checkpoint.chunks import check_torch_layout
             from megatron_patch.checkpoint.mcore_layout import read_layout
 
-            from megatron_patch.convert.hf2mcore import layout_dict
-            from megatron_patch.checkpoint.mcore_layout import layout_key
-
-            _, sizes = read_layout(found.root)
-            want = layout_dict(lay)
-            if layout_key(sizes) != layout_key(want):
-                raise UserError(f"--mcore-path {spec.mcore_path} was saved at {sizes}; this run asks for {want} "
-                                "(a torch-format checkpoint loads only at its own layout; pass the same sizes "
-                                "or use torch_dist)")
+            check_torch_layout(read_layout(found.root)[1], lay, bool(experts), f"--mcore-path {spec.mcore_path}")
     return hf_config, family, config
 
 
@@ -272,8 +265,6 @@ def input_tokens(spec: CompareSpec, vocab_size: int) -> torch.Tensor:
 
 
 def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) -> str:
-    from megatron.core import parallel_state as ps
-
     from megatron_patch.checkpoint.engine import ShardPlan, load_into_chunks
 
     if spec.mcore_path is None or spec.peft_path is not None:
@@ -289,42 +280,10 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) ->
         saved = load_adapters(chunks, str(locate(spec.mcore_path).ckpt_dir), hf_config, config, args, spec.layout)
         return (f"HF base + LoRA r{saved['lora_rank']} adapters of {spec.mcore_path}, against peft "
                 f"{spec.peft_path}")
-    found = locate(spec.mcore_path)
-    fmt, root = found.fmt, found.root if found.fmt == TORCH else found.ckpt_dir
-    if fmt == TORCH:
-        from megatron_patch.checkpoint.key_map import down_projection_rows, read_local_rank
-        from megatron_patch.checkpoint.mcore_layout import read_layout
+    from megatron_patch.checkpoint.chunks import load_megatron
 
-        iteration, sizes = read_layout(root)  # either spec's names (key_map), read as local-spec ones
-        state_dicts, _ = read_local_rank(root, ps.get_tensor_model_parallel_rank(),
-                                         ps.get_pipeline_model_parallel_rank(), ps.get_expert_model_parallel_rank(),
-                                         sizes, iteration, down_projection_rows(config))
-    else:
-        from megatron_patch.checkpoint.safe_load import dist_load
-
-        from megatron_patch.checkpoint.key_map import match_sharded, stored_keys
-
-        from megatron_patch.training.checkpointing import model_keys, model_sharded_state_dict
-
-        keys = model_keys(chunks)  # with Megatron-LM's metadata: MTP's embedding copy on a later stage needs it
-        stored = stored_keys(root)  # the checkpoint's names (local or TE spec) decide the keys requested
-        sharded = {k: match_sharded(sd, stored, f"--mcore-path {spec.mcore_path}", extra_state=False)[0]
-                   for k, sd in model_sharded_state_dict(chunks).items()}
-        loaded = dist_load(sharded, root)
-        state_dicts = [loaded[k] for k in keys]
-    if len(state_dicts) != len(chunks):
-        raise UserError(f"--mcore-path holds {len(state_dicts)} model chunk(s) per rank, the layout builds "
-                        f"{len(chunks)} (check --vpp)")
-    from megatron_patch.checkpoint.engine import as_model_names
-
-    for chunk, sd in zip(chunks, state_dicts):
-        result = chunk.load_state_dict(as_model_names(sd, chunk.state_dict()), strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-        unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise UserError(f"--mcore-path does not match the model built from {spec.hf_path}: missing "
-                            f"{missing[:3]}, unexpected {unexpected[:3]}")
-    return f"Megatron checkpoint {spec.mcore_path} ({fmt})"
+    loaded = load_megatron(spec.mcore_path, chunks, spec.layout, "--mcore-path")
+    return f"Megatron checkpoint {spec.mcore_path} ({loaded.split()[0]})"
 
 
 def _forward_step(data_iterator, model):
