@@ -26,7 +26,8 @@ from safetensors import safe_open
 
 from megatron_patch.checkpoint import mcore_layout
 from megatron_patch.convert.hf2mcore import hf2mcore
-from megatron_patch.convert.mcore2hf import mcore2hf, open_mcore
+from megatron_patch.checkpoint.mcore_reader import open_mcore
+from megatron_patch.convert.mcore2hf import mcore2hf
 from megatron_patch.convert.reshard import reshard
 from megatron_patch.models.builder import ParallelLayout
 from megatron_patch.models.mini import make_mini
@@ -271,8 +272,9 @@ def test_reshard_torch_to_torch_dist(minis, work):
 def test_torch_dist_streams_one_tensor_at_a_time(minis, work, monkeypatch):
     """Every HF tensor is read once, at most one parameter is held at a time, the summary counts every
     parameter once, and a failure part-way leaves no output and no process group behind."""
-    from megatron_patch.convert import dist_writer
-    from megatron_patch.convert.hf2mcore import HFSource, dist_total_bytes
+    from megatron_patch.checkpoint import dist_writer
+    from megatron_patch.checkpoint.mcore_writer import dist_total_bytes
+    from megatron_patch.convert.hf2mcore import HFSource
 
     reads: dict[str, int] = {}
     held: list[int] = []
@@ -326,7 +328,7 @@ def dist_minis(work):
 def reader_log(monkeypatch):
     """A small group budget; records every DistSource and, per group load, the bytes of reader-made
     tensors alive at once (weak references: what the caller still holds counts too)."""
-    from megatron_patch.convert import dist_reader
+    from megatron_patch.checkpoint import dist_reader
 
     log = {"sources": [], "live": []}
     made: list = []

@@ -107,7 +107,7 @@ def _load_and_run(rank, world, cases, roots, minis, references):
     from te_harness import (assert_no_nan, build_te_chunks, fill_nan, forward_logits, load_legacy,
                             load_torch_dist, pai_args, save_pai_legacy)
 
-    from megatron_patch.convert.mcore2hf import open_mcore
+    from megatron_patch.checkpoint.mcore_reader import open_mcore
 
     results = []
     for case, root in zip(cases, roots):

@@ -70,7 +70,7 @@ def describe_sizes(sizes: dict) -> str:
             f"{split or 'even split'}")
 
 
-def check_torch_layout(sizes: dict, layout, experts: bool, where: str) -> None:
+def check_same_layout(sizes: dict, layout, experts: bool, where: str) -> None:
     """A torch-format checkpoint (rank files of `sizes`) loads only at its own layout; ETP counts only for
     a model with experts."""
     saved, want = mcore_layout.layout_key(sizes), mcore_layout.layout_key(mcore_layout.layout_dict(layout))
@@ -110,7 +110,7 @@ def load_torch(root, chunks, layout, where: str) -> int | str:
 
     iteration, sizes = mcore_layout.read_layout(root)
     config = unwrap(chunks[0]).config
-    check_torch_layout(sizes, layout, bool(config.num_moe_experts), where)
+    check_same_layout(sizes, layout, bool(config.num_moe_experts), where)
     # local-spec names whatever spec wrote it (Megatron-LM / Pai-Megatron-Patch TE checkpoints included)
     state_dicts, _ = read_local_rank(root, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                                      ps.get_expert_model_parallel_rank(), sizes, iteration, down_projection_rows(config))
@@ -150,3 +150,26 @@ def load_megatron(path, chunks, layout, flag: str) -> str:
         return f"torch_dist {found.ckpt_dir}"
     iteration = load_torch(found.root, chunks, layout, where)
     return f"torch {found.root / mcore_layout.iteration_dir_name(iteration)}"
+
+
+def load_adapters(chunks: list, ckpt_path: str, hf_config, config, margs, layout) -> dict:
+    """Wrap `chunks` (base weights already loaded) with the LoRA of a `train --lora-rank` checkpoint and load its
+    adapters. Returns the checkpoint's saved args."""
+    from megatron_patch.models.lora import ADAPTER_MARK, adapters_only, apply_lora
+
+    common = safe_load.load_common(ckpt_path)
+    saved = common.get("args") or {}
+    if not saved.get("lora_rank"):
+        raise UserError(f"--mcore-path {ckpt_path} was not trained with --lora-rank (no adapters to compare)")
+    apply_lora(chunks, hf_config, config, margs, layout, int(saved["lora_rank"]),
+               float(saved.get("lora_alpha") or saved["lora_rank"]), 0.0, saved["lora_target"], 0)
+    metadata = sharded_metadata()
+    keys = model_keys(chunks)
+    request = {k: adapters_only(c.sharded_state_dict(metadata=metadata)) for k, c in zip(keys, chunks)}
+    loaded = safe_load.dist_load(request, ckpt_path)
+    for k, c in zip(keys, chunks):
+        result = c.load_state_dict(loaded[k], strict=False)
+        if result.unexpected_keys or any(ADAPTER_MARK in m for m in result.missing_keys):
+            raise UserError(f"--mcore-path {ckpt_path}: adapters do not match the model "
+                            f"({result.unexpected_keys[:3]} {[m for m in result.missing_keys if ADAPTER_MARK in m][:3]})")
+    return saved

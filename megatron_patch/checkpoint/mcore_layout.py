@@ -29,6 +29,9 @@ from megatron_patch.errors import UserError
 
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
+# what our converters add to a checkpoint root: the HF config + tokenizer, and how it was made
+META_NAME = "convert_meta.json"
+HF_CONFIG_DIR = "hf_config"
 CHECKPOINT_VERSION = 3.0  # Megatron-LM's; training checkpoints store it too
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 

@@ -178,10 +178,10 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
 
             check_dist_checkpoint(found.ckpt_dir)  # a tampered pickle is refused before any rank starts
         else:  # a torch-format checkpoint loads only at its own layout: refused before any rank starts
-            from megatron_patch.checkpoint.chunks import check_torch_layout
+            from megatron_patch.checkpoint.chunks import check_same_layout
             from megatron_patch.checkpoint.mcore_layout import read_layout
 
-            check_torch_layout(read_layout(found.root)[1], lay, bool(experts), f"--mcore-path {spec.mcore_path}")
+            check_same_layout(read_layout(found.root)[1], lay, bool(experts), f"--mcore-path {spec.mcore_path}")
     return hf_config, family, config
 
 
@@ -275,7 +275,7 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) ->
             load_into_chunks(chunks, plan, ckpt.get_slice)
         if spec.peft_path is None:
             return "converted in memory from HF (checkpoint.engine.load_into_chunks)"
-        from megatron_patch.models.lora import load_adapters
+        from megatron_patch.checkpoint.chunks import load_adapters
 
         saved = load_adapters(chunks, str(locate(spec.mcore_path).ckpt_dir), hf_config, config, args, spec.layout)
         return (f"HF base + LoRA r{saved['lora_rank']} adapters of {spec.mcore_path}, against peft "

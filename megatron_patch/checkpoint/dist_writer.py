@@ -28,9 +28,9 @@ import torch
 
 from megatron_patch.errors import UserError
 
-from megatron_patch.checkpoint.engine import RankPosition, ShardPlan
-from megatron_patch.checkpoint.key_map import Naming, te_sharded
-from megatron_patch.checkpoint.tensors import RELEASE_BYTES, dtype_overrides, tensor_bytes
+from .engine import RankPosition, ShardPlan
+from .key_map import Naming, te_sharded
+from .tensors import RELEASE_BYTES, dtype_overrides, tensor_bytes
 
 
 # ---------------------------------------------------------------------------------------------------
