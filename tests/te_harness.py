@@ -56,8 +56,8 @@ def te_double_env(env: dict | None = None) -> dict:
 
 
 def run_te_ranks(fn, world_size: int, timeout: float = 300.0, args: tuple = (), env: dict | None = None) -> list:
-    """megatron_patch.testing.multirank.run_ranks with the double importable in every rank."""
-    from megatron_patch.testing.multirank import run_ranks
+    """megatron_patch.runtime.multirank.run_ranks with the double importable in every rank."""
+    from megatron_patch.runtime.multirank import run_ranks
 
     with te_double_on_path():
         return run_ranks(fn, world_size, timeout=timeout, args=args, env=env)

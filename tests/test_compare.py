@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_patch.models.builder import ParallelLayout
-from megatron_patch.testing.multirank import run_ranks
+from megatron_patch.runtime.multirank import run_ranks
 from megatron_patch.verify.compare import CompareSpec, minimal_world_size, run_specs_in_group
 
 FAMILIES = ("deepseek_v2", "deepseek_v3", "qwen2", "qwen3_moe")

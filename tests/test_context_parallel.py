@@ -5,7 +5,7 @@ import pytest
 from megatron_patch.models.builder import ParallelLayout
 from megatron_patch.runtime.context_parallel import causal_chunks, restore_sequence
 from megatron_patch.testing.equivalence import layout_run
-from megatron_patch.testing.multirank import run_ranks
+from megatron_patch.runtime.multirank import run_ranks
 
 # the single-rank reference and the bounds of tests/test_parallel_layouts.py
 from test_parallel_layouts import assert_matches_reference, reference  # noqa: F401 - a module-scoped fixture

@@ -31,7 +31,7 @@ from megatron_patch.convert.mcore2hf import mcore2hf
 from megatron_patch.convert.reshard import reshard
 from megatron_patch.models.builder import ParallelLayout
 from megatron_patch.models.mini import make_mini
-from megatron_patch.testing.multirank import run_ranks
+from megatron_patch.runtime.multirank import run_ranks
 
 FAMILIES = ("deepseek_v2", "deepseek_v3", "qwen2", "qwen3_moe")
 REPO = Path(__file__).resolve().parents[1]

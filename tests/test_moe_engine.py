@@ -5,7 +5,7 @@ import torch
 from megatron_patch.models.builder import ParallelLayout
 from megatron_patch.runtime.kernels import moe
 from megatron_patch.testing.equivalence import layout_run, over_bound, reference_run
-from megatron_patch.testing.multirank import run_ranks
+from megatron_patch.runtime.multirank import run_ranks
 
 # Same bounds as test_parallel_layouts: fp32, only the reduction order differs from the reference.
 LOSS_TOL = 1e-6

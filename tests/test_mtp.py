@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_patch.models.builder import ParallelLayout
-from megatron_patch.testing.multirank import run_ranks
+from megatron_patch.runtime.multirank import run_ranks
 
 ENV = {"TORCHDYNAMO_DISABLE": "1"}
 ATOL = 1e-5          # fp32; the main model's logits match HF within ~1e-6..7e-6

@@ -30,7 +30,7 @@ import torch
 
 from megatron_patch.errors import UserError
 from megatron_patch.models.builder import ParallelLayout
-from megatron_patch.testing.multirank import run_ranks
+from megatron_patch.runtime.multirank import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable

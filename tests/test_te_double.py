@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megatron_patch.models.builder import ParallelLayout
-from megatron_patch.testing.multirank import run_ranks
+from megatron_patch.runtime.multirank import run_ranks
 
 from te_harness import (assert_no_nan, build_te_chunks, fill_nan, forward_logits, hf_logits, load_legacy,
                         load_torch_dist, loadable_tensors, pai_args, run_te_ranks, save_pai_legacy)

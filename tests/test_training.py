@@ -175,7 +175,7 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def _port() -> int:
-    from megatron_patch.testing.multirank import free_port
+    from megatron_patch.runtime.multirank import free_port
 
     return free_port()
 

@@ -250,7 +250,7 @@ def world_size_for(spec: PreflightSpec) -> int:
 
 def run_preflight(spec: PreflightSpec, emit=print) -> list[Step]:
     """All steps, each passed to `emit` as soon as it is known; stops at the first failing one."""
-    from megatron_patch.testing.multirank import RankFailure, run_ranks
+    from megatron_patch.runtime.multirank import RankFailure, run_ranks
     from megatron_patch.verify.compare import in_torchrun
 
     if not Path(spec.hf_path).is_dir():

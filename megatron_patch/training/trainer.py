@@ -42,7 +42,7 @@ def init_distributed(acc, timeout_minutes: float | None = None) -> tuple[int, in
     if world == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
-            from megatron_patch.testing.multirank import free_port
+            from megatron_patch.runtime.multirank import free_port
 
             os.environ["MASTER_PORT"] = str(free_port())
     acc.set_device(local)

@@ -74,7 +74,7 @@ def run(args) -> int:
 def _run(args) -> int:
     from megatron_patch.models.builder import ParallelLayout
     from megatron_patch.models.moe_options import moe_overrides
-    from megatron_patch.testing.multirank import RankFailure
+    from megatron_patch.runtime.multirank import RankFailure
     from megatron_patch.verify.compare import CompareSpec
     from megatron_patch.verify.compare import run as run_compare
     from megatron_patch.verify.report import format_report, write_json, write_plot

@@ -5,7 +5,7 @@
     report["result"]  # "PASS" / "FAIL"; report["rows"]: one row per hook point
 
 What runs where:
-  * `run` spawns the minimal number of gloo ranks for the layout (megatron_patch.testing.multirank),
+  * `run` spawns the minimal number of gloo ranks for the layout (megatron_patch.runtime.multirank),
     or, inside torchrun (WORLD_SIZE/RANK set), uses the existing ranks.
   * every rank builds its Megatron chunks (models/builder.py) and fills them: from the HF checkpoint in
     memory through the family table (checkpoint/engine.py), or from a Megatron checkpoint (`mcore_path`,
@@ -487,7 +487,7 @@ def run(spec: CompareSpec) -> dict | None:
         return _run_torchrun(spec)
     prepare(spec)  # fail before starting any rank
     world = minimal_world_size(spec.layout)
-    from megatron_patch.testing.multirank import RankFailure, run_ranks
+    from megatron_patch.runtime.multirank import RankFailure, run_ranks
 
     saved = {k: os.environ.get(k) for k in ("TORCHDYNAMO_DISABLE", "PYTHONWARNINGS")}
     # jit_fuser is torch.compile: 13 s of inductor per rank on CPU for the same numbers.
