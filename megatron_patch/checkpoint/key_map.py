@@ -22,10 +22,8 @@ import dataclasses
 import re
 
 from megatron_patch.errors import UserError
+from megatron_patch.models.impl import IMPLS, LOCAL, TE  # the spec names (models/ builds them)
 
-TE = "transformer_engine"
-LOCAL = "local"
-IMPLS = (TE, LOCAL)
 EXTRA = "._extra_state"
 
 # (norm module, the linear it fuses into in the TE spec), relative to a transformer layer
