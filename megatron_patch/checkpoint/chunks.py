@@ -63,22 +63,15 @@ def model_sharded_state_dict(chunks) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # loading a Megatron checkpoint's weights
 # ---------------------------------------------------------------------------------------------------
-def describe_sizes(sizes: dict) -> str:
-    key = mcore_layout.layout_key(sizes)
-    split = {k: v for k, v in mcore_layout.split_of(sizes).items() if v}
-    return (f"TP{key['tp']} PP{key['pp']} EP{key['ep']} ETP{key['etp']} VPP{key['vpp']} "
-            f"{split or 'even split'}")
-
-
 def check_same_layout(sizes: dict, layout, experts: bool, where: str) -> None:
     """A torch-format checkpoint (rank files of `sizes`) loads only at its own layout; ETP counts only for
     a model with experts."""
     saved, want = mcore_layout.layout_key(sizes), mcore_layout.layout_key(mcore_layout.layout_dict(layout))
     keys = [k for k in want if k != "etp" or experts]
     if {k: saved[k] for k in keys} != {k: want[k] for k in keys}:
-        raise UserError(f"{where}: torch-format checkpoint is for {describe_sizes(sizes)}, this run is "
-                        f"{describe_sizes(mcore_layout.layout_dict(layout))}; convert for this layout (convert reshard) or "
-                        "convert with --format torch_dist, which loads at any layout")
+        raise UserError(f"{where}: torch-format checkpoint is for {mcore_layout.describe_layout(mcore_layout.layout_of(sizes))}, "
+                        f"this run is {mcore_layout.describe_layout(layout)}; convert for this layout (convert reshard) "
+                        "or convert with --format torch_dist, which loads at any layout")
 
 
 def copy_into(chunks, state_dicts: list[dict], where: str) -> None:

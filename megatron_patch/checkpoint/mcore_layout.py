@@ -54,13 +54,19 @@ def checkpoint_rank_dir(root, iteration, tp: int, pp: int, ep: int, pp_size: int
     return Path(root) / iteration_dir_name(iteration) / rank_dir_name(tp, pp, ep, pp_size, ep_size)
 
 
+def layout_of(sizes: dict):
+    """The ParallelLayout of a sizes dict (keys as layout_dict writes them; etp defaults to tp, vpp to none):
+    validated and normalised by ParallelLayout itself."""
+    from megatron_patch.models.builder import ParallelLayout
+
+    return ParallelLayout(tp=int(sizes["tp"]), pp=int(sizes.get("pp", 1)), ep=int(sizes.get("ep", 1)),
+                          etp=int(sizes["etp"]) if sizes.get("etp") else None,
+                          vpp=int(sizes["vpp"]) if sizes.get("vpp") else None, **split_of(sizes))
+
+
 def _normalise_sizes(sizes: dict) -> dict:
-    out = {"tp": int(sizes["tp"]), "pp": int(sizes.get("pp", 1)), "ep": int(sizes.get("ep", 1))}
-    out["etp"] = int(sizes.get("etp") or out["tp"])
-    out["vpp"] = int(sizes.get("vpp") or 1)
-    if min(out.values()) < 1:
-        raise ValueError(f"parallel sizes must be >= 1, got {sizes}")
-    return out
+    lay = layout_of(sizes)
+    return {"tp": lay.tp, "pp": lay.pp, "ep": lay.ep, "etp": lay.expert_tp, "vpp": lay.vpp or 1}
 
 
 def split_of(source) -> dict:
@@ -83,6 +89,14 @@ def layout_dict(layout) -> dict:
     """The sizes and pipeline split a checkpoint depends on (convert_meta.json; this module's `sizes`)."""
     sizes = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp, "vpp": layout.vpp or 1}
     return {**sizes, **{k: v for k, v in layout.split_fields().items() if v}}  # an even split adds nothing
+
+
+def describe_layout(layout) -> str:
+    """TP2xPP1xEP4xETP2 (+VPPn, + the uneven split): what a checkpoint depends on (not sequence parallel)."""
+    text = f"TP{layout.tp}xPP{layout.pp}xEP{layout.ep}xETP{layout.expert_tp}"
+    text += f"xVPP{layout.vpp}" if layout.vpp and layout.vpp > 1 else ""
+    split = layout.describe_split()
+    return text + (f" ({split})" if split else "")
 
 
 def layout_key(sizes: dict) -> dict:

@@ -40,11 +40,7 @@ class McoreCheckpoint:
     meta: dict = field(default_factory=dict)
 
     def layout(self):
-        from megatron_patch.models.builder import ParallelLayout
-
-        s = self.sizes or {}
-        return ParallelLayout(tp=s.get("tp", 1), pp=s.get("pp", 1), ep=s.get("ep", 1), etp=s.get("etp"),
-                              vpp=s["vpp"] if s.get("vpp", 1) > 1 else None, **mcore_layout.split_of(s))
+        return mcore_layout.layout_of(self.sizes or {"tp": 1})
 
     def plan(self) -> ShardPlan:
         return ShardPlan(self.family, self.hf_config, self.layout())

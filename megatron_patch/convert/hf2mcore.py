@@ -21,7 +21,6 @@ format, layout, dtype, transformer_impl, moe_grouped_gemm), so mcore2hf and resh
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from megatron_patch.checkpoint import mcore_layout
+from megatron_patch.checkpoint.mcore_layout import describe_layout
 from megatron_patch.checkpoint.atomic import atomic_output_dir, check_output
 from megatron_patch.checkpoint.engine import EMBEDDING, KEEP_DTYPE_SUFFIXES, ShardPlan, cast, check_hf_copies, check_hf_coverage
 from megatron_patch.checkpoint.hf_config import expected_hf_shapes, load_hf_config
@@ -52,46 +52,19 @@ class VerificationFailed(RuntimeError):
 # ---------------------------------------------------------------------------------------------------
 # small helpers shared by hf2mcore, mcore2hf and reshard
 # ---------------------------------------------------------------------------------------------------
-def check_layout_values(layout) -> None:
-    for name in ("tp", "pp", "ep"):
-        if getattr(layout, name) < 1:
-            raise UserError(f"--{name} {getattr(layout, name)}: must be >= 1")
-    if layout.expert_tp < 1:
-        raise UserError(f"--etp {layout.expert_tp}: must be >= 1")
-    if layout.vpp is not None and layout.vpp < 1:
-        raise UserError(f"--vpp {layout.vpp}: must be >= 1")
-    if layout.vpp and layout.vpp > 1 and layout.pp == 1:
-        raise UserError(f"--vpp {layout.vpp} needs pipeline parallelism: pass --pp > 1 (virtual stages split a stage)")
-
-
-def normalized_layout(layout):
-    """The layout as converters store it: VPP 1 is no VPP."""
-    return dataclasses.replace(layout, vpp=layout.vpp if layout.vpp and layout.vpp > 1 else None)
-
-
-def describe(layout) -> str:
-    """TP2xPP1xEP4xETP2 (+VPPn, + the uneven split): what a checkpoint depends on (not sequence parallel)."""
-    text = f"TP{layout.tp}xPP{layout.pp}xEP{layout.ep}xETP{layout.expert_tp}"
-    text += f"xVPP{layout.vpp}" if layout.vpp and layout.vpp > 1 else ""
-    split = layout.describe_split()
-    return text + (f" ({split})" if split else "")
-
-
 def plan_lines(hf_path, layout) -> list[str]:
     """`hf2mcore --dry-run`: which layers each pipeline rank (and virtual stage) gets, from config.json
     alone (no weights needed), with the rank directories Megatron-LM names for them."""
     from megatron_patch.models.builder import check_layout
     from megatron_patch.models.pipeline import stage_map
 
-    check_layout_values(layout)
     hf_config = load_hf_config(hf_path)
     from megatron_patch.models.families import family_for_config
 
     config = family_for_config(hf_config).to_mcore_config(hf_config)
-    layout = normalized_layout(layout)
     check_layout(layout, config)
     stages = stage_map(config, layout)
-    lines = [f"plan: {describe(layout)}, {config.num_layers} decoder layers"
+    lines = [f"plan: {describe_layout(layout)}, {config.num_layers} decoder layers"
              + (f" + {config.mtp_num_layers} MTP" if getattr(config, "mtp_num_layers", None) else "")]
     dirs = {pp: mcore_layout.rank_dir_name(0, pp, 0, layout.pp, layout.ep) for pp in range(layout.pp)}
     for (pp, vp), line in zip(sorted(stages.decoder), stages.lines()):
@@ -182,12 +155,10 @@ def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None,
     target = parse_dtype(dtype)
     if fmt not in FORMATS:
         raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    check_layout_values(layout)
     check_output(out, force, inputs=[hf_path])  # before any work (atomic_output_dir checks again)
     source = HFSource(hf_path)
     check_not_fp8(source)
     size_note = declared_size_check(model_size, source)
-    layout = normalized_layout(layout)
     plan = ShardPlan(source.family, source.hf_config, layout, naming=naming)
     check_hf_input(source, plan)
     embedding = next((r.hf[0] for r in plan.rows if r.mcore == EMBEDDING), plan.rows[0].hf[0])
@@ -207,7 +178,7 @@ def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None,
             write_side_files(tmp, fmt, source.family.name, layout, out_dtype, source.config_dir, source.path,
                              hf_path, "hf2mcore", naming)
             stats, line = progress.summary()
-        result.update(stats, line=line, out=str(Path(out).absolute()), format=fmt, layout=describe(layout),
+        result.update(stats, line=line, out=str(Path(out).absolute()), format=fmt, layout=describe_layout(layout),
                       dtype=dtype_name(out_dtype), size_note=size_note, naming=naming.describe())
         if verify:
             result["verify"] = verify_against_hf(tmp, source, target)

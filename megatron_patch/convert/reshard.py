@@ -18,6 +18,7 @@ from pathlib import Path
 from megatron_patch.checkpoint.atomic import atomic_output_dir, check_output
 from megatron_patch.checkpoint.engine import ShardPlan
 from megatron_patch.checkpoint.key_map import TE, Naming
+from megatron_patch.checkpoint.mcore_layout import describe_layout
 from megatron_patch.checkpoint.mcore_reader import mcore_source, open_mcore
 from megatron_patch.checkpoint.mcore_writer import (FORMATS, check_torch_layout, dist_total_bytes, dry_run,
                                                     megatron_args, output_bytes, write_dist, write_side_files,
@@ -25,7 +26,6 @@ from megatron_patch.checkpoint.mcore_writer import (FORMATS, check_torch_layout,
 from megatron_patch.checkpoint.tensors import dtype_name
 from megatron_patch.errors import UserError
 
-from .hf2mcore import check_layout_values, describe, normalized_layout
 from .progress import ConversionProgress
 
 
@@ -38,8 +38,6 @@ def reshard(mcore_path, out, layout, fmt: str | None = None, force: bool = False
             show_progress: bool = False, transformer_impl: str = TE, moe_grouped_gemm: bool = False) -> dict:
     """The names written follow transformer_impl / moe_grouped_gemm (the input's are detected)."""
     naming = Naming(transformer_impl, moe_grouped_gemm)
-    check_layout_values(layout)
-    layout = normalized_layout(layout)
     check_output(out, force, inputs=[mcore_path, hf_config_dir])  # before any work
     ck = open_mcore(mcore_path, hf_config_dir)
     fmt = fmt or ck.fmt
@@ -66,4 +64,4 @@ def reshard(mcore_path, out, layout, fmt: str | None = None, force: bool = False
                                  mcore_path, "reshard", naming)
                 summary, line = progress.summary()
     return {**summary, "line": line, "out": str(Path(out).absolute()), "format": fmt,
-            "layout": describe(layout), "dtype": dtype_name(dtype), "naming": naming.describe()}
+            "layout": describe_layout(layout), "dtype": dtype_name(dtype), "naming": naming.describe()}

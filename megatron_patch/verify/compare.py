@@ -126,12 +126,7 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
         raise UserError(f"--hf-path {spec.hf_path}: no config.json (point at an HF model directory)")
     if spec.dtype not in DTYPES:
         raise UserError(f"--dtype {spec.dtype}: choose one of {', '.join(DTYPES)}")
-    lay = spec.layout
-    for name in ("tp", "pp", "ep", "cp"):
-        if getattr(lay, name) < 1:
-            raise UserError(f"--{name} {getattr(lay, name)}: must be >= 1")
-    if lay.expert_tp < 1 or (lay.vpp is not None and lay.vpp < 1):
-        raise UserError("--etp and --vpp must be >= 1")
+    lay = spec.layout  # sizes >= 1: ParallelLayout checked itself
     if spec.batch_size < 1 or spec.seq_length < 1:
         raise UserError("--batch-size and --seq-length must be >= 1")
     from megatron_patch.checkpoint.hf_config import load_hf_config
