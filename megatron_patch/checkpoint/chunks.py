@@ -69,9 +69,10 @@ def check_same_layout(sizes: dict, layout, experts: bool, where: str) -> None:
     saved, want = mcore_layout.layout_key(sizes), mcore_layout.layout_key(mcore_layout.layout_dict(layout))
     keys = [k for k in want if k != "etp" or experts]
     if {k: saved[k] for k in keys} != {k: want[k] for k in keys}:
-        raise UserError(f"{where}: torch-format checkpoint is for {mcore_layout.describe_layout(mcore_layout.layout_of(sizes))}, "
-                        f"this run is {mcore_layout.describe_layout(layout)}; convert for this layout (convert reshard) "
-                        "or convert with --format torch_dist, which loads at any layout")
+        saved_at = mcore_layout.describe_layout(mcore_layout.layout_of(sizes))
+        raise UserError(f"{where}: torch-format checkpoint is for {saved_at}, this run is "
+                        f"{mcore_layout.describe_layout(layout)}; convert for this layout (convert reshard) or "
+                        "convert with --format torch_dist, which loads at any layout")
 
 
 def copy_into(chunks, state_dicts: list[dict], where: str) -> None:

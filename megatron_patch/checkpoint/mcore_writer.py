@@ -28,7 +28,7 @@ from megatron_patch.errors import UserError
 from . import dist_writer, mcore_layout
 from .engine import RankPosition, ShardPlan
 from .hf_writer import copy_tokenizer_files
-from .key_map import LOCAL, Naming
+from .key_map import Naming
 from .mcore_layout import HF_CONFIG_DIR, META_NAME, layout_dict
 from .safe_load import torch_load
 from .tensors import RELEASE_BYTES, dtype_name, raw_bytes, tensor_bytes
@@ -157,11 +157,12 @@ class _RankFile:
         os.close(self.fd)
 
 
-def dry_run(plan: ShardPlan, meta, dtype: torch.dtype | None) -> dict[RankPosition, list[dict]]:
+def dry_run(plan: ShardPlan, meta, dtype: torch.dtype | None, every_rank: bool = True) -> dict[RankPosition, list[dict]]:
     """Every rank's state dicts on meta tensors (shapes, dtypes, _extra_state): checks that the layout
-    divides every tensor and sizes the output, without reading data."""
+    divides every tensor and sizes the output, without reading data. every_rank=False: one rank per stage,
+    the check alone (a shard's shape does not depend on its rank; torch_dist is sized at TP1)."""
     return {pos: plan.rank_state_dicts(meta, pos, dtype, extra_state=True)
-            for pp in range(plan.layout.pp) for pos in plan.positions(pp)}
+            for pp in range(plan.layout.pp) for pos in plan.positions(pp)[:None if every_rank else 1]}
 
 
 def output_bytes(metas: dict) -> int:
@@ -224,18 +225,23 @@ def dist_common_state(plan: ShardPlan, dtype: torch.dtype) -> dict:
     return {"checkpoint_version": mcore_layout.CHECKPOINT_VERSION, "iteration": 0, "args": args}
 
 
-def dist_total_bytes(source, layout, dtype: torch.dtype) -> int:
+def dist_plan(source, plan: ShardPlan) -> ShardPlan:
+    """The TP1 plan a torch_dist checkpoint for `plan.layout` is written from (the vocab padded for its TP):
+    made once, for dist_total_bytes and write_dist."""
+    return dist_writer.tp1_plan(source, plan.layout.tp)
+
+
+def dist_total_bytes(source, tp1: ShardPlan, dtype: torch.dtype) -> int:
     """What write_dist will write (every parameter once, whatever the layout)."""
-    return dist_writer.output_bytes(dist_writer.tp1_plan(source, layout.tp), source.meta, dtype)
+    return dist_writer.output_bytes(tp1, source.meta, dtype)
 
 
-def write_dist(source, layout, dtype: torch.dtype, root: Path, progress=None, naming: Naming | None = None) -> dict:
-    """A torch_dist checkpoint at root (Megatron-LM layout: tracker + release/) for `layout` from a
-    source (HFSource or a Megatron PlanSource). Returns {"tensors", "bytes"}."""
+def write_dist(source, plan: ShardPlan, tp1: ShardPlan, dtype: torch.dtype, root: Path, progress=None) -> dict:
+    """A torch_dist checkpoint at root (Megatron-LM layout: tracker + release/) for `plan.layout`, with the
+    names of `plan.naming`, from a source (HFSource or a Megatron PlanSource) through its TP1 plan `tp1`
+    (dist_plan). Returns {"tensors", "bytes"}."""
     ckpt_dir = root / mcore_layout.iteration_dir_name(ITERATION)
     ckpt_dir.mkdir(parents=True)
-    naming = naming or Naming(LOCAL)
-    common = dist_common_state(ShardPlan(source.family, source.hf_config, layout, naming=naming), dtype)
-    stats = dist_writer.save(source, layout.tp, dtype, ckpt_dir, common, progress, naming)
+    stats = dist_writer.save(source, tp1, dtype, ckpt_dir, dist_common_state(plan, dtype), progress, plan.naming)
     mcore_layout.write_latest(root, ITERATION)
     return stats

@@ -30,14 +30,15 @@ import torch
 from megatron_patch.checkpoint import mcore_layout
 from megatron_patch.checkpoint.mcore_layout import describe_layout
 from megatron_patch.checkpoint.atomic import atomic_output_dir, check_output
-from megatron_patch.checkpoint.engine import EMBEDDING, KEEP_DTYPE_SUFFIXES, ShardPlan, cast, check_hf_copies, check_hf_coverage
+from megatron_patch.checkpoint.engine import (EMBEDDING, KEEP_DTYPE_SUFFIXES, ShardPlan, cast, check_hf_copies,
+                                              check_hf_coverage)
 from megatron_patch.checkpoint.hf_config import expected_hf_shapes, load_hf_config
 from megatron_patch.checkpoint.hf_reader import HFCheckpoint
 from megatron_patch.checkpoint.key_map import TE, Naming
 from megatron_patch.checkpoint.mcore_reader import mcore_source, open_mcore
-from megatron_patch.checkpoint.mcore_writer import (FORMATS, check_torch_layout, dist_total_bytes, dry_run,
-                                                    megatron_args, output_bytes, write_dist, write_side_files,
-                                                    write_torch)
+from megatron_patch.checkpoint.mcore_writer import (FORMATS, check_torch_layout, dist_plan, dist_total_bytes,
+                                                    dry_run, megatron_args, output_bytes, write_dist,
+                                                    write_side_files, write_torch)
 from megatron_patch.checkpoint.plan_source import hf_stream
 from megatron_patch.checkpoint.tensors import RELEASE_BYTES, dtype_name, parse_dtype, same_bits, tensor_bytes
 from megatron_patch.errors import UserError
@@ -165,8 +166,10 @@ def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None,
     out_dtype = target or source.meta(embedding).dtype  # the checkpoint's dtype when none is asked for
     if fmt == "torch":  # torch_dist holds global tensors: any layout ShardPlan accepts
         check_torch_layout(plan)
-    metas = dry_run(plan, source.meta, target)  # also checks that the layout divides every tensor
-    total = output_bytes(metas) if fmt == "torch" else dist_total_bytes(source, layout, out_dtype)
+    # also checks that the layout divides every tensor; torch_dist is written and sized at TP1
+    metas = dry_run(plan, source.meta, target, every_rank=fmt == "torch")
+    tp1 = dist_plan(source, plan) if fmt == "torch_dist" else None
+    total = output_bytes(metas) if fmt == "torch" else dist_total_bytes(source, tp1, out_dtype)
     args = megatron_args(plan, out_dtype, fmt)
     result: dict = {}
     with atomic_output_dir(out, force, inputs=[hf_path]) as tmp:
@@ -174,7 +177,7 @@ def hf2mcore(hf_path, out, layout, fmt: str = "torch", dtype: str | None = None,
             if fmt == "torch":
                 write_torch(plan, source, tmp, target, args, progress, metas)
             else:
-                write_dist(source, layout, out_dtype, tmp, progress, naming)
+                write_dist(source, plan, tp1, out_dtype, tmp, progress)
             write_side_files(tmp, fmt, source.family.name, layout, out_dtype, source.config_dir, source.path,
                              hf_path, "hf2mcore", naming)
             stats, line = progress.summary()

@@ -20,9 +20,9 @@ from megatron_patch.checkpoint.engine import ShardPlan
 from megatron_patch.checkpoint.key_map import TE, Naming
 from megatron_patch.checkpoint.mcore_layout import describe_layout
 from megatron_patch.checkpoint.mcore_reader import mcore_source, open_mcore
-from megatron_patch.checkpoint.mcore_writer import (FORMATS, check_torch_layout, dist_total_bytes, dry_run,
-                                                    megatron_args, output_bytes, write_dist, write_side_files,
-                                                    write_torch)
+from megatron_patch.checkpoint.mcore_writer import (FORMATS, check_torch_layout, dist_plan, dist_total_bytes,
+                                                    dry_run, megatron_args, output_bytes, write_dist,
+                                                    write_side_files, write_torch)
 from megatron_patch.checkpoint.tensors import dtype_name
 from megatron_patch.errors import UserError
 
@@ -53,13 +53,14 @@ def reshard(mcore_path, out, layout, fmt: str | None = None, force: bool = False
             metas = dry_run(plan, source.meta, None)  # also checks that the layout divides every tensor
             total = output_bytes(metas)
         else:
-            total = dist_total_bytes(source, layout, dtype)
+            tp1 = dist_plan(source, plan)
+            total = dist_total_bytes(source, tp1, dtype)
         with atomic_output_dir(out, force, inputs=[mcore_path, hf_config_dir]) as tmp:
             with ConversionProgress(total, f"reshard -> {fmt}", force=show_progress) as progress:
                 if fmt == "torch":
                     write_torch(plan, source, tmp, None, megatron_args(plan, dtype, "torch"), progress, metas)
                 else:
-                    write_dist(source, layout, dtype, tmp, progress, naming)
+                    write_dist(source, plan, tp1, dtype, tmp, progress)
                 write_side_files(tmp, fmt, ck.family.name, layout, dtype, ck.config_dir, ck.tokenizer_dir,
                                  mcore_path, "reshard", naming)
                 summary, line = progress.summary()
