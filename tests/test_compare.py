@@ -325,6 +325,7 @@ def test_cli_fail_exit_code(minis, capsys, monkeypatch):
     (["--ep", "3"], "EP=3 does not divide"),
     (["--tp", "2", "--seq-length", "7"], "divisible by TP=2"),
     (["--mcore-path", "/nonexistent/ckpt"], "--mcore-path"),
+    (["--vpp", "0"], "--vpp 0: must be >= 1"),
 ])
 def test_cli_bad_input_exits_2(minis, capsys, args, match):
     from megatron_patch.cli import main
