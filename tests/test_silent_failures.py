@@ -312,18 +312,17 @@ def test_npu_moe_fallbacks_pass_every_argument_to_megatron(npu_double):
 
 
 def test_tracker_survives_a_kill_between_write_and_rename(tmp_path, monkeypatch):
-    from megatron_patch.checkpoint.mcore_layout import read_tracker
-    from megatron_patch.training import checkpointing as ckpt
+    from megatron_patch.checkpoint import mcore_layout
 
-    ckpt._write_tracker(tmp_path, 5)
+    mcore_layout.write_latest(tmp_path, 5)  # what training publishes a save by, and converters write
 
     def killed(*_):
         raise KeyboardInterrupt("killed before the rename")
 
-    monkeypatch.setattr(ckpt.os, "replace", killed)
+    monkeypatch.setattr(mcore_layout.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        ckpt._write_tracker(tmp_path, 10)
-    assert read_tracker(tmp_path) == 5
+        mcore_layout.write_latest(tmp_path, 10)
+    assert mcore_layout.read_tracker(tmp_path) == 5
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -158,10 +158,16 @@ def write_rank(root, iteration, tp: int, pp: int, ep: int, sizes: dict, state_di
 
 
 def write_latest(root, iteration) -> None:
+    """The tracker, replaced atomically (temp file, fsync, rename): a process killed at any point leaves
+    the previous one (training publishes a save by it)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    # Megatron writes the bare value, no newline.
-    (root / TRACKER_NAME).write_text("release" if iteration == "release" else str(int(iteration)))
+    tmp = root / (TRACKER_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("release" if iteration == "release" else str(int(iteration)))  # Megatron's: the bare value
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / TRACKER_NAME)
 
 
 def read_tracker(root) -> int | str | None:

@@ -87,7 +87,7 @@ MUTANTS: list[Mutant] = [
     M("compare: padded logits kept", "megatron_patch/verify/normalize.py",
       "full = gather(local, 2, tp_group, tp_size)[..., :vocab_size]",
       "full = gather(local, 2, tp_group, tp_size)", (PADDED_COMPARE,)),
-    M("checkpointing: tracker written in place", "megatron_patch/training/checkpointing.py",
+    M("checkpointing: tracker written in place", "megatron_patch/checkpoint/mcore_layout.py",
       'tmp = root / (TRACKER_NAME + ".tmp")', "tmp = root / TRACKER_NAME", (TRACKER,)),
     M("hf2mcore.sh: MODEL_SIZE not passed on", "toolkits/checkpoint/hf2mcore.sh",
       '--dtype "$PR" --model-size "$MODEL_SIZE" "$@"', '--dtype "$PR" "$@"', (MODEL_SIZE,)),

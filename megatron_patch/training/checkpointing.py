@@ -32,7 +32,7 @@ import torch
 from megatron_patch.checkpoint import safe_load
 from megatron_patch.checkpoint.chunks import (is_distributed, load_megatron, model_keys, model_sharded_state_dict,
                                               optimizers, sharded_metadata, unwrap)
-from megatron_patch.checkpoint.mcore_layout import CHECKPOINT_VERSION, TRACKER_NAME, iteration_dir_name
+from megatron_patch.checkpoint.mcore_layout import CHECKPOINT_VERSION, iteration_dir_name, write_latest
 from megatron_patch.errors import UserError
 
 CRASH_ENV = "MP_TEST_CRASH_IN_SAVE"
@@ -69,15 +69,6 @@ def _describe(sig: dict) -> str:
 # ---------------------------------------------------------------------------------------------------
 # the tracker
 # ---------------------------------------------------------------------------------------------------
-def _write_tracker(root: Path, iteration: int) -> None:
-    tmp = root / (TRACKER_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(str(iteration))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / TRACKER_NAME)
-
-
 # ---------------------------------------------------------------------------------------------------
 # rng
 # ---------------------------------------------------------------------------------------------------
@@ -186,7 +177,7 @@ def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed
                 shutil.rmtree(old)
             os.rename(final, old)
         os.rename(tmp, final)
-        _write_tracker(root, iteration)
+        write_latest(root, iteration)
         if old.exists():
             shutil.rmtree(old)
     _barrier()
