@@ -1,10 +1,10 @@
-"""HF -> Megatron (`megatron-patch convert hf2mcore`), and the Megatron writers reshard reuses.
+"""HF -> Megatron (`megatron-patch convert hf2mcore`): a command over the checkpoint I/O layer (checkpoint/).
 
     hf2mcore("/models/DeepSeek-V2-Lite", "/ckpt/dsv2", ParallelLayout(tp=2, ep=4), fmt="torch")
 
 Everything that can be wrong is checked before the output exists: the HF directory (hf_reader), the
-architecture (families), the layout (builder.check_layout + a dry run of every rank's shards on meta
-tensors, which also sizes the progress bar), the tensor names (engine.check_hf_coverage) and shapes
+architecture (families), the layout (builder.check_layout + a dry run of the rank shards on meta
+tensors, which also sizes a torch-format output), the tensor names (engine.check_hf_coverage) and shapes
 (against the shapes transformers builds from config.json, on the meta device).
 
 The writers are checkpoint/mcore_writer.py (torch format, streamed shard by shard with pwrite) and
@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 
 from megatron_patch.checkpoint import mcore_layout
-from megatron_patch.checkpoint.mcore_layout import describe_layout
 from megatron_patch.checkpoint.atomic import atomic_output_dir, check_output
 from megatron_patch.checkpoint.engine import (EMBEDDING, KEEP_DTYPE_SUFFIXES, ShardPlan, cast, check_hf_copies,
                                               check_hf_coverage)
 from megatron_patch.checkpoint.hf_config import expected_hf_shapes, load_hf_config
 from megatron_patch.checkpoint.hf_reader import HFCheckpoint
 from megatron_patch.checkpoint.key_map import TE, Naming
+from megatron_patch.checkpoint.mcore_layout import describe_layout
 from megatron_patch.checkpoint.mcore_reader import mcore_source, open_mcore
 from megatron_patch.checkpoint.mcore_writer import (FORMATS, check_torch_layout, dist_plan, dist_total_bytes,
                                                     dry_run, megatron_args, output_bytes, write_dist,
@@ -50,9 +50,6 @@ class VerificationFailed(RuntimeError):
     """--verify found a tensor that did not survive the round trip bit for bit (exit code 1)."""
 
 
-# ---------------------------------------------------------------------------------------------------
-# small helpers shared by hf2mcore, mcore2hf and reshard
-# ---------------------------------------------------------------------------------------------------
 def plan_lines(hf_path, layout) -> list[str]:
     """`hf2mcore --dry-run`: which layers each pipeline rank (and virtual stage) gets, from config.json
     alone (no weights needed), with the rank directories Megatron-LM names for them."""
