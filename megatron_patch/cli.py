@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "megatron_patch.convert.cli",
     "megatron_patch.verify.cli",
     "megatron_patch.training.cli",
+    "megatron_patch.training.plan",
 )
 
 

@@ -18,8 +18,8 @@ from megatron_patch.models.mini import build_hf_config, build_model, config_dict
 
 DATA = Path(__file__).parent / "data" / "real_configs"
 # published config.json -> family; PRESET_OF: the family whose "real-config" preset copies it
-PRESET_OF = {"deepseek-v2-lite": "deepseek_v2", "deepseek-v3": "deepseek_v3", "qwen2.5-32b": "qwen2",
-             "qwen3-30b-a3b": "qwen3_moe"}
+PRESET_OF = {"deepseek-v2-lite": "deepseek_v2", "deepseek-v3": "deepseek_v3", "deepseek-v3.2-exp": "deepseek_v32",
+             "qwen2.5-32b": "qwen2", "qwen3-30b-a3b": "qwen3_moe"}
 REAL = dict(PRESET_OF, **{"deepseek-v2": "deepseek_v2"})
 
 
@@ -66,6 +66,16 @@ EXPECTED = {
         moe_layer_freq=[0] * 3 + [1] * 58, moe_router_score_function="sigmoid", moe_router_pre_softmax=False,
         moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.5, moe_router_num_groups=8,
         moe_router_group_topk=4, moe_router_group_score_topk=2, mtp_num_layers=1),
+    "deepseek-v3.2-exp": dict(
+        _MLA_COMMON, num_layers=61, hidden_size=7168, ffn_hidden_size=18432, num_attention_heads=128,
+        num_query_groups=128, kv_channels=128, q_lora_rank=1536, kv_lora_rank=512, qk_head_dim=128,
+        qk_pos_emb_head_dim=64, v_head_dim=128, mscale=1.0, mscale_all_dim=1.0, num_moe_experts=256,
+        moe_router_topk=8, moe_ffn_hidden_size=2048, moe_shared_expert_intermediate_size=2048,
+        moe_layer_freq=[0] * 3 + [1] * 58, moe_router_score_function="sigmoid", moe_router_pre_softmax=False,
+        moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.5, moe_router_num_groups=8,
+        moe_router_group_topk=4, moe_router_group_score_topk=2, mtp_num_layers=1,
+        experimental_attention_variant="dsa", dsa_indexer_n_heads=64, dsa_indexer_head_dim=128,
+        dsa_indexer_topk=2048, dsa_indexer_loss_coeff=0.0),
     "qwen2.5-32b": dict(
         num_layers=64, hidden_size=5120, ffn_hidden_size=27648, num_attention_heads=40, num_query_groups=8,
         kv_channels=128, normalization="RMSNorm", layernorm_epsilon=1e-5, gated_linear_unit=True,
@@ -86,6 +96,7 @@ EXPECTED_ARGS = {
     "deepseek-v2-lite": dict(vocab_size=102400, max_position_embeddings=163840, rotary_base=10000.0),
     "deepseek-v2": dict(vocab_size=102400, max_position_embeddings=163840, rotary_base=10000.0),
     "deepseek-v3": dict(vocab_size=129280, max_position_embeddings=163840, rotary_base=10000.0),
+    "deepseek-v3.2-exp": dict(vocab_size=129280, max_position_embeddings=163840, rotary_base=10000.0),
     "qwen2.5-32b": dict(vocab_size=152064, max_position_embeddings=131072, rotary_base=1000000.0),
     "qwen3-30b-a3b": dict(vocab_size=151936, max_position_embeddings=40960, rotary_base=1000000.0),
 }

@@ -350,3 +350,12 @@ def test_lora_target_names_are_checked(work):
                                                    ("mlp.linear_fc2", ("down_proj",))]
     with pytest.raises(UserError, match="--lora-target qkv_proj: not a linear"):
         lora_targets(family_for_config(cfg), cfg, ["qkv_proj"])
+
+
+def test_lora_learns_under_full_recompute(work, sft_runs):
+    # recompute re-runs the same ops, so the losses equal the plain TP1 run; with the frozen embedding the
+    # checkpointed blocks once had no input needing a gradient and the adapters silently stayed at zero
+    losses = _train(work, "recompute", 1, ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                                           "--recompute-num-layers", "1"])
+    scale = max(abs(x) for x in sft_runs.tp1)
+    assert max(abs(a - b) for a, b in zip(losses, sft_runs.tp1)) <= 8 * scale * 2.0 ** -23, (losses, sft_runs.tp1)

@@ -84,7 +84,7 @@ def has_extra_state(row: ConcreteRow) -> bool:
     """Whether the row's module is a megatron Column/RowParallelLinear (its state dict carries an
     `_extra_state` entry, None for the local modules). Every split-kind except Replicated is one, the
     vocab-parallel embedding aside; replicated linears are the spec's DuplicatedLinear (none)."""
-    return row.row.split is not Replicated and not row.mcore.startswith(FIRST_STAGE_PREFIXES)
+    return not row.row.split.replicated and not row.mcore.startswith(FIRST_STAGE_PREFIXES)
 
 
 class ShardPlan:
@@ -186,7 +186,7 @@ class ShardPlan:
 
     def shard_ranks(self, row: ConcreteRow) -> int:
         """How many distinct shards a row has (1 for replicated rows)."""
-        return 1 if row.row.split is Replicated else self.split_group(row)[1]
+        return 1 if row.row.split.replicated else self.split_group(row)[1]
 
     def positions(self, pp: int) -> list[RankPosition]:
         """Every (tp, ep) position of a stage, as Megatron-LM's torch format names its files. A rank's
@@ -252,7 +252,7 @@ class ShardPlan:
         """The HF tensors of one row from its TP/ETP shards (vocab padding stripped)."""
         group, size = self.split_group(row)
         name = self.local_name(row, place)
-        if row.row.split is Replicated:
+        if row.row.split.replicated:
             size = 1
         shards = []
         for rank in range(size):

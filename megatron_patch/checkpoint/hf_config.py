@@ -42,6 +42,11 @@ def expected_hf_shapes(hf_config) -> dict[str, tuple]:
     cfg = copy.deepcopy(hf_config)
     mtp = getattr(cfg, "num_nextn_predict_layers", 0) or 0
     if mtp:
+        # per-layer lists (DeepSeek-V3.2's mlp_layer_types, layer_types) grow with the layers: an MTP layer is
+        # shaped like the last decoder layer
+        for key, value in list(vars(cfg).items()):
+            if isinstance(value, list) and len(value) == cfg.num_hidden_layers and value:
+                setattr(cfg, key, value + value[-1:] * mtp)
         cfg.num_hidden_layers += mtp
     try:
         with torch.device("meta"):

@@ -43,6 +43,7 @@ NO_EXTRA_STATE = re.compile(r"(embedding\.word_embeddings|.*\.mlp\.router)")
 # a transformer layer's prefix: decoder.layers.N. or mtp.layers.N.transformer_layer.
 LAYER_PREFIX = re.compile(r"(.*layers\.\d+\.(?:transformer_layer\.)?)")
 ATTENTION_PROBE = "self_attention.linear_proj.weight"
+DSA_PROBE = "self_attention.core_attention.indexer.linear_wk.weight"  # DSA's core attention is not a TE module
 DOWN_PROJECTIONS = ("self_attention.linear_q_down_proj.weight", "self_attention.linear_kv_down_proj.weight")
 
 
@@ -92,8 +93,10 @@ def te_extra_state_keys(te_names, legacy: bool = True) -> list[str]:
     transformer layer's modules by default, without TEDotProductAttention.sharded_state_dict)."""
     modules = {n.rsplit(".", 1)[0] for n in te_names if not n.endswith(EXTRA)}
     modules = {m for m in modules if not NO_EXTRA_STATE.fullmatch(m)}
+    dsa = {n[: -len(DSA_PROBE)] for n in te_names if n.endswith(DSA_PROBE)}
     modules |= {n[: -len("linear_proj.weight")] + "core_attention" for n in te_names
-                if n.endswith(ATTENTION_PROBE) and (legacy or ".transformer_layer." in n)}
+                if n.endswith(ATTENTION_PROBE) and (legacy or ".transformer_layer." in n)
+                and n[: -len(ATTENTION_PROBE)] not in dsa}
     return sorted(m + EXTRA for m in modules)
 
 

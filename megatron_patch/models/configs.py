@@ -29,3 +29,20 @@ class TransformerConfig(_TransformerConfig, _PatchFields):
 @dataclass
 class MLATransformerConfig(_MLATransformerConfig, _PatchFields):
     pass
+
+
+@dataclass
+class DSATransformerConfig(MLATransformerConfig):
+    """MLA with DeepSeek sparse attention (experimental_attention_variant="dsa").
+
+    megatron-core 0.16.1 asserts context_parallel_size == 1 for DSA because its own DSAttention sees only
+    the local keys; the DSA modules this layer builds (models/dsa.py) gather the indexer's keys and K/V over
+    the CP group, so the assertion is skipped (every other check runs)."""
+
+    def __post_init__(self):
+        cp = self.context_parallel_size
+        self.context_parallel_size = 1
+        try:
+            super().__post_init__()
+        finally:
+            self.context_parallel_size = cp

@@ -43,13 +43,23 @@ class Target:
         return tuple(self.hf[p].rsplit(".", 1)[-1] for p in self.parts)
 
 
-def lora_targets(family, hf_config, names: list[str]) -> list[Target]:
-    """Map HF module names to the decoder linears holding them (through the family table)."""
+def _adaptable_rows(family, hf_config) -> list:
+    """The family table's rows of decoder linears an adapter can wrap (not routed experts)."""
     from megatron_patch.models.families.base import Column, GateUp, QKV, Row
 
-    rows = [r for r in family.params(hf_config) if r.mcore.startswith("decoder.layers.{layer}.")
+    return [r for r in family.params(hf_config) if r.mcore.startswith("decoder.layers.{layer}.")
             and r.mcore.endswith(".weight") and r.split in (Column, Row, QKV, GateUp)
             and "{expert}" not in r.mcore]
+
+
+def target_names(family, hf_config) -> list[str]:
+    """Every HF module name --lora-target accepts for this model."""
+    return sorted({h.rsplit(".", 2)[-2] for r in _adaptable_rows(family, hf_config) for h in r.hf})
+
+
+def lora_targets(family, hf_config, names: list[str]) -> list[Target]:
+    """Map HF module names to the decoder linears holding them (through the family table)."""
+    rows = _adaptable_rows(family, hf_config)
     available = {h.rsplit(".", 2)[-2]: r for r in rows for h in r.hf}
     unknown = [n for n in names if n not in available]
     if unknown:
@@ -189,6 +199,8 @@ def apply_lora(chunks: list, hf_config, config, margs, layout, rank: int, alpha:
     for chunk in chunks:
         for p in chunk.parameters():
             p.requires_grad_(False)
+    if getattr(config, "recompute_granularity", None) == "full":
+        _make_embedding_output_require_grad(chunks)
     wrapped = 0
     for chunk in chunks:
         decoder = getattr(chunk, "decoder", None)
@@ -201,6 +213,16 @@ def apply_lora(chunks: list, hf_config, config, margs, layout, rank: int, alpha:
                                                  bool(config.sequence_parallel)))
                 wrapped += 1
     return wrapped
+
+
+def _make_embedding_output_require_grad(chunks: list) -> None:
+    """Full recompute runs each layer block in a checkpoint function whose output needs a gradient only if its
+    input does; with the embedding frozen nothing upstream does, so the adapters would get no gradient at all
+    (peft's enable_input_require_grads answers the same problem in HF)."""
+    for chunk in chunks:
+        embedding = getattr(chunk, "embedding", None)
+        if embedding is not None:
+            embedding.register_forward_hook(lambda _module, _inputs, output: output.requires_grad_())
 
 
 def has_adapters(chunks) -> bool:

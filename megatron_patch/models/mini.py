@@ -19,6 +19,9 @@ Presets (per family, in megatron_patch/models/families/<family>.py):
                every layer visibly moves the residual stream and a comparison with megatron is sensitive.
   real-config  the published config values except the layer count; config.json only (shape tests).
 
+DeepSeek-V3.2 (deepseek_v32): the V3 mini plus the DSA indexer (8 heads of 32, index_topk 16, below compare's
+32-token default so the selection matters), no MTP unless --set num_nextn_predict_layers=1.
+
 DeepSeek-V3 specifics: the router's e_score_correction_bias is set to random values (transformers
 initialises it to zeros, which would hide a missing bias), and with num_nextn_predict_layers > 0 random
 MTP weights are appended at model.layers.{num_hidden_layers + i}.* as in the real checkpoint
@@ -38,7 +41,8 @@ from megatron_patch.errors import UserError
 CORPUS = Path(__file__).with_name("mini_corpus.txt")
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"]  # ids 0, 1, 2 (bos, eos, pad)
 PRESETS = ("mini", "real-config")
-_EXPERT_KEY = {"deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts", "qwen3_moe": "num_experts"}
+_EXPERT_KEY = {"deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts", "deepseek_v32": "n_routed_experts",
+               "qwen3_moe": "num_experts"}
 
 
 def parse_value(text: str) -> Any:
@@ -405,7 +409,7 @@ def run(args) -> int:
 
 
 def register(subparsers) -> None:
-    families = ("deepseek_v2", "deepseek_v3", "qwen2", "qwen3_moe")
+    families = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "qwen2", "qwen3_moe")
     p = subparsers.add_parser("make-mini", help="write a tiny random HF model + tokenizer (no download), or cut "
                               "a real checkpoint to some layers (--from)", description=__doc__.split("\n\n")[0])
     p.add_argument("--family", choices=families, help="make a random model of this family")

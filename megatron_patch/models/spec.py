@@ -85,3 +85,22 @@ def te_block_spec(config, vp_stage: int | None = None):
 def uses_te(config) -> bool:
     """Whether a model for this config is built with the TE spec (models/impl.py chose it)."""
     return getattr(config, "transformer_impl", None) == "transformer_engine"
+
+
+def dsa_block_spec(config, vp_stage: int | None = None):
+    """DeepSeek-V3.2: the local block spec with megatron's DSA core attention (models/dsa.py) in every layer.
+
+    Local spec only: megatron-core 0.16.1's TE DSA spec fuses q_layernorm into linear_q_up_proj, and MLA then
+    hands the indexer the un-normalised q_compressed, while DeepSeek's reference (and HF) index from the
+    normalised one."""
+    if uses_te(config):
+        raise UserError("deepseek_v32 (DSA) builds with --transformer-impl local only (megatron-core 0.16.1's TE "
+                        "DSA spec feeds the indexer the un-normalised query latent); checkpoints with TE names "
+                        "still load")
+    from megatron_patch.models.dsa import dsa_core_attention_spec
+
+    block = local_block_spec(config, vp_stage=vp_stage)
+    core = dsa_core_attention_spec(config)
+    for layer_spec in block.layer_specs:
+        layer_spec.submodules.self_attention.submodules.core_attention = core
+    return block

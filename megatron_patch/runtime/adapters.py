@@ -33,6 +33,7 @@ ENTRY_MODULES = (
     "megatron.core.models.common.language_module.language_module",
     "megatron.core.models.gpt.gpt_layer_specs",
     "megatron.core.transformer.multi_latent_attention",
+    "megatron.core.transformer.experimental_attention_variant.dsa",
     "megatron.core.transformer.moe.moe_layer",
     "megatron.core.transformer.moe.token_dispatcher",
     "megatron.core.transformer.moe.router",

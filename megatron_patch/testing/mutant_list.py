@@ -18,6 +18,7 @@ class Mutant:
 
 
 SILENT = "tests/test_silent_failures.py"
+DSA = "tests/test_deepseek_v32.py"
 LOSS = f"{SILENT}::test_loss_is_the_masked_token_mean"
 PADDED_COMPARE = f"{SILENT}::test_compare_passes_with_a_padded_vocab"
 PADDED_EXPORT = f"{SILENT}::test_padding_added_on_import_and_stripped_on_export"
@@ -45,6 +46,15 @@ MUTANTS: list[Mutant] = [
       "        loss_sum = loss_sum * cp\n", "", (f"{CP_EQUIV}[CP2]",)),
     M("context parallel: a query chunk sees its own position off by one", "megatron_patch/runtime/context_parallel.py",
       ".tril(diagonal=c * chunk)", ".tril(diagonal=c * chunk - 1)", (f"{CP_EQUIV}[CP2]",)),
+    # --- DeepSeek-V3.2 (DSA) ----------------------------------------------------------------------------
+    M("dsa: indexer rope rows not interleaved", "megatron_patch/models/families/base.py",
+      "rope = [j for i in range(half) for j in (i, i + half)]", "rope = list(range(rope_dim))",
+      (f"{DSA}::test_indexer_rope_rows_keep_every_indexer_score",)),
+    M("dsa: CP query rows without their chunk offset", "megatron_patch/models/dsa.py",
+      "rows = torch.where(rows < chunk, rows + first * chunk, rows - chunk + second * chunk)", "rows = rows",
+      (DSA, "-k", "CP2")),
+    M("dsa: top-k capped at the local CP length", "megatron_patch/models/dsa.py",
+      "elif topk.shape[-1] != k:", "elif False:", (DSA, "-k", "CP2-24")),
     # --- the ten silent failures of issue 17 -----------------------------------------------------------
     M("step: loss mask dropped from the loss sum", "megatron_patch/training/step.py",
       "loss_sum = (output_tensor.float() * mask).sum()", "loss_sum = output_tensor.float().sum()", (LOSS,)),

@@ -91,6 +91,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="residual dropout (default: the family's, 0 for DeepSeek and Qwen as in HF)")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
                    help="default: from the HF config (DeepSeek aux_loss_alpha)")
+    g.add_argument("--dsa-indexer-loss-coeff", type=float, default=None,
+                   help="DeepSeek-V3.2 (DSA): weight of the indexer's KL loss (megatron's; default 0: the indexer "
+                        "does not learn)")
+    g.add_argument("--dsa-warmup-iters", type=int, default=0,
+                   help="DSA: the first N steps are a dense warm-up training only the indexer (KL to the dense "
+                        "attention); then sparse training of everything, the indexer on the selected keys")
 
     add_moe_arguments(p)
     add_impl_argument(p)
@@ -216,6 +222,9 @@ def validate(args) -> None:
         raise UserError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
     if args.recompute_granularity == "full" and not args.recompute_method:
         raise UserError("--recompute-granularity full needs --recompute-method uniform|block")
+    if args.dsa_warmup_iters < 0 or args.dsa_warmup_iters and not (args.dsa_indexer_loss_coeff or 0) > 0:
+        raise UserError("--dsa-warmup-iters N trains the indexer by its loss: give --dsa-indexer-loss-coeff > 0 "
+                        "(and N >= 0)")
     if args.save_interval and not args.save:
         raise UserError("--save-interval needs --save DIR")
     from megatron_patch.data.gpt import check_prefix

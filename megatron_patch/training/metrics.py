@@ -10,6 +10,8 @@ sense, LR and grad norm of the last step):
   Aux    MoE load-balancing loss as added to the objective: sum over kinds of coeff x megatron's tracked
          value (mean over MoE layers); only for MoE models
   MTP    multi-token-prediction loss (DeepSeek-V3 with num_nextn_predict_layers), after Aux when present
+  Indexer  DeepSeek-V3.2's DSA indexer loss as added to the objective: --dsa-indexer-loss-coeff x the KL
+         between the indexer's distribution and the attention's (mean over layers); with a coefficient only
   tok/s  global tokens (global batch x sequence length) per second of step time
   MFU    model FLOP/s (training_flops_per_token x tok/s) over world size x the device's peak FLOP/s;
          only when the accelerator knows its peak (not on CPU; MP_PEAK_FLOPS sets one)
@@ -88,6 +90,25 @@ def collect_mtp(config, num_microbatches: int, iteration: int, writer=None) -> f
     return sum(values) / len(values) if values else None
 
 
+def collect_dsa_indexer(config, num_microbatches: int, iteration: int, writer=None) -> float | None:
+    """Mean DSA indexer loss over the DSA layers, MTP's included (coefficient included) from megatron's DSA tracker; None without
+    one. A collective over PP and DP: every rank pre-creates its entry, as MoEAuxLosses does."""
+    if getattr(config, "experimental_attention_variant", None) != "dsa" or not config.dsa_indexer_loss_coeff:
+        return None
+    from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossLoggingHelper
+
+    from megatron_patch.models.dsa import tracked_layers
+    from megatron_patch.runtime import get_accelerator
+
+    tracker = DSAIndexerLossLoggingHelper.tracker
+    if "values" not in tracker:
+        tracker["values"] = torch.zeros(tracked_layers(config), device=get_accelerator().current_device())
+    totals: dict = {}
+    DSAIndexerLossLoggingHelper.track_indexer_metrics(1.0 / num_microbatches, iteration, writer,
+                                                      total_loss_dict=totals)
+    return float(totals["indexer loss"])
+
+
 def grads_finite(chunks) -> bool:
     """True when every local gradient (DDP grad buffers) is finite.
 
@@ -112,6 +133,7 @@ class StepRecord:
     tokens: int
     aux: dict = field(default_factory=dict)
     mtp: float | None = None
+    indexer: float | None = None  # DSA indexer loss (DeepSeek-V3.2)
     flops_per_token: float = 0.0
     peak_flops: float | None = None
     world_size: int = 1
@@ -133,7 +155,7 @@ class StepRecord:
     def as_dict(self) -> dict:
         return {"iteration": self.iteration, "loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm,
                 "step_time": self.step_time, "tokens_per_second": self.tokens_per_second, "mfu": self.mfu,
-                "mem_bytes": self.mem_bytes, "mtp": self.mtp, "skipped": self.skipped,
+                "mem_bytes": self.mem_bytes, "mtp": self.mtp, "indexer": self.indexer, "skipped": self.skipped,
                 "skipped_total": self.skipped_total, "loss_scale": self.loss_scale, **self.aux}
 
 
@@ -143,6 +165,8 @@ def format_line(rec: StepRecord) -> str:
         parts.append(f"Aux: {rec.aux['aux']:.6f}")
     if rec.mtp is not None:
         parts.append(f"MTP: {rec.mtp:.4f}")
+    if rec.indexer is not None:
+        parts.append(f"Indexer: {rec.indexer:.4f}")
     parts += [f"LR: {rec.lr:.2e}", f"Grad norm: {rec.grad_norm:.2f}", f"Time: {rec.step_time:.2f}s",
               f"tok/s: {rec.tokens_per_second:.0f}"]
     if rec.mfu is not None:
@@ -164,10 +188,12 @@ def average(records: list[StepRecord]) -> StepRecord:
     n = len(records)
     aux = {k: sum(r.aux.get(k, 0.0) for r in records) / n for k in last.aux}
     mtps = [r.mtp for r in records if r.mtp is not None]
+    indexer = [r.indexer for r in records if r.indexer is not None]
     return StepRecord(
         iteration=last.iteration, train_iters=last.train_iters, loss=sum(r.loss for r in records) / n,
         lr=last.lr, grad_norm=last.grad_norm, step_time=sum(r.step_time for r in records),
         tokens=sum(r.tokens for r in records), aux=aux, mtp=sum(mtps) / len(mtps) if mtps else None,
+        indexer=sum(indexer) / len(indexer) if indexer else None,
         flops_per_token=last.flops_per_token, peak_flops=last.peak_flops, world_size=last.world_size,
         mem_bytes=last.mem_bytes, skipped=any(r.skipped for r in records), skipped_total=last.skipped_total,
         loss_scale=last.loss_scale)

@@ -72,6 +72,8 @@ def _config_overrides(args) -> dict:
         overrides.update(fp16=True, params_dtype=torch.float16)
     if args.moe_aux_loss_coeff is not None:
         overrides["moe_aux_loss_coeff"] = args.moe_aux_loss_coeff
+    if getattr(args, "dsa_indexer_loss_coeff", None) is not None:
+        overrides["dsa_indexer_loss_coeff"] = args.dsa_indexer_loss_coeff
     overrides.update(moe_overrides(args))
     if getattr(args, "hidden_dropout", None) is not None:
         overrides["hidden_dropout"] = args.hidden_dropout
@@ -191,7 +193,6 @@ class Trainer:
     def _build_model(self) -> None:
         from megatron_patch.models.builder import build_family_model, check_layout, initialize_parallel
         from megatron_patch.models.families import family_for_config
-        from megatron_patch.training.setup_model import build_optimizer, wrap_ddp
 
         args = self.args
         from megatron_patch.models.moe_options import check_moe_overrides, with_moe_defaults
@@ -211,6 +212,13 @@ class Trainer:
             count = apply_lora(chunks, self.hf_config, self.config, self.margs, self.layout, args.lora_rank,
                                args.lora_alpha or args.lora_rank, args.lora_dropout, args.lora_target, args.seed)
             self.init_source += f" + LoRA r{args.lora_rank} on {count} linears ({args.lora_target})"
+        self.dsa_warmup = self._start_dsa_stages(chunks)
+        self._wrap_and_build_optimizer(chunks)
+
+    def _wrap_and_build_optimizer(self, chunks) -> None:
+        from megatron_patch.training.setup_model import build_optimizer, wrap_ddp
+
+        args = self.args
         self.chunks = wrap_ddp(chunks, self.config, use_distributed_optimizer=args.use_distributed_optimizer)
         self.optimizer = build_optimizer(
             self.chunks, lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
@@ -220,6 +228,51 @@ class Trainer:
             hysteresis=args.hysteresis,
             min_lr=args.min_lr, adam_eps=args.adam_eps, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2)
         self.scheduler = _scheduler(args, self.optimizer)
+
+    # --- DeepSeek-V3.2 (DSA) training stages -----------------------------------------------------------
+    def _start_dsa_stages(self, chunks) -> int:
+        """Dense warm-up for --dsa-warmup-iters steps (only the indexer trains: everything else frozen, the
+        expert-bias update off), sparse training after it. Returns the warm-up steps left (0: sparse now)."""
+        args = self.args
+        dsa = getattr(self.config, "experimental_attention_variant", None) == "dsa"
+        if not dsa:
+            if args.dsa_warmup_iters or args.dsa_indexer_loss_coeff:
+                raise UserError("--dsa-warmup-iters/--dsa-indexer-loss-coeff are for DSA models (DeepSeek-V3.2)")
+            return 0
+        from megatron_patch.models.dsa import is_indexer_param, set_dsa_stage
+
+        warmup = args.dsa_warmup_iters
+        if args.dsa_indexer_loss_coeff and self.layout.cp > 1:
+            raise UserError("--dsa-indexer-loss-coeff with --context-parallel-size > 1 is not supported yet (the "
+                            "indexer loss needs the full attention rows); train the indexer at CP 1")
+        if warmup and (self.resume_from is not None or args.lora_rank):
+            raise UserError("--dsa-warmup-iters: run the warm-up as a fresh run without LoRA (resuming into it is "
+                            "not supported yet); continue with --load/--finetune without the flag")
+        set_dsa_stage(chunks, dense=bool(warmup))
+        if warmup:
+            for chunk in chunks:
+                for name, param in chunk.named_parameters():
+                    param.requires_grad_(is_indexer_param(name))
+            self._bias_update_rate = self.config.moe_router_bias_update_rate
+            self.config.moe_router_bias_update_rate = 0.0
+            _rank0_print(f"DSA: dense warm-up for {warmup} step(s), only the indexer trains")
+        return warmup
+
+    def _end_dsa_warmup(self) -> None:
+        """Sparse training from here: every parameter trains, with a fresh optimizer (DeepSeek's stages) and
+        the LR schedule where it was."""
+        from megatron_patch.models.dsa import set_dsa_stage
+
+        modules = [getattr(c, "module", c) for c in self.chunks]
+        for module in modules:
+            for param in module.parameters():
+                param.requires_grad_(True)
+        set_dsa_stage(modules, dense=False)
+        self.config.moe_router_bias_update_rate = self._bias_update_rate
+        self._wrap_and_build_optimizer(modules)
+        self.scheduler.step(increment=self.iteration)
+        self.dsa_warmup = 0
+        _rank0_print(f"DSA: sparse training from step {self.iteration + 1}")
 
     def _resume_dir(self):
         from megatron_patch.checkpoint.locate import train_checkpoint_dir
@@ -344,10 +397,13 @@ class Trainer:
         return value.item()
 
     def train_step(self, batch):
-        from megatron_patch.training.metrics import StepRecord, collect_mtp
+        from megatron_patch.training.metrics import StepRecord, collect_dsa_indexer, collect_mtp
         from megatron_patch.training.setup_model import zero_grads
         from megatron_patch.training.step import forward_backward
 
+        if self.dsa_warmup and self.iteration >= self.dsa_warmup:
+            self._end_dsa_warmup()
+        self._set_dsa_loss_scale()
         self.acc.synchronize()
         start = time.perf_counter()
         zero_grads(self.chunks, self.optimizer)
@@ -379,15 +435,28 @@ class Trainer:
         writer = self.sink.writer
         aux = self.aux.collect(self.num_micro, iteration, writer)
         mtp = collect_mtp(self.config, self.num_micro, iteration, writer)
+        indexer = collect_dsa_indexer(self.config, self.num_micro, iteration, writer)
         self.iteration = iteration
         self.consumed = self.batches.consumed
         return StepRecord(
             iteration=iteration, train_iters=self.args.train_iters, loss=self._global_loss(loss),
             lr=lr, grad_norm=float(grad_norm if grad_norm is not None else 0.0),
-            step_time=step_time, tokens=self.gbs * self.args.seq_length, aux=aux, mtp=mtp,
+            step_time=step_time, tokens=self.gbs * self.args.seq_length, aux=aux, mtp=mtp, indexer=indexer,
             flops_per_token=self.flops_per_token, peak_flops=self.peak_flops, world_size=self.world,
             skipped=not update_ok, skipped_total=self.skipped_steps,
             loss_scale=float(self.optimizer.get_loss_scale()) if self.args.fp16 else None)
+
+    def _set_dsa_loss_scale(self) -> None:
+        """The DSA indexer loss's backward scale, as megatron's schedules set the MoE aux loss's (they do not
+        set DSA's in megatron-core 0.16.1): the loss scale, per micro-batch unless the loss is per token."""
+        if not getattr(self.config, "dsa_indexer_loss_coeff", None):
+            return
+        from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossAutoScaler
+
+        scale = float(self.optimizer.get_loss_scale())
+        if not self.config.calculate_per_token_loss:
+            scale /= self.num_micro
+        DSAIndexerLossAutoScaler.set_loss_scale(torch.tensor(scale, device=self.acc.current_device()))
 
     def _peak_memory(self) -> int:
         peak = torch.tensor([float(self.acc.memory_stats()["peak"])], dtype=torch.float64,

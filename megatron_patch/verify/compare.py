@@ -227,6 +227,15 @@ def compare_tensors(component: str, layer: int | None, kind: str, mc: torch.Tens
         row["passed"] = row["selection_mismatch"] <= tol.router_mismatch and row[metric] <= row["bound"]
         if differs.any():
             row["note"] = f"{int(differs.sum())}/{differs.numel()} tokens routed to other experts"
+    elif kind == "indexer":
+        # the keys each query attends to, as sets (fp32: all equal). The mismatch is the share of selections
+        # (either side's) the other side lacks: in bf16 a query swaps a boundary key now and then (rounding)
+        differs = (mc != hf).any(dim=-1)  # [b, s]
+        row["max_abs"] = row["mean_abs"] = 0.0  # no values to compare, only the sets
+        row["selection_mismatch"] = float((mc != hf).sum() / (mc.sum() + hf.sum()).clamp(min=1))
+        row["passed"] = row["selection_mismatch"] <= tol.router_mismatch
+        if differs.any():
+            row["note"] = f"{int(differs.sum())}/{differs.numel()} queries attend to other keys"
     else:
         row["max_abs"] = float(diff.max())
         row["mean_abs"] = float(diff.mean())

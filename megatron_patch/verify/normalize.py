@@ -14,6 +14,9 @@ Megatron side, per rank (then gathered over TP and collected from the pipeline s
     (megatron's load-balanced split): after the TP gather, all-gathered over CP and put in sequence order.
 HF side: [b, s, h] already; the router's (top-k weights, top-k indices) over b-major tokens become a
 dense [b, s, E] weight matrix (zeros where not routed), which is what Megatron's router returns.
+DSA indexer (DeepSeek-V3.2): HF's top-k key indices [b, s, k] become the [b, s, S] set of selected causal keys
+(a query with fewer than k earlier keys also "selects" masked ones, which attend to nothing); megatron's
+index_selection is that set already, [b, s_local, S] per micro-batch (rows are queries: the sequence dim).
 """
 from __future__ import annotations
 
@@ -33,6 +36,9 @@ def normalize_hf(kind: str, calls: list, b: int, s: int, num_experts: int) -> to
     out = calls[0]
     if kind == "router":
         return hf_dense_router(out[0], out[1], b, s, num_experts)
+    if kind == "indexer":
+        chosen = torch.zeros(b, s, s, dtype=torch.bool).scatter_(-1, out.long(), True)
+        return (chosen & torch.ones(s, s, dtype=torch.bool).tril()).float()
     return out.float().reshape(b, s, -1)
 
 
@@ -52,6 +58,8 @@ def local_sbx(calls: list, kind: str, num_micro: int, micro_batch: int) -> torch
         out = out.float()
         if kind == "router":
             out = out.reshape(-1, micro_batch, out.shape[-1])  # tokens are s-major: [s_local, mb, E]
+        elif kind == "indexer":
+            out = out.transpose(0, 1)  # [mb, s_local, S] -> [s_local, mb, S]
         parts.append(out)
     return torch.cat(parts, dim=1)
 

@@ -165,6 +165,7 @@ def write_plot(report: dict, path) -> None:
 # component -> (section, label); components not listed (norms, layer outputs) only appear with debug.
 SEED_SECTIONS = ("Multi-Latent Attention (MLA)", "Mixture of Experts (MOE)", "Final Output")
 _SEED_LABELS = {
+    "indexer": (0, "DSA Indexer Top-k"),
     "attention": (0, "Attention Output"),
     "router": (1, "Router Output"),
     "shared_experts": (1, "Shared Experts Output"),

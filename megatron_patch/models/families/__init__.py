@@ -13,12 +13,14 @@ from megatron_patch.models.families.base import Family, HookPoint, ParamRow
 from megatron_patch.models.families.common import (ConcreteRow, ModelArgs, expand_rows, layer_spec,
                                                    mtp_block_spec, shard_context)
 from megatron_patch.models.families.deepseek import DEEPSEEK_V2, DEEPSEEK_V3
+from megatron_patch.models.families.deepseek_v32 import DEEPSEEK_V32
 from megatron_patch.models.families.qwen2 import QWEN2
 from megatron_patch.models.families.qwen3_moe import QWEN3_MOE
 
 FAMILIES: dict[str, Family] = {
     DEEPSEEK_V2.name: DEEPSEEK_V2,
     DEEPSEEK_V3.name: DEEPSEEK_V3,
+    DEEPSEEK_V32.name: DEEPSEEK_V32,
     QWEN2.name: QWEN2,
     QWEN3_MOE.name: QWEN3_MOE,
 }

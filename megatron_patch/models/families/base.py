@@ -50,6 +50,7 @@ class SplitKind:
 
     name = "?"
     num_hf = 1
+    replicated = False  # the same tensor on every TP rank (one shard)
 
     def shard(self, hf: Sequence[LazyTensor], rank: int, size: int, ctx: ShardContext) -> torch.Tensor:
         raise NotImplementedError
@@ -63,6 +64,7 @@ class SplitKind:
 
 class _Replicated(SplitKind):
     name = "Replicated"
+    replicated = True
 
     def shard(self, hf, rank, size, ctx):
         return hf[0][...]
@@ -177,6 +179,39 @@ class _Vocab(SplitKind):
 
     def merge(self, shards, ctx):
         return [torch.cat(list(shards), dim=0)]
+
+
+class IndexerRope(SplitKind):
+    """DeepSeek-V3.2's DSA indexer rows (wq_b per head, wk, k_norm weight and bias): replicated over TP,
+    rows reordered within each head. HF puts the rotary dims first, rotated half-split (rotate_half);
+    megatron's DSAIndexer takes [no-rope, rope] and de-interleaves the rope part before rotating (as MLA),
+    so megatron's rope row 2i is HF's i and row 2i+1 HF's i + rope/2. The indexer only uses q.k, and the
+    same order on q and k (k_norm included) leaves every score unchanged."""
+
+    name = "IndexerRope"
+    replicated = True
+
+    def __init__(self, head_dim: int, rope_dim: int):
+        if rope_dim % 2 or not 0 < rope_dim <= head_dim:
+            raise ValueError(f"IndexerRope: rope dim {rope_dim} must be even and <= head dim {head_dim}")
+        half = rope_dim // 2
+        rope = [j for i in range(half) for j in (i, i + half)]
+        self.order = torch.tensor(list(range(rope_dim, head_dim)) + rope)  # megatron row k <- HF row order[k]
+        self.head_dim = head_dim
+
+    def _rows(self, n: int) -> torch.Tensor:
+        if n % self.head_dim:
+            raise ValueError(f"IndexerRope: {n} rows are not whole heads of {self.head_dim}")
+        return (torch.arange(0, n, self.head_dim)[:, None] + self.order[None, :]).reshape(-1)
+
+    def shard(self, hf, rank, size, ctx):
+        full = hf[0][...]
+        return full[self._rows(full.shape[0])]
+
+    def merge(self, shards, ctx):
+        out = torch.empty_like(shards[0])
+        out[self._rows(out.shape[0])] = shards[0]
+        return [out]
 
 
 Replicated = _Replicated()

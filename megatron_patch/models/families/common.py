@@ -103,6 +103,7 @@ TUNABLE = {
     "attention_dropout", "hidden_dropout", "init_method_std", "moe_aux_loss_coeff",
     "moe_router_load_balancing_type", "moe_router_dtype", "moe_token_dispatcher_type",
     "moe_router_bias_update_rate", "moe_z_loss_coeff", "mtp_num_layers", "moe_grouped_gemm",
+    "dsa_indexer_loss_coeff", "dsa_indexer_use_sparse_loss",
 }
 
 

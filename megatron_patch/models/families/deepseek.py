@@ -215,7 +215,7 @@ def _layer_rows(hf_config, m: str, h: str, dense: tuple | None, moe: tuple | Non
             row(e + "linear_fc1.weight", (he + "gate_proj.weight", he + "up_proj.weight"), GateUp, moe),
             row(e + "linear_fc2.weight", he + "down_proj.weight", Row, moe),
         ]
-        if hf_config.model_type == "deepseek_v3":
+        if hf_config.model_type in ("deepseek_v3", "deepseek_v32"):  # sigmoid routers with a choice bias
             rows.append(row(mm + "router.expert_bias", hm + "gate.e_score_correction_bias", Replicated, moe))
         if hf_config.n_shared_experts:
             sh, hs = mm + "shared_experts.", hm + "shared_experts."
