@@ -44,8 +44,11 @@ class PortableGroupedLinear(MegatronModule):
             input_size = divide(input_size, tp)
         # Expert-parallel params are reduced over the expert-data-parallel group (megatron's DDP reads this).
         allreduce = not (config.expert_model_parallel_size > 1)
+        # One [E, out, in] block whose slices are the weight{i} parameters: the forward reads the block as
+        # it is (no per-forward stack), the names and the state dict stay TE's.
+        block = torch.empty(num_gemms, output_size, input_size, dtype=config.params_dtype)
         for i in range(num_gemms):
-            weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype))
+            weight = torch.nn.Parameter(block[i])
             if config.perform_initialization:
                 _initialize_affine_weight_gpu(weight, init_method, self.tp_axis, is_expert=True)
             else:
@@ -54,9 +57,27 @@ class PortableGroupedLinear(MegatronModule):
             setattr(self, f"weight{i}", weight)
         self._register_load_state_dict_pre_hook(_drop_extra_states)
 
+    def weights(self) -> list:
+        return [getattr(self, f"weight{i}") for i in range(self.num_gemms)]
+
     def stacked_weight(self) -> torch.Tensor:
-        """[E, in, out] (a transposed view of the [E, out, in] stack: the layout grouped_mm wants)."""
-        return torch.stack([getattr(self, f"weight{i}") for i in range(self.num_gemms)]).transpose(1, 2)
+        """[E, in, out] (a transposed view of the [E, out, in] stack: the layout grouped_mm wants). A view of
+        the weights' shared block when they still lie in one (see __init__, _apply), else a stacked copy."""
+        weights = self.weights()
+        if _one_block(weights):
+            return _BlockView.apply(*weights).transpose(1, 2)
+        return torch.stack(weights).transpose(1, 2)
+
+    def _apply(self, fn, recurse=True):
+        """Module.to()/.bfloat16()/.cuda() give each parameter its own new tensor: put them back into one
+        block (same Parameter objects, so optimizers and DDP keep them)."""
+        super()._apply(fn, recurse)
+        weights = self.weights()
+        if weights and not _one_block(weights) and len({(w.shape, w.dtype, w.device) for w in weights}) == 1:
+            block = torch.stack([w.data for w in weights])
+            for i, w in enumerate(weights):
+                w.data = block[i]
+        return self
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Like TE's grouped linear: per expert a ShardedTensor on the global expert axis and an (empty)
@@ -85,6 +106,31 @@ class PortableGroupedLinear(MegatronModule):
 
     def backward_dw(self):
         pass
+
+
+def _one_block(weights: list) -> bool:
+    """True when the weights are the consecutive [out, in] slices of one contiguous block."""
+    first = weights[0]
+    if not first.is_contiguous():
+        return False
+    storage, start, size = first.untyped_storage().data_ptr(), first.storage_offset(), first.numel()
+    return all(w.is_contiguous() and w.shape == first.shape and w.dtype == first.dtype and w.device == first.device
+               and w.untyped_storage().data_ptr() == storage and w.storage_offset() == start + i * size
+               for i, w in enumerate(weights))
+
+
+class _BlockView(torch.autograd.Function):
+    """The [E, out, in] block behind weights that _one_block accepts, without a copy; its gradient goes
+    back to each weight as a slice."""
+
+    @staticmethod
+    def forward(ctx, *weights):
+        first = weights[0]
+        return first.detach().as_strided((len(weights), *first.shape), (first.numel(), *first.stride()))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.unbind(0)
 
 
 def _drop_extra_states(state_dict, prefix, *args):
