@@ -269,6 +269,39 @@ def _norm(original):
 
 
 
+# --- weight-gradient accumulation ----------------------------------------------------------------------
+class PortableWgradAccumulation:
+    """Apex's fused_weight_gradient_mlp_cuda as one torch GEMM: main_grad += grad_output^T @ input. With it
+    megatron's linears (gradient_accumulation_fusion) write weight gradients straight into DDP's buffer,
+    not into a fresh tensor that a hook then adds (a write and a read of every weight per micro-batch)."""
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad):
+        main_grad.addmm_(grad_output.t(), total_input)
+
+    wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32
+
+
+def _no_apex_wgrad() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None
+
+
+@patch("megatron.core.tensor_parallel.layers.fused_weight_gradient_mlp_cuda",
+       "gradient_accumulation_fusion needs Apex's fused_weight_gradient_mlp_cuda; a torch addmm_ does the same",
+       TESTED, ALL, needed=_no_apex_wgrad)
+def _wgrad_accumulation(original):
+    return PortableWgradAccumulation
+
+
+@patch("megatron.core.tensor_parallel.layers._grad_accum_fusion_available",
+       "with the portable fused_weight_gradient_mlp_cuda, gradient_accumulation_fusion is available",
+       TESTED, ALL, needed=_no_apex_wgrad)
+def _wgrad_available(original):
+    return True
+
+
 @patch("megatron.core.transformer.experimental_attention_variant.dsa.rotate_activation",
        "DSA's indexer rotation needs fast_hadamard_transform (a CUDA extension) and bf16; a portable one "
        "serves any device and dtype", TESTED, ALL)
