@@ -68,6 +68,15 @@ class PortableGroupedLinear(MegatronModule):
             return _BlockView.apply(*weights).transpose(1, 2)
         return torch.stack(weights).transpose(1, 2)
 
+    def grouped_forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """[tokens, in] sorted by expert -> [tokens, out], one grouped GEMM."""
+        weights = self.weights()
+        if x.device.type == "cpu" and torch.is_grad_enabled() and isinstance(tokens_per_expert, torch.Tensor) \
+                and all(w.requires_grad and hasattr(w, "main_grad") and hasattr(w, "grad_added_to_main_grad")
+                        for w in weights):
+            return _GroupedLinearIntoMainGrad.apply(x, tokens_per_expert, *weights)
+        return kernels.get("grouped_matmul", x.device.type)(x, self.stacked_weight(), tokens_per_expert)
+
     def _apply(self, fn, recurse=True):
         """Module.to()/.bfloat16()/.cuda() give each parameter its own new tensor: put them back into one
         block (same Parameter objects, so optimizers and DDP keep them)."""
@@ -133,6 +142,42 @@ class _BlockView(torch.autograd.Function):
         return grad.unbind(0)
 
 
+def _block(weights) -> torch.Tensor:
+    """[E, out, in]: the weights' shared block, or a stacked copy when they do not lie in one."""
+    if _one_block(weights):
+        first = weights[0]
+        return first.detach().as_strided((len(weights), *first.shape), (first.numel(), *first.stride()))
+    return torch.stack([w.detach() for w in weights])
+
+
+class _GroupedLinearIntoMainGrad(torch.autograd.Function):
+    """The grouped GEMM x @ W_e^T whose backward adds each expert's weight gradient straight into DDP's
+    main_grad (one addmm_ per expert, as megatron's gradient_accumulation_fusion does for its linears)
+    instead of into a fresh [E, in, out] tensor that DDP's hooks then add. CPU only: splitting the rows per
+    expert needs the counts on the host."""
+
+    @staticmethod
+    def forward(ctx, x, tokens_per_expert, *weights):
+        ctx.save_for_backward(x, tokens_per_expert, *weights)
+        return kernels.get("grouped_matmul", "cpu")(x, _block(weights).transpose(1, 2), tokens_per_expert)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, tokens_per_expert, *weights = ctx.saved_tensors
+        grad = grad.contiguous()
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = kernels.get("grouped_matmul", "cpu")(grad, _block(weights), tokens_per_expert)
+        counts = tokens_per_expert.tolist()
+        dummies = []
+        for weight, rows, grad_rows in zip(weights, x.split(counts), grad.split(counts)):
+            weight.main_grad.addmm_(grad_rows.t(), rows)
+            weight.grad_added_to_main_grad = True
+            # megatron's pattern: an uninitialised gradient that DDP's hook skips (grad_added_to_main_grad)
+            dummies.append(torch.empty_like(weight))
+        return (dx, None, *dummies)
+
+
 def _drop_extra_states(state_dict, prefix, *args):
     """TE/SequentialMLP checkpoints carry `_extra_state{i}` entries (fp8 metadata or None) that these
     linears do not hold: loading ignores them (TE's set_extra_state ignores empty ones the same way)."""
@@ -168,8 +213,7 @@ class PortableGroupedMLP(TEGroupedMLP):
                 permuted_probs: torch.Tensor):
         x = permuted_local_hidden_states
         device = x.device.type
-        gmm = kernels.get("grouped_matmul", device)
-        fc1 = gmm(x, self.linear_fc1.stacked_weight(), tokens_per_expert)
+        fc1 = self.linear_fc1.grouped_forward(x, tokens_per_expert)
         if self.config.gated_linear_unit:
             if self.config.activation_func is not torch.nn.functional.silu:
                 raise ValueError("grouped experts: a gated unit other than SwiGLU is not supported")
@@ -178,4 +222,4 @@ class PortableGroupedMLP(TEGroupedMLP):
             act = self.config.activation_func(fc1)
         # As SequentialMLP's MLP: scale by the router prob in the promoted dtype, then back.
         act = (act * permuted_probs.unsqueeze(-1)).to(fc1.dtype)
-        return gmm(act, self.linear_fc2.stacked_weight(), tokens_per_expert), None
+        return self.linear_fc2.grouped_forward(act, tokens_per_expert), None
