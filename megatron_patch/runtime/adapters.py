@@ -145,6 +145,19 @@ def _move_to_host(original):
     return move
 
 
+@patch("megatron.core.transformer.moe.moe_utils.sort_chunks_by_idxs",
+       "the alltoall dispatcher re-sorts tokens by local expert even when the order is already right (one "
+       "expert-parallel rank): skip the copy for an identity order", TESTED, ALL)
+def _sort_chunks_identity(original):
+    @functools.wraps(original)
+    def sort_chunks_by_idxs(input, split_sizes, sorted_idxs, probs=None, fused=False):
+        if not fused and sorted_idxs.tolist() == list(range(sorted_idxs.numel())):
+            return input, probs
+        return original(input, split_sizes, sorted_idxs, probs=probs, fused=fused)
+
+    return sort_chunks_by_idxs
+
+
 @patch("megatron.core.tensor_parallel.mappings._gather_along_first_dim",
        "gloo's all_gather needs equal sizes: pad uneven splits to the max and trim", TESTED, ("cpu",))
 def _gather_uneven(original):
