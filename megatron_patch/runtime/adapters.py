@@ -282,6 +282,22 @@ def _norm(original):
 
 
 
+@patch("megatron.core.utils.local_multi_tensor_scale",
+       "gradient clipping without Apex scales every gradient as dst.copy_(src * scale), a temporary and a "
+       "copy per tensor; when src is dst, scale in place (the same multiply, the same bits)", TESTED, ALL)
+def _scale_in_place(original):
+    @functools.wraps(original)
+    def local_multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):
+        src, dst = tensor_lists[0], tensor_lists[1]
+        if len(src) == len(dst) and all(s is d for s, d in zip(src, dst)):
+            for tensor in dst:
+                tensor.mul_(scale)
+            return
+        original(chunk_size, noop_flag, tensor_lists, scale)
+
+    return local_multi_tensor_scale
+
+
 # --- weight-gradient accumulation ----------------------------------------------------------------------
 class PortableWgradAccumulation:
     """Apex's fused_weight_gradient_mlp_cuda as one torch GEMM: main_grad += grad_output^T @ input. With it
