@@ -193,6 +193,27 @@ def test_rms_norm_torch_matches_hf(dtype, hf_deepseek):
     close(out, expected, atol=0, rtol=0)  # same ops in the same order: bit-identical
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_torch_gradients_match_hf(dtype, hf_deepseek):
+    # forward: bits of HF's; backward (closed form): HF's autograd gradients within rounding
+    g = gen(11)
+    x = (torch.randn(3, 5, 32, generator=g) * 3).to(dtype)
+    grad_out = torch.randn(3, 5, 32, generator=g).to(dtype)
+    hf = hf_deepseek.DeepseekV3RMSNorm(32, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        hf.weight.copy_(torch.randn(32, generator=g))
+    weight = hf.weight.detach().clone().requires_grad_()
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = rms_norm.rms_norm(ours, weight, 1e-6)
+    expected = hf(theirs)
+    close(out, expected, atol=0, rtol=0)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    eps = torch.finfo(dtype).eps  # a few ulps of each gradient's largest entry
+    for mine, ref in ((ours.grad, theirs.grad), (weight.grad, hf.weight.grad)):
+        close(mine.float(), ref.float(), rtol=0, atol=8 * eps * ref.float().abs().max().item())
+
+
 def test_rms_norm_npu(npu_double):
     g = gen(3)
     x = torch.randn(4, 6, 32, generator=g)
