@@ -306,7 +306,10 @@ class PortableWgradAccumulation:
 
     @staticmethod
     def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad):
-        main_grad.addmm_(grad_output.t(), total_input)
+        if total_input.dtype == main_grad.dtype:
+            main_grad.addmm_(grad_output.t(), total_input)
+        else:  # bf16/fp16 activations, fp32 main_grad: as the unfused path (GEMM in their dtype, then add)
+            main_grad.add_(grad_output.t().matmul(total_input))
 
     wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32
 

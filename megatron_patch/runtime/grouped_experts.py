@@ -171,7 +171,10 @@ class _GroupedLinearIntoMainGrad(torch.autograd.Function):
         counts = tokens_per_expert.tolist()
         dummies = []
         for weight, rows, grad_rows in zip(weights, x.split(counts), grad.split(counts)):
-            weight.main_grad.addmm_(grad_rows.t(), rows)
+            if rows.dtype == weight.main_grad.dtype:
+                weight.main_grad.addmm_(grad_rows.t(), rows)
+            else:  # bf16/fp16 experts, fp32 main_grad: the GEMM in their dtype, then the add
+                weight.main_grad.add_(grad_rows.t().matmul(rows))
             weight.grad_added_to_main_grad = True
             # megatron's pattern: an uninitialised gradient that DDP's hook skips (grad_added_to_main_grad)
             dummies.append(torch.empty_like(weight))

@@ -29,10 +29,13 @@ def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: 
             sdpa_mask = sdpa_mask & _keep_lower_triangle(q.shape[-2], k.shape[-2], q.device)
             causal = False
     dv = v.shape[-1]
-    if q.device.type == "cpu" and dv < q.shape[-1]:
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if q.device.type == "cpu" and dv < q.shape[-1] and training:
         # MLA (v narrower than q/k): CPU SDPA takes its flash kernel only for equal head dims and otherwise
         # falls back to the unfused math path (2-3x slower forward and backward at MLA's sizes). Zero
         # columns in v give zero output columns and leave the others as they were: pad, then slice.
+        # Training only: flash differs from the math path by rounding, and without gradients (compare,
+        # inference) the math path stays bit-identical to HF's SDPA.
         v = F.pad(v, (0, q.shape[-1] - dv))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=0.0, is_causal=causal,
                                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])
