@@ -306,11 +306,13 @@ class Trainer:
 
     def _start_state(self) -> None:
         from megatron_patch.training.checkpointing import load_training_checkpoint
+        from megatron_patch.training.setup_model import use_fused_adam
 
         if self.resume_from is not None:
             self.iteration, self.consumed = load_training_checkpoint(
                 self.resume_from, self.chunks, self.optimizer, self.scheduler,
                 load_optim=not self.args.no_load_optim, load_rng=not self.args.no_load_rng)
+            use_fused_adam(self.optimizer)
             if self.consumed != self.iteration * self.gbs:
                 raise UserError(f"{self.resume_from} consumed {self.consumed} samples in {self.iteration} "
                                 f"iterations; --global-batch-size {self.gbs} does not match the checkpoint")
