@@ -327,7 +327,12 @@ def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) ->
         stored = stored_keys(root)  # the checkpoint's names (local or TE spec) decide the keys requested
         sharded = {k: match_sharded(sd, stored, f"--mcore-path {spec.mcore_path}", extra_state=False)[0]
                    for k, sd in model_sharded_state_dict(chunks).items()}
-        loaded = dist_load(sharded, root)
+        from megatron.core.dist_checkpointing.core import CheckpointingException
+
+        try:
+            loaded = dist_load(sharded, root)
+        except CheckpointingException as err:
+            raise UserError(f"--mcore-path {spec.mcore_path}: the checkpoint does not match the model ({err})") from None
         state_dicts = [loaded[k] for k in keys]
     if len(state_dicts) != len(chunks):
         raise UserError(f"--mcore-path holds {len(state_dicts)} model chunk(s) per rank, the layout builds "
