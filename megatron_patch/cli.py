@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from megatron_patch.errors import UserError
+from megatron_patch.errors import UserError, print_once_per_node
 
 # module path -> registers one or more subcommands
 COMMAND_MODULES = (
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return int(args.func(args) or 0)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print_once_per_node(f"error: {err}")  # under torchrun every rank fails alike
             return 2
 
 

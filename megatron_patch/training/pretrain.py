@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 
 from megatron_patch.cli import file_size_limit_as_error, quiet_known_warnings
-from megatron_patch.errors import UserError
+from megatron_patch.errors import UserError, print_once_per_node
 
 # Light on purpose (no torch at import): dist_checkpointing's writer spawns a multiprocessing Manager,
 # whose child re-imports the __main__ module; keeping this module cheap keeps that spawn fast.
@@ -61,36 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         code = 2
     record_exit_code(code)
     return code
-
-
-def print_once_per_node(line: str) -> None:
-    """Bad input fails every rank the same way: under torchrun, the first local rank to reach a line prints it
-    and the others, finding its claim file (named after the agent's pid and the line), stay silent; a line
-    that differs between ranks is printed by each. Claims of agents that are gone are removed here."""
-    import hashlib
-    import os
-    import tempfile
-    from pathlib import Path
-
-    from megatron_patch.convert.atomic import pid_alive
-
-    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
-        scratch = Path(tempfile.gettempdir())
-        for stale in scratch.glob(f"{ERROR_CLAIM}*-*"):
-            pid = stale.name[len(ERROR_CLAIM):].split("-", 1)[0]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                stale.unlink(missing_ok=True)
-        digest = hashlib.sha1(line.encode()).hexdigest()[:16]
-        try:
-            os.close(os.open(scratch / f"{ERROR_CLAIM}{os.getppid()}-{digest}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return
-        except OSError:
-            pass  # no claim possible: print it
-    print(line, file=sys.stderr, flush=True)
-
-
-ERROR_CLAIM = "mp-error-"
 
 
 def record_exit_code(code: int) -> None:
