@@ -185,7 +185,7 @@ def test_megatron_lm_checkpoint_content_loads(tmp_path):
 
 
 def test_corrupt_checkpoint_files_are_one_line_errors(ckpts, tmp_path):
-    """Not a payload, just damage: a `.pt` holding a list, a truncated `.metadata`."""
+    """Not a payload, just damage: a `.pt` holding a list, a truncated `.metadata`, a garbage metadata.json."""
     src = tmp_path / "list_pt"
     shutil.copytree(ckpts["root"] / "torch", src)
     torch.save([1, 2, 3], src / "release/mp_rank_00/model_optim_rng.pt")
@@ -196,6 +196,9 @@ def test_corrupt_checkpoint_files_are_one_line_errors(ckpts, tmp_path):
     meta = dist / "release/.metadata"
     meta.write_bytes(meta.read_bytes()[:40])
     with pytest.raises(UserError, match="the file is corrupt"):
+        safe_load.check_dist_checkpoint(dist / "release")
+    (dist / "release/metadata.json").write_text("not json{")  # JSON, not a pickle; megatron's reader raised
+    with pytest.raises(UserError, match="metadata.json cannot be read \\(Expecting value"):
         safe_load.check_dist_checkpoint(dist / "release")
 
 

@@ -148,7 +148,14 @@ def check_dist_checkpoint(ckpt_dir) -> None:
     anything over SCAN_LIMIT are left to the (patched) loader that reads them."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
+    from megatron.core.dist_checkpointing.core import maybe_load_config
+
     ckpt_dir = Path(ckpt_dir)
+    try:
+        maybe_load_config(str(ckpt_dir))  # metadata.json: JSON, not a pickle, but a damaged one was a traceback
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{ckpt_dir / 'metadata.json'} cannot be read ({err}); the checkpoint is damaged (re-copy "
+                        "it)") from None
     meta_path = ckpt_dir / ".metadata"
     if not meta_path.is_file():
         raise UserError(f"{ckpt_dir}: no .metadata, not a complete torch_dist checkpoint (re-copy it)")
