@@ -290,6 +290,8 @@ def mismatched(ckpts):
                          None, f"{norm} is int64, not floating point"),
         "stray fp16": (_edit_rank_file(root / "torch", root / "fp16", lambda ck: ck["model"].__setitem__(norm, ck["model"][norm].half())),
                        None, f"{norm} is float16 while the others are float32"),
+        "another model's --hf-config": (root / "torch", make_mini("qwen2", root / "hf96", layers=2, hidden=96),
+                                        "is another model than the checkpoint's own"),
         "unbuildable config": (_edit_rank_file(root / "torch", root / "no_args_2", lambda ck: (no_args(ck), drop_config(ck))),
                                huge, "transformers cannot build a model from this config.json"),
     }
@@ -297,7 +299,7 @@ def mismatched(ckpts):
 
 
 @pytest.mark.parametrize("case", ["4 layers, 2-layer config", "4 layers without args", "wrong shape", "int64 tensor",
-                                  "stray fp16", "unbuildable config"])
+                                  "stray fp16", "another model's --hf-config", "unbuildable config"])
 def test_output_is_checked_against_the_config(ckpts, mismatched, capsys, case):
     src, hf_config, message = mismatched[case]
     out = ckpts["root"] / "out-mismatch"

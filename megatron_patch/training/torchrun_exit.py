@@ -5,7 +5,7 @@ the ranks returned. Our documented codes (2 bad input, 3 a NaN stop or a stopped
 torchrun imports every `torchrun.handlers` entry point at start-up (its rendezvous plugin hook); ours
 (pyproject.toml) registers no rendezvous backend, it only installs `map_exit_code` in the agent when the
 worker command is megatron-patch's, so `torchrun ... -m megatron_patch.training.pretrain` and
-`torchrun ... megatron-patch train` end with the ranks' code: 3 when a rank returned 3, else 2 when one
+`torchrun ... megatron-patch train` (and examples/*.py under torchrun) end with the ranks' code: 3 when a rank returned 3, else 2 when one
 returned 2, else torchrun's 1 when one returned 1 (a traceback, as in one process), else 3 when ranks only died
 by signals (a dead rank; the survivors' SIGTERM comes from the agent itself).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+from pathlib import Path
 
 OUR_COMMANDS = ("megatron_patch", "megatron-patch")
 _code: list[int] = []
@@ -31,10 +32,18 @@ def exit_code_of(failure_codes) -> int | None:
     return None
 
 
+def _is_ours(arg: str) -> bool:
+    """The worker command names megatron-patch, or is one of this checkout's example scripts."""
+    if any(name in arg for name in OUR_COMMANDS):
+        return True
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    return arg.endswith(".py") and Path(arg).resolve().is_relative_to(examples)
+
+
 def _is_our_agent(argv: list[str]) -> bool:
     launcher = os.path.basename(argv[0]) if argv else ""
     is_agent = launcher == "torchrun" or argv[0].replace(os.sep, "/").endswith("torch/distributed/run.py")
-    return is_agent and any(name in arg for arg in argv[1:] for name in OUR_COMMANDS)
+    return is_agent and any(_is_ours(arg) for arg in argv[1:])
 
 
 def _excepthook(kind, value, tb, previous=sys.excepthook):
