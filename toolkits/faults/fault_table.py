@@ -365,7 +365,7 @@ def main():
     case("NaN stop: torchrun -m megatron_patch.training.pretrain", [*TORCHRUN, port(), "-m",
                                                                     "megatron_patch.training.pretrain", *nan])
     case("NaN stop: torchrun megatron-patch train", [*TORCHRUN, port(), str(Path(PY).parent / "megatron-patch"), "train",
-                                                     *nan], env={"PYTHONPATH": str(REPO)})
+                                                     *nan])
     launcher = ["bash", REPO / "examples/qwen2/run_mcore_qwen2.sh", "local", "mini", 2, 2, "1e30", "1e29", 32, 32, "fp32",
                 2, 1, 1, 1, 1, "false", "false", "false", "false", "none", "false", 100, data, "none", hf, 256, 0]
     case("NaN stop: examples/qwen2/run_mcore_qwen2.sh (TP2)", [*launcher, W / "launch-nan"], env={"PY": PY},
