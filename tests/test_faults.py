@@ -557,6 +557,11 @@ def test_torchrun_ends_with_the_ranks_exit_code(tmp_path):
     assert exit_code_of([3, -15]) == 3 and exit_code_of([-15, 2]) == 2 and exit_code_of([2, 3]) == 3
     assert exit_code_of([-9, -15]) == 3  # a dead rank; the agent SIGTERMs the rest
     assert exit_code_of([1, -15]) is None and exit_code_of([]) is None  # a traceback stays torchrun's 1
+    from megatron_patch.training.pretrain import peer_is_gone
+
+    assert peer_is_gone(RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:51085: Connection reset "
+                                     "by peer. This is typically caused by a remote worker hanging"))
+    assert not peer_is_gone(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
     # the entry point as `pip install` records it (the venv may hold an older install of the project)
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
