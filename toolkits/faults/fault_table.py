@@ -91,6 +91,8 @@ def row(case, cmd, rc, err, notes):
 def case(name, argv, out=None, inputs=(), marker=None, env=None, timeout=600, expect=None):
     if ONLY and not any(o in name for o in ONLY):
         return None
+    if out is not None and Path(out).is_dir() and W in Path(out).parents:
+        shutil.rmtree(out)  # an earlier table run's output
     before = [snapshot(p) for p in inputs]
     rc, stdout, stderr, secs = sh(argv, env=env, timeout=timeout)
     notes = []
@@ -382,24 +384,28 @@ def hang(data, hf):
     if ONLY and not any(o in "hung dead rank SIGSTOP SIGKILL" for o in ONLY):
         return
     for label, sig in (("hung rank (SIGSTOP rank 1)", signal.SIGSTOP), ("dead rank (SIGKILL rank 1)", signal.SIGKILL)):
+        metrics = W / f"metrics-{sig.name}.jsonl"
+        metrics.unlink(missing_ok=True)
         argv = [*TORCHRUN, port(), "-m", "megatron_patch.training.pretrain", "--hf-config", hf, "--data-path", data,
-                *TRAIN[:2], "--global-batch-size", 4, *TRAIN[4:], "--train-iters", 400, "--heartbeat-timeout", 10]
+                *TRAIN[:2], "--global-batch-size", 4, *TRAIN[4:], "--train-iters", 400, "--heartbeat-timeout", 10,
+                "--metrics-file", metrics]
         proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=ENV)
+                                env=ENV, start_new_session=True)  # a timeout kills the agent and its ranks alike
         import psutil
 
         start, stopped = time.time(), None
         while stopped is None and time.time() - start < 300 and proc.poll() is None:
             kids = [c for c in psutil.Process(proc.pid).children(recursive=True) if "pretrain" in " ".join(c.cmdline())]
             ranks = {c.environ().get("RANK"): c for c in kids if "RANK" in c.environ()}
-            if "1" in ranks and time.time() - start > 25:
+            steps = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+            if "1" in ranks and steps >= 3:  # stopped mid-training, past start-up
                 ranks["1"].send_signal(sig)
                 stopped = time.time()
             time.sleep(1)
         try:
             out, err = proc.communicate(timeout=240)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
         secs = time.time() - (stopped or start)
         errs = [line for line in err.splitlines() if line.startswith("error:")]
