@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from megatron_patch.errors import UserError
+from megatron_patch.errors import UserError, print_once_per_node
 
 # module path -> registers one or more subcommands
 COMMAND_MODULES = (
@@ -54,8 +54,18 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing.*")
 
 
+def file_size_limit_as_error() -> None:
+    """Past `ulimit -f` the kernel kills the writer with SIGXFSZ (no message, a half-written file); ignored,
+    the write fails with EFBIG instead, which the output code turns into one `error:` line."""
+    import signal
+
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
-    quiet_known_warnings()  # else they precede a command's output and its one-line errors
+    quiet_known_warnings()
+    file_size_limit_as_error()  # else they precede a command's output and its one-line errors
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -69,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return int(args.func(args) or 0)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print_once_per_node(f"error: {err}")  # under torchrun every rank fails alike
             return 2
 
 

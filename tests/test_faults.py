@@ -39,7 +39,10 @@ class Payload:
 
 def _tamper_pt(path, marker, key="args"):
     ck = torch.load(path, weights_only=False)
-    ck[key].note = Payload(marker)  # inside Megatron's args Namespace, where a real one would hide it
+    if isinstance(ck[key], dict):  # a training run's args
+        ck[key]["note"] = Payload(marker)
+    else:
+        ck[key].note = Payload(marker)  # inside Megatron's args Namespace, where a real one would hide it
     torch.save(ck, path)
 
 
@@ -182,7 +185,7 @@ def test_megatron_lm_checkpoint_content_loads(tmp_path):
 
 
 def test_corrupt_checkpoint_files_are_one_line_errors(ckpts, tmp_path):
-    """Not a payload, just damage: a `.pt` holding a list, a truncated `.metadata`."""
+    """Not a payload, just damage: a `.pt` holding a list, a truncated `.metadata`, a garbage metadata.json."""
     src = tmp_path / "list_pt"
     shutil.copytree(ckpts["root"] / "torch", src)
     torch.save([1, 2, 3], src / "release/mp_rank_00/model_optim_rng.pt")
@@ -193,6 +196,9 @@ def test_corrupt_checkpoint_files_are_one_line_errors(ckpts, tmp_path):
     meta = dist / "release/.metadata"
     meta.write_bytes(meta.read_bytes()[:40])
     with pytest.raises(UserError, match="the file is corrupt"):
+        safe_load.check_dist_checkpoint(dist / "release")
+    (dist / "release/metadata.json").write_text("not json{")  # JSON, not a pickle; megatron's reader raised
+    with pytest.raises(UserError, match="metadata.json cannot be read \\(Expecting value"):
         safe_load.check_dist_checkpoint(dist / "release")
 
 
@@ -284,6 +290,8 @@ def mismatched(ckpts):
                          None, f"{norm} is int64, not floating point"),
         "stray fp16": (_edit_rank_file(root / "torch", root / "fp16", lambda ck: ck["model"].__setitem__(norm, ck["model"][norm].half())),
                        None, f"{norm} is float16 while the others are float32"),
+        "another model's --hf-config": (root / "torch", make_mini("qwen2", root / "hf96", layers=2, hidden=96),
+                                        "is another model than the checkpoint's own"),
         "unbuildable config": (_edit_rank_file(root / "torch", root / "no_args_2", lambda ck: (no_args(ck), drop_config(ck))),
                                huge, "transformers cannot build a model from this config.json"),
     }
@@ -291,7 +299,7 @@ def mismatched(ckpts):
 
 
 @pytest.mark.parametrize("case", ["4 layers, 2-layer config", "4 layers without args", "wrong shape", "int64 tensor",
-                                  "stray fp16", "unbuildable config"])
+                                  "stray fp16", "another model's --hf-config", "unbuildable config"])
 def test_output_is_checked_against_the_config(ckpts, mismatched, capsys, case):
     src, hf_config, message = mismatched[case]
     out = ckpts["root"] / "out-mismatch"
@@ -422,3 +430,152 @@ def test_rank_scratch_of_a_killed_run_is_removed_at_the_next_run(tmp_path, monke
         (d / "rank0.err").write_text("x")
     clean_stale_scratch()
     assert not stale.exists() and live.exists()
+
+
+def _training_checkpoint(ckpts, name, tamper):
+    """The torch_dist checkpoint laid out as a LoRA training run's (iter_0000001, tracker, scheduler state and
+    lora args in common.pt, which is what train --load and lora2peft look for), then tampered."""
+    dst = ckpts["root"] / name
+    shutil.copytree(ckpts["root"] / "dist", dst)
+    os.rename(dst / "release", dst / "iter_0000001")
+    (dst / mcore_layout.TRACKER_NAME).write_text("1")
+    common = dst / "iter_0000001" / "common.pt"
+    state = torch.load(common, weights_only=False)
+    args = state["args"] if isinstance(state["args"], dict) else vars(state["args"])
+    state.update(opt_param_scheduler={"num_steps": 1}, args={**args, "lora_rank": 4, "lora_target": "q_proj"})
+    torch.save(state, common)
+    tamper(dst / "iter_0000001")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def bad_training_checkpoints(ckpts):
+    marker = ckpts["marker"]
+    return {"train_metadata": _training_checkpoint(ckpts, "train_metadata", lambda d: _tamper_metadata(d, marker)),
+            "train_common_pt": _training_checkpoint(ckpts, "train_common_pt", lambda d: _tamper_pt(d / "common.pt", marker)),
+            **{name: ckpts["bad"][name] for name in ("legacy_pt", "dist_metadata", "dist_common_pt")}, "marker": marker}
+
+
+def test_train_load_and_lora2peft_refuse_tampered_checkpoints(ckpts, bad_training_checkpoints, tmp_path, capsys,
+                                                              monkeypatch):
+    """train --load (model-only and training checkpoints) and lora2peft read no payload: exit 2, one line naming
+    the file, the payload never runs, --save gets nothing (no lock left either), the input is unchanged."""
+    from megatron_patch.runtime.multirank import free_port
+
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    bad = bad_training_checkpoints
+    save, data = tmp_path / "save", str(tmp_path / "data")
+    builder = IndexedDatasetBuilder(data + ".bin", dtype=numpy.uint16)
+    builder.add_document(torch.arange(5, 100), [95])
+    builder.finalize(data + ".idx")
+    runs = [(["train", "--hf-config", str(ckpts["hf"]), "--load", str(bad[name]), "--data-path", data, "--seq-length", "8",
+              "--micro-batch-size", "1", "--train-iters", "1", "--save", str(save), "--no-load-optim"], name)
+            for name in ("legacy_pt", "dist_metadata", "dist_common_pt", "train_metadata", "train_common_pt")]
+    runs += [(["convert", "lora2peft", "--mcore-path", str(bad[name]), "--hf-config", str(ckpts["hf"]), "--out",
+               str(tmp_path / "adapter")], name) for name in ("train_metadata", "train_common_pt")]
+    for argv, name in runs:
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+        before = _snapshot(bad[name])
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("error: ") and REFUSED in err[0] and str(bad[name]) in err[0], (argv, err)
+        assert not bad["marker"].exists(), f"{argv}: the payload ran"
+        assert _snapshot(bad[name]) == before
+        assert not list(save.glob("*")) and not list(tmp_path.glob(".save*")) and not list(tmp_path.glob("*adapter*")), argv
+
+
+def test_full_read_only_and_size_limited_disks_are_one_line(ckpts, tmp_path, capsys, monkeypatch):
+    """A full disk (torch's 'unexpected pos' and a plain ENOSPC), a read-only directory and `ulimit -f` (EFBIG:
+    main() ignores SIGXFSZ, which would kill the writer silently) each end hf2mcore with exit 2 and one line
+    naming the path and the bytes the output needs; nothing is left next to it."""
+    import errno
+    import resource
+
+    hf = ckpts["hf"]
+    needed = sum(p.stat().st_size for p in hf.rglob("*") if p.is_file())
+    out = tmp_path / "out" / "ckpt"
+
+    def convert():
+        capsys.readouterr()
+        assert main(["convert", "hf2mcore", "--hf-path", str(hf), "--out", str(out)]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("error: "), err
+        assert not out.exists() and not [p for p in out.parent.iterdir()], list(out.parent.iterdir())
+        return err[0]
+
+    real_save = torch.save
+    for failure in (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+                    OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))):
+        def full(*args, failure=failure, **kwargs):
+            raise failure
+        monkeypatch.setattr(torch, "save", full)
+        line = convert()
+        assert f"no space left on the device of {out.parent} (the output needs about {needed} bytes, " in line, line
+        assert line.endswith("bytes free); free space there or choose another output path"), line
+    monkeypatch.setattr(torch, "save", real_save)
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        line = convert()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert f"cannot write to {out.parent}: a file would exceed the file size limit of 65536 bytes (ulimit -f)" in line
+    assert f"needs about {needed} bytes" in line
+
+    if os.getuid() != 0:
+        out.parent.chmod(0o555)
+    else:  # root writes through chmod: the filesystem refuses instead
+        real_write = Path.write_text
+
+        def read_only(self, *args, **kwargs):
+            if self.parent == out.parent:
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+            return real_write(self, *args, **kwargs)
+        monkeypatch.setattr(Path, "write_text", read_only)
+    try:
+        line = convert()
+    finally:
+        out.parent.chmod(0o755)
+    reason = os.strerror(errno.EROFS if os.getuid() == 0 else errno.EACCES)
+    assert line == (f"error: cannot write to {out.parent} ({reason}); choose a writable output path with about "
+                    f"{needed} bytes free"), line
+
+
+def test_torchrun_ends_with_the_ranks_exit_code(tmp_path):
+    """torchrun exits 1 for any failed worker; our `torchrun.handlers` entry point (pyproject.toml) makes it
+    return the ranks' code for megatron-patch jobs: bad input at 2 ranks is exit 2 and one `error:` line."""
+    import subprocess
+    import sys
+    import tomllib
+
+    from megatron_patch.runtime.multirank import free_port
+    from megatron_patch.training.torchrun_exit import exit_code_of
+
+    assert exit_code_of([3, -15]) == 3 and exit_code_of([-15, 2]) == 2 and exit_code_of([2, 3]) == 3
+    assert exit_code_of([-9, -15]) == 3  # a dead rank; the agent SIGTERMs the rest
+    assert exit_code_of([1, -15]) is None and exit_code_of([]) is None  # a traceback stays torchrun's 1
+    from megatron_patch.training.pretrain import peer_is_gone
+
+    assert peer_is_gone(RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:51085: Connection reset "
+                                     "by peer. This is typically caused by a remote worker hanging"))
+    assert not peer_is_gone(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+    # the entry point as `pip install` records it (the venv may hold an older install of the project)
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    plugins = project["entry-points"]["torchrun.handlers"]
+    info = tmp_path / "megatron_patch_under_test-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: megatron-patch-under-test\nVersion: 0\n")
+    (info / "entry_points.txt").write_text("[torchrun.handlers]\n" + "".join(f"{k} = {v}\n" for k, v in plugins.items()))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), str(tmp_path)]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), "-m", "megatron_patch.training.pretrain", "--hf-config",
+                           str(tmp_path / "missing"), "--data-path", str(tmp_path / "data"), "--train-iters", "1",
+                           "--seq-length", "8", "--micro-batch-size", "1"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(errors) == 1 and f"{tmp_path / 'data'}.bin not found" in errors[0], proc.stderr[-3000:]  # one line, not one a rank

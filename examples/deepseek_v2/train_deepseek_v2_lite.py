@@ -41,7 +41,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_patch.errors import UserError
+    from megatron_patch.errors import UserError, print_once_per_node
     from megatron_patch.training.arguments import build_parser
     from megatron_patch.training.pretrain import quiet_known_warnings, run
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
             "--lr", str(args.lr), "--data-path", prefix, "--seed", str(args.seed), *DTYPES[args.dtype]])
         rc = run(train_args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print_once_per_node(f"error: {err}")
         return 2
     if rc == 0:
         say("[Done] Training completed successfully!")

@@ -14,12 +14,14 @@ import contextlib
 import errno
 import json
 import os
+import re
+import resource
 import shutil
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from megatron_patch.errors import UserError
+from megatron_patch.errors import UserError, exception_chain
 from megatron_patch.runtime.processes import pid_alive
 
 MARKER = ".megatron-patch-output"  # written into every output; --force replaces only what carries it
@@ -81,7 +83,7 @@ def _clean_stale(final: Path) -> None:
 
 
 @contextlib.contextmanager
-def output_lock(final: Path) -> Iterator[None]:
+def output_lock(final: Path, needed: int | None = None) -> Iterator[None]:
     """Exclusive right to write `final`: a `.NAME.lock` file next to it holding our pid, created whole
     (written under a private name, then hard-linked: the link fails if the lock exists)."""
     lock = final.parent / f".{final.name}.lock"
@@ -104,29 +106,53 @@ def output_lock(final: Path) -> Iterator[None]:
         else:
             raise UserError(f"cannot take the lock {lock} (another process keeps re-creating it); choose another path")
     except OSError as err:
-        raise _disk_error(err, final.parent) or err
+        raise disk_error(err, final.parent, needed) or err
     finally:
-        mine.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only disk refuses even to unlink a missing file (EROFS)
+            mine.unlink(missing_ok=True)
     try:
         yield
     finally:
         lock.unlink(missing_ok=True)
 
 
-def _disk_error(err: BaseException, where: Path) -> UserError | None:
-    """One line for a full or read-only disk (torch's writer reports a full disk as 'unexpected pos')."""
-    code = getattr(err, "errno", None)
+def _tree_size(paths: Iterable) -> int:
+    total = 0
+    for path in paths:
+        path = Path(path) if path is not None else None
+        if path is not None and path.is_file():
+            total += path.stat().st_size
+        elif path is not None and path.is_dir():
+            total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    return total
+
+
+def disk_error(err: BaseException, where: Path, needed: int | None = None) -> UserError | None:
+    """One line for a read-only, full or size-limited disk naming the path and the bytes needed (torch's
+    writer reports a full disk as 'unexpected pos'; `ulimit -f` gives EFBIG once SIGXFSZ is ignored)."""
+    chain = exception_chain(err)
+    codes = [e.errno for e in chain if isinstance(e, OSError) and e.errno]
+    # safetensors' (Rust) writer reports the OS error as text: "... (os error 28)"
+    codes += [int(n) for e in chain for n in re.findall(r"\(os error (\d+)\)", str(e))]
+    code = codes[0] if codes else None
+    text = " ".join(str(e) for e in chain)
+    need = f"needs about {needed} bytes, " if needed else ""
     if code in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return UserError(f"cannot write to {where} ({os.strerror(code)}); choose a writable output path")
-    full = code in (errno.ENOSPC, errno.EDQUOT) or isinstance(err, RuntimeError) and any(
-        text in str(err) for text in ("unexpected pos", "PytorchStreamWriter failed", "No space left"))
-    if full:
+        room = f" with about {needed} bytes free" if needed else ""
+        return UserError(f"cannot write to {where} ({os.strerror(code)}); choose a writable output path{room}")
+    failed_write = code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or code is None and any(
+        t in text for t in ("unexpected pos", "PytorchStreamWriter failed", "No space left", "File too large"))
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if failed_write and (code == errno.EFBIG or limit != resource.RLIM_INFINITY):
+        return UserError(f"cannot write to {where}: a file would exceed the file size limit of {limit} bytes "
+                         f"(ulimit -f); the output {need}raise the limit or choose another output path")
+    if failed_write:
         try:
             free = f"{shutil.disk_usage(where).free} bytes free"
         except OSError:
             free = "free space unknown"
-        return UserError(f"no space left on the device of {where} ({free}); free space there or choose another "
-                         "output path")
+        return UserError(f"no space left on the device of {where} (the output {need}{free}); free space there or "
+                         "choose another output path")
     return None
 
 
@@ -141,15 +167,17 @@ def atomic_output_dir(final_path: str | os.PathLike, force: bool = False, inputs
 
     The sibling lives in the same parent so the final rename stays on one filesystem (atomic).
     """
+    inputs = [p for p in inputs if p is not None]
     final = check_output(final_path, force, inputs)
+    needed = _tree_size(inputs)  # what a full or read-only disk's message names
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         if isinstance(err, (FileExistsError, NotADirectoryError)):
             raise UserError(f"cannot create {final}: a parent path is a file, not a directory; choose another "
                             "output path") from None
-        raise _disk_error(err, final.parent) or err
-    with output_lock(final):
+        raise disk_error(err, final.parent, needed) or err
+    with output_lock(final, needed):
         check_output(final, force)  # again, now that we hold the lock (another writer may have finished)
         _clean_stale(final)
         tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
@@ -173,7 +201,7 @@ def atomic_output_dir(final_path: str | os.PathLike, force: bool = False, inputs
                 os.rename(tmp, final)
         except BaseException as err:  # includes KeyboardInterrupt: never leave a half-written output behind
             _remove(tmp)
-            disk = _disk_error(err, final.parent) if not isinstance(err, UserError) else None
+            disk = disk_error(err, final.parent, needed) if not isinstance(err, UserError) else None
             if disk is not None:
                 raise disk from None
             raise

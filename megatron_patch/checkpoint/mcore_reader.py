@@ -77,6 +77,19 @@ class McoreCheckpoint:
         return getattr(self.common_args(), "padded_vocab_size", None)
 
 
+def _check_same_model(stored_config, stored: Path, given: Path) -> None:
+    """--hf-config next to the checkpoint's own hf_config/ supplies the tokenizer; a config of another model
+    there would pair these weights with another model's tokenizer, silently: refused."""
+    if not (given / "config.json").is_file():
+        raise UserError(f"no config.json in --hf-config {given} (point at the HF model directory)")
+    ours, theirs = expected_shapes(stored_config), expected_shapes(load_hf_config(given))
+    differ = next((k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)), None)
+    if differ is not None:
+        raise UserError(f"--hf-config {given / 'config.json'} is another model than the checkpoint's own "
+                        f"{stored / 'config.json'} ({differ}: {list(theirs.get(differ) or [])} vs "
+                        f"{list(ours.get(differ) or [])}); drop --hf-config or pass the model the checkpoint was made from")
+
+
 def open_mcore(path, hf_config_dir=None) -> McoreCheckpoint:
     """Detect the format, read the stored metadata and the HF config; fail with one line otherwise."""
     found = locate(path)
@@ -104,6 +117,8 @@ def open_mcore(path, hf_config_dir=None) -> McoreCheckpoint:
         raise UserError(f"{root} holds no {HF_CONFIG_DIR}/config.json: pass --hf-config DIR (the HF model "
                         "directory the checkpoint was made from)")
     hf_config = load_hf_config(config_dir)
+    if config_dir == stored and hf_config_dir is not None:
+        _check_same_model(hf_config, stored, Path(hf_config_dir))
     from megatron_patch.models.families import family_for_config
 
     family = family_for_config(hf_config)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_patch.errors import UserError
+from megatron_patch.errors import UserError, exception_chain
 
 
 class UnsafeCheckpoint(UserError):
@@ -148,7 +148,14 @@ def check_dist_checkpoint(ckpt_dir) -> None:
     anything over SCAN_LIMIT are left to the (patched) loader that reads them."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
+    from megatron.core.dist_checkpointing.core import maybe_load_config
+
     ckpt_dir = Path(ckpt_dir)
+    try:
+        maybe_load_config(str(ckpt_dir))  # metadata.json: JSON, not a pickle, but a damaged one was a traceback
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{ckpt_dir / 'metadata.json'} cannot be read ({err}); the checkpoint is damaged (re-copy "
+                        "it)") from None
     meta_path = ckpt_dir / ".metadata"
     if not meta_path.is_file():
         raise UserError(f"{ckpt_dir}: no .metadata, not a complete torch_dist checkpoint (re-copy it)")
@@ -244,17 +251,23 @@ def install() -> None:
 
 def dist_load(sharded_state_dict: dict, ckpt_dir) -> dict:
     """megatron's dist_checkpointing.load with the safe loaders installed; a refusal inside torch DCP (which
-    wraps what its steps raise) comes out as the UnsafeCheckpoint it is."""
+    wraps what its steps raise) comes out as the UnsafeCheckpoint it is, a shape mismatch as megatron's
+    CheckpointingException."""
     from megatron.core import dist_checkpointing
 
     install()
+    check_dist_checkpoint(ckpt_dir)  # torch 2.13's DCP turns a refused .metadata into a bare AssertionError text
     try:
         return dist_checkpointing.load(sharded_state_dict, str(ckpt_dir))
     except BaseException as err:  # DCP's CheckpointException is a BaseException; re-raised unless a refusal is inside
-        refused = refusal_in(err)
-        if refused is None:
+        from megatron.core.dist_checkpointing.core import CheckpointingException
+
+        # a refusal, or megatron's own mismatch report (a checkpoint of another shape), comes out as itself
+        inner = refusal_in(err) or next(
+            (e for e in exception_chain(err) if isinstance(e, CheckpointingException)), None)
+        if inner is None or inner is err:
             raise
-        raise refused from None
+        raise inner from None
 
 
 def load_common(ckpt_dir) -> dict:
@@ -268,19 +281,7 @@ def load_common(ckpt_dir) -> dict:
 def refusal_in(err: BaseException) -> UserError | None:
     """The UserError (e.g. UnsafeCheckpoint) raised inside torch DCP, which wraps what its steps raise
     (CheckpointException.failures), or None."""
-    seen = set()
-    stack = [err]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, UserError):
-            return e
-        stack += [e.__cause__, e.__context__]
-        for failure in (getattr(e, "failures", None) or {}).values():
-            stack.append(failure[0] if isinstance(failure, tuple) else failure)
-    return None
+    return next((e for e in exception_chain(err) if isinstance(e, UserError)), None)
 
 
 __all__ = ["UnsafeCheckpoint", "torch_load", "load_dcp_metadata", "check_dist_checkpoint", "install", "refusal_in", "dist_load", "load_common", "allowlist"]

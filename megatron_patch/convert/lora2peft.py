@@ -150,7 +150,7 @@ def run(args) -> int:
     hf_config = _hf_config(args.hf_config)
     saved, stored = read_adapters(args.mcore_path)
     adapters = peft_tensors(hf_config, saved, stored)
-    with atomic_output_dir(args.out, force=args.force) as tmp:
+    with atomic_output_dir(args.out, force=args.force, inputs=[args.mcore_path, args.hf_config]) as tmp:
         if args.merge:
             write_merged(tmp, args.hf_config, saved, adapters)
         else:

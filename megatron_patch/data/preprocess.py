@@ -126,7 +126,7 @@ def preprocess(inputs: list[str], tokenizer_dir: str, output_prefix: str, json_k
 
     total = sum(p.stat().st_size for p in paths)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="preprocess",
-               disable=progress is False, dynamic_ncols=True)
+               disable=None if progress is None else not progress, dynamic_ncols=True)  # None: bar on a terminal only
     try:
         for path in paths:
             batch: list[str] = []

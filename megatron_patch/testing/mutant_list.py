@@ -38,6 +38,7 @@ KERNELS = "tests/test_kernels.py"
 IO = "tests/test_convert_io.py"
 FAMILY_SHARDS = "tests/test_families.py::test_tp_shard_then_merge_gives_back_the_bytes"
 
+FAULTS = "tests/test_faults.py"
 CP_EQUIV = "tests/test_context_parallel.py::test_context_parallel_matches_single_rank"
 M = Mutant
 MUTANTS: list[Mutant] = [
@@ -159,4 +160,12 @@ MUTANTS: list[Mutant] = [
       (KERNELS, "-k", "rms_norm")),
     M("atomic: temporary output left behind on error", "megatron_patch/checkpoint/atomic.py",
       "            _remove(tmp)\n            disk = ", "            disk = ", (IO, "-k", "atomic")),
+    M("mcore2hf: --hf-config of another model ignored next to hf_config/", "megatron_patch/checkpoint/mcore_reader.py",
+      "    if config_dir == stored and hf_config_dir is not None:", "    if False:",
+      (FAULTS, "-k", "another")),
+    M("torchrun exit code: 2 outranks 3", "megatron_patch/training/torchrun_exit.py", "    for code in (3, 2):",
+      "    for code in (2, 3):", (FAULTS, "-k", "torchrun_ends")),
+    M("dist_load: no up-front check (DCP hides a refused .metadata in a traceback)",
+      "megatron_patch/checkpoint/safe_load.py", "    check_dist_checkpoint(ckpt_dir)  # torch 2.13's",
+      "    pass  # torch 2.13's", (FAULTS, "-k", "lora2peft_refuse")),
 ]

@@ -150,6 +150,26 @@ def remove_stale_saves(root: Path) -> None:
             os.rename(path, final)
 
 
+def _state_bytes(state) -> int:
+    """This rank's tensor bytes in a sharded state dict (what a save needs, roughly, times the ranks)."""
+    total = 0
+
+    def visit(value):
+        nonlocal total
+        data = getattr(value, "data", value)
+        if isinstance(data, torch.Tensor):
+            total += data.numel() * data.element_size()
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+
+    visit(state)
+    return total * _world()
+
+
 def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed: int, args: dict,
                     extra: dict | None = None) -> Path:
     """Write SAVE/iter_XXXXXXX atomically and point the tracker at it. Call on every rank. `extra`: more
@@ -167,7 +187,17 @@ def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed
     _barrier()
     state = _train_state(chunks, optimizer, scheduler, iteration, consumed, args, is_loading=False, extra=extra)
     content = {k: v for k, v in sharded_metadata(optimizer).items() if k != "dp_cp_group"}
-    dist_checkpointing.save(state, str(tmp), content_metadata=content)
+    try:
+        dist_checkpointing.save(state, str(tmp), content_metadata=content)
+    except BaseException as err:  # DCP's CheckpointException is a BaseException
+        from megatron_patch.checkpoint.atomic import disk_error
+
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # half a checkpoint helps no one
+        disk = disk_error(err, root, _state_bytes(state))
+        if disk is not None:
+            raise disk from None
+        raise
     _barrier()
     _maybe_crash(iteration)
     if _rank() == 0:
@@ -242,7 +272,12 @@ def load_training_checkpoint(path, chunks, optimizer, scheduler, load_optim: boo
         _allocate_optimizer_state(optimizer)
     request = _train_state(chunks, optimizer, scheduler, 0, 0, {}, is_loading=True,
                            with_optimizer=load_optim, with_rng=load_rng)
-    loaded = safe_load.dist_load(request, path)
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    try:
+        loaded = safe_load.dist_load(request, path)
+    except CheckpointingException as err:
+        raise UserError(f"--load {path}: the checkpoint does not match the model ({err})") from None
     from megatron_patch.models.lora import ADAPTER_MARK, has_adapters
 
     lora = has_adapters([unwrap(c) for c in chunks])

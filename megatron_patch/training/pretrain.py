@@ -16,10 +16,11 @@ training checkpoint; otherwise initialise from --load (model-only Megatron check
 """
 from __future__ import annotations
 
+import os
 import sys
 
-from megatron_patch.cli import quiet_known_warnings
-from megatron_patch.errors import UserError
+from megatron_patch.cli import file_size_limit_as_error, quiet_known_warnings
+from megatron_patch.errors import UserError, print_once_per_node
 
 # Light on purpose (no torch at import): dist_checkpointing's writer spawns a multiprocessing Manager,
 # whose child re-imports the __main__ module; keeping this module cheap keeps that spawn fast.
@@ -41,6 +42,16 @@ def run(args) -> int:
         return trainer.train()
     except NaNDetected:
         return NAN_EXIT_CODE
+    except RuntimeError as err:  # torch.distributed's DistError included
+        if not peer_is_gone(err):
+            raise
+        from megatron_patch.training.heartbeat import EXIT_CODE
+
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        step = trainer.iteration if trainer is not None else 0
+        print(f"error: another rank is gone ({first}); rank {os.environ.get('RANK', '0')} (step {step}) exits with "
+              f"code {EXIT_CODE}", file=sys.stderr, flush=True)
+        return EXIT_CODE
     finally:
         if trainer is not None:
             trainer.close()
@@ -48,15 +59,27 @@ def run(args) -> int:
             torch.distributed.destroy_process_group()
 
 
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def peer_is_gone(err: BaseException) -> bool:
+    """A collective failed because another rank died (gloo / NCCL / HCCL report it as a RuntimeError)."""
+    import torch.distributed
+
+    return isinstance(err, getattr(torch.distributed, "DistNetworkError", ())) or any(
+        text in str(err) for text in PEER_GONE)
+
+
 def main(argv: list[str] | None = None) -> int:
     from megatron_patch.training.arguments import build_parser
 
     quiet_known_warnings()
+    file_size_limit_as_error()
     args = build_parser("python -m megatron_patch.training.pretrain").parse_args(argv)
     try:
         code = run(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print_once_per_node(f"error: {err}")
         code = 2
     record_exit_code(code)
     return code

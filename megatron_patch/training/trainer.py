@@ -142,6 +142,14 @@ class Trainer:
         from megatron_patch.runtime.settings import settings_for
 
         self.args = args
+        self.heartbeat = self.save_lock = self.sink = None
+        try:
+            self._set_up(args, setup, settings_for)
+        except BaseException:  # a refused --load, a locked --save, ...: release the lock, stop the heartbeat
+            self.close()
+            raise
+
+    def _set_up(self, args, setup, settings_for):
         self.acc = setup(args.device)
         self.settings = settings_for(self.acc.type)
         self.rank, self.world = init_distributed(self.acc, args.distributed_timeout_minutes)
@@ -585,4 +593,5 @@ class Trainer:
             self.heartbeat.stop()
         if self.save_lock is not None:
             self.save_lock.close()
-        self.sink.close()
+        if self.sink is not None:
+            self.sink.close()

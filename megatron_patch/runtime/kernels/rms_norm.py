@@ -14,9 +14,13 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     input_dtype = x.dtype
     # Statistics in fp32 so bf16/fp16 inputs do not lose the mean of squares.
     h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = h * _rstd(h, eps)
     # Cast back before the weight multiply, exactly as HF does (the result then follows type promotion).
     return weight * h.to(input_dtype)
+
+
+def _rstd(h: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -28,7 +32,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         h = x.to(torch.float32)
-        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        rstd = _rstd(h, eps)
         normed = h * rstd
         ctx.save_for_backward(normed, rstd, weight)
         ctx.input_dtype = x.dtype
