@@ -14,11 +14,13 @@ from megatron_patch.models.builder import ParallelLayout
 
 SEVEN = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 SEQ, MBS, MICRO = 64, 2, 4
-# Measured (2026-12, 2-core box): activation estimate / autograd's saved peak 0.918-1.012 over the 12 rank-cases
-# (TP1 in-process: 0.96-1.01); (gradients + optimizer + activations + logits gradient) / peak RSS growth of two
-# Adam steps 0.89 (first stage: backward transients not modelled) to 1.026 (last stage). Bounds: those + ~4 %.
+# Measured (2026-12, 2-core box, after the fused CPU paths: closed-form RMSNorm backward, experts in one weight
+# block, gradients straight into DDP's buffer, fused AdamW): activation estimate / autograd's saved peak
+# 0.923-1.012 over the 12 rank-cases; (gradients + optimizer + activations + logits gradient) / peak RSS growth
+# of two Adam steps 0.889 (first stage: backward transients not modelled) to 1.078 (last stage: the logits
+# gradient is counted whole next to everything else). Bounds: those + ~3 %.
 ACTIVATION_BOUNDS = (0.88, 1.05)
-RSS_BOUNDS = (0.85, 1.07)
+RSS_BOUNDS = (0.85, 1.11)
 
 
 def _config(root, family: str, name: str, **kw) -> str:

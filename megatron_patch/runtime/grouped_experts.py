@@ -158,12 +158,16 @@ class _GroupedLinearIntoMainGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, tokens_per_expert, *weights):
-        ctx.save_for_backward(x, tokens_per_expert, *weights)
+        ctx.save_for_backward(x, tokens_per_expert)
+        # the parameters themselves, not saved tensors: under saved_tensors_hooks (memory meters, offloading)
+        # saved tensors come back as other objects, without DDP's main_grad
+        ctx.weights = weights
         return kernels.get("grouped_matmul", "cpu")(x, _block(weights).transpose(1, 2), tokens_per_expert)
 
     @staticmethod
     def backward(ctx, grad):
-        x, tokens_per_expert, *weights = ctx.saved_tensors
+        x, tokens_per_expert = ctx.saved_tensors
+        weights = ctx.weights
         grad = grad.contiguous()
         dx = None
         if ctx.needs_input_grad[0]:

@@ -2,12 +2,12 @@
 
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
 Table 2; Megatron-LM's theoretical_memory_usage.py): bytes per layer = the tensors autograd keeps for
-backward, per token. Here the terms are the ones this stack's modules actually save (PortableNorm keeps an
-fp32 copy of its input, its fp32 rstd and the normalised output; linears keep their input, the SP shard under
+backward, per token. Here the terms are the ones this stack's modules actually save (PortableNorm keeps the
+fp32 normalised input and its fp32 rstd; linears keep their input, the SP shard under
 sequence parallelism; the core attention keeps q, k and v with K/V expanded to all heads, the output and the
 fp32 log-sum-exp of a fused kernel (or the probabilities of the math path); SwiGLU keeps fc1's output and
-three f-wide tensors; grouped experts keep the permuted tokens, their fc1/fc2 activations, the fp32 probs and
-a stacked copy of the local expert weights; the loss keeps fp32 softmax over the vocabulary shard), each
+three f-wide tensors; grouped experts keep the permuted tokens, their fc1/fc2 activations and the fp32 probs
+(the weights are one block, read without a copy); the loss keeps fp32 softmax over the vocabulary shard), each
 counted with the layout's split of it:
 - TP splits heads and FFN widths; with sequence parallelism the norms and linear inputs hold s/TP tokens;
 - CP splits the sequence (each rank s/CP tokens) but the all-gather CP keeps the full K and V;
@@ -57,8 +57,9 @@ class StageMemory:
 
 
 def _norm(h: float, e: int, frozen: bool = False) -> float:
-    """fp32 input copy, fp32 rstd and (for the weight's gradient) the normalised output."""
-    return 4 * h + 4 + (0 if frozen else e * h)
+    """The fp32 normalised input and the fp32 rstd (kernels/rms_norm.py's closed-form backward derives the
+    weight's gradient from them), frozen or not."""
+    return 4 * h + 4
 
 
 def _swiglu(f: float, e: int, fc2_input: bool = True) -> float:
@@ -113,9 +114,7 @@ def mlp_bytes(c, layout, w: Workload, moe: bool, frozen: bool = False,
     sp += 16 * experts + 16 * k + 5 * experts + 8 * k                  # fp32 router scores; routing map, probs, ids
     routed = k * layout.expert_tp                                       # expert rows per SP-region token
     sp += routed * (e * h + _swiglu(c.moe_ffn_hidden_size / layout.expert_tp, e) + 4)
-    local_experts = experts / layout.ep
-    stacked = e * local_experts * 3 * h * c.moe_ffn_hidden_size / layout.expert_tp  # grouped-GEMM weight stacks
-    return sp, full, stacked
+    return sp, full, 0.0  # the grouped GEMM reads the experts' one weight block: no stacked copy is kept
 
 
 def adapter_bytes(adapters: list, moe: bool, c, layout, w: Workload) -> tuple[float, float]:

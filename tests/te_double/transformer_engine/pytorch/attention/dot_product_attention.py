@@ -65,8 +65,12 @@ class DotProductAttention(TransformerEngineBaseModule):
         if causal and mask is not None:
             keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
             mask, causal = mask & keep, False
+        dv = v.shape[-1]
+        if dv != q.shape[-1]:  # MLA: a fused kernel with one head dim, as TE's flash/cuDNN backends run it
+            width = max(dv, q.shape[-1])
+            q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
+                                             enable_gqa=q.shape[1] != k.shape[1])[..., :dv]
         b, h, s, dv = out.shape
         if qkv_format == "sbhd":
             return out.permute(2, 0, 1, 3).reshape(s, b, h * dv)
