@@ -54,9 +54,16 @@ class PortableGroupedLinear(MegatronModule):
             setattr(self, f"weight{i}", weight)
         self._register_load_state_dict_pre_hook(_drop_extra_states)
 
+    lora_scaling = None  # set with per-expert adapters lora_A{i} [r, in], lora_B{i} [out, r] (models/lora.py)
+
     def stacked_weight(self) -> torch.Tensor:
-        """[E, in, out] (a transposed view of the [E, out, in] stack: the layout grouped_mm wants)."""
-        return torch.stack([getattr(self, f"weight{i}") for i in range(self.num_gemms)]).transpose(1, 2)
+        """[E, in, out] (a transposed view of the [E, out, in] stack: the layout grouped_mm wants), with LoRA
+        adapters folded in as W + alpha/r * B A (peft's ParamWrapper on HF's fused experts does the same)."""
+        w = torch.stack([getattr(self, f"weight{i}") for i in range(self.num_gemms)])
+        if self.lora_scaling is not None:
+            a, b = (torch.stack([getattr(self, f"lora_{x}{i}") for i in range(self.num_gemms)]) for x in "AB")
+            w = w + self.lora_scaling * torch.bmm(b, a)
+        return w.transpose(1, 2)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Like TE's grouped linear: per expert a ShardedTensor on the global expert axis and an (empty)
@@ -71,9 +78,11 @@ class PortableGroupedLinear(MegatronModule):
         offset = self.ep_group.rank() * self.num_gemms
         ep_axis = len(sharded_offsets)
         out = {}
+        lora = ("lora_A", "lora_B") if self.lora_scaling is not None else ()
         for i in range(self.num_gemms):
             sub = make_sharded_tensors_for_checkpoint(
-                {f"{i}.weight": getattr(self, f"weight{i}"), f"{i}._extra_state": None}, "",
+                {f"{i}.weight": getattr(self, f"weight{i}"), f"{i}._extra_state": None,
+                 **{f"{i}.{x}": getattr(self, f"{x}{i}") for x in lora}}, "",
                 {f"{i}.weight": self.tp_axis}, (*sharded_offsets, (ep_axis, offset + i, num_global)),
                 tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
             replace_prefix_for_sharding(sub, f"{i}.", prefix)
@@ -81,6 +90,7 @@ class PortableGroupedLinear(MegatronModule):
                 item.replica_id = (*item.replica_id[:2], self.expt_dp_group.rank())
             out[f"{prefix}weight{i}"] = sub[f"{i}.weight"]
             out[f"{prefix}_extra_state{i or ''}"] = sub[f"{i}._extra_state"]
+            out.update({f"{prefix}{x}{i}": sub[f"{i}.{x}"] for x in lora})  # the adapters (expert TP 1: whole)
         return out
 
     def backward_dw(self):
