@@ -23,9 +23,11 @@ def runs(ds):  # noqa: F811
     full = _train(ds, ds.root / "full", ["--save-interval", "2"], TARGETS, iters=3)
     shutil.copytree(ds.root / "full", ds.root / "seq", ignore=shutil.ignore_patterns("iter_0000003", "*.lock"))
     (ds.root / "seq" / "latest_checkpointed_iteration.txt").write_text("2")
-    # the optimizer state (dp_reshardable buckets) follows the experts' parameter layout: weights only
+    # the distributed optimizer's state (dp_reshardable buckets) follows the experts' parameter order: refused ...
+    refused = _train(ds, ds.root / "seq", ["--no-moe-grouped-gemm"], TARGETS, iters=3, check=False)
+    # ... and the adapters alone load into the other experts
     seq = _train(ds, ds.root / "seq", ["--no-moe-grouped-gemm", "--no-load-optim"], TARGETS, iters=3)
-    return SimpleNamespace(full=full, seq=seq)
+    return SimpleNamespace(full=full, seq=seq, refused=refused)
 
 
 def test_expert_adapters_resume_in_sequential_experts_and_load_in_peft(ds, runs, tmp_path):  # noqa: F811
@@ -34,7 +36,8 @@ def test_expert_adapters_resume_in_sequential_experts_and_load_in_peft(ds, runs,
 
     from megatron_patch.cli import main
 
-    assert len(runs.full) == 3 and len(runs.seq) == 1
+    assert "with the distributed optimizer and grouped experts; this run is" in runs.refused.stderr, runs.refused.stderr[-2000:]
+    assert runs.refused.returncode != 0 and len(runs.full) == 3 and len(runs.seq) == 1
     assert abs(runs.seq[0] - runs.full[2]) <= LOSS_TOL, (runs.seq, runs.full)  # grouped GEMM vs per-expert loop
     assert main(["convert", "lora2peft", "--mcore-path", str(ds.root / "full" / "iter_0000002"), "--hf-config",
                  str(ds.model), "--out", str(tmp_path / "a2")]) == 0
