@@ -1,7 +1,7 @@
 """LoRA on routed experts (`--lora-target experts`, issue 11): DeepSeek-V3 mini at TP2 x EP2 (ETP1) with the
-distributed optimizer, grouped experts (the default); the step-2 checkpoint resumed with SequentialMLP
-(--no-moe-grouped-gemm, --no-load-optim) repeats step 3's loss (the adapters are saved on the global expert axis, layout-free); the export
-loads in peft on transformers 5's fused experts (target_parameters), peft's loss equals the logged one, the merged
+distributed optimizer, grouped experts (the default). Its step-2 checkpoint resumed with SequentialMLP
+(--no-moe-grouped-gemm) refuses the optimizer state (bucketed in the experts' parameter order) and, with
+--no-load-optim, repeats step 3's loss (adapters on the global expert axis: layout-free). The export loads in peft on transformers 5's fused experts (target_parameters), peft's loss equals the logged one, the merged
 model equals base + adapter and `compare --peft-path` PASSes."""
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def test_expert_adapters_resume_in_sequential_experts_and_load_in_peft(ds, runs,
 
     from megatron_patch.cli import main
 
-    assert "with the distributed optimizer and grouped experts; this run is" in runs.refused.stderr, runs.refused.stderr[-2000:]
+    refusal = "with the distributed optimizer and grouped experts; this run is"
+    assert refusal in runs.refused.stderr, runs.refused.stderr[-2000:]
     assert runs.refused.returncode != 0 and len(runs.full) == 3 and len(runs.seq) == 1
     assert abs(runs.seq[0] - runs.full[2]) <= LOSS_TOL, (runs.seq, runs.full)  # grouped GEMM vs per-expert loop
     assert main(["convert", "lora2peft", "--mcore-path", str(ds.root / "full" / "iter_0000002"), "--hf-config",

@@ -345,8 +345,6 @@ def apply_lora(chunks: list, hf_config, config, margs, layout, rank: int, alpha:
         if (config.expert_tensor_parallel_size or 1) > 1:
             raise UserError(f"--lora-target experts: expert tensor parallel {config.expert_tensor_parallel_size} is "
                             "not supported; add --expert-tensor-parallel-size 1")
-        if dropout:
-            raise UserError("--lora-target experts: peft adapts the fused experts without dropout; use --lora-dropout 0")
     for chunk in chunks:
         for p in chunk.parameters():
             p.requires_grad_(False)
