@@ -30,6 +30,14 @@ def runs(ds):  # noqa: F811
     return SimpleNamespace(full=full, seq=seq, refused=refused)
 
 
+def test_expert_tensor_parallel_is_refused(ds, capsys):  # noqa: F811
+    from megatron_patch.cli import main
+
+    assert main(["plan", "--hf-config", str(ds.model), "--tp", "2", "--ep", "2", "--etp", "2", "--num-gpus", "4",
+                 "--micro-batch-size", "1", "--seq-length", "64", "--lora-rank", "4", "--lora-target", TARGETS]) == 2
+    assert "error: --lora-target experts: expert tensor parallel 2 is not supported" in capsys.readouterr().err
+
+
 def test_expert_adapters_resume_in_sequential_experts_and_load_in_peft(ds, runs, tmp_path):  # noqa: F811
     import torch
     from peft import PeftModel

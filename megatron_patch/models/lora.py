@@ -344,7 +344,7 @@ def apply_lora(chunks: list, hf_config, config, margs, layout, rank: int, alpha:
     if any(t.split == EXPERTS for t in targets):
         if (config.expert_tensor_parallel_size or 1) > 1:
             raise UserError(f"--lora-target experts: expert tensor parallel {config.expert_tensor_parallel_size} is "
-                            "not supported; add --expert-tensor-parallel-size 1")
+                            "not supported; use 1 (--expert-tensor-parallel-size 1; plan: --etp 1)")
     for chunk in chunks:
         for p in chunk.parameters():
             p.requires_grad_(False)
