@@ -36,8 +36,8 @@ def build_checkpoint(out: Path, layers: int, shard_bytes: int = 1 << 30) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from megatron_patch.convert.engine import ShardPlan
-    from megatron_patch.convert.hf2mcore import expected_hf_shapes
+    from megatron_patch.checkpoint.engine import ShardPlan
+    from megatron_patch.checkpoint.hf_config import expected_hf_shapes
     from megatron_patch.models.builder import ParallelLayout
     from megatron_patch.models.families import family_for_config
     from megatron_patch.models.mini import build_hf_config, config_dict

@@ -112,7 +112,7 @@ def bench_ranks(rank: int, world: int, cases: list[dict], steps: int) -> list[di
 
 def run_cp(cp: int, cases: list[dict], steps: int) -> list[dict]:
     """All cases on one spawn of `cp` ranks: per case the largest rank's memory and the slowest rank's time."""
-    from megatron_patch.testing.multirank import run_ranks
+    from megatron_patch.runtime.multirank import run_ranks
 
     per_rank = run_ranks(bench_ranks, cp, timeout=24 * 3600, args=(cases, steps), env={"TORCHDYNAMO_DISABLE": "1"})
     merged = []

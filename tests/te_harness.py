@@ -56,8 +56,8 @@ def te_double_env(env: dict | None = None) -> dict:
 
 
 def run_te_ranks(fn, world_size: int, timeout: float = 300.0, args: tuple = (), env: dict | None = None) -> list:
-    """megatron_patch.testing.multirank.run_ranks with the double importable in every rank."""
-    from megatron_patch.testing.multirank import run_ranks
+    """megatron_patch.runtime.multirank.run_ranks with the double importable in every rank."""
+    from megatron_patch.runtime.multirank import run_ranks
 
     with te_double_on_path():
         return run_ranks(fn, world_size, timeout=timeout, args=args, env=env)
@@ -162,7 +162,7 @@ def _chunk_keys(chunks) -> list[str]:
 
 def checkpoint_dir(root) -> Path:
     """ROOT/<iter_XXXXXXX|release> named by ROOT's tracker file; ROOT itself when it has none."""
-    from megatron_patch.convert import mcore_layout
+    from megatron_patch.checkpoint import mcore_layout
 
     root = Path(root)
     if (root / mcore_layout.TRACKER_NAME).is_file():
@@ -196,7 +196,7 @@ def load_legacy(chunks, root, strict: bool = True):
     one load_state_dict(strict=True) per chunk (strict=False: Megatron-LM's fallback; returns the results)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_patch.convert import mcore_layout
+    from megatron_patch.checkpoint import mcore_layout
 
     sizes = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
              "ep": ps.get_expert_model_parallel_world_size()}
@@ -284,7 +284,7 @@ def save_pai_legacy(chunks, root, layout, args: dict, iteration="release", split
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_patch.convert import mcore_layout
+    from megatron_patch.checkpoint import mcore_layout
 
     tp, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     state_dicts = []

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_patch.models.builder import ParallelLayout
-from megatron_patch.testing.multirank import run_ranks
+from megatron_patch.runtime.multirank import run_ranks
 from megatron_patch.verify.compare import CompareSpec, minimal_world_size, run_specs_in_group
 
 FAMILIES = ("deepseek_v2", "deepseek_v3", "qwen2", "qwen3_moe")
@@ -111,10 +111,10 @@ def _torch_format_checkpoint(hf_path: str, root) -> str:
     the Transformer Engine spec's names and grouped experts: compare reads them into its local-spec model."""
     from transformers import AutoConfig
 
-    from megatron_patch.convert.engine import RankPosition, ShardPlan
-    from megatron_patch.convert.hf_reader import HFCheckpoint
-    from megatron_patch.convert.key_map import TE, Naming
-    from megatron_patch.convert.mcore_layout import write_latest, write_rank
+    from megatron_patch.checkpoint.engine import RankPosition, ShardPlan
+    from megatron_patch.checkpoint.hf_reader import HFCheckpoint
+    from megatron_patch.checkpoint.key_map import TE, Naming
+    from megatron_patch.checkpoint.mcore_layout import write_latest, write_rank
     from megatron_patch.models.families import family_for_config
 
     hf = AutoConfig.from_pretrained(hf_path)
@@ -326,6 +326,7 @@ def test_cli_fail_exit_code(minis, capsys, monkeypatch):
     (["--ep", "3"], "EP=3 does not divide"),
     (["--tp", "2", "--seq-length", "7"], "divisible by TP=2"),
     (["--mcore-path", "/nonexistent/ckpt"], "--mcore-path"),
+    (["--vpp", "0"], "--vpp 0: must be >= 1"),
 ])
 def test_cli_bad_input_exits_2(minis, capsys, args, match):
     from megatron_patch.cli import main

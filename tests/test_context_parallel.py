@@ -6,7 +6,7 @@ import pytest
 from megatron_patch.models.builder import ParallelLayout
 from megatron_patch.runtime.context_parallel import causal_chunks, restore_sequence
 from megatron_patch.testing.equivalence import cases_run, references_run
-from megatron_patch.testing.multirank import run_ranks
+from megatron_patch.runtime.multirank import run_ranks
 
 # the bounds of tests/test_parallel_layouts.py
 from test_parallel_layouts import assert_matches_reference

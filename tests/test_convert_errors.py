@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_patch.cli import main
-from megatron_patch.convert.hf_writer import ShardedSafetensorsWriter
+from megatron_patch.checkpoint.hf_writer import ShardedSafetensorsWriter
 from megatron_patch.models.mini import make_mini
 
 
@@ -171,17 +171,17 @@ def test_exit_code_through_the_command_line(cases):
 
 
 def test_verify_mismatch_exits_1_and_leaves_nothing(cases, capsys, monkeypatch):
-    from megatron_patch.convert import hf2mcore
+    from megatron_patch.checkpoint import mcore_writer
 
     root, dirs = cases
-    write = hf2mcore._RankFile.write
+    write = mcore_writer._RankFile.write
 
     def corrupt(self, chunk, name, tensor):
         if name == "decoder.final_layernorm.weight":
             tensor = tensor + 1
         write(self, chunk, name, tensor)
 
-    monkeypatch.setattr(hf2mcore._RankFile, "write", corrupt)
+    monkeypatch.setattr(mcore_writer._RankFile, "write", corrupt)
     out = root / "outputs" / "corrupt"
     code, err = _run(capsys, ["convert", "hf2mcore", "--hf-path", str(dirs["good"]), "--out", str(out), "--verify"])
     assert code == 1 and "verify FAILED" in err and "model.norm.weight" in err

@@ -1,5 +1,6 @@
 """The conversion I/O layer: HF reader/writer, atomic output dirs, progress, Megatron torch layout."""
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -9,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from megatron_patch.convert import mcore_layout
-from megatron_patch.convert.atomic import MARKER, atomic_output_dir
-from megatron_patch.convert.hf_reader import HFCheckpoint
-from megatron_patch.convert.hf_writer import ShardedSafetensorsWriter, copy_tokenizer_files
+from megatron_patch.checkpoint import mcore_layout
+from megatron_patch.checkpoint.atomic import MARKER, atomic_output_dir
+from megatron_patch.checkpoint.hf_reader import HFCheckpoint
+from megatron_patch.checkpoint.hf_writer import ShardedSafetensorsWriter, copy_tokenizer_files
 from megatron_patch.convert.progress import ConversionProgress
 from megatron_patch.errors import UserError
 
@@ -333,6 +334,25 @@ def test_mcore_layout_names_and_release(tmp_path, sizes, names):
     assert torch.equal(sd["marker"], torch.tensor([tp, pp, ep, 0]))
     saved = torch.load(root / "release" / names[-1] / "model_optim_rng.pt", weights_only=False)
     assert "model" in saved and saved["iteration"] == 0
+
+
+def test_parallel_layout_validates_and_normalises_itself():
+    """One place checks sizes (every command builds a ParallelLayout) and VPP 1 is no VPP; sizes dicts (rank
+    files, convert_meta.json) and layouts convert both ways without loss."""
+    from megatron_patch.models.builder import ParallelLayout
+
+    assert ParallelLayout(pp=2, vpp=1).vpp is None
+    for bad, message in [(dict(tp=0), "--tp 0: must be >= 1"), (dict(cp=0), "--cp 0: must be >= 1"),
+                         (dict(etp=0), "--etp 0: must be >= 1"), (dict(pp=2, vpp=0), "--vpp 0: must be >= 1"),
+                         (dict(vpp=2), "--vpp 2 needs pipeline parallelism")]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            ParallelLayout(**bad)
+    for layout in (ParallelLayout(), ParallelLayout(tp=2, pp=2, ep=4, etp=1, vpp=2),
+                   ParallelLayout(pp=3, decoder_first_pipeline_num_layers=1, decoder_last_pipeline_num_layers=2),
+                   ParallelLayout(pp=2, pipeline_model_parallel_layout="Et|t|t|tL")):
+        sizes = mcore_layout.layout_dict(layout)
+        assert mcore_layout.layout_of(sizes) == dataclasses.replace(layout, etp=layout.expert_tp)  # ETP resolved
+        assert mcore_layout.layout_key(sizes) == mcore_layout.layout_key(mcore_layout.layout_dict(mcore_layout.layout_of(sizes)))
 
 
 def test_mcore_layout_errors(tmp_path):

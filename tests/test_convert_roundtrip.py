@@ -24,13 +24,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from megatron_patch.convert import mcore_layout
+from megatron_patch.checkpoint import mcore_layout
 from megatron_patch.convert.hf2mcore import hf2mcore
-from megatron_patch.convert.mcore2hf import mcore2hf, open_mcore
+from megatron_patch.checkpoint.mcore_reader import open_mcore
+from megatron_patch.convert.mcore2hf import mcore2hf
 from megatron_patch.convert.reshard import reshard
 from megatron_patch.models.builder import ParallelLayout
 from megatron_patch.models.mini import make_mini
-from megatron_patch.testing.multirank import run_ranks
+from megatron_patch.runtime.multirank import run_ranks
 
 FAMILIES = ("deepseek_v2", "deepseek_v3", "qwen2", "qwen3_moe")
 REPO = Path(__file__).resolve().parents[1]
@@ -156,7 +157,7 @@ def _strict_load(rank, world, cases):
     """Build each case's model at its layout and load this rank's torch-format file with strict=True."""
     from transformers import AutoConfig
 
-    from megatron_patch.convert.engine import current_position
+    from megatron_patch.checkpoint.engine import current_position
     from megatron_patch.models.builder import build_family_model, initialize_parallel
 
     loaded = 0
@@ -209,8 +210,9 @@ def _dist_load(rank, world, hf_dir, ckpt_dir, padded, layouts):
     (megatron reshards it) and compare every parameter with the rank's shard cut from the HF files."""
     from megatron.core import dist_checkpointing
 
-    from megatron_patch.convert.engine import ShardPlan, current_position
-    from megatron_patch.convert.hf2mcore import HFSource, dtype_overrides
+    from megatron_patch.checkpoint.engine import ShardPlan, current_position
+    from megatron_patch.checkpoint.tensors import dtype_overrides
+    from megatron_patch.convert.hf2mcore import HFSource
     from megatron_patch.models.builder import build_family_model, initialize_parallel
 
     source = HFSource(hf_dir)
@@ -270,8 +272,9 @@ def test_reshard_torch_to_torch_dist(minis, work):
 def test_torch_dist_streams_one_tensor_at_a_time(minis, work, monkeypatch):
     """Every HF tensor is read once, at most one parameter is held at a time, the summary counts every
     parameter once, and a failure part-way leaves no output and no process group behind."""
-    from megatron_patch.convert import dist_writer
-    from megatron_patch.convert.hf2mcore import HFSource, dist_total_bytes
+    from megatron_patch.checkpoint import dist_writer
+    from megatron_patch.checkpoint.mcore_writer import dist_total_bytes
+    from megatron_patch.convert.hf2mcore import HFSource
 
     reads: dict[str, int] = {}
     held: list[int] = []
@@ -291,7 +294,7 @@ def test_torch_dist_streams_one_tensor_at_a_time(minis, work, monkeypatch):
     assert reads == {name: 1 for name in read_all(minis["qwen3_moe"])}
     assert max(held) == 1
     source = HFSource(minis["qwen3_moe"])
-    assert result["bytes"] == dist_total_bytes(source, ParallelLayout(ep=2), torch.float32)
+    assert result["bytes"] == dist_total_bytes(source, dist_writer.tp1_plan(source, 1), torch.float32)
     assert result["tensors"] == len(dist_writer.tp1_plan(source, 1).rows)  # q/k/v, gate/up: one each
 
     def boom(self, key, offset):
@@ -325,7 +328,7 @@ def dist_minis(work):
 def reader_log(monkeypatch):
     """A small group budget; records every DistSource and, per group load, the bytes of reader-made
     tensors alive at once (weak references: what the caller still holds counts too)."""
-    from megatron_patch.convert import dist_reader
+    from megatron_patch.checkpoint import dist_reader
 
     log = {"sources": [], "live": []}
     made: list = []

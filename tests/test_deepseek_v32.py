@@ -17,7 +17,7 @@ import torch
 
 from megatron_patch.models.builder import ParallelLayout
 from megatron_patch.models.families.base import IndexerRope
-from megatron_patch.testing.multirank import run_ranks
+from megatron_patch.runtime.multirank import run_ranks
 from megatron_patch.verify.compare import CompareSpec, run_specs_in_group
 
 ENV = {"TORCHDYNAMO_DISABLE": "1"}

@@ -421,7 +421,7 @@ def _megatron_check(rank, world, paths, tp, ep):
 def test_table_matches_megatron_gpt_model_at_tp2_and_hf_logits(minis):
     """Verified against megatron-core itself: names, TP=2 shard shapes (split kinds), MTP names, hooks,
     and the logits of the converted model (fp32) against the HF model's."""
-    from megatron_patch.testing.multirank import run_ranks
+    from megatron_patch.runtime.multirank import run_ranks
 
     results = run_ranks(_megatron_check, 2, timeout=240, args=({f: str(p) for f, p in minis.items()}, 2, 1),
                         env={"TORCHDYNAMO_DISABLE": "1"})

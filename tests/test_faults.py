@@ -18,7 +18,7 @@ import torch
 
 from megatron_patch.checkpoint import safe_load
 from megatron_patch.cli import main
-from megatron_patch.convert import mcore_layout
+from megatron_patch.checkpoint import mcore_layout
 from megatron_patch.convert.hf2mcore import hf2mcore
 from megatron_patch.errors import UserError
 from megatron_patch.models.builder import ParallelLayout
@@ -411,7 +411,7 @@ def test_rank_scratch_of_a_killed_run_is_removed_at_the_next_run(tmp_path, monke
     import sys
     import tempfile
 
-    from megatron_patch.testing.multirank import SCRATCH_PREFIX, clean_stale_scratch
+    from megatron_patch.runtime.multirank import SCRATCH_PREFIX, clean_stale_scratch
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

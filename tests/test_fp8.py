@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_patch.convert.fp8 import fp8_to_bf16
-from megatron_patch.convert.hf_reader import HFCheckpoint
+from megatron_patch.checkpoint.hf_reader import HFCheckpoint
 from megatron_patch.errors import UserError
 
 B = 128

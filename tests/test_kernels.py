@@ -136,6 +136,18 @@ def test_core_attention_torch(case):
     close(out, reference_attention(q, k, v, scale, causal, mask))
 
 
+def test_core_attention_torch_mla_gradients():
+    # dv < dqk: on CPU v is zero-padded to take SDPA's flash kernel; the slice must hand the gradient back
+    q, k, v, scale, causal, mask = attn_inputs(*ATTN_CASES["mla_dims_causal"])
+    grad_out = torch.randn(*q.shape[:-1], v.shape[-1], generator=gen(4))
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    attention.core_attention(*ours, scale=scale, causal=True).backward(grad_out)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    reference_attention(*ref, scale, True, None).double().backward(grad_out.double())
+    for mine, theirs in zip(ours, ref):
+        close(mine.grad, theirs.grad.float())
+
+
 @pytest.mark.parametrize("case", ATTN_CASES)
 def test_core_attention_npu(case, npu_double):
     q, k, v, scale, causal, mask = attn_inputs(*ATTN_CASES[case])
@@ -179,6 +191,27 @@ def test_rms_norm_torch_matches_hf(dtype, hf_deepseek):
     out = rms_norm.rms_norm(x, hf.weight.detach(), 1e-6)
     assert out.dtype == expected.dtype
     close(out, expected, atol=0, rtol=0)  # same ops in the same order: bit-identical
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_torch_gradients_match_hf(dtype, hf_deepseek):
+    # forward: bits of HF's; backward (closed form): HF's autograd gradients within rounding
+    g = gen(11)
+    x = (torch.randn(3, 5, 32, generator=g) * 3).to(dtype)
+    grad_out = torch.randn(3, 5, 32, generator=g).to(dtype)
+    hf = hf_deepseek.DeepseekV3RMSNorm(32, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        hf.weight.copy_(torch.randn(32, generator=g))
+    weight = hf.weight.detach().clone().requires_grad_()
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = rms_norm.rms_norm(ours, weight, 1e-6)
+    expected = hf(theirs)
+    close(out, expected, atol=0, rtol=0)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    eps = torch.finfo(dtype).eps  # a few ulps of each gradient's largest entry
+    for mine, ref in ((ours.grad, theirs.grad), (weight.grad, hf.weight.grad)):
+        close(mine.float(), ref.float(), rtol=0, atol=8 * eps * ref.float().abs().max().item())
 
 
 def test_rms_norm_npu(npu_double):
@@ -253,6 +286,17 @@ def test_swiglu_torch():
     close(swiglu.swiglu(x), gate * torch.sigmoid(gate) * up)
     # megatron's unfused reference, loaded from its own source (see load_megatron_function)
     close(swiglu.swiglu(x), load_megatron_function("fusions/fused_bias_swiglu.py", "swiglu")(x))
+
+
+def test_swiglu_torch_backward_is_autograds():
+    # the custom backward (one gradient tensor, no cat) runs autograd's own ops: the same bits
+    x = torch.randn(4, 5, 24, generator=gen(9))
+    grad_out = torch.randn(4, 5, 12, generator=gen(10))
+    ours, plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+    swiglu.swiglu(ours).backward(grad_out)
+    gate, up = plain.chunk(2, dim=-1)
+    (F.silu(gate) * up).backward(grad_out)
+    assert torch.equal(ours.grad, plain.grad)
 
 
 def test_swiglu_npu(npu_double):

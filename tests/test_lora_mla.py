@@ -39,7 +39,7 @@ def ds(tmp_path_factory):
 
 def _train(w, save: Path, extra: list[str], targets: str = MLA, iters: int = ITERS, check: bool = True):
     """The logged losses (check=False: the finished process)."""
-    from megatron_patch.testing.multirank import free_port
+    from megatron_patch.runtime.multirank import free_port
 
     metrics = save.with_suffix(".jsonl")
     argv = ["--load-hf", str(w.model), "--data-path", w.prefix, "--sft", "--curriculum", "--curriculum-seed", "42",

@@ -5,7 +5,7 @@ import torch
 from megatron_patch.models.builder import ParallelLayout
 from megatron_patch.runtime.kernels import moe
 from megatron_patch.testing.equivalence import layout_run, over_bound, reference_run
-from megatron_patch.testing.multirank import run_ranks
+from megatron_patch.runtime.multirank import run_ranks
 
 # Same bounds as test_parallel_layouts: fp32, only the reduction order differs from the reference.
 LOSS_TOL = 1e-6
@@ -124,7 +124,7 @@ def moe_layer_ops_run(rank, world, variants):
     from megatron_patch.testing.equivalence import SEQ, VOCAB, tiny_deepseek_config
     from megatron_patch.testing.static_shapes import DataDependentOps
 
-    from megatron_patch.convert.key_map import te_name
+    from megatron_patch.checkpoint.key_map import te_name
 
     initialize_parallel(ParallelLayout())
     out, weights = {}, None
@@ -186,7 +186,7 @@ def checkpoint_both_ways_run(rank, world, ckpt_dir):
 
     from megatron.core import dist_checkpointing
 
-    from megatron_patch.convert.key_map import te_name
+    from megatron_patch.checkpoint.key_map import te_name
     from megatron_patch.models.builder import ParallelLayout, apply_layout, build_gpt_chunks, initialize_parallel
     from megatron_patch.models.spec import local_block_spec
     from megatron_patch.testing.equivalence import SEQ, VOCAB, tiny_deepseek_config

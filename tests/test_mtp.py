@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_patch.models.builder import ParallelLayout
-from megatron_patch.testing.multirank import run_ranks
+from megatron_patch.runtime.multirank import run_ranks
 
 ENV = {"TORCHDYNAMO_DISABLE": "1"}
 ATOL = 1e-5          # fp32; the main model's logits match HF within ~1e-6..7e-6
@@ -255,15 +255,15 @@ def _run_mtp(model, tokens, vocab):
 
 
 def megatron_mtp(rank, world, hf_path, tokens, cases):
-    """For each (layout, mutations) case: build the model, load the HF checkpoint (convert.engine), run
+    """For each (layout, mutations) case: build the model, load the HF checkpoint (checkpoint.engine), run
     MTP, then once per mutation of the MTP layer's weights. Returns [{name: outputs}] per case from the
     rank that holds the MTP layer (last pipeline stage, TP and DP rank 0), None from the others."""
     from transformers import AutoConfig
 
     from megatron.core import parallel_state as ps
 
-    from megatron_patch.convert.engine import ShardPlan, load_into_chunks
-    from megatron_patch.convert.hf_reader import HFCheckpoint
+    from megatron_patch.checkpoint.engine import ShardPlan, load_into_chunks
+    from megatron_patch.checkpoint.hf_reader import HFCheckpoint
     from megatron_patch.models.builder import build_family_model, initialize_parallel
     from megatron_patch.models.families import family_for_config
 

@@ -3,7 +3,7 @@ import pytest
 
 from megatron_patch.models.builder import ParallelLayout
 from megatron_patch.testing.equivalence import layout_run, over_bound, reference_run
-from megatron_patch.testing.multirank import run_ranks
+from megatron_patch.runtime.multirank import run_ranks
 
 # fp32, one Adam step: differences come only from reduction order across ranks. Gradients and
 # post-step weights may differ by GRAD_TOL (measured worst ~1.5e-8) plus 4 ulps of the values'

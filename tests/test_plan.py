@@ -32,7 +32,7 @@ def _config(root, family: str, name: str, **kw) -> str:
 def measured(tmp_path_factory):
     import os
 
-    from megatron_patch.testing.multirank import run_ranks
+    from megatron_patch.runtime.multirank import run_ranks
     from megatron_patch.testing.plan_probe import measure_cases
 
     root = tmp_path_factory.mktemp("plan")
@@ -128,7 +128,7 @@ def test_search_enumerates_the_valid_layouts(tmp_path):
 def test_recompute_estimates_against_saved_tensors(tmp_path):
     """Selective (megatron's core_attn) and full (uniform, one layer) recompute, one rank, in this process.
     Measured: 0.97 / 1.02 of autograd's peak (dense); full overestimates MLA+MoE+MTP models by up to 25 %."""
-    from megatron_patch.convert.dist_writer import single_rank
+    from megatron_patch.checkpoint.dist_writer import single_rank
     from megatron_patch.testing.plan_probe import measure_cases
     from megatron_patch.training.plan import Model, plan_stages
     from megatron_patch.training.plan_memory import Workload

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_patch.runtime.patching import MISSING, Patch, PatchRegistry
-from megatron_patch.testing.multirank import RankFailure, run_ranks
+from megatron_patch.runtime.multirank import RankFailure, run_ranks
 
 PY = sys.executable
 

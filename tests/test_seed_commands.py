@@ -12,7 +12,7 @@ import torch
 
 from megatron_patch.errors import UserError
 from megatron_patch.models.mini import cut_config, layer_kinds, make_mini
-from megatron_patch.testing.multirank import free_port
+from megatron_patch.runtime.multirank import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -304,7 +304,7 @@ def test_parquet2json_without_pyarrow_names_the_package(work):
 # --- seed 003 -------------------------------------------------------------------------------------------
 def test_seed003_check_npu_setup(work):
     from megatron_patch.runtime.env_check import launch_problems
-    from megatron_patch.testing.multirank import free_port
+    from megatron_patch.runtime.multirank import free_port
 
     rc, out, err = run([PY, "toolkits/env/check_npu_setup.py", "--device", "cpu"], work, WORLD_SIZE="4",
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))

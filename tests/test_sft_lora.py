@@ -196,7 +196,7 @@ def _env() -> dict:
 
 
 def _train(work, name: str, nproc: int, extra: list[str]) -> list[float]:
-    from megatron_patch.testing.multirank import free_port
+    from megatron_patch.runtime.multirank import free_port
 
     out = work.root / name
     out.mkdir(exist_ok=True)

@@ -84,7 +84,7 @@ def _per_sample_and_grads(rank, world, minis):
     import torch
     from megatron.core import parallel_state
 
-    from megatron_patch.convert.hf2mcore import load_hf_config
+    from megatron_patch.checkpoint.hf_config import load_hf_config
     from megatron_patch.data.sft import SFTDataset, collate
     from megatron_patch.models.builder import ParallelLayout, build_family_model, initialize_parallel
     from megatron_patch.training.step import forward_backward, packed_params
@@ -144,7 +144,7 @@ def _per_sample_and_grads(rank, world, minis):
 
 @pytest.fixture(scope="module")
 def packed_results(minis):
-    from megatron_patch.testing.multirank import run_ranks
+    from megatron_patch.runtime.multirank import run_ranks
 
     return run_ranks(_per_sample_and_grads, 2, timeout=400, args=(minis,), env={"TORCHDYNAMO_DISABLE": "1"})
 

@@ -30,7 +30,7 @@ import torch
 
 from megatron_patch.errors import UserError
 from megatron_patch.models.builder import ParallelLayout
-from megatron_patch.testing.multirank import run_ranks
+from megatron_patch.runtime.multirank import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -178,7 +178,7 @@ def test_layer_placement_matches_megatron_layer_offsets(work, pp, vpp):
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
     from transformers import AutoConfig
 
-    from megatron_patch.convert.engine import ShardPlan
+    from megatron_patch.checkpoint.engine import ShardPlan
     from megatron_patch.models.builder import apply_layout
     from megatron_patch.models.families import family_for_config
 
@@ -244,7 +244,7 @@ def test_in_memory_loads_refuse_a_tensor_the_table_does_not_map(extra_tensor_hf)
 def test_mtp_copy_that_differs_past_row_4096_is_refused():
     from types import SimpleNamespace
 
-    from megatron_patch.convert.engine import check_hf_copies
+    from megatron_patch.checkpoint.engine import check_hf_copies
 
     primary = torch.randn(4100, 4)
     copy = primary.clone()
@@ -312,17 +312,17 @@ def test_npu_moe_fallbacks_pass_every_argument_to_megatron(npu_double):
 
 
 def test_tracker_survives_a_kill_between_write_and_rename(tmp_path, monkeypatch):
-    from megatron_patch.training import checkpointing as ckpt
+    from megatron_patch.checkpoint import mcore_layout
 
-    ckpt._write_tracker(tmp_path, 5)
+    mcore_layout.write_latest(tmp_path, 5)  # what training publishes a save by, and converters write
 
     def killed(*_):
         raise KeyboardInterrupt("killed before the rename")
 
-    monkeypatch.setattr(ckpt.os, "replace", killed)
+    monkeypatch.setattr(mcore_layout.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        ckpt._write_tracker(tmp_path, 10)
-    assert ckpt.read_tracker(tmp_path) == 5
+        mcore_layout.write_latest(tmp_path, 10)
+    assert mcore_layout.read_tracker(tmp_path) == 5
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -138,7 +138,7 @@ def _train(root: Path, minis, name: str, impl: str, data: str, start: list[str] 
 
 
 def test_train_te_spec_matches_local_losses_and_saves_te_names(work):
-    from megatron_patch.convert.key_map import stored_keys
+    from megatron_patch.checkpoint.key_map import stored_keys
     from megatron_patch.data.preprocess import preprocess
 
     root, minis = work

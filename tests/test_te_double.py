@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megatron_patch.models.builder import ParallelLayout
-from megatron_patch.testing.multirank import run_ranks
+from megatron_patch.runtime.multirank import run_ranks
 
 from te_harness import (assert_no_nan, build_te_chunks, fill_nan, forward_logits, hf_logits, load_legacy,
                         load_torch_dist, loadable_tensors, pai_args, run_te_ranks, save_pai_legacy)
@@ -78,11 +78,11 @@ def _tokens(vocab: int) -> torch.Tensor:
 
 
 def _local_model(hf_dir, tokens):
-    """Our local-spec model with the HF weights (convert.engine, as `compare`): its tensors and logits."""
+    """Our local-spec model with the HF weights (checkpoint.engine, as `compare`): its tensors and logits."""
     from transformers import AutoConfig
 
-    from megatron_patch.convert.engine import ShardPlan, load_into_chunks
-    from megatron_patch.convert.hf_reader import HFCheckpoint
+    from megatron_patch.checkpoint.engine import ShardPlan, load_into_chunks
+    from megatron_patch.checkpoint.hf_reader import HFCheckpoint
     from megatron_patch.models.builder import build_family_model, initialize_parallel
     from megatron_patch.models.families import family_for_config
 

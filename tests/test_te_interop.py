@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_patch.convert import mcore_layout
+from megatron_patch.checkpoint import mcore_layout
 from megatron_patch.convert.hf2mcore import hf2mcore
 from megatron_patch.convert.mcore2hf import mcore2hf
 from megatron_patch.errors import UserError
@@ -107,7 +107,7 @@ def _load_and_run(rank, world, cases, roots, minis, references):
     from te_harness import (assert_no_nan, build_te_chunks, fill_nan, forward_logits, load_legacy,
                             load_torch_dist, pai_args, save_pai_legacy)
 
-    from megatron_patch.convert.mcore2hf import open_mcore
+    from megatron_patch.checkpoint.mcore_reader import open_mcore
 
     results = []
     for case, root in zip(cases, roots):
@@ -201,7 +201,7 @@ def _config_from_args(args: argparse.Namespace, config_cls):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_args_rebuild_the_family_config(converted, work, minis, family):
     """Megatron-LM's --use-checkpoint-args path rebuilds every TransformerConfig field of our mapping."""
-    from megatron_patch.convert.hf2mcore import load_hf_config
+    from megatron_patch.checkpoint.hf_config import load_hf_config
     from megatron_patch.models.builder import apply_layout
     from megatron_patch.models.families import family_for_config
 

@@ -179,7 +179,7 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def _port() -> int:
-    from megatron_patch.testing.multirank import free_port
+    from megatron_patch.runtime.multirank import free_port
 
     return free_port()
 
@@ -229,7 +229,8 @@ def test_kill_during_save_then_stop_at_n_and_resume_to_2n_are_bit_identical(work
        save and exit 0);
     3. the same command resumes from step N and runs to 2N. Steps 6..2N reproduce the uninterrupted run
        exactly (float equality of loss and grad norm)."""
-    from megatron_patch.training.checkpointing import CRASH_ENV, read_tracker
+    from megatron_patch.checkpoint.mcore_layout import read_tracker
+    from megatron_patch.training.checkpointing import CRASH_ENV
 
     _, straight = ds3_runs
     half = STEPS // 2

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_patch.convert import mcore_layout
+from megatron_patch.checkpoint import mcore_layout
 from megatron_patch.convert.hf2mcore import hf2mcore
 from megatron_patch.convert.mcore2hf import mcore2hf
 from megatron_patch.convert.reshard import reshard
 from megatron_patch.models.builder import SPLIT_FIELDS, ParallelLayout
 from megatron_patch.testing.equivalence import layouts_run
-from megatron_patch.testing.multirank import run_ranks
+from megatron_patch.runtime.multirank import run_ranks
 from megatron_patch.verify.compare import CompareSpec, run_specs_in_group
 
 from test_convert_roundtrip import assert_identical, read_all

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
     from megatron_patch.errors import UserError
     from megatron_patch.models.builder import ParallelLayout
-    from megatron_patch.testing.multirank import RankFailure
+    from megatron_patch.runtime.multirank import RankFailure
     from megatron_patch.verify.compare import CompareSpec, run
     from megatron_patch.verify.report import format_report, format_seed_sections
 

@@ -41,9 +41,9 @@ _SHAPES: dict[str, dict] = {}
 
 
 def expected_shapes(hf_config) -> dict[str, tuple]:
-    """convert.hf2mcore.expected_hf_shapes, built once per config (a config transformers cannot build is an
+    """hf_config.expected_hf_shapes, built once per config (a config transformers cannot build is an
     error there, not a skipped check)."""
-    from megatron_patch.convert.hf2mcore import expected_hf_shapes
+    from .hf_config import expected_hf_shapes
 
     key = hf_config.to_json_string()
     if key not in _SHAPES:

@@ -16,9 +16,9 @@ import torch
 
 from megatron_patch.errors import UserError
 
-from .atomic import atomic_output_dir, check_output
-from .hf_reader import HFCheckpoint
-from .hf_writer import DEFAULT_MAX_SHARD_BYTES, ShardedSafetensorsWriter, copy_tokenizer_files
+from megatron_patch.checkpoint.atomic import atomic_output_dir, check_output
+from megatron_patch.checkpoint.hf_reader import HFCheckpoint
+from megatron_patch.checkpoint.hf_writer import DEFAULT_MAX_SHARD_BYTES, ShardedSafetensorsWriter, copy_tokenizer_files
 from .progress import ConversionProgress
 
 BLOCK = 128

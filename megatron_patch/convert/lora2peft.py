@@ -25,7 +25,7 @@ PEFT_PREFIX = "base_model.model."
 
 
 def _checkpoint_dir(path: str) -> Path:
-    from megatron_patch.training.checkpointing import is_dist_checkpoint, train_checkpoint_dir
+    from megatron_patch.checkpoint.locate import is_dist_checkpoint, train_checkpoint_dir
 
     p = Path(path)
     if not p.is_dir():
@@ -102,7 +102,7 @@ def _layer_adapters(t, stored: dict, num_layers: int):
 
 
 def _hf_config(hf_dir: str):
-    from megatron_patch.convert.hf2mcore import load_hf_config
+    from megatron_patch.checkpoint.hf_config import load_hf_config
 
     if not (Path(hf_dir) / "config.json").is_file():
         raise UserError(f"--hf-config {hf_dir}: no config.json there (give the base HF model directory)")
@@ -190,7 +190,7 @@ def write_merged(out: Path, hf_dir: str, args: dict, adapters: dict) -> None:
 
 
 def run(args) -> int:
-    from megatron_patch.convert.atomic import atomic_output_dir
+    from megatron_patch.checkpoint.atomic import atomic_output_dir
 
     hf_config = _hf_config(args.hf_config)
     saved, stored = read_adapters(args.mcore_path)

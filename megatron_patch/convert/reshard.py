@@ -1,10 +1,10 @@
 """Megatron -> Megatron at another layout (`megatron-patch convert reshard`), either format.
 
-The source is read as a PlanSource (mcore2hf.mcore_source): a torch-format checkpoint row by row from
+The source is read as a PlanSource (checkpoint.mcore_reader.mcore_source): a torch-format checkpoint row by row from
 its memory-mapped rank files, a torch_dist one a group of parameters at a time at TP1 (dist_reader).
 The rows are then cut for the new layout by the same writers hf2mcore uses:
 
-    -> torch       hf2mcore.write_torch: rank files streamed shard by shard
+    -> torch       mcore_writer.write_torch: rank files streamed shard by shard
     -> torch_dist  dist_writer: one process, a TP1 model on the meta device, tensors made on demand
 
 so the resident set is about one tensor (torch source) or one group (torch_dist source), whatever the
@@ -15,15 +15,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megatron_patch.checkpoint.atomic import atomic_output_dir, check_output
+from megatron_patch.checkpoint.engine import ShardPlan
+from megatron_patch.checkpoint.key_map import TE, Naming
+from megatron_patch.checkpoint.mcore_layout import describe_layout
+from megatron_patch.checkpoint.mcore_reader import mcore_source, open_mcore
+from megatron_patch.checkpoint.mcore_writer import (FORMATS, check_torch_layout, dist_plan, dist_total_bytes,
+                                                    dry_run, megatron_args, output_bytes, write_dist,
+                                                    write_side_files, write_torch)
+from megatron_patch.checkpoint.tensors import dtype_name
 from megatron_patch.errors import UserError
 
-from .atomic import atomic_output_dir
-from .engine import ShardPlan
-from .key_map import TE, Naming
-from .hf2mcore import (FORMATS, check_layout_values, check_torch_layout, describe,
-                       dist_total_bytes, dry_run, dtype_name, megatron_args, normalized_layout, output_bytes, refuse_existing,
-                       write_dist, write_side_files, write_torch)
-from .mcore2hf import mcore_source, open_mcore
 from .progress import ConversionProgress
 
 
@@ -36,9 +38,7 @@ def reshard(mcore_path, out, layout, fmt: str | None = None, force: bool = False
             show_progress: bool = False, transformer_impl: str = TE, moe_grouped_gemm: bool = False) -> dict:
     """The names written follow transformer_impl / moe_grouped_gemm (the input's are detected)."""
     naming = Naming(transformer_impl, moe_grouped_gemm)
-    check_layout_values(layout)
-    layout = normalized_layout(layout)
-    refuse_existing(out, force, inputs=[mcore_path, hf_config_dir])
+    check_output(out, force, inputs=[mcore_path, hf_config_dir])  # before any work
     ck = open_mcore(mcore_path, hf_config_dir)
     fmt = fmt or ck.fmt
     if fmt not in FORMATS:
@@ -53,15 +53,16 @@ def reshard(mcore_path, out, layout, fmt: str | None = None, force: bool = False
             metas = dry_run(plan, source.meta, None)  # also checks that the layout divides every tensor
             total = output_bytes(metas)
         else:
-            total = dist_total_bytes(source, layout, dtype)
+            tp1 = dist_plan(source, plan)
+            total = dist_total_bytes(source, tp1, dtype)
         with atomic_output_dir(out, force, inputs=[mcore_path, hf_config_dir]) as tmp:
             with ConversionProgress(total, f"reshard -> {fmt}", force=show_progress) as progress:
                 if fmt == "torch":
                     write_torch(plan, source, tmp, None, megatron_args(plan, dtype, "torch"), progress, metas)
                 else:
-                    write_dist(source, layout, dtype, tmp, progress, naming)
+                    write_dist(source, plan, tp1, dtype, tmp, progress)
                 write_side_files(tmp, fmt, ck.family.name, layout, dtype, ck.config_dir, ck.tokenizer_dir,
                                  mcore_path, "reshard", naming)
                 summary, line = progress.summary()
     return {**summary, "line": line, "out": str(Path(out).absolute()), "format": fmt,
-            "layout": describe(layout), "dtype": dtype_name(dtype), "naming": naming.describe()}
+            "layout": describe_layout(layout), "dtype": dtype_name(dtype), "naming": naming.describe()}

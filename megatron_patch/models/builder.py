@@ -27,7 +27,19 @@ class ParallelLayout:
     cp: int = 1  # context parallel (sequence split in 2 x CP load-balanced chunks)
 
     def __post_init__(self):
-        if self.pipeline_model_parallel_layout and self.vpp is None and self.pp > 0:
+        """Validated and normalised here, once, for every command: sizes >= 1, VPP 1 is no VPP (Megatron's
+        None), VPP only with PP > 1."""
+        for name in ("tp", "pp", "ep", "cp"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} {getattr(self, name)}: must be >= 1")
+        for name in ("etp", "vpp"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"--{name} {getattr(self, name)}: must be >= 1")
+        if self.vpp == 1:
+            object.__setattr__(self, "vpp", None)
+        if self.vpp and self.pp == 1:
+            raise UserError(f"--vpp {self.vpp} needs pipeline parallelism: pass --pp > 1 (virtual stages split a stage)")
+        if self.pipeline_model_parallel_layout and self.vpp is None:
             from megatron_patch.models.pipeline import layout_stages
 
             stages = layout_stages(self.pipeline_model_parallel_layout)
@@ -125,8 +137,6 @@ def check_layout(layout: ParallelLayout, config, world_size: int | None = None) 
     from megatron_patch.models.pipeline import check_pipeline_split
 
     check_pipeline_split(layout, config.num_layers, getattr(config, "mtp_num_layers", None))
-    if layout.cp < 1:
-        raise UserError(f"CP={layout.cp}: must be >= 1")
     if world_size is not None:
         model_parallel = layout.tp * layout.pp * layout.cp
         expert_parallel = layout.expert_tp * layout.ep * layout.pp

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_patch.convert.key_map import LOCAL, TE
 from megatron_patch.errors import UserError
 
+TE = "transformer_engine"
+LOCAL = "local"
+IMPLS = (TE, LOCAL)
 AUTO = "auto"
 CHOICES = (AUTO, TE, LOCAL)
 

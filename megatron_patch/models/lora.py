@@ -386,27 +386,3 @@ def has_adapters(chunks) -> bool:
 def adapters_only(sharded: dict) -> dict:
     """The adapter entries of a model's sharded state dict (what a LoRA checkpoint holds)."""
     return {k: v for k, v in sharded.items() if ADAPTER_MARK in k}
-
-
-def load_adapters(chunks: list, ckpt_path: str, hf_config, config, margs, layout) -> dict:
-    """Wrap `chunks` (base weights already loaded) with the LoRA of a `train --lora-rank` checkpoint and load its
-    adapters. Returns the checkpoint's saved args."""
-    from megatron_patch.checkpoint import safe_load
-    from megatron_patch.training.checkpointing import model_keys, sharded_metadata
-
-    common = safe_load.load_common(ckpt_path)
-    saved = common.get("args") or {}
-    if not saved.get("lora_rank"):
-        raise UserError(f"--mcore-path {ckpt_path} was not trained with --lora-rank (no adapters to compare)")
-    apply_lora(chunks, hf_config, config, margs, layout, int(saved["lora_rank"]),
-               float(saved.get("lora_alpha") or saved["lora_rank"]), 0.0, saved["lora_target"], 0)
-    metadata = sharded_metadata()
-    keys = model_keys(chunks)
-    request = {k: adapters_only(c.sharded_state_dict(metadata=metadata)) for k, c in zip(keys, chunks)}
-    loaded = safe_load.dist_load(request, ckpt_path)
-    for k, c in zip(keys, chunks):
-        result = c.load_state_dict(loaded[k], strict=False)
-        if result.unexpected_keys or any(ADAPTER_MARK in m for m in result.missing_keys):
-            raise UserError(f"--mcore-path {ckpt_path}: adapters do not match the model "
-                            f"({result.unexpected_keys[:3]} {[m for m in result.missing_keys if ADAPTER_MARK in m][:3]})")
-    return saved

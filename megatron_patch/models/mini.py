@@ -35,7 +35,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from megatron_patch.convert.atomic import atomic_output_dir
+from megatron_patch.checkpoint.atomic import atomic_output_dir
 from megatron_patch.errors import UserError
 
 CORPUS = Path(__file__).with_name("mini_corpus.txt")
@@ -347,7 +347,7 @@ def cut_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, layers: l
 
     from safetensors.torch import save_file
 
-    from megatron_patch.convert.hf_reader import HFCheckpoint
+    from megatron_patch.checkpoint.hf_reader import HFCheckpoint
 
     src = Path(src)
     if not (src / "config.json").is_file():

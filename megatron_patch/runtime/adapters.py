@@ -146,6 +146,19 @@ def _move_to_host(original):
     return move
 
 
+@patch("megatron.core.transformer.moe.moe_utils.sort_chunks_by_idxs",
+       "the alltoall dispatcher re-sorts tokens by local expert even when the order is already right (one "
+       "expert-parallel rank): skip the copy for an identity order", TESTED, ALL)
+def _sort_chunks_identity(original):
+    @functools.wraps(original)
+    def sort_chunks_by_idxs(input, split_sizes, sorted_idxs, probs=None, fused=False):
+        if not fused and sorted_idxs.tolist() == list(range(sorted_idxs.numel())):
+            return input, probs
+        return original(input, split_sizes, sorted_idxs, probs=probs, fused=fused)
+
+    return sort_chunks_by_idxs
+
+
 @patch("megatron.core.tensor_parallel.mappings._gather_along_first_dim",
        "gloo's all_gather needs equal sizes: pad uneven splits to the max and trim", TESTED, ("cpu",))
 def _gather_uneven(original):
@@ -268,6 +281,58 @@ def _norm(original):
 
     return PortableNorm
 
+
+
+@patch("megatron.core.utils.local_multi_tensor_scale",
+       "gradient clipping without Apex scales every gradient as dst.copy_(src * scale), a temporary and a "
+       "copy per tensor; when src is dst, scale in place (the same multiply, the same bits)", TESTED, ALL)
+def _scale_in_place(original):
+    @functools.wraps(original)
+    def local_multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):
+        src, dst = tensor_lists[0], tensor_lists[1]
+        if len(src) == len(dst) and all(s is d for s, d in zip(src, dst)):
+            for tensor in dst:
+                tensor.mul_(scale)
+            return
+        original(chunk_size, noop_flag, tensor_lists, scale)
+
+    return local_multi_tensor_scale
+
+
+# --- weight-gradient accumulation ----------------------------------------------------------------------
+class PortableWgradAccumulation:
+    """Apex's fused_weight_gradient_mlp_cuda as one torch GEMM: main_grad += grad_output^T @ input. With it
+    megatron's linears (gradient_accumulation_fusion) write weight gradients straight into DDP's buffer,
+    not into a fresh tensor that a hook then adds (a write and a read of every weight per micro-batch)."""
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad):
+        if total_input.dtype == main_grad.dtype:
+            main_grad.addmm_(grad_output.t(), total_input)
+        else:  # bf16/fp16 activations, fp32 main_grad: as the unfused path (GEMM in their dtype, then add)
+            main_grad.add_(grad_output.t().matmul(total_input))
+
+    wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32
+
+
+def _no_apex_wgrad() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None
+
+
+@patch("megatron.core.tensor_parallel.layers.fused_weight_gradient_mlp_cuda",
+       "gradient_accumulation_fusion needs Apex's fused_weight_gradient_mlp_cuda; a torch addmm_ does the same",
+       TESTED, ALL, needed=_no_apex_wgrad)
+def _wgrad_accumulation(original):
+    return PortableWgradAccumulation
+
+
+@patch("megatron.core.tensor_parallel.layers._grad_accum_fusion_available",
+       "with the portable fused_weight_gradient_mlp_cuda, gradient_accumulation_fusion is available",
+       TESTED, ALL, needed=_no_apex_wgrad)
+def _wgrad_available(original):
+    return True
 
 
 @patch("megatron.core.transformer.experimental_attention_variant.dsa.rotate_activation",

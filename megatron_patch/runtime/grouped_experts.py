@@ -44,8 +44,11 @@ class PortableGroupedLinear(MegatronModule):
             input_size = divide(input_size, tp)
         # Expert-parallel params are reduced over the expert-data-parallel group (megatron's DDP reads this).
         allreduce = not (config.expert_model_parallel_size > 1)
+        # One [E, out, in] block whose slices are the weight{i} parameters: the forward reads the block as
+        # it is (no per-forward stack), the names and the state dict stay TE's.
+        block = torch.empty(num_gemms, output_size, input_size, dtype=config.params_dtype)
         for i in range(num_gemms):
-            weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype))
+            weight = torch.nn.Parameter(block[i])
             if config.perform_initialization:
                 _initialize_affine_weight_gpu(weight, init_method, self.tp_axis, is_expert=True)
             else:
@@ -54,16 +57,41 @@ class PortableGroupedLinear(MegatronModule):
             setattr(self, f"weight{i}", weight)
         self._register_load_state_dict_pre_hook(_drop_extra_states)
 
+    def weights(self) -> list:
+        return [getattr(self, f"weight{i}") for i in range(self.num_gemms)]
+
     lora_scaling = None  # set with per-expert adapters lora_A{i} [r, in], lora_B{i} [out, r] (models/lora.py)
 
     def stacked_weight(self) -> torch.Tensor:
-        """[E, in, out] (a transposed view of the [E, out, in] stack: the layout grouped_mm wants), with LoRA
-        adapters folded in as W + alpha/r * B A (peft's ParamWrapper on HF's fused experts does the same)."""
-        w = torch.stack([getattr(self, f"weight{i}") for i in range(self.num_gemms)])
+        """[E, in, out] (a transposed view of the [E, out, in] stack: the layout grouped_mm wants). A view of
+        the weights' shared block when they still lie in one (see __init__, _apply), else a stacked copy. LoRA
+        adapters are folded in as W + alpha/r * B A (peft's ParamWrapper on HF's fused experts does the same)."""
+        weights = self.weights()
+        w = _BlockView.apply(*weights) if _one_block(weights) else torch.stack(weights)
         if self.lora_scaling is not None:
             a, b = (torch.stack([getattr(self, f"lora_{x}{i}") for i in range(self.num_gemms)]) for x in "AB")
             w = w + self.lora_scaling * torch.bmm(b, a)
         return w.transpose(1, 2)
+
+    def grouped_forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """[tokens, in] sorted by expert -> [tokens, out], one grouped GEMM."""
+        weights = self.weights()
+        if x.device.type == "cpu" and torch.is_grad_enabled() and isinstance(tokens_per_expert, torch.Tensor) \
+                and all(w.requires_grad and hasattr(w, "main_grad") and hasattr(w, "grad_added_to_main_grad")
+                        for w in weights):
+            return _GroupedLinearIntoMainGrad.apply(x, tokens_per_expert, *weights)
+        return kernels.get("grouped_matmul", x.device.type)(x, self.stacked_weight(), tokens_per_expert)
+
+    def _apply(self, fn, recurse=True):
+        """Module.to()/.bfloat16()/.cuda() give each parameter its own new tensor: put them back into one
+        block (same Parameter objects, so optimizers and DDP keep them)."""
+        super()._apply(fn, recurse)
+        weights = self.weights()
+        if weights and not _one_block(weights) and len({(w.shape, w.dtype, w.device) for w in weights}) == 1:
+            block = torch.stack([w.data for w in weights])
+            for i, w in enumerate(weights):
+                w.data = block[i]
+        return self
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Like TE's grouped linear: per expert a ShardedTensor on the global expert axis and an (empty)
@@ -95,6 +123,70 @@ class PortableGroupedLinear(MegatronModule):
 
     def backward_dw(self):
         pass
+
+
+def _one_block(weights: list) -> bool:
+    """True when the weights are the consecutive [out, in] slices of one contiguous block."""
+    first = weights[0]
+    if not first.is_contiguous():
+        return False
+    storage, start, size = first.untyped_storage().data_ptr(), first.storage_offset(), first.numel()
+    return all(w.is_contiguous() and w.shape == first.shape and w.dtype == first.dtype and w.device == first.device
+               and w.untyped_storage().data_ptr() == storage and w.storage_offset() == start + i * size
+               for i, w in enumerate(weights))
+
+
+class _BlockView(torch.autograd.Function):
+    """The [E, out, in] block behind weights that _one_block accepts, without a copy; its gradient goes
+    back to each weight as a slice."""
+
+    @staticmethod
+    def forward(ctx, *weights):
+        first = weights[0]
+        return first.detach().as_strided((len(weights), *first.shape), (first.numel(), *first.stride()))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.unbind(0)
+
+
+def _block(weights) -> torch.Tensor:
+    """[E, out, in]: the weights' shared block, or a stacked copy when they do not lie in one."""
+    if _one_block(weights):
+        first = weights[0]
+        return first.detach().as_strided((len(weights), *first.shape), (first.numel(), *first.stride()))
+    return torch.stack([w.detach() for w in weights])
+
+
+class _GroupedLinearIntoMainGrad(torch.autograd.Function):
+    """The grouped GEMM x @ W_e^T whose backward adds each expert's weight gradient straight into DDP's
+    main_grad (one addmm_ per expert, as megatron's gradient_accumulation_fusion does for its linears)
+    instead of into a fresh [E, in, out] tensor that DDP's hooks then add. CPU only: splitting the rows per
+    expert needs the counts on the host."""
+
+    @staticmethod
+    def forward(ctx, x, tokens_per_expert, *weights):
+        ctx.save_for_backward(x, tokens_per_expert, *weights)
+        return kernels.get("grouped_matmul", "cpu")(x, _block(weights).transpose(1, 2), tokens_per_expert)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, tokens_per_expert, *weights = ctx.saved_tensors
+        grad = grad.contiguous()
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = kernels.get("grouped_matmul", "cpu")(grad, _block(weights), tokens_per_expert)
+        counts = tokens_per_expert.tolist()
+        dummies = []
+        for weight, rows, grad_rows in zip(weights, x.split(counts), grad.split(counts)):
+            if rows.dtype == weight.main_grad.dtype:
+                weight.main_grad.addmm_(grad_rows.t(), rows)
+            else:  # bf16/fp16 experts, fp32 main_grad: the GEMM in their dtype, then the add
+                weight.main_grad.add_(grad_rows.t().matmul(rows))
+            weight.grad_added_to_main_grad = True
+            # megatron's pattern: an uninitialised gradient that DDP's hook skips (grad_added_to_main_grad)
+            dummies.append(torch.empty_like(weight))
+        return (dx, None, *dummies)
 
 
 def _drop_extra_states(state_dict, prefix, *args):
@@ -132,8 +224,7 @@ class PortableGroupedMLP(TEGroupedMLP):
                 permuted_probs: torch.Tensor):
         x = permuted_local_hidden_states
         device = x.device.type
-        gmm = kernels.get("grouped_matmul", device)
-        fc1 = gmm(x, self.linear_fc1.stacked_weight(), tokens_per_expert)
+        fc1 = self.linear_fc1.grouped_forward(x, tokens_per_expert)
         if self.config.gated_linear_unit:
             if self.config.activation_func is not torch.nn.functional.silu:
                 raise ValueError("grouped experts: a gated unit other than SwiGLU is not supported")
@@ -142,4 +233,4 @@ class PortableGroupedMLP(TEGroupedMLP):
             act = self.config.activation_func(fc1)
         # As SequentialMLP's MLP: scale by the router prob in the promoted dtype, then back.
         act = (act * permuted_probs.unsqueeze(-1)).to(fc1.dtype)
-        return gmm(act, self.linear_fc2.stacked_weight(), tokens_per_expert), None
+        return self.linear_fc2.grouped_forward(act, tokens_per_expert), None

@@ -114,7 +114,7 @@ def check_tokenizer(hf_path: str, vocab_size: int) -> Step:
 
 def check_config(spec: PreflightSpec, world: int):
     """(Step, hf_config, megatron config) with the family table's mapping and the layout checked."""
-    from megatron_patch.convert.hf2mcore import load_hf_config
+    from megatron_patch.checkpoint.hf_config import load_hf_config
     from megatron_patch.models.builder import check_layout
     from megatron_patch.models.families import family_for_config
 
@@ -144,7 +144,7 @@ def describe_model(config) -> str:
 
 
 def check_weights(hf_path: str) -> Step:
-    from megatron_patch.convert.hf_reader import HFCheckpoint
+    from megatron_patch.checkpoint.hf_reader import HFCheckpoint
 
     with HFCheckpoint(hf_path) as ckpt:  # validates the index, shards and headers without reading tensors
         names = ckpt.keys()
@@ -250,7 +250,7 @@ def world_size_for(spec: PreflightSpec) -> int:
 
 def run_preflight(spec: PreflightSpec, emit=print) -> list[Step]:
     """All steps, each passed to `emit` as soon as it is known; stops at the first failing one."""
-    from megatron_patch.testing.multirank import RankFailure, run_ranks
+    from megatron_patch.runtime.multirank import RankFailure, run_ranks
     from megatron_patch.verify.compare import in_torchrun
 
     if not Path(spec.hf_path).is_dir():

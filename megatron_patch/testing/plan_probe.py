@@ -10,7 +10,7 @@ import torch
 
 
 def _build(case: dict):
-    from megatron_patch.convert.hf2mcore import load_hf_config
+    from megatron_patch.checkpoint.hf_config import load_hf_config
     from megatron_patch.models.builder import ParallelLayout, build_family_model, initialize_parallel
 
     hf_config = load_hf_config(case["hf"])

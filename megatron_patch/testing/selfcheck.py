@@ -11,7 +11,7 @@ import tempfile
 
 from megatron_patch.models.builder import ParallelLayout
 from megatron_patch.testing.equivalence import layout_run, reference_run
-from megatron_patch.testing.multirank import run_ranks
+from megatron_patch.runtime.multirank import run_ranks
 
 TOLERANCE = 1e-6
 

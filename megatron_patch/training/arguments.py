@@ -290,7 +290,7 @@ def validate_sft(args) -> None:
 def _check_save(save, inputs) -> None:
     """--save may not be, contain or lie inside an input (--save == --load is Megatron-LM's resume convention:
     saves add iter_* directories and move the tracker, they never rewrite what --load holds)."""
-    from megatron_patch.convert.atomic import overlap
+    from megatron_patch.checkpoint.atomic import overlap
 
     for flag, path in inputs:
         if save and path and overlap(Path(save), Path(path)):

@@ -16,8 +16,8 @@ the tracker on the previous complete checkpoint. `MP_TEST_CRASH_IN_SAVE=<iterati
 os._exit(43) after the files are written and before they are published (used by the tests).
 
 Initialisation for a fresh run: `init_from_megatron` (--load of a model-only Megatron checkpoint: torch
-per-rank layout via convert.mcore_layout, or torch_dist) or `init_from_hf` (--load-hf: HF safetensors
-through the family table and convert.engine).
+per-rank layout via checkpoint.mcore_layout, or torch_dist) or `init_from_hf` (--load-hf: HF safetensors
+through the family table and checkpoint.engine).
 """
 from __future__ import annotations
 
@@ -29,16 +29,13 @@ from pathlib import Path
 import numpy
 import torch
 
-from megatron_patch.convert.mcore_layout import TRACKER_NAME, iteration_dir_name
 from megatron_patch.checkpoint import safe_load
+from megatron_patch.checkpoint.chunks import (is_distributed, load_megatron, model_keys, model_sharded_state_dict,
+                                              optimizers, sharded_metadata, unwrap)
+from megatron_patch.checkpoint.mcore_layout import CHECKPOINT_VERSION, iteration_dir_name, write_latest
 from megatron_patch.errors import UserError
 
-CHECKPOINT_VERSION = 3.0
 CRASH_ENV = "MP_TEST_CRASH_IN_SAVE"
-# The distributed optimizer saves its own DP shards in parallel ('dp_reshardable', Megatron-LM's default:
-# no gather on one rank; reshardable in DP only). ('fully_reshardable' gathers with tensor.cuda() in
-# megatron-core 0.16.1, which the CPU runtime does not cover.) The regular optimizer is saved per parameter.
-DISTRIBUTED_OPTIMIZER_FORMAT = "dp_reshardable"
 
 
 def _rank() -> int:
@@ -54,45 +51,6 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _unwrap(chunk):
-    return getattr(chunk, "module", chunk)
-
-
-def model_keys(chunks) -> list[str]:
-    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-
-
-def _optimizers(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _is_distributed(optimizer) -> bool:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    return optimizer is not None and any(isinstance(o, DistributedOptimizer) for o in _optimizers(optimizer))
-
-
-def sharded_metadata(optimizer=None) -> dict:
-    """What Megatron-LM passes to sharded_state_dict(): the optimizer save format plus the DP(+CP) group
-    (needed e.g. for MTP's tied embedding copy on the last pipeline stage)."""
-    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
-
-    metadata = {"chained_optim_avoid_prefix": True}
-    if _is_distributed(optimizer):
-        metadata["distrib_optim_sharding_type"] = DISTRIBUTED_OPTIMIZER_FORMAT
-    return ensure_metadata_has_dp_cp_group(metadata)
-
-
-def model_sharded_state_dict(chunks) -> dict:
-    from megatron_patch.models.lora import adapters_only, has_adapters
-
-    metadata = sharded_metadata()
-    out = {key: _unwrap(c).sharded_state_dict(metadata=metadata) for key, c in zip(model_keys(chunks), chunks)}
-    if has_adapters([_unwrap(c) for c in chunks]):  # LoRA: the base is frozen and comes from --load/--load-hf
-        out = {key: adapters_only(sd) for key, sd in out.items()}
-    return out
-
-
 def parallel_signature(optimizer) -> dict:
     """The model-parallel layout and optimizer kind a checkpoint's optimizer state belongs to."""
     from megatron.core import parallel_state as ps
@@ -100,7 +58,7 @@ def parallel_signature(optimizer) -> dict:
     return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
             "ep": ps.get_expert_model_parallel_world_size(), "etp": ps.get_expert_tensor_parallel_world_size(),
             "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
-            "distributed_optimizer": _is_distributed(optimizer), "optimizers": len(_optimizers(optimizer)),
+            "distributed_optimizer": is_distributed(optimizer), "optimizers": len(optimizers(optimizer)),
             **_experts_kind(optimizer)}
 
 
@@ -109,9 +67,9 @@ def _experts_kind(optimizer) -> dict:
     buckets follow the experts' parameter order, which differs between the two (the model weights do not)."""
     from megatron.core.transformer.moe.experts import SequentialMLP
 
-    if not _is_distributed(optimizer):
+    if not is_distributed(optimizer):
         return {}
-    chunks = [c for o in _optimizers(optimizer) for c in getattr(o, "model_chunks", [])]
+    chunks = [c for o in optimizers(optimizer) for c in getattr(o, "model_chunks", [])]
     kinds = {"sequential" if isinstance(m, SequentialMLP) else "grouped"
              for c in chunks for name, m in c.named_modules() if name.endswith("mlp.experts")}
     return {"experts": kinds.pop()} if kinds else {}
@@ -132,33 +90,6 @@ def _describe(sig: dict) -> str:
 # ---------------------------------------------------------------------------------------------------
 # the tracker
 # ---------------------------------------------------------------------------------------------------
-def read_tracker(root) -> int | str | None:
-    """The iteration the tracker names, or None when `root` holds no checkpoint."""
-    tracker = Path(root) / TRACKER_NAME
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text().strip()
-    if text == "release":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise UserError(f"{tracker} contains {text!r}, expected an iteration number (fix or remove it)") from None
-
-
-def _write_tracker(root: Path, iteration: int) -> None:
-    tmp = root / (TRACKER_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(str(iteration))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / TRACKER_NAME)
-
-
-def is_dist_checkpoint(path) -> bool:
-    return (Path(path) / "metadata.json").is_file()
-
-
 # ---------------------------------------------------------------------------------------------------
 # rng
 # ---------------------------------------------------------------------------------------------------
@@ -267,7 +198,7 @@ def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed
                 shutil.rmtree(old)
             os.rename(final, old)
         os.rename(tmp, final)
-        _write_tracker(root, iteration)
+        write_latest(root, iteration)
         if old.exists():
             shutil.rmtree(old)
     _barrier()
@@ -277,21 +208,6 @@ def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed
 # ---------------------------------------------------------------------------------------------------
 # load
 # ---------------------------------------------------------------------------------------------------
-def train_checkpoint_dir(root) -> Path | None:
-    """The directory of the latest complete training checkpoint under `root` (None if there is none or
-    it is a model-only checkpoint, e.g. converted from HF)."""
-    iteration = read_tracker(root)
-    if iteration is None or iteration == "release":
-        return None
-    path = Path(root) / iteration_dir_name(iteration)
-    if not path.is_dir():
-        raise UserError(f"{Path(root) / TRACKER_NAME} names {path.name}, which does not exist (fix the tracker)")
-    if not is_dist_checkpoint(path):
-        return None
-    common = safe_load.load_common(path)
-    return path if "opt_param_scheduler" in common else None
-
-
 def _allocate_optimizer_state(optimizer) -> None:
     """megatron-core 0.16.1 without TE/Apex (CPU, NPU): DistributedOptimizer.sharded_state_dict(is_loading=
     True) first calls state_dict(), which reads torch Adam's per-parameter "step" and asserts there is
@@ -350,9 +266,9 @@ def load_training_checkpoint(path, chunks, optimizer, scheduler, load_optim: boo
     loaded = safe_load.dist_load(request, path)
     from megatron_patch.models.lora import ADAPTER_MARK, has_adapters
 
-    lora = has_adapters([_unwrap(c) for c in chunks])
+    lora = has_adapters([unwrap(c) for c in chunks])
     for key, chunk in zip(model_keys(chunks), chunks):
-        result = _unwrap(chunk).load_state_dict(loaded[key], strict=not lora)
+        result = unwrap(chunk).load_state_dict(loaded[key], strict=not lora)
         if lora and (result.unexpected_keys or any(ADAPTER_MARK in k for k in result.missing_keys)):
             raise UserError(f"{path}: adapters do not match this run's LoRA settings (missing "
                             f"{[k for k in result.missing_keys if ADAPTER_MARK in k][:3]}, unexpected "
@@ -377,99 +293,14 @@ def load_training_checkpoint(path, chunks, optimizer, scheduler, load_optim: boo
     return int(loaded["iteration"]), int(loaded["consumed_train_samples"])
 
 
-def _copy_into(chunks, state_dicts: list[dict], source: str) -> None:
-    """Load per-chunk (local-spec) state dicts into the model; every tensor of the model must be given."""
-    from megatron_patch.convert.engine import as_model_names
-
-    if len(state_dicts) != len(chunks):
-        raise UserError(f"{source} has {len(state_dicts)} model chunk(s) per rank, this run builds {len(chunks)} "
-                        "(virtual pipeline size differs)")
-    for i, (chunk, sd) in enumerate(zip(chunks, state_dicts)):
-        try:
-            module = _unwrap(chunk)
-            missing, unexpected = module.load_state_dict(as_model_names(sd, module.state_dict()), strict=False)
-        except RuntimeError as err:  # shape mismatches
-            raise UserError(f"{source} (chunk {i}) does not fit the model: {str(err).splitlines()[-1].strip()} "
-                            "(converted for another parallel layout or config?)") from None
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise UserError(f"{source} (chunk {i}) does not match the model: missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}; was it converted from the same config?")
-
-
-def _load_torch_layout(root, chunks, layout) -> int | str:
-    from megatron.core import parallel_state as ps
-
-    from megatron_patch.convert import mcore_layout
-
-    from megatron_patch.convert.hf2mcore import layout_dict
-
-    iteration, sizes = mcore_layout.read_layout(root)
-    want = layout_dict(layout)
-    saved_key, want_key = mcore_layout.layout_key(sizes), mcore_layout.layout_key(want)
-    keys = [k for k in want_key if k != "etp" or _unwrap(chunks[0]).config.num_moe_experts]  # ETP: experts only
-    if {k: saved_key[k] for k in keys} != {k: want_key[k] for k in keys}:
-        split = mcore_layout.split_of(sizes)
-        saved = {k: v for k, v in split.items() if v}
-        asked = {k: v for k, v in layout.split_fields().items() if v}
-        raise UserError(f"--load {root}: torch-format checkpoint is for "
-                        f"TP{sizes['tp']} PP{sizes['pp']} EP{sizes['ep']} ETP{sizes['etp']} VPP{sizes['vpp']} "
-                        f"{saved or 'even split'}, this run is "
-                        f"TP{want['tp']} PP{want['pp']} EP{want['ep']} ETP{want['etp']} VPP{want['vpp']} "
-                        f"{asked or 'even split'}; convert for this layout (convert reshard) or convert with "
-                        "--format torch_dist, which loads at any layout")
-    from megatron_patch.convert.key_map import down_projection_rows, read_local_rank
-
-    # local-spec names whatever spec wrote it (Megatron-LM / Pai-Megatron-Patch TE checkpoints included)
-    state_dicts, _ = read_local_rank(root, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                                     ps.get_expert_model_parallel_rank(), sizes, iteration,
-                                     down_projection_rows(_unwrap(chunks[0]).config))
-    _copy_into(chunks, state_dicts, f"--load {root}")
-    return iteration
-
-
-def _load_dist_model(path, chunks) -> None:
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-
-    from megatron_patch.convert.key_map import match_sharded, stored_keys
-
-    request = model_sharded_state_dict(chunks)
-    stored = stored_keys(path)  # the checkpoint's names (local or TE spec) decide the keys requested
-    request = {k: match_sharded(sd, stored, f"--load {path}", extra_state=False)[0] for k, sd in request.items()}
-    try:
-        loaded = safe_load.dist_load(request, path)
-    except CheckpointingException as err:
-        raise UserError(f"--load {path}: the checkpoint does not match the model ({err})") from None
-    for key, chunk in zip(model_keys(chunks), chunks):
-        module = _unwrap(chunk)
-        state = dict(loaded[key])
-        for name in module.state_dict():  # TE `_extra_state` a local-spec checkpoint lacks: None, as TE accepts
-            if name.endswith("_extra_state"):
-                state.setdefault(name, None)
-        module.load_state_dict(state, strict=True)
-
-
 def init_from_megatron(root, chunks, layout) -> str:
     """Load model weights (only) from a Megatron checkpoint directory: torch_dist or torch layout."""
-    root = Path(root)
-    iteration = read_tracker(root)
-    if iteration is None:
-        if is_dist_checkpoint(root):  # pointed at an iter_* directory itself
-            _load_dist_model(root, chunks)
-            return f"torch_dist {root}"
-        raise UserError(f"--load {root}: no {TRACKER_NAME} (not a Megatron checkpoint directory)")
-    path = root / iteration_dir_name(iteration)
-    if is_dist_checkpoint(path):
-        _load_dist_model(path, chunks)
-        return f"torch_dist {path}"
-    iteration = _load_torch_layout(root, chunks, layout)
-    return f"torch {root / iteration_dir_name(iteration)}"
+    return load_megatron(root, chunks, layout, "--load")
 
 
 def init_from_hf(hf_dir, chunks, hf_config, layout, config, margs) -> str:
-    from megatron_patch.convert.engine import ShardPlan, check_hf_checkpoint, load_into_chunks
-    from megatron_patch.convert.hf_reader import HFCheckpoint
+    from megatron_patch.checkpoint.engine import ShardPlan, check_hf_checkpoint, load_into_chunks
+    from megatron_patch.checkpoint.hf_reader import HFCheckpoint
     from megatron_patch.models.families import family_for_config
 
     plan = ShardPlan(family_for_config(hf_config), hf_config, layout, config, margs)

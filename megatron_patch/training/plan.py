@@ -34,7 +34,7 @@ class Model:
 
     @classmethod
     def load(cls, hf_dir: str, lora_rank: int | None, lora_target: str | None) -> "Model":
-        from megatron_patch.convert.hf2mcore import load_hf_config
+        from megatron_patch.checkpoint.hf_config import load_hf_config
         from megatron_patch.models.families import family_for_config, moe_layers
 
         hf_config = load_hf_config(hf_dir)

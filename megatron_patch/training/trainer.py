@@ -42,7 +42,7 @@ def init_distributed(acc, timeout_minutes: float | None = None) -> tuple[int, in
     if world == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
-            from megatron_patch.testing.multirank import free_port
+            from megatron_patch.runtime.multirank import free_port
 
             os.environ["MASTER_PORT"] = str(free_port())
     acc.set_device(local)
@@ -92,7 +92,7 @@ def _config_overrides(args) -> dict:
 
 
 def _load_hf_config(args):
-    from megatron_patch.convert.hf2mcore import load_hf_config
+    from megatron_patch.checkpoint.hf_config import load_hf_config
 
     path = args.hf_config or args.load_hf
     if not path and args.load and os.path.isfile(os.path.join(args.load, "hf_config", "config.json")):
@@ -175,7 +175,7 @@ class Trainer:
             return None
         import contextlib
 
-        from megatron_patch.convert.atomic import output_lock
+        from megatron_patch.checkpoint.atomic import output_lock
         from megatron_patch.training.checkpointing import remove_stale_saves
 
         stack, refused = contextlib.ExitStack(), ""
@@ -279,7 +279,7 @@ class Trainer:
         _rank0_print(f"DSA: sparse training from step {self.iteration + 1}")
 
     def _resume_dir(self):
-        from megatron_patch.training.checkpointing import train_checkpoint_dir
+        from megatron_patch.checkpoint.locate import train_checkpoint_dir
 
         if self.args.finetune:
             return None
@@ -306,11 +306,13 @@ class Trainer:
 
     def _start_state(self) -> None:
         from megatron_patch.training.checkpointing import load_training_checkpoint
+        from megatron_patch.training.setup_model import use_fused_adam
 
         if self.resume_from is not None:
             self.iteration, self.consumed = load_training_checkpoint(
                 self.resume_from, self.chunks, self.optimizer, self.scheduler,
                 load_optim=not self.args.no_load_optim, load_rng=not self.args.no_load_rng)
+            use_fused_adam(self.optimizer)
             if self.consumed != self.iteration * self.gbs:
                 raise UserError(f"{self.resume_from} consumed {self.consumed} samples in {self.iteration} "
                                 f"iterations; --global-batch-size {self.gbs} does not match the checkpoint")

@@ -134,7 +134,7 @@ def _fused_into(model: torch.nn.Module, path: str):
     key_map.FUSED_NORMS names the pairs), or None when the norm is a module of its own."""
     from megatron.core.transformer.identity_op import IdentityOp
 
-    from megatron_patch.convert.key_map import FUSED_NORMS
+    from megatron_patch.checkpoint.key_map import FUSED_NORMS
 
     if not isinstance(_get(model, path), IdentityOp):
         return None

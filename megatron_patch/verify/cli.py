@@ -74,7 +74,7 @@ def run(args) -> int:
 def _run(args) -> int:
     from megatron_patch.models.builder import ParallelLayout
     from megatron_patch.models.moe_options import moe_overrides
-    from megatron_patch.testing.multirank import RankFailure
+    from megatron_patch.runtime.multirank import RankFailure
     from megatron_patch.verify.compare import CompareSpec
     from megatron_patch.verify.compare import run as run_compare
     from megatron_patch.verify.report import format_report, write_json, write_plot
@@ -89,7 +89,7 @@ def _run(args) -> int:
     from megatron_patch.models.pipeline import split_kwargs
 
     layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
-                            vpp=args.vpp if args.vpp and args.vpp > 1 else None, cp=args.cp,
+                            vpp=args.vpp, cp=args.cp,
                             **split_kwargs(args))
     spec = CompareSpec(hf_path=args.hf_path, layout=layout, mcore_path=args.mcore_path, peft_path=args.peft_path,
                        batch_size=args.batch_size, seq_length=args.seq_length, dtype=args.dtype,

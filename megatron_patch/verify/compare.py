@@ -5,10 +5,10 @@
     report["result"]  # "PASS" / "FAIL"; report["rows"]: one row per hook point
 
 What runs where:
-  * `run` spawns the minimal number of gloo ranks for the layout (megatron_patch.testing.multirank),
+  * `run` spawns the minimal number of gloo ranks for the layout (megatron_patch.runtime.multirank),
     or, inside torchrun (WORLD_SIZE/RANK set), uses the existing ranks.
   * every rank builds its Megatron chunks (models/builder.py) and fills them: from the HF checkpoint in
-    memory through the family table (convert/engine.py), or from a Megatron checkpoint (`mcore_path`,
+    memory through the family table (checkpoint/engine.py), or from a Megatron checkpoint (`mcore_path`,
     torch or torch_dist). Every data-parallel replica runs the whole batch (forward only), so each
     (TP, PP) position holds complete information; with CP each CP rank runs its two sequence chunks
     (megatron's get_batch_on_this_cp_rank).
@@ -30,10 +30,11 @@ from typing import Any, Callable
 
 import torch
 
+from megatron_patch.checkpoint.locate import TORCH_DIST, locate
+from megatron_patch.checkpoint.tensors import DTYPES, dtype_overrides
 from megatron_patch.errors import UserError
 from megatron_patch.models.builder import ParallelLayout
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -111,28 +112,9 @@ def minimal_world_size(layout: ParallelLayout) -> int:
     return dense * expert // math.gcd(dense, expert)
 
 
-def mcore_format(path: str) -> tuple[str, Path]:
-    """('torch', root) for Megatron-LM's per-rank torch layout, ('torch_dist', dir) for a
-    dist_checkpointing directory (dir holds metadata.json; a root with the iteration tracker is followed)."""
-    from megatron_patch.convert.mcore_layout import TRACKER_NAME, iteration_dir_name, read_iteration
-
-    root = Path(path)
-    if not root.is_dir():
-        raise UserError(f"--mcore-path {path}: directory not found")
-    if (root / "metadata.json").is_file():
-        return "torch_dist", root
-    if (root / TRACKER_NAME).is_file():
-        it_dir = root / iteration_dir_name(read_iteration(root))
-        if (it_dir / "metadata.json").is_file():
-            return "torch_dist", it_dir
-        return "torch", root
-    raise UserError(f"--mcore-path {path}: neither {TRACKER_NAME} (torch format) nor metadata.json "
-                    "(torch_dist) found; point at the checkpoint root")
-
-
 def prepare(spec: CompareSpec, world_size: int | None = None):
     """Check the input and the layout; return (hf_config, family, megatron config)."""
-    from megatron_patch.convert.hf_reader import HFCheckpoint
+    from megatron_patch.checkpoint.hf_reader import HFCheckpoint
     from megatron_patch.models.builder import check_layout
     from megatron_patch.models.families import family_for_config
     from megatron_patch.models.moe_options import check_moe_overrides
@@ -144,15 +126,10 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
         raise UserError(f"--hf-path {spec.hf_path}: no config.json (point at an HF model directory)")
     if spec.dtype not in DTYPES:
         raise UserError(f"--dtype {spec.dtype}: choose one of {', '.join(DTYPES)}")
-    lay = spec.layout
-    for name in ("tp", "pp", "ep", "cp"):
-        if getattr(lay, name) < 1:
-            raise UserError(f"--{name} {getattr(lay, name)}: must be >= 1")
-    if lay.expert_tp < 1 or (lay.vpp is not None and lay.vpp < 1):
-        raise UserError("--etp and --vpp must be >= 1")
+    lay = spec.layout  # sizes >= 1: ParallelLayout checked itself
     if spec.batch_size < 1 or spec.seq_length < 1:
         raise UserError("--batch-size and --seq-length must be >= 1")
-    from megatron_patch.convert.hf2mcore import load_hf_config
+    from megatron_patch.checkpoint.hf_config import load_hf_config
 
     hf_config = load_hf_config(path)
     family = family_for_config(hf_config)
@@ -178,35 +155,28 @@ def prepare(spec: CompareSpec, world_size: int | None = None):
         raise UserError(f"--seq-length {spec.seq_length} exceeds max_position_embeddings="
                         f"{hf_config.max_position_embeddings}")
     if spec.peft_path is not None:
-        if spec.mcore_path is None or mcore_format(spec.mcore_path)[0] != "torch_dist":
+        if spec.mcore_path is None or locate(spec.mcore_path).fmt != TORCH_DIST:
             raise UserError("--peft-path needs --mcore-path, the --save directory of a `train --lora-rank` run")
         if not (Path(spec.peft_path) / "adapter_config.json").is_file():
             raise UserError(f"--peft-path {spec.peft_path}: no adapter_config.json (write one with "
                             "`megatron-patch convert lora2peft`)")
     # validates shards and headers (cheap), and the names against the table
     if spec.mcore_path is None or spec.peft_path is not None:
-        from megatron_patch.convert.engine import ShardPlan, check_hf_checkpoint
+        from megatron_patch.checkpoint.engine import ShardPlan, check_hf_checkpoint
 
         with HFCheckpoint(path) as ckpt:
             check_hf_checkpoint(ShardPlan(family, hf_config, lay, config), ckpt)
     else:
-        fmt, root = mcore_format(spec.mcore_path)
-        if fmt == "torch_dist":
+        found = locate(spec.mcore_path)
+        if found.fmt == TORCH_DIST:
             from megatron_patch.checkpoint.safe_load import check_dist_checkpoint
 
-            check_dist_checkpoint(root)  # a tampered pickle is refused before any rank starts
-        if fmt == "torch":
-            from megatron_patch.convert.mcore_layout import read_layout
+            check_dist_checkpoint(found.ckpt_dir)  # a tampered pickle is refused before any rank starts
+        else:  # a torch-format checkpoint loads only at its own layout: refused before any rank starts
+            from megatron_patch.checkpoint.chunks import check_same_layout
+            from megatron_patch.checkpoint.mcore_layout import read_layout
 
-            from megatron_patch.convert.hf2mcore import layout_dict
-            from megatron_patch.convert.mcore_layout import layout_key
-
-            _, sizes = read_layout(root)
-            want = layout_dict(lay)
-            if layout_key(sizes) != layout_key(want):
-                raise UserError(f"--mcore-path {spec.mcore_path} was saved at {sizes}; this run asks for {want} "
-                                "(a torch-format checkpoint loads only at its own layout; pass the same sizes "
-                                "or use torch_dist)")
+            check_same_layout(read_layout(found.root)[1], lay, bool(experts), f"--mcore-path {spec.mcore_path}")
     return hf_config, family, config
 
 
@@ -299,58 +269,25 @@ def input_tokens(spec: CompareSpec, vocab_size: int) -> torch.Tensor:
 
 
 def _load_weights(spec: CompareSpec, chunks, family, hf_config, config, args) -> str:
-    from megatron.core import parallel_state as ps
-
-    from megatron_patch.convert.engine import ShardPlan, load_into_chunks
+    from megatron_patch.checkpoint.engine import ShardPlan, load_into_chunks
 
     if spec.mcore_path is None or spec.peft_path is not None:
-        from megatron_patch.convert.hf_reader import HFCheckpoint
+        from megatron_patch.checkpoint.hf_reader import HFCheckpoint
 
         plan = ShardPlan(family, hf_config, spec.layout, config, args)
         with HFCheckpoint(spec.hf_path) as ckpt:
             load_into_chunks(chunks, plan, ckpt.get_slice)
         if spec.peft_path is None:
-            return "converted in memory from HF (convert.engine.load_into_chunks)"
-        from megatron_patch.models.lora import load_adapters
+            return "converted in memory from HF (checkpoint.engine.load_into_chunks)"
+        from megatron_patch.checkpoint.chunks import load_adapters
 
-        saved = load_adapters(chunks, str(mcore_format(spec.mcore_path)[1]), hf_config, config, args, spec.layout)
+        saved = load_adapters(chunks, str(locate(spec.mcore_path).ckpt_dir), hf_config, config, args, spec.layout)
         return (f"HF base + LoRA r{saved['lora_rank']} adapters of {spec.mcore_path}, against peft "
                 f"{spec.peft_path}")
-    fmt, root = mcore_format(spec.mcore_path)
-    if fmt == "torch":
-        from megatron_patch.convert.key_map import down_projection_rows, read_local_rank
-        from megatron_patch.convert.mcore_layout import read_layout
+    from megatron_patch.checkpoint.chunks import load_megatron
 
-        iteration, sizes = read_layout(root)  # either spec's names (key_map), read as local-spec ones
-        state_dicts, _ = read_local_rank(root, ps.get_tensor_model_parallel_rank(),
-                                         ps.get_pipeline_model_parallel_rank(), ps.get_expert_model_parallel_rank(),
-                                         sizes, iteration, down_projection_rows(config))
-    else:
-        from megatron_patch.checkpoint.safe_load import dist_load
-
-        from megatron_patch.convert.key_map import match_sharded, stored_keys
-
-        from megatron_patch.training.checkpointing import model_keys, model_sharded_state_dict
-
-        keys = model_keys(chunks)  # with Megatron-LM's metadata: MTP's embedding copy on a later stage needs it
-        stored = stored_keys(root)  # the checkpoint's names (local or TE spec) decide the keys requested
-        sharded = {k: match_sharded(sd, stored, f"--mcore-path {spec.mcore_path}", extra_state=False)[0]
-                   for k, sd in model_sharded_state_dict(chunks).items()}
-        loaded = dist_load(sharded, root)
-        state_dicts = [loaded[k] for k in keys]
-    if len(state_dicts) != len(chunks):
-        raise UserError(f"--mcore-path holds {len(state_dicts)} model chunk(s) per rank, the layout builds "
-                        f"{len(chunks)} (check --vpp)")
-    from megatron_patch.convert.engine import as_model_names
-
-    for chunk, sd in zip(chunks, state_dicts):
-        result = chunk.load_state_dict(as_model_names(sd, chunk.state_dict()), strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-        unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise UserError(f"--mcore-path does not match the model built from {spec.hf_path}: missing "
-                            f"{missing[:3]}, unexpected {unexpected[:3]}")
-    return f"Megatron checkpoint {spec.mcore_path} ({fmt})"
+    loaded = load_megatron(spec.mcore_path, chunks, spec.layout, "--mcore-path")
+    return f"Megatron checkpoint {spec.mcore_path} ({loaded.split()[0]})"
 
 
 def _forward_step(data_iterator, model):
@@ -427,7 +364,7 @@ def run_in_group(spec: CompareSpec) -> dict | None:
     initialize_parallel(layout, seed=spec.seed)
     from megatron_patch.models.moe_options import with_moe_defaults
 
-    overrides = {"params_dtype": dtype, "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16, **with_moe_defaults(spec.moe, base_config)}
+    overrides = {**dtype_overrides(dtype), **with_moe_defaults(spec.moe, base_config)}
     notes: list[str] = []
     chunks, config, args = build_family_model(hf_config, layout, transformer_impl=spec.transformer_impl,
                                               **overrides)
@@ -554,7 +491,7 @@ def run(spec: CompareSpec) -> dict | None:
         return _run_torchrun(spec)
     prepare(spec)  # fail before starting any rank
     world = minimal_world_size(spec.layout)
-    from megatron_patch.testing.multirank import RankFailure, run_ranks
+    from megatron_patch.runtime.multirank import RankFailure, run_ranks
 
     saved = {k: os.environ.get(k) for k in ("TORCHDYNAMO_DISABLE", "PYTHONWARNINGS")}
     # jit_fuser is torch.compile: 13 s of inductor per rank on CPU for the same numbers.

@@ -162,8 +162,9 @@ class _QKV(SplitKind):
 
 
 class _Vocab(SplitKind):
-    """Embedding / output layer: pad rows to the padded vocab size, then split dim 0.
-    Padding rows are zeros; merge strips them (the HF vocab size is the `real_rows` given to merge)."""
+    """Embedding / output layer: pad rows to the padded vocab size, then split dim 0. Padding rows are
+    zeros. merge only concatenates the shards (padding included): callers strip it with strip_vocab_padding,
+    knowing the HF vocab size."""
 
     name = "Vocab"
 
@@ -177,7 +178,6 @@ class _Vocab(SplitKind):
         return real
 
     def merge(self, shards, ctx):
-        # Callers strip the padding with strip_vocab_padding (they know the HF vocab size).
         return [torch.cat(list(shards), dim=0)]
 
 

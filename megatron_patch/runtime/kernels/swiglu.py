@@ -6,8 +6,32 @@ import torch.nn.functional as F
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
     """Torch implementation. x's last dim is [gate | up] (Megatron's gated linear_fc1 layout)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _SwiGLU.apply(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up whose backward writes both halves of the gradient into one [..., 2I] tensor, where
+    autograd would make two and then concatenate them (a full extra copy). Same ops as autograd's, so the
+    same bits."""
+
+    @staticmethod
+    def forward(ctx, x):
+        gate, up = x.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(gate, up, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up, act = ctx.saved_tensors
+        half = gate.shape[-1]
+        grad_x = grad.new_empty(*grad.shape[:-1], 2 * half)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_x[..., :half])
+        torch.mul(grad, act, out=grad_x[..., half:])
+        return grad_x
 
 
 def swiglu_npu(x: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,7 @@ def clean_stale_scratch() -> None:
     """Remove the rank scratch directories of runs whose process is gone (a killed compare cannot)."""
     import shutil
 
-    from megatron_patch.convert.atomic import pid_alive
+    from megatron_patch.runtime.processes import pid_alive
 
     for path in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
         pid = path.name[len(SCRATCH_PREFIX):].split("-", 1)[0]

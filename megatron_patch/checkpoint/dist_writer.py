@@ -30,7 +30,7 @@ from megatron_patch.errors import UserError
 
 from .engine import RankPosition, ShardPlan
 from .key_map import Naming, te_sharded
-from .hf2mcore import RELEASE_BYTES, dtype_overrides, tensor_bytes
+from .tensors import RELEASE_BYTES, dtype_overrides, tensor_bytes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -335,10 +335,11 @@ def one_file_writer(path: Path):
 # ---------------------------------------------------------------------------------------------------
 # the save
 # ---------------------------------------------------------------------------------------------------
-def save(source, tp: int, dtype: torch.dtype, ckpt_dir: Path, common: dict, progress=None,
+def save(source, plan: ShardPlan, dtype: torch.dtype, ckpt_dir: Path, common: dict, progress=None,
          naming: Naming | None = None) -> dict:
     """Write `source` (HFSource or a Megatron PlanSource) as a torch_dist checkpoint into the empty
-    directory ckpt_dir, the vocab padded for TP=tp, parameters in dtype; `common` (checkpoint_version,
+    directory ckpt_dir through `plan`, the family table at TP1 (tp1_plan: the vocab padded for the target TP),
+    parameters in dtype; `common` (checkpoint_version,
     iteration, args) goes to common.pt. Returns {"tensors", "bytes"} written."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
@@ -350,7 +351,6 @@ def save(source, tp: int, dtype: torch.dtype, ckpt_dir: Path, common: dict, prog
     from megatron.core.dist_checkpointing.strategies.torch import (_replace_state_dict_keys_with_sharded_keys,
                                                                    mcore_to_pyt_state_dict)
 
-    plan = tp1_plan(source, tp)
     with single_rank():
         model_sd = meta_model(source.hf_config, dtype, plan.ctx.padded_vocab_size).sharded_state_dict()
         if naming is not None and naming.is_te:  # the keys a TE-spec model asks for

@@ -29,7 +29,10 @@ from megatron_patch.errors import UserError
 
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
-CHECKPOINT_VERSION = 3.0
+# what our converters add to a checkpoint root: the HF config + tokenizer, and how it was made
+META_NAME = "convert_meta.json"
+HF_CONFIG_DIR = "hf_config"
+CHECKPOINT_VERSION = 3.0  # Megatron-LM's; training checkpoints store it too
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
@@ -51,13 +54,19 @@ def checkpoint_rank_dir(root, iteration, tp: int, pp: int, ep: int, pp_size: int
     return Path(root) / iteration_dir_name(iteration) / rank_dir_name(tp, pp, ep, pp_size, ep_size)
 
 
+def layout_of(sizes: dict):
+    """The ParallelLayout of a sizes dict (keys as layout_dict writes them; etp defaults to tp, vpp to none):
+    validated and normalised by ParallelLayout itself."""
+    from megatron_patch.models.builder import ParallelLayout
+
+    return ParallelLayout(tp=int(sizes["tp"]), pp=int(sizes.get("pp", 1)), ep=int(sizes.get("ep", 1)),
+                          etp=int(sizes["etp"]) if sizes.get("etp") else None,
+                          vpp=int(sizes["vpp"]) if sizes.get("vpp") else None, **split_of(sizes))
+
+
 def _normalise_sizes(sizes: dict) -> dict:
-    out = {"tp": int(sizes["tp"]), "pp": int(sizes.get("pp", 1)), "ep": int(sizes.get("ep", 1))}
-    out["etp"] = int(sizes.get("etp") or out["tp"])
-    out["vpp"] = int(sizes.get("vpp") or 1)
-    if min(out.values()) < 1:
-        raise ValueError(f"parallel sizes must be >= 1, got {sizes}")
-    return out
+    lay = layout_of(sizes)
+    return {"tp": lay.tp, "pp": lay.pp, "ep": lay.ep, "etp": lay.expert_tp, "vpp": lay.vpp or 1}
 
 
 def split_of(source) -> dict:
@@ -74,6 +83,20 @@ def split_of(source) -> dict:
                 else str(value)
         out[name] = bool(value) if name.startswith("account_for") else (value or None)
     return out
+
+
+def layout_dict(layout) -> dict:
+    """The sizes and pipeline split a checkpoint depends on (convert_meta.json; this module's `sizes`)."""
+    sizes = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "etp": layout.expert_tp, "vpp": layout.vpp or 1}
+    return {**sizes, **{k: v for k, v in layout.split_fields().items() if v}}  # an even split adds nothing
+
+
+def describe_layout(layout) -> str:
+    """TP2xPP1xEP4xETP2 (+VPPn, + the uneven split): what a checkpoint depends on (not sequence parallel)."""
+    text = f"TP{layout.tp}xPP{layout.pp}xEP{layout.ep}xETP{layout.expert_tp}"
+    text += f"xVPP{layout.vpp}" if layout.vpp and layout.vpp > 1 else ""
+    split = layout.describe_split()
+    return text + (f" ({split})" if split else "")
 
 
 def layout_key(sizes: dict) -> dict:
@@ -135,19 +158,23 @@ def write_rank(root, iteration, tp: int, pp: int, ep: int, sizes: dict, state_di
 
 
 def write_latest(root, iteration) -> None:
+    """The tracker, replaced atomically (temp file, fsync, rename): a process killed at any point leaves
+    the previous one (training publishes a save by it)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    # Megatron writes the bare value, no newline.
-    (root / TRACKER_NAME).write_text("release" if iteration == "release" else str(int(iteration)))
+    tmp = root / (TRACKER_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("release" if iteration == "release" else str(int(iteration)))  # Megatron's: the bare value
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / TRACKER_NAME)
 
 
-def read_iteration(root) -> int | str:
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"Megatron checkpoint directory not found: {root} (check the path)")
-    tracker = root / TRACKER_NAME
+def read_tracker(root) -> int | str | None:
+    """The iteration the tracker names ("release" or a number), or None when `root` holds no tracker."""
+    tracker = Path(root) / TRACKER_NAME
     if not tracker.is_file():
-        raise UserError(f"no {TRACKER_NAME} in {root}: not a Megatron torch checkpoint (point at the folder that holds it)")
+        return None
     text = tracker.read_text().strip()
     if text == "release":
         return "release"
@@ -155,6 +182,16 @@ def read_iteration(root) -> int | str:
         return int(text)
     except ValueError:
         raise UserError(f"{tracker} contains {text!r}, expected an iteration number or 'release' (fix the file)") from None
+
+
+def read_iteration(root) -> int | str:
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"Megatron checkpoint directory not found: {root} (check the path)")
+    iteration = read_tracker(root)
+    if iteration is None:
+        raise UserError(f"no {TRACKER_NAME} in {root}: not a Megatron torch checkpoint (point at the folder that holds it)")
+    return iteration
 
 
 def _load(path: Path) -> dict:

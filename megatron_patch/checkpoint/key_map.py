@@ -22,10 +22,8 @@ import dataclasses
 import re
 
 from megatron_patch.errors import UserError
+from megatron_patch.models.impl import IMPLS, LOCAL, TE  # the spec names (models/ builds them)
 
-TE = "transformer_engine"
-LOCAL = "local"
-IMPLS = (TE, LOCAL)
 EXTRA = "._extra_state"
 
 # (norm module, the linear it fuses into in the TE spec), relative to a transformer layer
@@ -221,7 +219,7 @@ def read_local_rank(root, tp: int, pp: int, ep: int, sizes: dict, iteration, ful
     TP ranks' files. `expected` (per chunk: the local names the rank should hold) refuses unknown keys."""
     import torch
 
-    from . import mcore_layout
+    from megatron_patch.checkpoint import mcore_layout
 
     chunks, naming = [], Naming(LOCAL)
     others: dict[int, list[dict]] = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .hf_reader import INDEX_NAME, SINGLE_NAME
+from megatron_patch.checkpoint.hf_reader import INDEX_NAME, SINGLE_NAME
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 

@@ -21,13 +21,13 @@ from typing import Iterable
 
 import torch
 
-from megatron_patch.checkpoint import safe_load
 from megatron_patch.errors import UserError
 
+from . import safe_load
 from .dist_writer import meta_model, saved_tensors, single_rank, table_entries, tp1_plan
-from .hf2mcore import tensor_bytes
 from .key_map import match_sharded
-from .mcore2hf import McoreCheckpoint, PlanSource
+from .plan_source import PlanSource
+from .tensors import tensor_bytes
 
 GROUP_BYTES = 256 * 1024**2
 
@@ -76,7 +76,7 @@ class DistSource(PlanSource):
     """A torch_dist checkpoint as a PlanSource at TP1/PP1/EP1, read a group of parameters at a time.
     Use inside dist_writer.single_rank() (open_dist does both)."""
 
-    def __init__(self, ck: McoreCheckpoint, budget: int | None = None):
+    def __init__(self, ck, budget: int | None = None):
         from megatron.core.dist_checkpointing.core import maybe_load_config
         from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
             CachedMetadataFileSystemReader)
@@ -167,7 +167,7 @@ class DistSource(PlanSource):
 
 
 @contextlib.contextmanager
-def open_dist(ck: McoreCheckpoint, budget: int | None = None):
+def open_dist(ck, budget: int | None = None):
     """A DistSource for the block (with the 1-rank process group it reads in)."""
     with single_rank():
         source = DistSource(ck, budget)

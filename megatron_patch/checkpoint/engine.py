@@ -28,8 +28,8 @@ from megatron_patch.models.builder import ParallelLayout
 from megatron_patch.models.families.base import Replicated, Vocab
 from megatron_patch.models.families.common import ConcreteRow, expand_rows, shard_context
 
-from .key_map import EXTRA as EXTRA_STATE
-from .key_map import LOCAL, Naming, name_map, te_name, to_te
+from megatron_patch.checkpoint.key_map import EXTRA as EXTRA_STATE
+from megatron_patch.checkpoint.key_map import LOCAL, Naming, name_map, te_name, to_te
 
 GROUPED_EXPERT = re.compile(r".*\.experts\.linear_fc[12]\.weight\d+")
 

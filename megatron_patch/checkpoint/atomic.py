@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from megatron_patch.errors import UserError
+from megatron_patch.runtime.processes import pid_alive
 
 MARKER = ".megatron-patch-output"  # written into every output; --force replaces only what carries it
 
@@ -29,16 +30,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def overlap(out: Path, inp: Path) -> str | None:

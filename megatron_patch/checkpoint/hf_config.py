@@ -1,0 +1,65 @@
+"""An HF model's config.json as transformers reads it, and the tensor shapes that config implies."""
+from __future__ import annotations
+
+import copy
+import json
+import types
+from pathlib import Path
+
+import torch
+
+from megatron_patch.errors import UserError
+
+
+def load_hf_config(config_dir):
+    """The transformers config of config.json in config_dir; unsupported architectures fail by name first."""
+    from megatron_patch.models.families import family_for_config
+
+    path = Path(config_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except OSError:
+        raise UserError(f"no config.json in {config_dir} (point at the HF model directory)") from None
+    except ValueError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); fix or re-download it") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} holds a JSON {type(raw).__name__}, not an object of config fields; fix or re-download it")
+    family_for_config(types.SimpleNamespace(architectures=raw.get("architectures"), model_type=raw.get("model_type")))
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(config_dir))
+    except Exception as err:  # noqa: BLE001 - transformers' validators raise assorted types (StrictDataclassError...)
+        raise UserError(f"transformers cannot read {path}: {' '.join(str(err).split())[:300]} (fix the config)") from None
+
+
+def expected_hf_shapes(hf_config) -> dict[str, tuple]:
+    """The on-disk tensor shapes transformers would build from the config (a meta-device model, saved
+    names via transformers' own weight-conversion revert: per-expert names for fused experts). DeepSeek
+    MTP layers (model.layers.{L + i}) are shaped as decoder layers; their extra tensors are unchecked."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(hf_config)
+    mtp = getattr(cfg, "num_nextn_predict_layers", 0) or 0
+    if mtp:
+        # per-layer lists (DeepSeek-V3.2's mlp_layer_types, layer_types) grow with the layers: an MTP layer is
+        # shaped like the last decoder layer
+        for key, value in list(vars(cfg).items()):
+            if isinstance(value, list) and len(value) == cfg.num_hidden_layers and value:
+                setattr(cfg, key, value + value[-1:] * mtp)
+        cfg.num_hidden_layers += mtp
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        state = model.state_dict()
+    except Exception as err:  # noqa: BLE001 - a config transformers cannot build is no model at all
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"transformers cannot build a model from this config.json ({type(err).__name__}: {first}); "
+                        "fix the config (it decides every tensor's shape)") from None
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = revert_weight_conversion(model, state)
+    except Exception:  # noqa: BLE001 - older/newer transformers: the model's own names
+        pass
+    return {k: tuple(v.shape) for k, v in state.items()}
