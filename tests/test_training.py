@@ -92,7 +92,8 @@ def test_log_line_format():
     (["--save-interval", "5"], "--save-interval needs --save"),
     (["--data-path", "/nonexistent/corpus"], "/nonexistent/corpus.bin not found"),
     (["--pack"], "--pack needs --sft"),
-    (["--lora-rank", "4", "--lora-target", "q_proj,experts"], "--lora-target experts: LoRA on routed experts is not"),
+    (["--lora-rank", "4", "--lora-target", "q_proj,experts", "--lora-dropout", "0.1"],
+     "--lora-dropout 0.1 with --lora-target experts: peft adapts the fused experts without dropout"),
 ])
 def test_trainer_flag_validation(argv, message):
     from megatron_patch.training.arguments import build_parser, validate

@@ -5,6 +5,11 @@ or with --merge a full HF model with W + alpha/r * B A (computed in fp32, stored
 The checkpoint stores each adapted linear's A and B with the layers stacked on a first axis, in TP1's layout
 (see models/lora.py). A fused linear's B is split back per HF module by the family row's split kind, exactly
 as its base weight is.
+
+Routed experts (`--lora-target experts`) are exported as peft adapts transformers 5's fused 3-D expert parameters
+(`target_parameters` mlp.experts.gate_up_proj / down_proj, peft's ParamWrapper): A [E*r, in] with row e*r+j, B
+[out, r*E] with column j*E+e; the wrappers nest, gate_up_proj's adapter under `mlp.experts.base_layer`, down_proj's
+under `mlp.experts`. --merge writes them into the per-expert gate_proj / up_proj / down_proj weights on disk.
 """
 from __future__ import annotations
 
@@ -56,7 +61,7 @@ def peft_tensors(hf_config, args: dict, stored: dict[str, torch.Tensor]) -> dict
     from megatron_patch.models.families import family_for_config, model_args
     from megatron_patch.models.families.base import Row
     from megatron_patch.models.families.common import shard_context
-    from megatron_patch.models.lora import lora_targets
+    from megatron_patch.models.lora import EXPERTS, lora_targets
 
     family = family_for_config(hf_config)
     config = family.to_mcore_config(hf_config)
@@ -65,6 +70,10 @@ def peft_tensors(hf_config, args: dict, stored: dict[str, torch.Tensor]) -> dict
     r = int(args["lora_rank"])
     out = {}
     for t in lora_targets(family, hf_config, args["lora_target"].split(",")):
+        if t.split == EXPERTS:  # one 3-D entry per layer: A [E, r, in], B [E, out, r]
+            out.update({t.hf[0].format(layer=layer): (a, b)
+                        for layer, a, b in _layer_adapters(t, stored, hf_config.num_hidden_layers)})
+            continue
         for layer, a, b in _layer_adapters(t, stored, hf_config.num_hidden_layers):
             parts = [b] if t.split is Row else t.split.merge([b], ctx)
             for j, p in enumerate(t.parts):
@@ -100,18 +109,53 @@ def _hf_config(hf_dir: str):
     return load_hf_config(hf_dir)
 
 
+EXPERT_PEFT_MODULE = {"gate_up_proj": "base_layer", "down_proj": None}  # where peft nests each wrapper
+
+
+def _peft_entry(name: str, a: torch.Tensor, b: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """(peft module path, lora_A, lora_B) of an adapted module, or of a fused expert parameter (3-D A, B)."""
+    if a.dim() == 2:
+        return name, a, b
+    experts, param = name.rsplit(".", 1)
+    nest = EXPERT_PEFT_MODULE[param]
+    e, r, fan_in = a.shape
+    return (f"{experts}.{nest}" if nest else experts, a.reshape(e * r, fan_in),
+            b.permute(1, 2, 0).reshape(b.shape[1], r * e))
+
+
+def per_expert(adapters: dict) -> dict:
+    """The fused expert entries split into the per-expert HF modules the safetensors hold (for --merge)."""
+    out = {}
+    for name, (a, b) in adapters.items():
+        if a.dim() == 2:
+            out[name] = (a, b)
+            continue
+        experts, param = name.rsplit(".", 1)
+        for e in range(a.shape[0]):
+            if param == "down_proj":
+                out[f"{experts}.{e}.down_proj"] = (a[e], b[e])
+            else:  # gate_up_proj rows are [gate; up], as megatron's fc1
+                gate, up = b[e].chunk(2)
+                out[f"{experts}.{e}.gate_proj"], out[f"{experts}.{e}.up_proj"] = (a[e], gate), (a[e], up)
+    return out
+
+
 def write_adapter(out: Path, hf_dir: str, args: dict, adapters: dict) -> None:
     from safetensors.torch import save_file
 
-    names = sorted({n.rsplit(".", 1)[-1] for n in adapters})
+    names = sorted({n.rsplit(".", 1)[-1] for n, (a, _) in adapters.items() if a.dim() == 2})
+    fused = sorted({"mlp.experts." + n.rsplit(".", 1)[-1] for n, (a, _) in adapters.items() if a.dim() == 3})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(Path(hf_dir).resolve()),
               "r": int(args["lora_rank"]), "lora_alpha": float(args.get("lora_alpha") or args["lora_rank"]),
               "lora_dropout": float(args.get("lora_dropout") or 0.0), "target_modules": names, "bias": "none",
               "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "use_dora": False,
               "modules_to_save": None, "init_lora_weights": True}
+    if fused:
+        config.update(target_parameters=fused, target_modules=names or None)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     tensors = {}
     for name, (a, b) in adapters.items():
+        name, a, b = _peft_entry(name, a, b)
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -122,6 +166,7 @@ def write_merged(out: Path, hf_dir: str, args: dict, adapters: dict) -> None:
     from safetensors.torch import load_file, save_file
 
     scaling = float(args.get("lora_alpha") or args["lora_rank"]) / int(args["lora_rank"])
+    adapters = per_expert(adapters)
     src = Path(hf_dir)
     shards = sorted(src.glob("*.safetensors"))
     if not shards:

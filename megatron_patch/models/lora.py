@@ -16,7 +16,15 @@ The family table's rows say which megatron linear an HF module lives in and how 
 MLA names (q_a_proj, q_b_proj, q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj) come from the DeepSeek tables: q_proj
 exists only without q_lora (V2-Lite), q_a_proj/q_b_proj only with it, so an MLA model skips whichever it lacks (as
 peft does). A name in several rows (gate_proj: dense MLP and shared experts) adapts each, in the layers the row
-exists in. Routed experts (`experts`) are refused: see ROUTED_EXPERTS.
+exists in.
+
+Routed experts (`experts`, expert tensor parallel 1 only) get one adapter per expert on fc1 ([gate; up] rows: one A,
+one B, like peft's single adapter on transformers 5's fused gate_up_proj) and on fc2: A [r, in], B [out, r],
+no communication (the token dispatcher moves the tokens). SequentialMLP's expert linears are wrapped
+(ExpertLoRALinear); the portable grouped experts (runtime/grouped_experts.py) hold `lora_A{i}` / `lora_B{i}` beside
+`weight{i}` and fold W + alpha/r * B A into their grouped GEMM (as peft's ParamWrapper does). Both save
+`mlp.experts.linear_fcN.lora_A/B` on the global expert axis, so the checkpoint does not depend on EP or on the
+experts' implementation. peft's ParamWrapper has no dropout: `experts` refuses --lora-dropout > 0.
 
 A is initialised like peft (uniform +-1/sqrt(in)) from a generator seeded by (seed, layer, module), so the
 adapters are the same at any layout; B starts at zero. Base weights are frozen. The sharded state dict keeps
@@ -37,9 +45,8 @@ from megatron_patch.models.families.base import GateUp
 
 ADAPTER_MARK = ".lora_"
 MLA_ALTERNATES = {"q_proj", "q_a_proj", "q_b_proj"}  # an MLA model has q_proj or q_a_proj + q_b_proj
-ROUTED_EXPERTS = ("--lora-target experts: LoRA on routed experts is not built yet (transformers 5.23 keeps them as "
-                  "fused 3-D parameters that peft 0.21 adapts through target_parameters); adapt the attention, "
-                  "dense MLP and shared experts (gate_proj,up_proj,down_proj) instead")
+EXPERTS = "experts"  # --lora-target name of the routed experts (Target.split of their two linears)
+EXPERT_LINEARS = (("linear_fc1", "gate_up_proj"), ("linear_fc2", "down_proj"))  # megatron linear, HF 3-D parameter
 
 
 @dataclass(frozen=True)
@@ -81,19 +88,37 @@ def _adaptable_rows(family, hf_config) -> list:
 def target_names(family, hf_config) -> list[str]:
     """Every HF module name --lora-target accepts for this model."""
     names = {h.rsplit(".", 2)[-2] for r in _adaptable_rows(family, hf_config) for h in r.hf}
-    return sorted(names - peft_remapped(hf_config))
+    return sorted(names - peft_remapped(hf_config) | ({EXPERTS} if _expert_rows(family, hf_config) else set()))
+
+
+def _expert_rows(family, hf_config) -> list:
+    """The family table's routed-expert fc1 row (its `layers` are the MoE layers)."""
+    return [r for r in family.params(hf_config) if "{expert}" in r.mcore and r.mcore.endswith("linear_fc1.weight")]
+
+
+def _expert_targets(family, hf_config) -> list[Target]:
+    """The routed experts' fc1 and fc2 as targets, named by transformers 5's fused 3-D parameters."""
+    rows = _expert_rows(family, hf_config)
+    if not rows:
+        raise UserError(f"--lora-target experts: {hf_config.model_type} has no routed experts")
+    hf_mlp = rows[0].hf[0].split(".experts.")[0]  # "model.layers.{layer}.mlp"
+    # rel: megatron's checkpoint name (TEGroupedMLP and SequentialMLP both save `mlp.experts.experts.linear_fcN`)
+    return [Target(f"mlp.experts.experts.{linear}", (f"{hf_mlp}.experts.{param}",), EXPERTS, (0,), rows[0].layers)
+            for linear, param in EXPERT_LINEARS]
 
 
 def lora_targets(family, hf_config, names: list[str]) -> list[Target]:
     """Map HF module names to the decoder linears holding them (through the family table)."""
-    if "experts" in names:
-        raise UserError(ROUTED_EXPERTS)
+    experts = _expert_targets(family, hf_config) if EXPERTS in names else []
+    names = [n for n in names if n != EXPERTS]
+    if not names:
+        return experts
     remapped = [n for n in names if n in peft_remapped(hf_config)]
     if remapped:
         raise UserError(f"--lora-target {','.join(remapped)}: on {hf_config.model_type} peft 0.21 (transformers 5) "
                         "reads these names as the routed experts' fused parameters, so adapters on the dense MLP / "
-                        "shared experts would not load in peft, and routed-expert LoRA is not built yet; adapt the "
-                        "attention projections only (q_proj,k_proj,v_proj,o_proj; MLA: q_a_proj,q_b_proj,q_proj,"
+                        "shared experts would not load in peft; adapt the routed experts with `experts` and the "
+                        "attention projections (q_proj,k_proj,v_proj,o_proj; MLA: q_a_proj,q_b_proj,q_proj,"
                         "kv_a_proj_with_mqa,kv_b_proj,o_proj)")
     rows = _adaptable_rows(family, hf_config)
     available = {h.rsplit(".", 2)[-2]: r for r in rows for h in r.hf}
@@ -111,7 +136,7 @@ def lora_targets(family, hf_config, names: list[str]) -> list[Target]:
     if not targets:
         raise UserError(f"--lora-target {','.join(names)}: none of these is a linear of this model "
                         f"(available: {','.join(sorted(available))})")
-    return targets
+    return targets + experts
 
 
 def _part_sizes(target: Target, out_total: int, ctx) -> list[int]:
@@ -235,6 +260,72 @@ class LoRALinear(torch.nn.Module):
         return out
 
 
+def init_expert_adapter(seed: int, layer: int, rel: str, expert: int, rank: int, fan_in: int, out: int,
+                        dtype, allreduce: bool) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    """(A [r, in], B [out, r] = 0) of one routed expert's linear; A from the global expert's own generator, so the
+    adapters are the same at any EP. `allreduce` as the base weight's (False: reduced over expert data parallel)."""
+    a = torch.nn.Parameter(init_a(seed, layer, rel, expert, rank, fan_in).to(dtype))
+    b = torch.nn.Parameter(torch.zeros(out, rank, dtype=dtype))
+    for p in (a, b):
+        p.allreduce = allreduce
+    return a, b
+
+
+class ExpertLoRALinear(torch.nn.Module):
+    """One SequentialMLP expert's linear (expert tensor parallel 1): base(x) + alpha/r * B(A(x))."""
+
+    def __init__(self, base, rel: str, layer: int, expert: int, rank: int, alpha: float, seed: int):
+        super().__init__()
+        self.base, self.scaling = base, alpha / rank
+        out, fan_in = base.weight.shape
+        self.lora_A, self.lora_B = init_expert_adapter(seed, layer, rel, expert, rank, fan_in, out, base.weight.dtype,
+                                                       getattr(base.weight, "allreduce", True))
+
+    def forward(self, x, *args, **kwargs):
+        out, bias = self.base(x, *args, **kwargs)
+        delta = torch.nn.functional.linear(torch.nn.functional.linear(x, self.lora_A), self.lora_B)
+        return out + delta * self.scaling, bias
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """The base's entries and the adapters on the same expert axis (SequentialMLP sets the keys and replicas)."""
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        out = self.base.sharded_state_dict(prefix, sharded_offsets, metadata)
+        out.update(make_sharded_tensors_for_checkpoint(
+            {"lora_A": self.lora_A, "lora_B": self.lora_B}, prefix, {}, sharded_offsets, tp_group=self.base.tp_group,
+            dp_cp_group=(metadata or {}).get("dp_cp_group")))
+        return out
+
+
+def _wrap_experts(layer, target: Target, rank: int, alpha: float, seed: int) -> int:
+    """Adapters on every local expert's linear `target.rel` of a decoder layer. Returns how many."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from megatron_patch.runtime.grouped_experts import PortableGroupedMLP
+
+    experts = layer.get_submodule("mlp.experts")
+    linear = target.rel.rsplit(".", 1)[-1]
+    first = experts.ep_group.rank() * experts.num_local_experts
+    number = layer.layer_number - 1
+    if isinstance(experts, SequentialMLP):
+        for i, expert in enumerate(experts.local_experts):
+            setattr(expert, linear, ExpertLoRALinear(getattr(expert, linear), target.rel, number, first + i, rank,
+                                                     alpha, seed))
+    elif isinstance(experts, PortableGroupedMLP):
+        grouped = getattr(experts, linear)
+        for i in range(experts.num_local_experts):
+            w = getattr(grouped, f"weight{i}")
+            a, b = init_expert_adapter(seed, number, target.rel, first + i, rank, w.shape[1], w.shape[0], w.dtype,
+                                       getattr(w, "allreduce", True))
+            grouped.register_parameter(f"lora_A{i}", a)
+            grouped.register_parameter(f"lora_B{i}", b)
+        grouped.lora_scaling = alpha / rank
+    else:
+        raise UserError(f"--lora-target experts: {type(experts).__name__} experts are not supported (use the default "
+                        "grouped experts or --no-moe-grouped-gemm)")
+    return experts.num_local_experts
+
+
 def apply_lora(chunks: list, hf_config, config, margs, layout, rank: int, alpha: float, dropout: float,
                targets_csv: str, seed: int) -> int:
     """Wrap the targeted linears of every decoder layer and freeze everything else. Returns adapter count."""
@@ -250,6 +341,10 @@ def apply_lora(chunks: list, hf_config, config, margs, layout, rank: int, alpha:
         raise UserError("--lora-target NAMES is required with --lora-rank (e.g. q_proj,k_proj,v_proj,o_proj)")
     targets = lora_targets(family_for_config(hf_config), hf_config, names)
     ctx = shard_context(config, margs, layout.tp)
+    if any(t.split == EXPERTS for t in targets):
+        if (config.expert_tensor_parallel_size or 1) > 1:
+            raise UserError(f"--lora-target experts: expert tensor parallel {config.expert_tensor_parallel_size} is "
+                            "not supported; use 1 (--expert-tensor-parallel-size 1; plan: --etp 1)")
     for chunk in chunks:
         for p in chunk.parameters():
             p.requires_grad_(False)
@@ -261,6 +356,9 @@ def apply_lora(chunks: list, hf_config, config, margs, layout, rank: int, alpha:
         for layer in getattr(decoder, "layers", []):
             for t in targets:
                 if t.layers is not None and layer.layer_number - 1 not in t.layers:
+                    continue
+                if t.split == EXPERTS:
+                    wrapped += _wrap_experts(layer, t, rank, alpha, seed)
                     continue
                 parent_path, _, attr = t.rel.rpartition(".")
                 parent = layer.get_submodule(parent_path)
@@ -282,7 +380,7 @@ def _make_embedding_output_require_grad(chunks: list) -> None:
 
 
 def has_adapters(chunks) -> bool:
-    return any(isinstance(m, LoRALinear) for c in chunks for m in c.modules())
+    return any(ADAPTER_MARK in f".{name}" for c in chunks for name, _ in c.named_parameters())
 
 
 def adapters_only(sharded: dict) -> dict:

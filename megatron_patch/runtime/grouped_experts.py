@@ -60,13 +60,18 @@ class PortableGroupedLinear(MegatronModule):
     def weights(self) -> list:
         return [getattr(self, f"weight{i}") for i in range(self.num_gemms)]
 
+    lora_scaling = None  # set with per-expert adapters lora_A{i} [r, in], lora_B{i} [out, r] (models/lora.py)
+
     def stacked_weight(self) -> torch.Tensor:
         """[E, in, out] (a transposed view of the [E, out, in] stack: the layout grouped_mm wants). A view of
-        the weights' shared block when they still lie in one (see __init__, _apply), else a stacked copy."""
+        the weights' shared block when they still lie in one (see __init__, _apply), else a stacked copy. LoRA
+        adapters are folded in as W + alpha/r * B A (peft's ParamWrapper on HF's fused experts does the same)."""
         weights = self.weights()
-        if _one_block(weights):
-            return _BlockView.apply(*weights).transpose(1, 2)
-        return torch.stack(weights).transpose(1, 2)
+        w = _BlockView.apply(*weights) if _one_block(weights) else torch.stack(weights)
+        if self.lora_scaling is not None:
+            a, b = (torch.stack([getattr(self, f"lora_{x}{i}") for i in range(self.num_gemms)]) for x in "AB")
+            w = w + self.lora_scaling * torch.bmm(b, a)
+        return w.transpose(1, 2)
 
     def grouped_forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """[tokens, in] sorted by expert -> [tokens, out], one grouped GEMM."""
@@ -101,9 +106,11 @@ class PortableGroupedLinear(MegatronModule):
         offset = self.ep_group.rank() * self.num_gemms
         ep_axis = len(sharded_offsets)
         out = {}
+        lora = ("lora_A", "lora_B") if self.lora_scaling is not None else ()
         for i in range(self.num_gemms):
             sub = make_sharded_tensors_for_checkpoint(
-                {f"{i}.weight": getattr(self, f"weight{i}"), f"{i}._extra_state": None}, "",
+                {f"{i}.weight": getattr(self, f"weight{i}"), f"{i}._extra_state": None,
+                 **{f"{i}.{x}": getattr(self, f"{x}{i}") for x in lora}}, "",
                 {f"{i}.weight": self.tp_axis}, (*sharded_offsets, (ep_axis, offset + i, num_global)),
                 tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
             replace_prefix_for_sharding(sub, f"{i}.", prefix)
@@ -111,6 +118,7 @@ class PortableGroupedLinear(MegatronModule):
                 item.replica_id = (*item.replica_id[:2], self.expt_dp_group.rank())
             out[f"{prefix}weight{i}"] = sub[f"{i}.weight"]
             out[f"{prefix}_extra_state{i or ''}"] = sub[f"{i}._extra_state"]
+            out.update({f"{prefix}{x}{i}": sub[f"{i}.{x}"] for x in lora})  # the adapters (expert TP 1: whole)
         return out
 
     def backward_dw(self):

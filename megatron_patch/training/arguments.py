@@ -193,10 +193,9 @@ def validate(args) -> None:
     validate_sft(args)
     if (args.lora_target or args.lora_alpha is not None) and not args.lora_rank:
         raise UserError("--lora-target/--lora-alpha need --lora-rank R")
-    if args.lora_target and "experts" in [n.strip() for n in args.lora_target.split(",")]:
-        from megatron_patch.models.lora import ROUTED_EXPERTS
-
-        raise UserError(ROUTED_EXPERTS)
+    if args.lora_target and "experts" in [n.strip() for n in args.lora_target.split(",")] and args.lora_dropout:
+        raise UserError(f"--lora-dropout {args.lora_dropout:g} with --lora-target experts: peft adapts the fused "
+                        "experts without dropout (its ParamWrapper refuses it); use --lora-dropout 0")
     if args.lora_rank and not args.lora_target:
         raise UserError("--lora-rank needs --lora-target NAMES (e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
     if args.load and args.load_hf:

@@ -58,12 +58,33 @@ def parallel_signature(optimizer) -> dict:
     return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
             "ep": ps.get_expert_model_parallel_world_size(), "etp": ps.get_expert_tensor_parallel_world_size(),
             "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
-            "distributed_optimizer": is_distributed(optimizer), "optimizers": len(optimizers(optimizer))}
+            "distributed_optimizer": is_distributed(optimizer), "optimizers": len(optimizers(optimizer)),
+            **_experts_kind(optimizer)}
+
+
+def _experts_kind(optimizer) -> dict:
+    """{"experts": "grouped" | "sequential"} where the distributed optimizer holds routed experts: its dp_reshardable
+    buckets follow the experts' parameter order, which differs between the two (the model weights do not)."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    if not is_distributed(optimizer):
+        return {}
+    chunks = [c for o in optimizers(optimizer) for c in getattr(o, "model_chunks", [])]
+    kinds = {"sequential" if isinstance(m, SequentialMLP) else "grouped"
+             for c in chunks for name, m in c.named_modules() if name.endswith("mlp.experts")}
+    return {"experts": kinds.pop()} if kinds else {}
+
+
+def _same_layout(saved: dict | None, now: dict) -> bool:
+    if saved is not None and "experts" not in saved:  # saved before the signature named the experts
+        now = {k: v for k, v in now.items() if k != "experts"}
+    return saved == now
 
 
 def _describe(sig: dict) -> str:
     return (f"TP{sig['tp']} PP{sig['pp']} EP{sig['ep']} ETP{sig['etp']} VPP{sig['vpp']} with the "
-            f"{'distributed' if sig['distributed_optimizer'] else 'regular'} optimizer")
+            f"{'distributed' if sig['distributed_optimizer'] else 'regular'} optimizer"
+            + (f" and {sig['experts']} experts" if sig.get("experts") else ""))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -258,7 +279,7 @@ def load_training_checkpoint(path, chunks, optimizer, scheduler, load_optim: boo
     Returns (iteration, consumed_train_samples)."""
     common = safe_load.load_common(path)
     saved, now = common.get("parallel"), parallel_signature(optimizer)
-    if load_optim and saved != now:
+    if load_optim and not _same_layout(saved, now):
         raise UserError(f"{path} holds optimizer state for {_describe(saved) if saved else 'another layout'}; this "
                         f"run is {_describe(now)}. Resume at that layout (any data-parallel size), or add "
                         "--no-load-optim to continue from its weights with a fresh optimizer (weights reshard "

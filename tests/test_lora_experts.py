@@ -1,0 +1,75 @@
+"""LoRA on routed experts (`--lora-target experts`, issue 11): DeepSeek-V3 mini at TP2 x EP2 (ETP1) with the
+distributed optimizer, grouped experts (the default). Its step-2 checkpoint resumed with SequentialMLP
+(--no-moe-grouped-gemm) refuses the optimizer state (bucketed in the experts' parameter order) and, with
+--no-load-optim, repeats step 3's loss (adapters on the global expert axis: layout-free). The export loads in peft on transformers 5's fused experts (target_parameters), peft's loss equals the logged one, the merged
+model equals base + adapter and `compare --peft-path` PASSes."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from test_lora_mla import _hf_batch, _train, ds  # noqa: F401  (ds: the module-scoped mini + SFT data)
+from test_sft_lora import LOSS_TOL, _hf_model, _loss
+
+TARGETS = "experts,o_proj"
+
+
+@pytest.fixture(scope="module")
+def runs(ds):  # noqa: F811
+    full = _train(ds, ds.root / "full", ["--save-interval", "2"], TARGETS, iters=3)
+    shutil.copytree(ds.root / "full", ds.root / "seq", ignore=shutil.ignore_patterns("iter_0000003", "*.lock"))
+    (ds.root / "seq" / "latest_checkpointed_iteration.txt").write_text("2")
+    # the distributed optimizer's state (dp_reshardable buckets) follows the experts' parameter order: refused ...
+    refused = _train(ds, ds.root / "seq", ["--no-moe-grouped-gemm"], TARGETS, iters=3, check=False)
+    # ... and the adapters alone load into the other experts
+    seq = _train(ds, ds.root / "seq", ["--no-moe-grouped-gemm", "--no-load-optim"], TARGETS, iters=3)
+    return SimpleNamespace(full=full, seq=seq, refused=refused)
+
+
+def test_expert_tensor_parallel_is_refused(ds, capsys):  # noqa: F811
+    from megatron_patch.cli import main
+
+    assert main(["plan", "--hf-config", str(ds.model), "--tp", "2", "--ep", "2", "--etp", "2", "--num-gpus", "4",
+                 "--micro-batch-size", "1", "--seq-length", "64", "--lora-rank", "4", "--lora-target", TARGETS]) == 2
+    assert "error: --lora-target experts: expert tensor parallel 2 is not supported" in capsys.readouterr().err
+
+
+def test_expert_adapters_resume_in_sequential_experts_and_load_in_peft(ds, runs, tmp_path):  # noqa: F811
+    import torch
+    from peft import PeftModel
+
+    from megatron_patch.cli import main
+
+    refusal = "with the distributed optimizer and grouped experts; this run is"
+    assert refusal in runs.refused.stderr, runs.refused.stderr[-2000:]
+    assert runs.refused.returncode != 0 and len(runs.full) == 3 and len(runs.seq) == 1
+    assert abs(runs.seq[0] - runs.full[2]) <= LOSS_TOL, (runs.seq, runs.full)  # grouped GEMM vs per-expert loop
+    assert main(["convert", "lora2peft", "--mcore-path", str(ds.root / "full" / "iter_0000002"), "--hf-config",
+                 str(ds.model), "--out", str(tmp_path / "a2")]) == 0
+    assert main(["convert", "lora2peft", "--mcore-path", str(ds.root / "full" / "iter_0000002"), "--hf-config",
+                 str(ds.model), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    cfg = json.loads((tmp_path / "a2" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["o_proj"]
+    assert cfg["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    batch = _hf_batch(ds, 2, iters=3)
+    peft = PeftModel.from_pretrained(_hf_model(ds.model), str(tmp_path / "a2")).eval()
+    experts = peft.base_model.model.model.layers[1].mlp.experts
+    assert experts.lora_B["default"].weight.abs().max() > 0  # the trained expert adapters were loaded
+    assert experts.base_layer.lora_B["default"].weight.abs().max() > 0
+    assert abs(_loss(peft, batch) - runs.full[2]) <= LOSS_TOL, (_loss(peft, batch), runs.full[2])
+    without_experts = _hf_model(ds.model)  # the logged loss needs the expert adapters, not only o_proj's
+    PeftModel.from_pretrained(without_experts, str(tmp_path / "a2"))
+    with torch.no_grad():
+        for layer in without_experts.model.layers[1:]:
+            layer.mlp.experts.lora_B["default"].weight.zero_()
+            layer.mlp.experts.base_layer.lora_B["default"].weight.zero_()
+    assert abs(_loss(without_experts.eval(), batch) - runs.full[2]) > 10 * LOSS_TOL
+    with torch.no_grad():
+        peft_logits, merged_logits = peft(batch[0]).logits, _hf_model(tmp_path / "merged")(batch[0]).logits
+    assert (merged_logits - peft_logits).abs().max() <= 1e-5 * max(1.0, float(peft_logits.abs().max()))
+    assert main(["compare", "--hf-path", str(ds.model), "--mcore-path", str(ds.root / "full" / "iter_0000002"),
+                 "--seq-length", "16", "--peft-path", str(tmp_path / "a2")]) == 0
