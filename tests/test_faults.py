@@ -579,3 +579,24 @@ def test_torchrun_ends_with_the_ranks_exit_code(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(errors) == 1 and f"{tmp_path / 'data'}.bin not found" in errors[0], proc.stderr[-3000:]  # one line, not one a rank
+
+
+def test_save_that_cannot_fit_is_refused_before_megatron_writes(tmp_path, monkeypatch):
+    """A rank's own state is a lower bound of the checkpoint: with less free space the save is one line (before
+    megatron's writers print their own failure), with enough it goes ahead."""
+    import shutil
+    from collections import namedtuple
+
+    import torch
+
+    from megatron_patch.errors import UserError
+    from megatron_patch.training import checkpointing
+
+    state = {"model": {"w": torch.zeros(100)}, "optimizer": [torch.zeros(50, dtype=torch.float64)]}
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 799, 799))
+    with pytest.raises(UserError, match=rf"no space left on the device of {tmp_path} \(the checkpoint needs at "
+                                        r"least 800 bytes, 799 bytes free\)"):
+        checkpointing._check_room(tmp_path, state)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 800, 800))
+    checkpointing._check_room(tmp_path, state)

@@ -173,22 +173,34 @@ def remove_stale_saves(root: Path) -> None:
 
 def _state_bytes(state) -> int:
     """This rank's tensor bytes in a sharded state dict (what a save needs, roughly, times the ranks)."""
-    total = 0
+    return sum(t.numel() * t.element_size() for t in _tensors(state)) * _world()
 
-    def visit(value):
-        nonlocal total
-        data = getattr(value, "data", value)
-        if isinstance(data, torch.Tensor):
-            total += data.numel() * data.element_size()
-        elif isinstance(value, dict):
-            for v in value.values():
-                visit(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                visit(v)
 
-    visit(state)
-    return total * _world()
+def _check_room(root: Path, state) -> None:
+    """Refuse a save that surely cannot fit before megatron's writers start (they print their own failure
+    line ahead of ours, per writer process). A rank's own state is a lower bound of the checkpoint's size
+    (every tensor is written once, by some rank), so this never refuses a save that would fit; all ranks
+    agree through one all-reduce."""
+    own = sum(t.numel() * t.element_size() for t in _tensors(state))
+    free = shutil.disk_usage(root).free
+    short = torch.tensor([own if own > free else 0], dtype=torch.int64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(short, op=torch.distributed.ReduceOp.MAX)
+    if short.item():
+        raise UserError(f"no space left on the device of {root} (the checkpoint needs at least {short.item()} "
+                        f"bytes, {free} bytes free); free space there or choose another --save")
+
+
+def _tensors(value):
+    data = getattr(value, "data", value)
+    if isinstance(data, torch.Tensor):
+        yield data
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
 
 
 def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed: int, args: dict,
@@ -200,6 +212,7 @@ def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed
     root = Path(root)
     final = root / iteration_dir_name(iteration)
     tmp = root / f".{final.name}.tmp"
+    created = not root.exists()
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -209,12 +222,17 @@ def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed
     state = _train_state(chunks, optimizer, scheduler, iteration, consumed, args, is_loading=False, extra=extra)
     content = {k: v for k, v in sharded_metadata(optimizer).items() if k != "dp_cp_group"}
     try:
+        _check_room(root, state)
         dist_checkpointing.save(state, str(tmp), content_metadata=content)
     except BaseException as err:  # DCP's CheckpointException is a BaseException
         from megatron_patch.checkpoint.atomic import disk_error
 
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # half a checkpoint helps no one
+            if created and not any(root.iterdir()):
+                root.rmdir()  # nor an empty --save this run made
+        if isinstance(err, UserError):
+            raise
         disk = disk_error(err, root, _state_bytes(state))
         if disk is not None:
             raise disk from None
