@@ -40,6 +40,8 @@ def fake_rank(layout, pp_rank: int):
 
     if dist.is_initialized():
         raise UserError("plan runs outside a distributed job (torch.distributed is already initialised)")
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()  # megatron's groups outlived their process group (an earlier in-process run)
     world = math.lcm(layout.tp * layout.pp * layout.cp, layout.expert_tp * layout.ep * layout.pp)
     own_runtime = runtime._STATE["device"] is None
     if own_runtime:
