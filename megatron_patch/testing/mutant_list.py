@@ -44,9 +44,10 @@ M = Mutant
 MUTANTS: list[Mutant] = [
     # --- context parallelism (issue 12) ---------------------------------------------------------------
     M("step: CP loss not scaled against the DP x CP gradient average", "megatron_patch/training/step.py",
-      "        loss_sum = loss_sum * cp\n", "", (f"{CP_EQUIV}[CP2]",)),
+      "        loss_sum = loss_sum * cp\n", "", (f"{CP_EQUIV}[DP2xCP2]",)),
     M("context parallel: a query chunk sees its own position off by one", "megatron_patch/runtime/context_parallel.py",
-      ".tril(diagonal=c * chunk)", ".tril(diagonal=c * chunk - 1)", (f"{CP_EQUIV}[CP2]",)),
+      ".tril(diagonal=c * chunk)", ".tril(diagonal=c * chunk - 1)",
+      ("tests/test_context_parallel.py", "-k", "chunk_order_and_masks or masked_and_blocked")),
     # --- DeepSeek-V3.2 (DSA) ----------------------------------------------------------------------------
     M("dsa: indexer rope rows not interleaved", "megatron_patch/models/families/base.py",
       "rope = [j for i in range(half) for j in (i, i + half)]", "rope = list(range(rope_dim))",
