@@ -50,6 +50,19 @@ _V2_LITE = dict(
         moe_router_enable_expert_bias=False, moe_router_topk_scaling_factor=None, moe_router_num_groups=None,
         moe_router_group_topk=None, moe_router_group_score_topk=None, mtp_num_layers=None)
 
+_DEEPSEEK_V3 = dict(
+    _MLA_COMMON, num_layers=61, hidden_size=7168, ffn_hidden_size=18432, num_attention_heads=128,
+    num_query_groups=128, kv_channels=128, q_lora_rank=1536, kv_lora_rank=512, qk_head_dim=128,
+    qk_pos_emb_head_dim=64, v_head_dim=128, mscale=1.0, mscale_all_dim=1.0, num_moe_experts=256,
+    moe_router_topk=8, moe_ffn_hidden_size=2048, moe_shared_expert_intermediate_size=2048,
+    moe_layer_freq=[0] * 3 + [1] * 58, moe_router_score_function="sigmoid", moe_router_pre_softmax=False,
+    moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.5, moe_router_num_groups=8,
+    moe_router_group_topk=4, moe_router_group_score_topk=2, mtp_num_layers=1)
+# V3.2-Exp is V3 plus DSA's indexer
+_DEEPSEEK_V32 = dict(
+    _DEEPSEEK_V3, experimental_attention_variant="dsa", dsa_indexer_n_heads=64, dsa_indexer_head_dim=128,
+    dsa_indexer_topk=2048, dsa_indexer_loss_coeff=0.0)
+
 EXPECTED = {
     "deepseek-v2-lite": _V2_LITE,
     "deepseek-v2": dict(  # 236B: q_lora, group_limited_greedy (a group scored by its best expert)
@@ -58,24 +71,8 @@ EXPECTED = {
         moe_shared_expert_intermediate_size=2 * 1536, moe_layer_freq=[0] + [1] * 59,
         moe_router_topk_scaling_factor=16.0, moe_router_num_groups=8, moe_router_group_topk=3,
         moe_router_group_score_topk=1),
-    "deepseek-v3": dict(
-        _MLA_COMMON, num_layers=61, hidden_size=7168, ffn_hidden_size=18432, num_attention_heads=128,
-        num_query_groups=128, kv_channels=128, q_lora_rank=1536, kv_lora_rank=512, qk_head_dim=128,
-        qk_pos_emb_head_dim=64, v_head_dim=128, mscale=1.0, mscale_all_dim=1.0, num_moe_experts=256,
-        moe_router_topk=8, moe_ffn_hidden_size=2048, moe_shared_expert_intermediate_size=2048,
-        moe_layer_freq=[0] * 3 + [1] * 58, moe_router_score_function="sigmoid", moe_router_pre_softmax=False,
-        moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.5, moe_router_num_groups=8,
-        moe_router_group_topk=4, moe_router_group_score_topk=2, mtp_num_layers=1),
-    "deepseek-v3.2-exp": dict(
-        _MLA_COMMON, num_layers=61, hidden_size=7168, ffn_hidden_size=18432, num_attention_heads=128,
-        num_query_groups=128, kv_channels=128, q_lora_rank=1536, kv_lora_rank=512, qk_head_dim=128,
-        qk_pos_emb_head_dim=64, v_head_dim=128, mscale=1.0, mscale_all_dim=1.0, num_moe_experts=256,
-        moe_router_topk=8, moe_ffn_hidden_size=2048, moe_shared_expert_intermediate_size=2048,
-        moe_layer_freq=[0] * 3 + [1] * 58, moe_router_score_function="sigmoid", moe_router_pre_softmax=False,
-        moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.5, moe_router_num_groups=8,
-        moe_router_group_topk=4, moe_router_group_score_topk=2, mtp_num_layers=1,
-        experimental_attention_variant="dsa", dsa_indexer_n_heads=64, dsa_indexer_head_dim=128,
-        dsa_indexer_topk=2048, dsa_indexer_loss_coeff=0.0),
+    "deepseek-v3": _DEEPSEEK_V3,
+    "deepseek-v3.2-exp": _DEEPSEEK_V32,
     "qwen2.5-32b": dict(
         num_layers=64, hidden_size=5120, ffn_hidden_size=27648, num_attention_heads=40, num_query_groups=8,
         kv_channels=128, normalization="RMSNorm", layernorm_epsilon=1e-5, gated_linear_unit=True,

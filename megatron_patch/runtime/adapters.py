@@ -101,10 +101,14 @@ def _get_rng_state(original):
 
 
 # --- MLA -------------------------------------------------------------------------------------------
-def _no_transformer_engine() -> bool:
+def _absent(module: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("transformer_engine") is None
+    return importlib.util.find_spec(module) is None
+
+
+def _no_transformer_engine() -> bool:
+    return _absent("transformer_engine")
 
 
 @patch("megatron.core.transformer.multi_latent_attention.HAVE_TE",
@@ -316,9 +320,7 @@ class PortableWgradAccumulation:
 
 
 def _no_apex_wgrad() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None
+    return _absent("fused_weight_gradient_mlp_cuda")
 
 
 @patch("megatron.core.tensor_parallel.layers.fused_weight_gradient_mlp_cuda",
