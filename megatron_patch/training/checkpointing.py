@@ -33,6 +33,7 @@ from megatron_patch.checkpoint import safe_load
 from megatron_patch.checkpoint.chunks import (is_distributed, load_megatron, model_keys, model_sharded_state_dict,
                                               optimizers, sharded_metadata, unwrap)
 from megatron_patch.checkpoint.mcore_layout import CHECKPOINT_VERSION, iteration_dir_name, write_latest
+from megatron_patch.checkpoint.tensors import tensor_bytes
 from megatron_patch.errors import UserError
 
 CRASH_ENV = "MP_TEST_CRASH_IN_SAVE"
@@ -173,7 +174,12 @@ def remove_stale_saves(root: Path) -> None:
 
 def _state_bytes(state) -> int:
     """This rank's tensor bytes in a sharded state dict (what a save needs, roughly, times the ranks)."""
-    return sum(t.numel() * t.element_size() for t in _tensors(state)) * _world()
+    return _own_bytes(state) * _world()
+
+
+def _own_bytes(state) -> int:
+    """This rank's tensor bytes in a sharded state dict."""
+    return sum(tensor_bytes(t) for t in _tensors(state))
 
 
 def _check_room(root: Path, state) -> None:
@@ -181,7 +187,7 @@ def _check_room(root: Path, state) -> None:
     line ahead of ours, per writer process). A rank's own state is a lower bound of the checkpoint's size
     (every tensor is written once, by some rank), so this never refuses a save that would fit; all ranks
     agree through one all-reduce."""
-    own = sum(t.numel() * t.element_size() for t in _tensors(state))
+    own = _own_bytes(state)
     free = shutil.disk_usage(root).free
     short = torch.tensor([own if own > free else 0], dtype=torch.int64)
     if torch.distributed.is_initialized():
