@@ -28,9 +28,65 @@ def load_hf_config(config_dir):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(str(config_dir))
+        config = AutoConfig.from_pretrained(str(config_dir))
     except Exception as err:  # noqa: BLE001 - transformers' validators raise assorted types (StrictDataclassError...)
         raise UserError(f"transformers cannot read {path}: {' '.join(str(err).split())[:300]} (fix the config)") from None
+    if absent_mtp_layers(config_dir, config):
+        _note_once(f"note: {path} declares num_nextn_predict_layers={config.num_nextn_predict_layers} but its weights "
+                   f"hold no MTP layer (model.layers.{config.num_hidden_layers}.*; transformers saves none): read as "
+                   "a model without MTP")
+        config.num_nextn_predict_layers = 0
+    return config
+
+
+def absent_mtp_layers(config_dir, config) -> bool:
+    """The config declares DeepSeek MTP layers that the safetensors weights beside it do not hold. transformers
+    builds and saves no MTP modules while DeepseekV3Config defaults num_nextn_predict_layers (num_mtp_layers) to 1,
+    so every model saved by transformers is such a one; it is read as the model transformers runs: without MTP.
+    False for a config-only directory and when any MTP tensor is present (a partial MTP is left to the checks)."""
+    from .hf_reader import INDEX_NAME, SINGLE_NAME, read_safetensors_header
+
+    mtp = getattr(config, "num_nextn_predict_layers", 0) or 0
+    if not mtp:
+        return False
+    root = Path(config_dir)
+    try:
+        if (root / INDEX_NAME).is_file():
+            names = list(json.loads((root / INDEX_NAME).read_text())["weight_map"])
+        elif (root / SINGLE_NAME).is_file():
+            names = list(read_safetensors_header(root / SINGLE_NAME))
+        else:
+            return False
+    except (UserError, OSError, ValueError, KeyError, TypeError):
+        return False  # a damaged index or shard: the checkpoint reader names the problem
+    mtp_prefixes = tuple(f"model.layers.{config.num_hidden_layers + i}." for i in range(mtp))
+    return not any(name.startswith(mtp_prefixes) for name in names)
+
+
+def config_json_text(config_dir) -> str:
+    """config.json of config_dir as load_hf_config reads it: num_nextn_predict_layers 0 when the weights beside it
+    hold no MTP layer (what a converted checkpoint's hf_config/ records: its model has no MTP)."""
+    text = (Path(config_dir) / "config.json").read_text()
+    raw = json.loads(text)
+    declared = raw.get("num_nextn_predict_layers", raw.get("num_mtp_layers"))
+    if getattr(load_hf_config(config_dir), "num_nextn_predict_layers", None) != 0 or declared == 0:
+        return text
+    raw.pop("num_mtp_layers", None)
+    raw["num_nextn_predict_layers"] = 0
+    return json.dumps(raw, indent=2) + "\n"
+
+
+_NOTED: set[str] = set()
+
+
+def _note_once(line: str) -> None:
+    """A note on stderr once per process, from rank 0 only (spawned and torchrun ranks set RANK)."""
+    import os
+    import sys
+
+    if line not in _NOTED and os.environ.get("RANK", "0") == "0":
+        _NOTED.add(line)
+        print(line, file=sys.stderr, flush=True)
 
 
 def expected_hf_shapes(hf_config) -> dict[str, tuple]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from megatron_patch.errors import UserError
 
 from . import dist_writer, mcore_layout
 from .engine import RankPosition, ShardPlan
+from .hf_config import config_json_text
 from .hf_writer import copy_tokenizer_files
 from .key_map import Naming
 from .mcore_layout import HF_CONFIG_DIR, META_NAME, layout_dict
@@ -93,7 +93,7 @@ def write_side_files(out: Path, fmt: str, family: str, layout, dtype: torch.dtyp
     """hf_config/ (config.json + tokenizer files) and convert_meta.json."""
     dst = out / HF_CONFIG_DIR
     dst.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(config_dir) / "config.json", dst / "config.json")
+    (dst / "config.json").write_text(config_json_text(config_dir))  # MTP the weights lack is dropped
     for src in dict.fromkeys(p for p in (config_dir, tokenizer_dir) if p is not None):
         copy_tokenizer_files(src, dst)
     meta = {"format": fmt, "family": family, "iteration": ITERATION, "layout": layout_dict(layout),
