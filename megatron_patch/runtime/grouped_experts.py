@@ -11,12 +11,41 @@ cumulative sum as offsets, so with a padded, capacity-bound dispatch every shape
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.experts import TEGroupedMLP
 from megatron.core.utils import divide
 
 from megatron_patch.runtime import kernels
+
+
+RNG_FALSE_ALARM = "CPU RNG state changed within GPU RNG context"
+
+
+class _DropRngFalseAlarm(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != RNG_FALSE_ALARM
+
+
+@contextlib.contextmanager
+def _quiet_cpu_rng_false_alarm():
+    """On CPU the RNG tracker's "GPU" generator is the CPU one (runtime/adapters.py), so megatron's check that an
+    init inside `fork()` left the CPU generator alone always fires: one warning per expert and linear on every
+    rank (thousands for DeepSeek-V3). The fork still restores the CPU state; only that false alarm is dropped."""
+    from megatron_patch.runtime.accelerator import get_accelerator
+
+    if get_accelerator().type != "cpu":
+        yield
+        return
+    logger, quiet = logging.getLogger("megatron.core.tensor_parallel.random"), _DropRngFalseAlarm()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 class PortableGroupedLinear(MegatronModule):
@@ -47,14 +76,15 @@ class PortableGroupedLinear(MegatronModule):
         # One [E, out, in] block whose slices are the weight{i} parameters: the forward reads the block as
         # it is (no per-forward stack), the names and the state dict stay TE's.
         block = torch.empty(num_gemms, output_size, input_size, dtype=config.params_dtype)
-        for i in range(num_gemms):
-            weight = torch.nn.Parameter(block[i])
-            if config.perform_initialization:
-                _initialize_affine_weight_gpu(weight, init_method, self.tp_axis, is_expert=True)
-            else:
-                set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=self.tp_axis, stride=1)
-            weight.allreduce = allreduce
-            setattr(self, f"weight{i}", weight)
+        with _quiet_cpu_rng_false_alarm():
+            for i in range(num_gemms):
+                weight = torch.nn.Parameter(block[i])
+                if config.perform_initialization:
+                    _initialize_affine_weight_gpu(weight, init_method, self.tp_axis, is_expert=True)
+                else:
+                    set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=self.tp_axis, stride=1)
+                weight.allreduce = allreduce
+                setattr(self, f"weight{i}", weight)
         self._register_load_state_dict_pre_hook(_drop_extra_states)
 
     def weights(self) -> list:
