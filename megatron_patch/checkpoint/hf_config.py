@@ -76,16 +76,16 @@ def config_json_text(config_dir) -> str:
     return json.dumps(raw, indent=2) + "\n"
 
 
-_NOTED: set[str] = set()
-
-
 def _note_once(line: str) -> None:
-    """A note on stderr once per process, from rank 0 only (spawned and torchrun ranks set RANK)."""
+    """A note on stderr once per job: rank 0 only under torchrun (RANK), and not again in the ranks a command
+    spawns after printing it (they inherit the environment mark)."""
+    import hashlib
     import os
     import sys
 
-    if line not in _NOTED and os.environ.get("RANK", "0") == "0":
-        _NOTED.add(line)
+    mark = "MP_NOTED_" + hashlib.sha1(line.encode()).hexdigest()[:12]
+    if mark not in os.environ and os.environ.get("RANK", "0") == "0":
+        os.environ[mark] = "1"
         print(line, file=sys.stderr, flush=True)
 
 
