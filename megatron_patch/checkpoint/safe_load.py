@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -77,6 +78,8 @@ def torch_load(source, *, mmap: bool = False, name: str | None = None):
     """torch.load of a file (path) or buffer with weights_only=True and the allowlist; a refused or damaged
     file is a UserError naming it (`name` describes a buffer)."""
     label = name or source
+    if mmap and isinstance(source, (str, Path)) and not zipfile.is_zipfile(source):
+        mmap = False  # torch's pre-1.6 (non-zip) format cannot be mapped; it is read weights-only all the same
     try:
         with torch.serialization.safe_globals(allowlist()):
             return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)

@@ -1,10 +1,19 @@
-"""Models saved by transformers itself: DeepseekV3Config defaults num_nextn_predict_layers (num_mtp_layers) to 1,
-but transformers builds and saves no MTP modules, so such a model declares an MTP layer its weights lack. It
-is read as transformers runs it, without MTP (hf2mcore, compare, --load-hf); a partial MTP is still refused."""
+"""Inputs written by other tools than ours, as a new user brings them.
+
+- A DeepSeek-V3 saved by transformers itself: DeepseekV3Config defaults num_nextn_predict_layers (num_mtp_layers)
+  to 1, but transformers builds and saves no MTP modules, so the model declares an MTP layer its weights lack. It
+  is read as transformers runs it, without MTP (hf2mcore, compare, --load-hf); a partial MTP is still refused.
+- A Megatron checkpoint in torch's pre-1.6 (non-zip) format: read weights-only like any other (it cannot be
+  memory-mapped), and a payload in one is refused as in the zip format.
+"""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+
+import pytest
+import torch
 
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -52,3 +61,29 @@ def test_declared_mtp_without_weights_reads_as_no_mtp(tmp_path, capsys):
     partial = _strip(mini, tmp_path / "partial", lambda k: not k.startswith(mtp + "enorm"))
     assert main(["convert", "hf2mcore", "--hf-path", str(partial), "--out", str(tmp_path / "p")]) == 2
     assert "lacks 1 tensor(s)" in capsys.readouterr().err and not (tmp_path / "p").exists()
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pre_zip_torch_format_loads_weights_only(tmp_path):
+    from megatron_patch.checkpoint import mcore_layout
+    from megatron_patch.checkpoint.safe_load import UnsafeCheckpoint
+
+    root = tmp_path / "ckpt"
+    path = mcore_layout.write_rank(root, 3, 0, 0, 0, {"tp": 1}, [{"w": torch.arange(4.0)}], {"lr": 1e-3})
+    mcore_layout.write_latest(root, 3)
+    saved = torch.load(path, weights_only=False)
+    torch.save(saved, path, _use_new_zipfile_serialization=False)
+    loaded = mcore_layout.load_rank_checkpoint(root, 0, 0, 0)
+    assert torch.equal(mcore_layout.model_chunks(loaded)[0]["w"], torch.arange(4.0))
+    marker = tmp_path / "PAYLOAD_RAN"
+    torch.save({**saved, "evil": _Payload(marker)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafeCheckpoint, match="refused to load: it holds posix.system"):
+        mcore_layout.load_rank_checkpoint(root, 0, 0, 0)
+    assert not marker.exists()
