@@ -12,6 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from megatron_patch.models.builder import ParallelLayout
+
 from test_lora_mla import _hf_batch, _train, ds  # noqa: F401  (ds: the module-scoped mini + SFT data)
 from test_sft_lora import LOSS_TOL, _hf_model, _loss
 
@@ -73,3 +75,43 @@ def test_expert_adapters_resume_in_sequential_experts_and_load_in_peft(ds, runs,
     assert (merged_logits - peft_logits).abs().max() <= 1e-5 * max(1.0, float(peft_logits.abs().max()))
     assert main(["compare", "--hf-path", str(ds.model), "--mcore-path", str(ds.root / "full" / "iter_0000002"),
                  "--seq-length", "16", "--peft-path", str(tmp_path / "a2")]) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# expert adapters under expert tensor parallelism and pipeline parallelism: the tiny MLA + MoE model of
+# testing/equivalence.py with adapters on the routed experts only (B drawn at random so A's gradients are not 0),
+# one Adam step against the single-rank SequentialMLP run. The layouts load the reference's torch_dist adapters
+# into their own sharding (fc1's B split as [gate_i; up_i], fc2's A by columns) and compare their gradients and
+# post-step adapters the same way: one spawn of 4 ranks runs all three.
+# ----------------------------------------------------------------------------------------------------------------
+GROUPED = {"moe_grouped_gemm": True}
+EXPERT_LAYOUTS = {
+    "TP2xEP2xETP2 grouped": dict(layout=ParallelLayout(tp=2, ep=2, etp=2), overrides=GROUPED),
+    "TP2xEP2xETP2 SequentialMLP distopt": dict(layout=ParallelLayout(tp=2, ep=2, etp=2), dist_opt=True),
+    "PP2xEP2 grouped": dict(layout=ParallelLayout(pp=2, ep=2), overrides=GROUPED),
+}
+
+
+@pytest.fixture(scope="module")
+def expert_layouts(tmp_path_factory):
+    from megatron_patch.runtime.multirank import run_ranks
+    from megatron_patch.testing.equivalence import cases_run, reference_run
+
+    ref_dir = str(tmp_path_factory.mktemp("expert-lora-reference"))
+    (ref,) = run_ranks(reference_run, 1, timeout=240, args=(ref_dir, False, True))
+    cases = [dict(case, ref_dir=ref_dir, lora=True) for case in EXPERT_LAYOUTS.values()]
+    per_rank = run_ranks(cases_run, 4, timeout=400, args=(cases,))
+    return ref, {name: [results[i] for results in per_rank] for i, name in enumerate(EXPERT_LAYOUTS)}
+
+
+@pytest.mark.parametrize("name", list(EXPERT_LAYOUTS))
+def test_expert_adapters_match_single_rank(expert_layouts, name):
+    from test_parallel_layouts import assert_matches_reference
+
+    ref, results = expert_layouts
+    for rank, res in enumerate(results[name]):
+        assert_matches_reference(res, ref, (name, rank))
+        assert all(".lora_" in key for key in res["step_diff"]), "only the adapters train"
+        assert {k.rsplit(".", 1)[-1][:6] for k in res["step_diff"]} == {"lora_A", "lora_B"}  # grouped: lora_A{i}
+        if "grad_diff" in res:  # both factors got a gradient (B random): the reduced one too
+            assert all(scale > 0 for _, scale in res["grad_diff"].values())
