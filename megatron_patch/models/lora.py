@@ -285,9 +285,10 @@ def init_expert_adapter(seed: int, layer: int, rel: str, expert: int, rank: int,
     for p in (a, b):
         p.allreduce = getattr(weight, "allreduce", True)
     sharded.tensor_model_parallel, sharded.partition_dim, sharded.partition_stride = True, tp_axis, 1
-    # megatron's grad norm counts a param not marked tensor-parallel only on TP rank 0: count the whole factor once
-    # per expert-TP group (each rank's experts are its own under EP)
+    # the grad norm counts the whole factor once per expert-TP group (each rank's experts are its own under EP):
+    # megatron skips `shared` params (its mark for tied copies) and would count an unmarked one by the dense TP rank
     whole.tensor_model_parallel, whole.partition_dim, whole.partition_stride = tp_rank == 0, -1, 1
+    whole.shared = tp_rank != 0
     return a, b
 
 

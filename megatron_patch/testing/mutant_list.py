@@ -177,4 +177,6 @@ MUTANTS: list[Mutant] = [
       "megatron_patch/runtime/grouped_experts.py",
       "            if lora and self.tp_axis == 0 and self.config.gated_linear_unit:", "            if False:",
       (EXPERT_LORA, "-k", "match_single_rank")),
+    M("expert LoRA: the whole factor counted on every expert-TP rank in the grad norm", "megatron_patch/models/lora.py",
+      "    whole.shared = tp_rank != 0", "    pass", (EXPERT_LORA, "-k", "match_single_rank")),
 ]
