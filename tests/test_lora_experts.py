@@ -100,7 +100,7 @@ def test_expert_adapters_resume_in_sequential_experts_and_load_in_peft(ds, runs,
 # testing/equivalence.py with adapters on the routed experts only (B drawn at random so A's gradients are not 0),
 # one Adam step against the single-rank SequentialMLP run. The layouts load the reference's torch_dist adapters
 # into their own sharding (fc1's B split as [gate_i; up_i], fc2's A by columns) and compare their gradients and
-# post-step adapters the same way: one spawn of 4 ranks runs all three.
+# post-step adapters the same way: one spawn of 4 ranks runs them all.
 # ----------------------------------------------------------------------------------------------------------------
 GROUPED = {"moe_grouped_gemm": True}
 EXPERT_LAYOUTS = {
@@ -108,6 +108,8 @@ EXPERT_LAYOUTS = {
     # expert TP wider than TP (dense DP4): the whole factors' copies still count once in the grad norm
     "EP2xETP2 SequentialMLP distopt": dict(layout=ParallelLayout(ep=2, etp=2), dist_opt=True),
     "PP2xEP2 grouped": dict(layout=ParallelLayout(pp=2, ep=2), overrides=GROUPED),
+    # expert TP 1 under TP2: TP rank 1's experts are its own, their adapters count in the grad norm too
+    "TP2xEP2xETP1 grouped": dict(layout=ParallelLayout(tp=2, ep=2, etp=1), overrides=GROUPED),
 }
 
 
