@@ -5,8 +5,8 @@ by columns. Its step-2 checkpoint resumed with SequentialMLP (--no-moe-grouped-g
 step 3's loss; with --lr 0 its step-3 checkpoint holds the same adapters, and both export to the same peft files (the
 torch_dist adapters are layout-free). The export loads in peft on transformers 5's fused experts
 (target_parameters), peft's loss equals the logged one, the merged model equals base + adapter and `compare
---peft-path` PASSes. Below: the adapters' loss, gradients and Adam step at TP2xEP2xETP2 and PP2xEP2 against the
-single-rank run."""
+--peft-path` PASSes. Below: the adapters' loss, grad norm, gradients and Adam step at TP2xEP2xETP2, EP2xETP2 (TP1),
+PP2xEP2 and TP2xEP2xETP1 against the single-rank run."""
 from __future__ import annotations
 
 import json
