@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from megatron_patch.checkpoint import safe_load
-from megatron_patch.cli import main
 from megatron_patch.checkpoint import mcore_layout
+from megatron_patch.cli import main
 from megatron_patch.convert.hf2mcore import hf2mcore
+from megatron_patch.convert.mini import make_mini
 from megatron_patch.errors import UserError
 from megatron_patch.models.builder import ParallelLayout
-from megatron_patch.models.mini import make_mini
 
 REFUSED = "refused to load: it holds posix.system"
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -143,6 +144,14 @@ def check_layout(layout: ParallelLayout, config, world_size: int | None = None) 
         if world_size % model_parallel or world_size % expert_parallel:
             raise UserError(f"world size {world_size} is not a multiple of TPxPPxCP={model_parallel} and "
                             f"ETPxEPxPP={expert_parallel}; change the layout or the number of ranks")
+
+
+def minimal_world_size(layout: ParallelLayout) -> int:
+    """The fewest ranks megatron accepts for the layout: a multiple of TPxPP (dense part) and of
+    ETPxEPxPP (experts). E.g. TP2xPP2xEP2 with ETP1 -> 4; TP1xEP2 -> 2 (data-parallel 2)."""
+    dense = layout.tp * layout.pp * layout.cp
+    expert = layout.expert_tp * layout.ep * layout.pp
+    return dense * expert // math.gcd(dense, expert)
 
 
 def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> None:

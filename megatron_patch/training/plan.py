@@ -156,7 +156,7 @@ def _g(n: float) -> str:
 
 
 def describe(model: Model, layout, w: Workload, world: int) -> str:
-    from megatron_patch.runtime.preflight import describe_model
+    from megatron_patch.training.preflight import describe_model
 
     dp = world // (layout.tp * layout.pp * layout.cp)
     lora = f", LoRA r{model.lora_rank} on {model.lora_target}" if model.lora_rank else ""

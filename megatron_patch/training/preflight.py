@@ -163,11 +163,12 @@ def run_on_rank(spec: PreflightSpec) -> dict:
     import torch
     from megatron.core import parallel_state as ps
 
+    from megatron_patch.data.batch import batch_from_tokens
     from megatron_patch.models.builder import build_family_model, initialize_parallel
     from megatron_patch.runtime import get_accelerator
     from megatron_patch.training.metrics import grads_finite
     from megatron_patch.training.setup_model import wrap_ddp, zero_grads
-    from megatron_patch.training.step import batch_from_tokens, forward_backward
+    from megatron_patch.training.step import forward_backward
 
     from transformers import AutoConfig
 
@@ -241,7 +242,8 @@ def rank_steps(results: list[dict], spec: PreflightSpec) -> list[Step]:
 
 
 def world_size_for(spec: PreflightSpec) -> int:
-    from megatron_patch.verify.compare import in_torchrun, minimal_world_size
+    from megatron_patch.models.builder import minimal_world_size
+    from megatron_patch.runtime.multirank import in_torchrun
 
     if in_torchrun():
         return int(os.environ.get("WORLD_SIZE", "1"))
@@ -250,8 +252,7 @@ def world_size_for(spec: PreflightSpec) -> int:
 
 def run_preflight(spec: PreflightSpec, emit=print) -> list[Step]:
     """All steps, each passed to `emit` as soon as it is known; stops at the first failing one."""
-    from megatron_patch.runtime.multirank import RankFailure, run_ranks
-    from megatron_patch.verify.compare import in_torchrun
+    from megatron_patch.runtime.multirank import RankFailure, in_torchrun, run_ranks
 
     if not Path(spec.hf_path).is_dir():
         raise UserError(f"--hf-path {spec.hf_path}: directory not found")
