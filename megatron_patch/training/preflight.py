@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_patch.errors import UserError
+from megatron_patch.models.builder import add_layout_args
 
 
 @dataclass
@@ -324,18 +325,11 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
-def add_layout_arguments(p) -> None:
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
-    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
-    p.add_argument("--ep", type=int, default=1, help="expert parallel size")
-    p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: TP)")
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("preflight", help="env, config, build, load, one forward+backward at a layout",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--hf-path", required=True, help="HF model directory (config.json + safetensors)")
-    add_layout_arguments(p)
+    add_layout_args(p, vpp=False, cp=False, split=False)
     p.add_argument("--device", default=None, help="cpu | cuda | npu, optionally :INDEX (default: detected)")
     p.add_argument("--random", action="store_true", help="skip the weights: random initialisation")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="parameters and compute")
