@@ -486,6 +486,20 @@ def test_train_load_and_lora2peft_refuse_tampered_checkpoints(ckpts, bad_trainin
         assert not list(save.glob("*")) and not list(tmp_path.glob(".save*")) and not list(tmp_path.glob("*adapter*")), argv
 
 
+def test_lora2peft_names_a_converted_checkpoint_as_such(ckpts, tmp_path, capsys):
+    """A release checkpoint (convert hf2mcore's output) has a tracker but no adapters: one line saying so (it
+    read "no training checkpoint (latest_checkpointed_iteration.txt) there", next to that very file)."""
+    for name in ("torch", "dist"):
+        out = tmp_path / f"adapter-{name}"
+        capsys.readouterr()
+        assert main(["convert", "lora2peft", "--mcore-path", str(ckpts["root"] / name), "--hf-config",
+                     str(ckpts["hf"]), "--out", str(out)]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert err == [f"error: --mcore-path {ckpts['root'] / name}: a converted (release) checkpoint holds no LoRA "
+                       "adapters; give the --save directory of a `train --lora-rank` run"], err
+        assert not list(tmp_path.glob(f"*adapter-{name}*"))
+
+
 def test_full_read_only_and_size_limited_disks_are_one_line(ckpts, tmp_path, capsys, monkeypatch):
     """A full disk (torch's 'unexpected pos' and a plain ENOSPC), a read-only directory and `ulimit -f` (EFBIG:
     main() ignores SIGXFSZ, which would kill the writer silently) each end hf2mcore with exit 2 and one line
