@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from megatron_patch.runtime.console import file_size_limit_as_error, print_once_per_node, quiet_known_warnings
 
-    quiet_known_warnings()
+    argv = sys.argv[1:] if argv is None else argv
+    if "--verbose" not in argv:  # decided before build_parser: the command modules may import megatron
+        quiet_known_warnings()
     file_size_limit_as_error()  # else they precede a command's output and its one-line errors
     parser = build_parser()
     args = parser.parse_args(argv)

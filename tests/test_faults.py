@@ -412,6 +412,31 @@ def test_bad_launcher_environment_and_set_values(ckpts, tmp_path, capsys, monkey
         init_distributed(get_accelerator())  # before any process group is made
 
 
+def test_megatron_import_warnings_hidden_unless_verbose(ckpts, tmp_path):
+    """Bad input after megatron's optimizer is imported (MASTER_PORT=abc): the error line comes first, alone;
+    `--verbose` shows the TE/Apex import notes (train silenced them whatever --verbose said). Fresh
+    interpreters: the notes print once per process, at the first import."""
+    import subprocess
+    import sys
+
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    data = str(tmp_path / "data")
+    builder = IndexedDatasetBuilder(data + ".bin", dtype=numpy.uint16)
+    builder.add_document(torch.arange(5, 100), [95])
+    builder.finalize(data + ".idx")
+    train = ["train", "--hf-config", str(ckpts["hf"]), "--data-path", data, "--seq-length", "8", "--micro-batch-size",
+             "1", "--global-batch-size", "1", "--lr", "1e-3", "--train-iters", "1"]
+    env = {**os.environ, "MASTER_PORT": "abc", "PYTHONWARNINGS": ""}
+    procs = [subprocess.Popen([sys.executable, "-m", "megatron_patch.cli", *verbose, *train], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for verbose in ([], ["--verbose"])]
+    (quiet, quiet_err), (loud, loud_err) = [p.communicate(timeout=120) for p in procs]
+    error = "error: MASTER_PORT='abc' is not a number; fix the launcher environment"
+    assert [p.returncode for p in procs] == [2, 2]
+    assert quiet_err.splitlines() == [error], quiet_err
+    assert "Transformer Engine and Apex are not installed" in loud_err and loud_err.splitlines()[-1] == error, loud_err
+
+
 def test_rank_scratch_of_a_killed_run_is_removed_at_the_next_run(tmp_path, monkeypatch):
     """compare/run_ranks scratch directories carry the parent's pid; one whose process is gone is removed by the
     next run, a live one is left alone."""

@@ -30,7 +30,8 @@ def run(args) -> int:
     from megatron_patch.runtime.console import quiet_known_warnings
     from megatron_patch.training.arguments import validate
 
-    quiet_known_warnings()
+    if not getattr(args, "verbose", False):  # `megatron-patch --verbose train` shows them
+        quiet_known_warnings()
     validate(args)
     import torch
 
