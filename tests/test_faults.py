@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from megatron_patch.checkpoint import safe_load
-from megatron_patch.cli import main
 from megatron_patch.checkpoint import mcore_layout
+from megatron_patch.cli import main
 from megatron_patch.convert.hf2mcore import hf2mcore
+from megatron_patch.convert.mini import make_mini
 from megatron_patch.errors import UserError
 from megatron_patch.models.builder import ParallelLayout
-from megatron_patch.models.mini import make_mini
 
 REFUSED = "refused to load: it holds posix.system"
 
@@ -412,6 +412,31 @@ def test_bad_launcher_environment_and_set_values(ckpts, tmp_path, capsys, monkey
         init_distributed(get_accelerator())  # before any process group is made
 
 
+def test_megatron_import_warnings_hidden_unless_verbose(ckpts, tmp_path):
+    """Bad input after megatron's optimizer is imported (MASTER_PORT=abc): the error line comes first, alone;
+    `--verbose` shows the TE/Apex import notes (train silenced them whatever --verbose said). Fresh
+    interpreters: the notes print once per process, at the first import."""
+    import subprocess
+    import sys
+
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    data = str(tmp_path / "data")
+    builder = IndexedDatasetBuilder(data + ".bin", dtype=numpy.uint16)
+    builder.add_document(torch.arange(5, 100), [95])
+    builder.finalize(data + ".idx")
+    train = ["train", "--hf-config", str(ckpts["hf"]), "--data-path", data, "--seq-length", "8", "--micro-batch-size",
+             "1", "--global-batch-size", "1", "--lr", "1e-3", "--train-iters", "1"]
+    env = {**os.environ, "MASTER_PORT": "abc", "PYTHONWARNINGS": ""}
+    procs = [subprocess.Popen([sys.executable, "-m", "megatron_patch.cli", *verbose, *train], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for verbose in ([], ["--verbose"])]
+    (quiet, quiet_err), (loud, loud_err) = [p.communicate(timeout=120) for p in procs]
+    error = "error: MASTER_PORT='abc' is not a number; fix the launcher environment"
+    assert [p.returncode for p in procs] == [2, 2]
+    assert quiet_err.splitlines() == [error], quiet_err
+    assert "Transformer Engine and Apex are not installed" in loud_err and loud_err.splitlines()[-1] == error, loud_err
+
+
 def test_rank_scratch_of_a_killed_run_is_removed_at_the_next_run(tmp_path, monkeypatch):
     """compare/run_ranks scratch directories carry the parent's pid; one whose process is gone is removed by the
     next run, a live one is left alone."""
@@ -484,6 +509,20 @@ def test_train_load_and_lora2peft_refuse_tampered_checkpoints(ckpts, bad_trainin
         assert not bad["marker"].exists(), f"{argv}: the payload ran"
         assert _snapshot(bad[name]) == before
         assert not list(save.glob("*")) and not list(tmp_path.glob(".save*")) and not list(tmp_path.glob("*adapter*")), argv
+
+
+def test_lora2peft_names_a_converted_checkpoint_as_such(ckpts, tmp_path, capsys):
+    """A release checkpoint (convert hf2mcore's output) has a tracker but no adapters: one line saying so (it
+    read "no training checkpoint (latest_checkpointed_iteration.txt) there", next to that very file)."""
+    for name in ("torch", "dist"):
+        out = tmp_path / f"adapter-{name}"
+        capsys.readouterr()
+        assert main(["convert", "lora2peft", "--mcore-path", str(ckpts["root"] / name), "--hf-config",
+                     str(ckpts["hf"]), "--out", str(out)]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert err == [f"error: --mcore-path {ckpts['root'] / name}: a converted (release) checkpoint holds no LoRA "
+                       "adapters; give the --save directory of a `train --lora-rank` run"], err
+        assert not list(tmp_path.glob(f"*adapter-{name}*"))
 
 
 def test_full_read_only_and_size_limited_disks_are_one_line(ckpts, tmp_path, capsys, monkeypatch):

@@ -10,7 +10,7 @@ The family table's rows say which megatron linear an HF module lives in and how 
 - row-parallel base (linear_proj, linear_fc2): A local [r, in_local] sharded like the weight, x_local @ A^T
   reduced over TP (reduce-scattered under SP), then @ B^T with B [out, r] replicated (its gradient summed
   over TP under SP).
-- replicated base (MLA's q/kv down-projections, models/spec.py DuplicatedLinear): A and B replicated, applied to
+- replicated base (MLA's q/kv down-projections, runtime/modules.py DuplicatedLinear): A and B replicated, applied to
   the rank's own tokens; under SP their gradients are partial per rank and summed over TP like the weight's.
 
 MLA names (q_a_proj, q_b_proj, q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj) come from the DeepSeek tables: q_proj

@@ -25,6 +25,13 @@ class RankFailure(RuntimeError):
         self.exitcodes = exitcodes
 
 
+def in_torchrun() -> bool:
+    """Launched by torchrun (or already in a process group): the ranks exist, none are to be spawned."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() or ("WORLD_SIZE" in os.environ and "RANK" in os.environ)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -14,10 +14,11 @@ import os
 import torch
 import torch.nn.functional as F
 
-from megatron_patch.models.spec import local_block_spec
+from megatron_patch.data.batch import batch_from_tokens
 from megatron_patch.models.builder import ParallelLayout, apply_layout, build_gpt_chunks, initialize_parallel
+from megatron_patch.models.spec import local_block_spec
 from megatron_patch.training.setup_model import build_optimizer, wrap_ddp
-from megatron_patch.training.step import batch_from_tokens, forward_backward
+from megatron_patch.training.step import forward_backward
 
 VOCAB = 256
 SEQ = 16

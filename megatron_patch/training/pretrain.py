@@ -19,8 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-from megatron_patch.cli import file_size_limit_as_error, quiet_known_warnings
-from megatron_patch.errors import UserError, print_once_per_node
+from megatron_patch.errors import UserError
 
 # Light on purpose (no torch at import): dist_checkpointing's writer spawns a multiprocessing Manager,
 # whose child re-imports the __main__ module; keeping this module cheap keeps that spawn fast.
@@ -28,9 +27,11 @@ from megatron_patch.errors import UserError, print_once_per_node
 
 def run(args) -> int:
     """Validate, train, tear down. Returns the exit status (0; 3 after a NaN/Inf stop)."""
+    from megatron_patch.runtime.console import quiet_known_warnings
     from megatron_patch.training.arguments import validate
 
-    quiet_known_warnings()
+    if not getattr(args, "verbose", False):  # `megatron-patch --verbose train` shows them
+        quiet_known_warnings()
     validate(args)
     import torch
 
@@ -71,6 +72,7 @@ def peer_is_gone(err: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_patch.runtime.console import file_size_limit_as_error, print_once_per_node, quiet_known_warnings
     from megatron_patch.training.arguments import build_parser
 
     quiet_known_warnings()

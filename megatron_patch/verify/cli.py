@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import sys
 
+from megatron_patch.models.builder import add_layout_args, layout_from_args
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -27,16 +29,7 @@ def register(subparsers) -> None:
                         "in-memory conversion; a torch-format one must have been saved at this layout")
     p.add_argument("--peft-path", default=None, help="a peft LoRA adapter (convert lora2peft): compare the LoRA "
                    "model of --mcore-path (a `train --lora-rank` checkpoint) with peft's on --hf-path")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
-    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
-    p.add_argument("--ep", type=int, default=1, help="expert parallel size")
-    p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: TP)")
-    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
-    p.add_argument("--cp", type=int, default=1,
-                   help="context parallel size (the sequence split in 2 x CP load-balanced chunks)")
-    from megatron_patch.models.pipeline import add_split_args
-
-    add_split_args(p)  # Megatron-LM's uneven pipeline flags
+    add_layout_args(p)  # with Megatron-LM's uneven pipeline flags
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-length", type=int, default=32)
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
@@ -72,7 +65,6 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from megatron_patch.models.builder import ParallelLayout
     from megatron_patch.models.moe_options import moe_overrides
     from megatron_patch.runtime.multirank import RankFailure
     from megatron_patch.verify.compare import CompareSpec
@@ -86,11 +78,7 @@ def _run(args) -> int:
         from megatron_patch.verify.report import require_matplotlib
 
         require_matplotlib()  # before minutes of work, not after
-    from megatron_patch.models.pipeline import split_kwargs
-
-    layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
-                            vpp=args.vpp, cp=args.cp,
-                            **split_kwargs(args))
+    layout = layout_from_args(args)
     spec = CompareSpec(hf_path=args.hf_path, layout=layout, mcore_path=args.mcore_path, peft_path=args.peft_path,
                        batch_size=args.batch_size, seq_length=args.seq_length, dtype=args.dtype,
                        seed=args.seed, atol=args.atol, router_mismatch=args.router_mismatch,

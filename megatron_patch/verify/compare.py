@@ -33,7 +33,8 @@ import torch
 from megatron_patch.checkpoint.locate import TORCH_DIST, locate
 from megatron_patch.checkpoint.tensors import DTYPES, dtype_overrides
 from megatron_patch.errors import UserError
-from megatron_patch.models.builder import ParallelLayout
+from megatron_patch.models.builder import ParallelLayout, minimal_world_size
+from megatron_patch.runtime.multirank import in_torchrun
 
 
 
@@ -104,14 +105,6 @@ class CompareSpec:
 # ---------------------------------------------------------------------------------------------------
 # validation (runs before any rank is started: bad input is a UserError, exit 2)
 # ---------------------------------------------------------------------------------------------------
-def minimal_world_size(layout: ParallelLayout) -> int:
-    """The fewest ranks megatron accepts for the layout: a multiple of TPxPP (dense part) and of
-    ETPxEPxPP (experts). E.g. TP2xPP2xEP2 with ETP1 -> 4; TP1xEP2 -> 2 (data-parallel 2)."""
-    dense = layout.tp * layout.pp * layout.cp
-    expert = layout.expert_tp * layout.ep * layout.pp
-    return dense * expert // math.gcd(dense, expert)
-
-
 def prepare(spec: CompareSpec, world_size: int | None = None):
     """Check the input and the layout; return (hf_config, family, megatron config)."""
     from megatron_patch.checkpoint.hf_reader import HFCheckpoint
@@ -476,12 +469,6 @@ def run_specs_in_group(rank: int, world: int, specs: list) -> list:
     of the ranks (imports) is paid once. Returns the reports on rank 0 (None elsewhere). The layouts may
     differ; each must fit the world size (data parallel fills the rest)."""
     return [run_in_group(spec) for spec in specs]
-
-
-def in_torchrun() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() or ("WORLD_SIZE" in os.environ and "RANK" in os.environ)
 
 
 def run(spec: CompareSpec) -> dict | None:

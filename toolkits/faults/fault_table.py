@@ -476,7 +476,12 @@ def leaks(hf, data):
 
 
 if __name__ == "__main__":
-    W = Path(sys.argv[1]).absolute()
-    ONLY = sys.argv[sys.argv.index("--only") + 1:] if "--only" in sys.argv else []
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdir", type=Path, help="where the models, data and outputs go (reused by a rerun)")
+    parser.add_argument("--only", nargs="+", default=[], metavar="SUBSTRING", help="run the cases whose name has one")
+    cli = parser.parse_args()
+    W, ONLY = cli.workdir.absolute(), cli.only
     print("| case | command | exit | first stderr line | left / lost |\n|---|---|---|---|---|", flush=True)
     main()
