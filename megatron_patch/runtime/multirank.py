@@ -46,6 +46,34 @@ def stop_checkpoint_workers() -> None:
     filesystem_async._results_queue = None
 
 
+def _die_with(parent: int) -> None:
+    """In the results queue's manager process: end it (SIGKILL) when its rank ends, however it ends."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the rank died before the line above
+        os._exit(0)
+
+
+def start_checkpoint_workers() -> None:
+    """megatron's writer starts its results queue's Manager (a server process) at the first save; a rank killed
+    by a signal (a dead peer's torchrun SIGTERMs it) leaves that server running forever, holding the launcher's
+    stdout (whoever reads it waits), and one killed while the server starts gets a BrokenPipeError traceback.
+    Start it ourselves, bound to this process's life."""
+    import multiprocessing.managers
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    manager = multiprocessing.managers.SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(_die_with, (os.getpid(),))
+    filesystem_async._results_queue = manager.Queue()
+
+
 def _rank_main(fn, rank, world_size, port, out_dir, args, device, env):
     import torch
 
