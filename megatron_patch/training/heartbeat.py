@@ -25,19 +25,22 @@ STARTUP = "start-up"
 
 
 class Heartbeat:
-    def __init__(self, store, rank: int, world: int, timeout: float, on_abort=None):
+    def __init__(self, store, rank: int, world: int, timeout: float, on_abort=None, watch: bool = True):
+        """`watch=False`: only beat (a supervisor outside the ranks watches, runtime.multirank); the rank still
+        ends itself (exit 3) when the store stops answering."""
         # its own connection: a store client serialises its calls, and the main thread may wait in one for long
         # (gloo's start-up waits there for every rank's address)
         self.store, self.rank, self.world, self.timeout = store.clone(), rank, world, timeout
         self.step: int | None = None  # None: start-up (before the first training step)
-        self.on_abort = on_abort
+        self.on_abort, self.watch = on_abort, watch
         self._stop = threading.Event()
         self._beats = 0
         self._beat()
         self._thread = threading.Thread(target=self._run, name="mp-heartbeat", daemon=True)
         self._thread.start()
 
-    def _key(self, rank: int) -> str:
+    @staticmethod
+    def _key(rank: int) -> str:
         return f"mp_heartbeat/{rank}"
 
     def _beat(self) -> None:
@@ -51,6 +54,8 @@ class Heartbeat:
         while not self._stop.wait(interval):
             try:
                 self._beat()
+                if not self.watch:
+                    continue
                 if self.store.check([_ABORT]):
                     self._abort(self.store.get(_ABORT).decode())
                 if self.store.check([self._key(watched)]):

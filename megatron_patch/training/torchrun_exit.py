@@ -72,6 +72,28 @@ def _exit_with_mapped_code() -> None:
 def install() -> None:
     sys.excepthook = lambda kind, value, tb, previous=sys.excepthook: _excepthook(kind, value, tb, previous)
     atexit.register(_exit_with_mapped_code)
+    _wake_stopped_workers()
+
+
+def _wake_stopped_workers() -> None:
+    """torchrun ends the other ranks with SIGTERM and waits 30 s before SIGKILL; a stopped rank (SIGSTOP, the case
+    the heartbeat reports) cannot act on SIGTERM until continued, so the job lingered those 30 s. A SIGCONT after
+    torchrun's signal lets it end at once."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
+
+    handler = subprocess_handler.SubprocessHandler
+    close = handler.close
+
+    def close_and_continue(self, death_sig=None):
+        close(self, death_sig=death_sig)
+        try:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    handler.close = close_and_continue
 
 
 def rendezvous_plugin():
