@@ -629,7 +629,7 @@ def test_torchrun_ends_with_the_ranks_exit_code(tmp_path):
     from torch.distributed.checkpoint.api import CheckpointException
 
     closed = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:33485")
-    assert peer_is_gone(CheckpointException("save", {0: closed})) is closed  # a peer died during a save
+    assert peer_is_gone(CheckpointException("save", {0: (closed, None)})) is closed  # a peer died during a save
 
     # the entry point as `pip install` records it (the venv may hold an older install of the project)
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]

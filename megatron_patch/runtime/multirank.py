@@ -50,6 +50,9 @@ def stop_checkpoint_workers() -> None:
     filesystem_async._results_queue = None
 
 
+_forked_children_die_with_us: list[int] = []  # [the pid forking], once the hook is installed
+
+
 def _die_with(parent: int) -> None:
     """In the results queue's manager process: end it (SIGKILL) when its rank ends, however it ends."""
     import ctypes
@@ -63,16 +66,21 @@ def _die_with(parent: int) -> None:
 
 
 def start_checkpoint_workers() -> None:
-    """megatron's writer starts its results queue's Manager (a server process) at the first save; a rank killed
-    by a signal (a dead peer's torchrun SIGTERMs it) leaves that server running forever, holding the launcher's
-    stdout (whoever reads it waits), and one killed while the server starts gets a BrokenPipeError traceback.
-    Start it ourselves, bound to this process's life."""
+    """megatron's writer starts its results queue's Manager (a server process) at the first save, and forks its
+    writer processes at every save; a rank killed by a signal (a dead peer's torchrun SIGTERMs it) leaves them
+    running (the server forever), holding the launcher's stdout (whoever reads it waits); one killed while the
+    server starts gets a BrokenPipeError traceback. Bind them to this process's life: the server started here,
+    every forked child (the writers; multiprocessing's fork, not subprocess) with a parent-death signal."""
     import multiprocessing.managers
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is not None:
         return
+    if not _forked_children_die_with_us:
+        _forked_children_die_with_us.append(os.getpid())
+        os.register_at_fork(before=lambda: _forked_children_die_with_us.__setitem__(0, os.getpid()),
+                            after_in_child=lambda: _die_with(_forked_children_die_with_us[0]))
     manager = multiprocessing.managers.SyncManager(ctx=mp.get_context("spawn"))
     manager.start(_die_with, (os.getpid(),))
     filesystem_async._results_queue = manager.Queue()

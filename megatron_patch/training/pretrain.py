@@ -71,10 +71,8 @@ def peer_is_gone(err: BaseException) -> BaseException | None:
     from megatron_patch.errors import exception_chain
 
     network = getattr(torch.distributed, "DistNetworkError", ())
-    for e in exception_chain(err):
-        if isinstance(e, network) or any(text in str(e) for text in PEER_GONE):
-            return e
-    return None
+    found = [e for e in exception_chain(err) if isinstance(e, network) or any(text in str(e) for text in PEER_GONE)]
+    return found[-1] if found else None  # the innermost (a CheckpointException's text quotes what it wraps)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -380,37 +380,80 @@ def main():
 
 
 def hang(data, hf):
-    """Rank 1 of a 2-rank training is stopped (SIGSTOP) or killed (SIGKILL) 25 s into the run."""
-    if ONLY and not any(o in "hung dead rank SIGSTOP SIGKILL" for o in ONLY):
+    """Rank 1 of a 2-rank training is stopped (SIGSTOP) or killed (SIGKILL) during start-up (1 s after it started,
+    in its imports) or mid-training (3 steps in, saving every step); then the same for `compare`'s ranks."""
+    if ONLY and not any(o in "hung dead rank SIGSTOP SIGKILL start-up compare" for o in ONLY):
         return
-    for label, sig in (("hung rank (SIGSTOP rank 1)", signal.SIGSTOP), ("dead rank (SIGKILL rank 1)", signal.SIGKILL)):
+    import psutil
+
+    for phase, label, sig in (("mid-training", "hung rank (SIGSTOP rank 1)", signal.SIGSTOP),
+                              ("mid-training", "dead rank (SIGKILL rank 1)", signal.SIGKILL),
+                              ("start-up", "hung rank (SIGSTOP rank 1)", signal.SIGSTOP),
+                              ("start-up", "dead rank (SIGKILL rank 1)", signal.SIGKILL)):
         metrics = W / f"metrics-{sig.name}.jsonl"
         metrics.unlink(missing_ok=True)
+        shutil.rmtree(W / "hang-save", ignore_errors=True)
         argv = [*TORCHRUN, port(), "-m", "megatron_patch.training.pretrain", "--hf-config", hf, "--data-path", data,
                 *TRAIN[:2], "--global-batch-size", 4, *TRAIN[4:], "--train-iters", 400, "--heartbeat-timeout", 10,
-                "--metrics-file", metrics]
-        proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=ENV, start_new_session=True)  # a timeout kills the agent and its ranks alike
-        import psutil
+                "--metrics-file", metrics, "--save", W / "hang-save", "--save-interval", 1]
 
-        start, stopped = time.time(), None
-        while stopped is None and time.time() - start < 300 and proc.poll() is None:
+        def ready(rank):
+            if phase == "start-up":
+                return time.time() - rank.create_time() > 1
+            return (len(metrics.read_text().splitlines()) if metrics.exists() else 0) >= 3
+
+        def victim(proc):
             kids = [c for c in psutil.Process(proc.pid).children(recursive=True) if "pretrain" in " ".join(c.cmdline())]
-            ranks = {c.environ().get("RANK"): c for c in kids if "RANK" in c.environ()}
-            steps = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-            if "1" in ranks and steps >= 3:  # stopped mid-training, past start-up
-                ranks["1"].send_signal(sig)
-                stopped = time.time()
-            time.sleep(1)
-        try:
-            out, err = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
+            return {c.environ().get("RANK"): c for c in kids if "RANK" in c.environ()}.get("1")
+
+        signalled(f"{label} {phase}, torchrun, --heartbeat-timeout 10", argv, sig, victim, ready)
+    for phase, after in (("start-up", 1), ("while running", 25)):
+        for label, sig in (("hung rank (SIGSTOP rank 1)", signal.SIGSTOP), ("dead rank (SIGKILL rank 1)", signal.SIGKILL)):
+            argv = [*MP, "compare", "--hf-path", hf, "--tp", 2, "--heartbeat-timeout", 10]
+
+            def victim(proc):  # the spawned ranks, in the order they were started
+                kids = sorted((c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())),
+                              key=lambda c: (c.create_time(), c.pid))
+                return kids[1] if len(kids) == 2 else None
+
+            signalled(f"compare: {label} {phase}, --heartbeat-timeout 10", argv, sig, victim,
+                      lambda rank, after=after: time.time() - rank.create_time() > after)
+
+
+def signalled(case_name, argv, sig, victim, ready):
+    """Run argv, send `sig` to victim(proc) once ready(victim) holds; one row: exit code, the first `error:` line,
+    seconds from the signal to the end, counts, and processes of the run left behind (then killed)."""
+    import tempfile
+
+    import psutil
+
+    with tempfile.TemporaryFile("w+") as errf:
+        proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.DEVNULL, stderr=errf, text=True, env=ENV,
+                                start_new_session=True)  # a timeout kills the agent and its ranks alike
+        start, stopped, seen = time.time(), None, {}
+        while proc.poll() is None and time.time() - (stopped or start) < 300:
+            try:
+                seen.update((c.pid, c) for c in psutil.Process(proc.pid).children(recursive=True))
+                rank = victim(proc) if stopped is None else None
+                if rank is not None and ready(rank):
+                    rank.send_signal(sig)
+                    stopped = time.time()
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+        if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
+        proc.wait()
         secs = time.time() - (stopped or start)
-        errs = [line for line in err.splitlines() if line.startswith("error:")]
-        row(f"{label}, torchrun, --heartbeat-timeout 10", argv, proc.returncode, errs[0] if errs else err,
-            f"ended {secs:.0f} s after the signal; {counts(err)}")
+        time.sleep(1)
+        left = [c for c in seen.values() if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        for c in left:
+            c.kill()
+        errf.seek(0)
+        err = errf.read()
+    errs = [line for line in err.splitlines() if line.startswith("error:")]
+    row(case_name, argv, proc.returncode, errs[0] if errs else err,
+        f"ended {secs:.0f} s after the signal; {counts(err)}; {len(left)} process(es) of the run left behind")
 
 
 def race(argv):
