@@ -620,6 +620,9 @@ def test_torchrun_ends_with_the_ranks_exit_code(tmp_path):
 
     assert exit_code_of([3, -15]) == 3 and exit_code_of([-15, 2]) == 2 and exit_code_of([2, 3]) == 3
     assert exit_code_of([-9, -15]) == 3  # a dead rank; the agent SIGTERMs the rest
+    from megatron_patch.training.torchrun_exit import _describe
+
+    assert (_describe(-9), _describe(-15), _describe(3)) == ("-9 (SIGKILL)", "-15 (SIGTERM)", "3")  # in its one line
     assert exit_code_of([1, -15]) is None and exit_code_of([]) is None  # a traceback stays torchrun's 1
     from megatron_patch.training.pretrain import peer_is_gone
 

@@ -55,9 +55,17 @@ def _excepthook(kind, value, tb, previous=sys.excepthook):
     if code is None:
         previous(kind, value, tb)
         return
-    ranks = ", ".join(f"rank {rank}: {f.exitcode}" for rank, f in sorted(value.failures.items()))
+    ranks = ", ".join(f"rank {rank}: {_describe(f.exitcode)}" for rank, f in sorted(value.failures.items()))
     print(f"torchrun: the ranks of {value.name} exited ({ranks}); exit code {code}", file=sys.stderr, flush=True)
     _code.append(code)
+
+
+def _describe(exitcode: int) -> str:
+    """-9 -> '-9 (SIGKILL)': which rank died, and how, when no rank got to print its own line."""
+    import signal
+
+    names = {s.value: s.name for s in signal.Signals}
+    return f"{exitcode} ({names[-exitcode]})" if exitcode < 0 and -exitcode in names else str(exitcode)
 
 
 def _exit_with_mapped_code() -> None:
