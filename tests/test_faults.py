@@ -347,7 +347,7 @@ def test_a_stopped_rank_ends_the_job_naming_it(tmp_path):
     status = tmp_path / "status"
     script = textwrap.dedent("""
         import time, torch.distributed as dist
-        from megatron_patch.training.heartbeat import Heartbeat
+        from megatron_patch.runtime.heartbeat import Heartbeat
         from megatron_patch.training.pretrain import record_exit_code
         store = dist.TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False)
         store.set("mp_heartbeat/1", "1 7")  # rank 1 beat once, at step 7, then stopped

@@ -54,7 +54,9 @@ _forked_children_die_with_us: list[int] = []  # [the pid forking], once the hook
 
 
 def _die_with(parent: int) -> None:
-    """In the results queue's manager process: end it (SIGKILL) when its rank ends, however it ends."""
+    """In a child of a rank (the checkpoint results queue's server, a forked writer): end it (SIGKILL) when the
+    rank ends, however it ends. (Linux's parent-death signal follows the forking thread: these are started from
+    the main thread.)"""
     import ctypes
     import signal
     import sys
@@ -94,7 +96,7 @@ def _rank_main(fn, rank, world_size, port, out_dir, args, device, env, timeout, 
                        "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
     torch.set_num_threads(1)
     try:
-        from megatron_patch.training.heartbeat import Heartbeat
+        from megatron_patch.runtime.heartbeat import Heartbeat
 
         # the parent hosts the store and watches the beats (a stopped rank is found within heartbeat_timeout; the
         # process group's own timeout is the run's, so it does not fire first)
@@ -165,7 +167,7 @@ def run_ranks(fn, world_size: int, timeout: float = 180.0, args: tuple = (), dev
 
 
 class _Beats:
-    """The parent's view of the ranks' heartbeats (training.heartbeat, beating only): the rank that stopped
+    """The parent's view of the ranks' heartbeats (runtime.heartbeat, beating only): the rank that stopped
     responding, or None. A rank that has not beaten yet is still importing (slow on a loaded machine, not
     stopped) unless its process is in the stopped state (SIGSTOP) that long."""
 
@@ -175,7 +177,7 @@ class _Beats:
         self.next_check = 0.0
 
     def stopped(self, codes) -> str | None:
-        from megatron_patch.training.heartbeat import Heartbeat
+        from megatron_patch.runtime.heartbeat import Heartbeat
 
         now = time.monotonic()
         if not self.timeout or now < self.next_check:
@@ -193,7 +195,7 @@ class _Beats:
         return None
 
     def phase(self, rank: int) -> str:
-        from megatron_patch.training.heartbeat import STARTUP
+        from megatron_patch.runtime.heartbeat import STARTUP
 
         value = self.seen[rank][0]
         if not self.timeout:  # no beats to tell

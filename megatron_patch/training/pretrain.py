@@ -46,7 +46,7 @@ def run(args) -> int:
         gone = peer_is_gone(err)
         if gone is None:
             raise
-        from megatron_patch.training.heartbeat import EXIT_CODE
+        from megatron_patch.runtime.heartbeat import EXIT_CODE
 
         first = (str(gone).strip().splitlines() or [type(gone).__name__])[0][:200]
         where = f"step {trainer.iteration}" if trainer is not None else "start-up"

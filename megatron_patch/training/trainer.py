@@ -37,7 +37,7 @@ def init_distributed(acc, timeout_minutes: float | None = None, heartbeat_timeou
     """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); a plain `python` run is
     a world of one. The process group uses the accelerator's backend (gloo / nccl / hccl). With
     `heartbeat_timeout` (and more than one rank) the heartbeat starts on the rendezvous store before the
-    process group is made, so a rank that never arrives ends the job within that timeout (training.heartbeat).
+    process group is made, so a rank that never arrives ends the job within that timeout (runtime.heartbeat).
     Returns (rank, world, the Heartbeat or None)."""
     rank, world, local = (_env_int(name, default) for name, default in
                           (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
@@ -56,7 +56,7 @@ def init_distributed(acc, timeout_minutes: float | None = None, heartbeat_timeou
         timeout = timedelta(minutes=minutes)
         store = None
         if world > 1 and heartbeat_timeout:
-            from megatron_patch.training.heartbeat import Heartbeat
+            from megatron_patch.runtime.heartbeat import Heartbeat
 
             store = torch.distributed.PrefixStore("default_pg", _rendezvous_store(rank, world, timeout))
             heartbeat = Heartbeat(store, rank, world, heartbeat_timeout, on_abort=on_abort)
