@@ -218,6 +218,20 @@ def _tensors(value):
             yield from _tensors(v)
 
 
+def _agreed(err: BaseException, disk: UserError | None) -> UserError | None:
+    """DCP raises a failed write on every rank at once, with the details on its coordinator only (the others get an
+    empty CheckpointException): every rank then reports the coordinator's full-disk line (printed once per node),
+    not a traceback that exits 1 first under torchrun."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if not isinstance(err, CheckpointException) or _world() == 1:
+        return disk
+    lines = [None] * _world()
+    torch.distributed.all_gather_object(lines, str(disk) if disk is not None else None)
+    first = next((line for line in lines if line), None)
+    return UserError(first) if first else None
+
+
 @contextlib.contextmanager
 def _writer_logs_quiet():
     """megatron's checkpoint writer logs its workers' failures ("Local process 1 encountered an error: [Errno 28]
@@ -262,7 +276,7 @@ def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed
     except BaseException as err:  # DCP's CheckpointException is a BaseException
         from megatron_patch.checkpoint.atomic import disk_error
 
-        disk = None if isinstance(err, UserError) else disk_error(err, root, _state_bytes(state))
+        disk = None if isinstance(err, UserError) else _agreed(err, disk_error(err, root, _state_bytes(state)))
         # every rank cleans up (under torchrun the first rank to fail gets the others killed): half a checkpoint
         # helps no one, nor an empty --save this run made
         shutil.rmtree(tmp, ignore_errors=True)

@@ -309,6 +309,13 @@ def main():
                                                    small / "hfout"], small / "hfout", [W / "torch"])
             case("train --save on a full disk", [*MP, "train", "--hf-config", hf, "--load-hf", hf, "--data-path", data,
                                                  *TRAIN, "--train-iters", 1, "--save", small / "run"], small / "run", [hf])
+            # room for a rank's state (the up-front check passes) but not for the whole checkpoint: megatron's
+            # writer fails, on DCP's coordinator only
+            subprocess.run(["mount", "-o", "remount,size=6000k", small], check=True)
+            case("train --save at 2 ranks on a nearly full disk (6000 KiB tmpfs)",
+                 [*TORCHRUN, port(), "-m", "megatron_patch.training.pretrain", "--hf-config", hf, "--data-path", data,
+                  *TRAIN[:2], "--global-batch-size", 4, *TRAIN[4:], "--train-iters", 1, "--save", small / "run2"],
+                 small / "run2", [hf])
         case("hf2mcore under ulimit -f 64 (EFBIG)", ["bash", "-c", f"ulimit -f 64; exec {PY} -m megatron_patch.cli convert "
                                                      f"hf2mcore --hf-path {hf} --out {W / 'out-fsize'}"],
              W / "out-fsize", [hf])
