@@ -652,6 +652,28 @@ def test_torchrun_ends_with_the_ranks_exit_code(tmp_path):
     assert len(errors) == 1 and f"{tmp_path / 'data'}.bin not found" in errors[0], proc.stderr[-3000:]  # one line, not one a rank
 
 
+def test_torchrun_agent_ends_a_stopped_rank_at_once(monkeypatch):
+    """torchrun's agent ends the ranks with SIGTERM and waits 30 s before SIGKILL; our agent hook continues a
+    stopped rank after the SIGTERM, so it ends at once."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
+
+    from megatron_patch.training.torchrun_exit import _wake_stopped_workers
+
+    handler_class = subprocess_handler.SubprocessHandler
+    monkeypatch.setattr(handler_class, "close", handler_class.close)  # put back after the test
+    _wake_stopped_workers()
+    handler = handler_class("sleep", ("30",), {}, None, None, 0, None)
+    try:
+        os.kill(handler.proc.pid, signal.SIGSTOP)
+        handler.close(signal.SIGTERM)
+        assert handler.proc.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        handler.proc.kill()
+        handler.proc.wait()
+
+
 def test_save_that_cannot_fit_is_refused_before_megatron_writes(tmp_path, monkeypatch):
     """A rank's own state is a lower bound of the checkpoint: with less free space the save is one line (before
     megatron's writers print their own failure), with enough it goes ahead."""
