@@ -652,10 +652,12 @@ def test_torchrun_ends_with_the_ranks_exit_code(tmp_path):
     assert len(errors) == 1 and f"{tmp_path / 'data'}.bin not found" in errors[0], proc.stderr[-3000:]  # one line, not one a rank
 
 
-def test_torchrun_agent_ends_a_stopped_rank_at_once(monkeypatch):
-    """torchrun's agent ends the ranks with SIGTERM and waits 30 s before SIGKILL; our agent hook continues a
-    stopped rank after the SIGTERM, so it ends at once."""
+def test_torchrun_agent_ends_a_stopped_rank_at_once(monkeypatch, tmp_path):
+    """torchrun's agent ends the ranks with SIGTERM and waits 30 s before SIGKILL; a stopped rank that handles
+    SIGTERM (a rank under torchrun does) cannot act on it until continued: our agent hook continues it."""
     import signal
+    import sys
+    import time
 
     from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
 
@@ -664,11 +666,18 @@ def test_torchrun_agent_ends_a_stopped_rank_at_once(monkeypatch):
     handler_class = subprocess_handler.SubprocessHandler
     monkeypatch.setattr(handler_class, "close", handler_class.close)  # put back after the test
     _wake_stopped_workers()
-    handler = handler_class("sleep", ("30",), {}, None, None, 0, None)
+    ready = tmp_path / "ready"
+    rank = ("import signal, sys, time, pathlib; signal.signal(signal.SIGTERM, lambda *a: sys.exit(7)); "
+            f"pathlib.Path({str(ready)!r}).touch(); time.sleep(30)")
+    handler = handler_class(sys.executable, ("-c", rank), {}, None, None, 0, None)
     try:
+        for _ in range(1000):
+            if ready.exists():
+                break
+            time.sleep(0.01)
         os.kill(handler.proc.pid, signal.SIGSTOP)
         handler.close(signal.SIGTERM)
-        assert handler.proc.wait(timeout=10) == -signal.SIGTERM
+        assert handler.proc.wait(timeout=10) == 7  # its SIGTERM handler ran
     finally:
         handler.proc.kill()
         handler.proc.wait()
