@@ -409,8 +409,8 @@ def hang(data, hf):
                 return time.time() - rank.create_time() > 1
             return (len(metrics.read_text().splitlines()) if metrics.exists() else 0) >= 3
 
-        def victim(proc):
-            kids = [c for c in psutil.Process(proc.pid).children(recursive=True) if "pretrain" in " ".join(c.cmdline())]
+        def victim(proc):  # the agent's own children (a rank's forked checkpoint writers carry its RANK too)
+            kids = [c for c in psutil.Process(proc.pid).children() if "pretrain" in " ".join(c.cmdline())]
             return {c.environ().get("RANK"): c for c in kids if "RANK" in c.environ()}.get("1")
 
         signalled(f"{label} {phase}, torchrun, --heartbeat-timeout 10", argv, sig, victim, ready)
