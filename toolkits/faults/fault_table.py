@@ -389,7 +389,8 @@ def main():
 def hang(data, hf):
     """Rank 1 of a 2-rank training is stopped (SIGSTOP) or killed (SIGKILL) during start-up (1 s after it started,
     in its imports) or mid-training (3 steps in, saving every step); then the same for `compare`'s ranks."""
-    if ONLY and not any(o in "hung dead rank SIGSTOP SIGKILL start-up compare" for o in ONLY):
+    if ONLY and not any(o in "hung dead rank (SIGSTOP SIGKILL rank 1) start-up mid-training while running compare"
+                        for o in ONLY):
         return
     import psutil
 
@@ -414,9 +415,9 @@ def hang(data, hf):
             return {c.environ().get("RANK"): c for c in kids if "RANK" in c.environ()}.get("1")
 
         signalled(f"{label} {phase}, torchrun, --heartbeat-timeout 10", argv, sig, victim, ready)
-    for phase, after in (("start-up", 1), ("while running", 25)):
+    for phase in ("start-up", "while running"):
         for label, sig in (("hung rank (SIGSTOP rank 1)", signal.SIGSTOP), ("dead rank (SIGKILL rank 1)", signal.SIGKILL)):
-            argv = [*MP, "compare", "--hf-path", hf, "--tp", 2, "--heartbeat-timeout", 10]
+            argv = [*MP, "compare", "--hf-path", W / "hf4", "--tp", 2, "--seq-length", 512, "--heartbeat-timeout", 10]
 
             def victim(proc):  # the spawned ranks, in the order they were started
                 kids = sorted((c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())),
@@ -424,7 +425,21 @@ def hang(data, hf):
                 return kids[1] if len(kids) == 2 else None
 
             signalled(f"compare: {label} {phase}, --heartbeat-timeout 10", argv, sig, victim,
-                      lambda rank, after=after: time.time() - rank.create_time() > after)
+                      (lambda rank: time.time() - rank.create_time() > 1) if phase == "start-up" else in_group())
+
+
+def in_group():
+    """ready(rank): 2.5 s after the rank's process group started (its gloo threads exist; one heartbeat interval
+    of 10 / 5 s later its beat says it is past start-up)."""
+    first = {}
+
+    def ready(rank):
+        names = [Path(f"/proc/{rank.pid}/task/{t.id}/comm").read_text() for t in rank.threads()]
+        if any("gloo" in n for n in names):
+            first.setdefault(rank.pid, time.time())
+        return time.time() - first.get(rank.pid, time.time()) > 2.5
+
+    return ready
 
 
 def signalled(case_name, argv, sig, victim, ready):
@@ -434,6 +449,8 @@ def signalled(case_name, argv, sig, victim, ready):
 
     import psutil
 
+    if ONLY and not any(o in case_name for o in ONLY):
+        return
     with tempfile.TemporaryFile("w+") as errf:
         proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.DEVNULL, stderr=errf, text=True, env=ENV,
                                 start_new_session=True)  # a timeout kills the agent and its ranks alike
