@@ -53,16 +53,23 @@ def stop_checkpoint_workers() -> None:
 _forked_children_die_with_us: list[int] = []  # [the pid forking], once the hook is installed
 
 
-def _die_with(parent: int) -> None:
-    """In a child of a rank (the checkpoint results queue's server, a forked writer): end it (SIGKILL) when the
-    rank ends, however it ends. (Linux's parent-death signal follows the forking thread: these are started from
-    the main thread.)"""
+def _prctl():
     import ctypes
-    import signal
     import sys
 
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    return ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
+
+
+def _die_with(parent: int, prctl=None) -> None:
+    """In a child of a rank (the checkpoint results queue's server, a forked writer): end it (SIGKILL) when the
+    rank ends, however it ends. (Linux's parent-death signal follows the forking thread: these are started from
+    the main thread.) A forked child gets `prctl` resolved before the fork: no dlopen after forking a process
+    with threads."""
+    import signal
+
+    prctl = prctl or _prctl()
+    if prctl is not None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the rank died before the line above
         os._exit(0)
 
@@ -79,10 +86,11 @@ def start_checkpoint_workers() -> None:
 
     if filesystem_async._results_queue is not None:
         return
-    if not _forked_children_die_with_us:
+    prctl = _prctl()
+    if not _forked_children_die_with_us and prctl is not None:
         _forked_children_die_with_us.append(os.getpid())
         os.register_at_fork(before=lambda: _forked_children_die_with_us.__setitem__(0, os.getpid()),
-                            after_in_child=lambda: _die_with(_forked_children_die_with_us[0]))
+                            after_in_child=lambda: _die_with(_forked_children_die_with_us[0], prctl))
     manager = multiprocessing.managers.SyncManager(ctx=mp.get_context("spawn"))
     manager.start(_die_with, (os.getpid(),))
     filesystem_async._results_queue = manager.Queue()
