@@ -347,7 +347,7 @@ def test_a_stopped_rank_ends_the_job_naming_it(tmp_path):
     status = tmp_path / "status"
     script = textwrap.dedent("""
         import time, torch.distributed as dist
-        from megatron_patch.training.heartbeat import Heartbeat
+        from megatron_patch.runtime.heartbeat import Heartbeat
         from megatron_patch.training.pretrain import record_exit_code
         store = dist.TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False)
         store.set("mp_heartbeat/1", "1 7")  # rank 1 beat once, at step 7, then stopped
@@ -362,6 +362,41 @@ def test_a_stopped_rank_ends_the_job_naming_it(tmp_path):
     assert errors == ["error: rank 1 stopped responding (no heartbeat for 1 s, the last one at step 7; seen by "
                       "rank 0); rank 0 (step 12) exits with code 3"]
     assert status.read_text() == "0 3\n"
+
+
+def test_a_rank_missing_at_start_up_ends_the_job_within_the_heartbeat_timeout(tmp_path):
+    """The heartbeat starts on the rendezvous store, before the process group (whose start-up waits for every rank
+    for the whole --distributed-timeout-minutes): rank 0 hosting the store and rank 1 on torchrun's agent store
+    each exit 3 within seconds with one line naming the rank that never came and the phase."""
+    import subprocess
+    import sys
+    import time
+
+    import torch.distributed as dist
+
+    from megatron_patch.runtime.multirank import free_port
+
+    script = ("from megatron_patch.runtime import get_accelerator\n"
+              "from megatron_patch.training.pretrain import record_exit_code\n"
+              "from megatron_patch.training.trainer import init_distributed\n"
+              "init_distributed(get_accelerator(), heartbeat_timeout=2.0, on_abort=record_exit_code)\n")
+    agent_port = free_port()
+    agent = dist.TCPStore("127.0.0.1", agent_port, 3, True, wait_for_workers=False)  # torchrun's agent store
+    envs = {0: {"MASTER_PORT": str(free_port())},
+            1: {"MASTER_PORT": str(agent_port), "TORCHELASTIC_USE_AGENT_STORE": "True"}}
+    start = time.monotonic()
+    procs = {rank: subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, env=dict(
+        os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MP_EXIT_STATUS_FILE=str(tmp_path / "st"),
+        **env)) for rank, env in envs.items()}
+    for rank, proc in procs.items():
+        err = proc.communicate(timeout=120)[1]
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert proc.returncode == 3, err[-2000:]
+        assert errors == [f"error: rank {1 - rank} stopped responding during start-up (no heartbeat for 2 s; seen by "
+                          f"rank {rank}); rank {rank} (start-up) exits with code 3"], err[-2000:]
+    assert time.monotonic() - start < 60  # not the process group's 30 minutes
+    assert sorted((tmp_path / "st").read_text().splitlines()) == ["0 3", "1 3"]
+    del agent
 
 
 def test_killed_saves_are_cleaned_up_at_the_next_start(tmp_path):
@@ -583,6 +618,35 @@ def test_full_read_only_and_size_limited_disks_are_one_line(ckpts, tmp_path, cap
                     f"{needed} bytes free"), line
 
 
+def test_train_save_that_fails_in_megatrons_writer_is_one_line_and_leaves_nothing(ckpts, tmp_path, capsys, caplog):
+    """A save that passes the free-space check but fails in megatron's writer processes (here `ulimit -f`: the
+    checkpoint's shard is larger than the limit): our one line only (megatron logs the worker's failure first
+    otherwise), exit 2, and neither the --save directory this run made nor its lock is left."""
+    import logging
+    import resource
+
+    hf = str(ckpts["hf"])
+    prefix = tmp_path / "corpus"
+    assert main(["preprocess", "--input", str(Path(__file__).parents[1] / "examples/data/corpus.txt"), "--tokenizer", hf,
+                 "--output-prefix", str(prefix)]) == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    capsys.readouterr()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))  # the shard is ~6 MB, the data index caches < 1 MB
+    try:
+        code = main(["train", "--hf-config", hf, "--data-path", str(prefix), "--micro-batch-size", "1", "--seq-length",
+                     "8", "--train-iters", "1", "--save", str(out / "run"), "--data-cache-path", str(tmp_path / "cache")])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1, err
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]  # (stderr outside pytest)
+    assert err[0].startswith(f"error: cannot write to {out / 'run'}: a file would exceed the file size limit of "
+                             f"{1 << 20} bytes (ulimit -f)"), err
+    assert list(out.iterdir()) == []
+
+
 def test_torchrun_ends_with_the_ranks_exit_code(tmp_path):
     """torchrun exits 1 for any failed worker; our `torchrun.handlers` entry point (pyproject.toml) makes it
     return the ranks' code for megatron-patch jobs: bad input at 2 ranks is exit 2 and one `error:` line."""
@@ -595,12 +659,19 @@ def test_torchrun_ends_with_the_ranks_exit_code(tmp_path):
 
     assert exit_code_of([3, -15]) == 3 and exit_code_of([-15, 2]) == 2 and exit_code_of([2, 3]) == 3
     assert exit_code_of([-9, -15]) == 3  # a dead rank; the agent SIGTERMs the rest
+    from megatron_patch.training.torchrun_exit import _describe
+
+    assert (_describe(-9), _describe(-15), _describe(3)) == ("-9 (SIGKILL)", "-15 (SIGTERM)", "3")  # in its one line
     assert exit_code_of([1, -15]) is None and exit_code_of([]) is None  # a traceback stays torchrun's 1
     from megatron_patch.training.pretrain import peer_is_gone
 
     assert peer_is_gone(RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:51085: Connection reset "
                                      "by peer. This is typically caused by a remote worker hanging"))
     assert not peer_is_gone(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    closed = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:33485")
+    assert peer_is_gone(CheckpointException("save", {0: (closed, None)})) is closed  # a peer died during a save
 
     # the entry point as `pip install` records it (the venv may hold an older install of the project)
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
@@ -618,6 +689,37 @@ def test_torchrun_ends_with_the_ranks_exit_code(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(errors) == 1 and f"{tmp_path / 'data'}.bin not found" in errors[0], proc.stderr[-3000:]  # one line, not one a rank
+
+
+def test_torchrun_agent_ends_a_stopped_rank_at_once(monkeypatch, tmp_path):
+    """torchrun's agent ends the ranks with SIGTERM and waits 30 s before SIGKILL; a stopped rank that handles
+    SIGTERM (a rank under torchrun does) cannot act on it until continued: our agent hook continues it."""
+    import signal
+    import sys
+    import time
+
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
+
+    from megatron_patch.training.torchrun_exit import _wake_stopped_workers
+
+    handler_class = subprocess_handler.SubprocessHandler
+    monkeypatch.setattr(handler_class, "close", handler_class.close)  # put back after the test
+    _wake_stopped_workers()
+    ready = tmp_path / "ready"
+    rank = ("import signal, sys, time, pathlib; signal.signal(signal.SIGTERM, lambda *a: sys.exit(7)); "
+            f"pathlib.Path({str(ready)!r}).touch(); time.sleep(30)")
+    handler = handler_class(sys.executable, ("-c", rank), {}, None, None, 0, None)
+    try:
+        for _ in range(1000):
+            if ready.exists():
+                break
+            time.sleep(0.01)
+        os.kill(handler.proc.pid, signal.SIGSTOP)
+        handler.close(signal.SIGTERM)
+        assert handler.proc.wait(timeout=10) == 7  # its SIGTERM handler ran
+    finally:
+        handler.proc.kill()
+        handler.proc.wait()
 
 
 def test_save_that_cannot_fit_is_refused_before_megatron_writes(tmp_path, monkeypatch):

@@ -282,7 +282,8 @@ def run_preflight(spec: PreflightSpec, emit=print) -> list[Step]:
         try:
             results = run_ranks(_rank_entry, world, timeout=spec.timeout, args=(spec,), device=steps[0].data["device"])
         except RankFailure as err:
-            add(Step("ranks", False, "a rank failed: " + " | ".join(str(err).strip().splitlines()[-3:])))
+            lines = str(err).strip().splitlines()
+            add(Step("ranks", False, lines[0] if err.one_line else "a rank failed: " + " | ".join(lines[-3:])))
             return steps
     for step in rank_steps(results, spec):
         add(step)

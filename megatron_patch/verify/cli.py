@@ -42,6 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
     p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG of the max diff per layer")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before a hung rank fails the run")
+    p.add_argument("--heartbeat-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a rank stopped or dead this long (start-up included) ends the run with exit 3 (0: off)")
     p.add_argument("--distributed-timeout-minutes", type=float, default=None, metavar="M",
                    help="Megatron-LM's name for the same limit, in minutes (overrides --timeout)")
     p.add_argument("--debug", action="store_true",
@@ -84,12 +86,15 @@ def _run(args) -> int:
                        seed=args.seed, atol=args.atol, router_mismatch=args.router_mismatch,
                        debug=args.debug, timeout=(args.distributed_timeout_minutes * 60
                                                   if args.distributed_timeout_minutes else args.timeout),
-                       moe=moe_overrides(args), transformer_impl=args.transformer_impl)
+                       moe=moe_overrides(args), transformer_impl=args.transformer_impl,
+                       heartbeat_timeout=args.heartbeat_timeout)
     try:
         report = run_compare(spec)
     except RankFailure as err:
         text = str(err)
-        if not args.debug:
+        if err.one_line and not args.debug:  # a killed or stopped rank: which one, not the peers' tracebacks
+            text = text.splitlines()[0]
+        elif not args.debug:
             text = "\n".join(text.splitlines()[-25:])
         print(f"error: the comparison could not run: {text}", file=sys.stderr)
         return 3

@@ -87,6 +87,7 @@ class CompareSpec:
     mutate: Callable | str | None = None
     debug: bool = False
     timeout: float = 900.0
+    heartbeat_timeout: float = 60.0  # a rank stopped or dead this long ends the run (exit 3); 0: off
     # TransformerConfig fields from the MoE engine flags (models.moe_options.moe_overrides)
     moe: dict = field(default_factory=dict)
     # Megatron-LM's --transformer-impl: auto, transformer_engine or local (models/impl.py)
@@ -486,7 +487,8 @@ def run(spec: CompareSpec) -> dict | None:
     if not spec.debug:
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # read by the spawned interpreters at start
     try:
-        results = run_ranks(_rank_entry, world, timeout=spec.timeout, args=(spec,))
+        results = run_ranks(_rank_entry, world, timeout=spec.timeout, args=(spec,),
+                            heartbeat_timeout=spec.heartbeat_timeout)
     except RankFailure as err:
         user = _user_error_in(str(err))
         if user:
@@ -517,17 +519,21 @@ def _run_torchrun(spec: CompareSpec) -> dict | None:
     import torch.distributed as dist
 
     from megatron_patch.runtime import setup
+    from megatron_patch.training.pretrain import record_exit_code
+    from megatron_patch.training.trainer import init_distributed
 
     acc = setup()
-    if not dist.is_initialized():
-        acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        from datetime import timedelta
-
-        dist.init_process_group(acc.backend, timeout=timedelta(seconds=spec.timeout))
-    report = run_in_group(spec)
-    # every rank exits with rank 0's verdict
-    verdict = [report["result"] if report else None]
-    dist.broadcast_object_list(verdict, src=0)
+    heartbeat = None
+    if not dist.is_initialized():  # the heartbeat as in training: a stopped or dead rank ends every rank with 3
+        _, _, heartbeat = init_distributed(acc, spec.timeout / 60, spec.heartbeat_timeout, on_abort=record_exit_code)
+    try:
+        report = run_in_group(spec)
+        # every rank exits with rank 0's verdict
+        verdict = [report["result"] if report else None]
+        dist.broadcast_object_list(verdict, src=0)
+    finally:  # (after the broadcast: a rank that stops beating earlier looks stopped to the others)
+        if heartbeat is not None:
+            heartbeat.stop()
     if report is None:
         report = {"result": verdict[0], "rank": dist.get_rank()}
     return report
