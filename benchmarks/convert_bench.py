@@ -38,9 +38,9 @@ def build_checkpoint(out: Path, layers: int, shard_bytes: int = 1 << 30) -> int:
 
     from megatron_patch.checkpoint.engine import ShardPlan
     from megatron_patch.checkpoint.hf_config import expected_hf_shapes
+    from megatron_patch.convert.mini import build_hf_config, config_dict
     from megatron_patch.models.builder import ParallelLayout
     from megatron_patch.models.families import family_for_config
-    from megatron_patch.models.mini import build_hf_config, config_dict
 
     cfg = build_hf_config("deepseek_v2", config_dict("deepseek_v2", preset="real-config", layers=layers))
     out.mkdir(parents=True)

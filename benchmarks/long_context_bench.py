@@ -74,10 +74,11 @@ def _reset_peak() -> float:
 def run_case(family: str, seq: int, cp_comm_type: str, steps: int) -> dict:
     import torch
 
+    from megatron_patch.data.batch import batch_from_tokens
     from megatron_patch.models.builder import ParallelLayout, apply_layout, build_gpt_chunks, initialize_parallel
     from megatron_patch.models.spec import local_block_spec
     from megatron_patch.training.setup_model import build_optimizer, wrap_ddp, zero_grads
-    from megatron_patch.training.step import batch_from_tokens, forward_backward
+    from megatron_patch.training.step import forward_backward
 
     layout = ParallelLayout(cp=torch.distributed.get_world_size())
     initialize_parallel(layout)

@@ -76,8 +76,8 @@ def gemm_flops(threads: int, device, n: int = 1024, seconds: float = 3.0, dtype=
 
 
 def prepare(root: Path, args) -> dict:
+    from megatron_patch.convert.mini import make_mini
     from megatron_patch.data.preprocess import preprocess
-    from megatron_patch.models.mini import make_mini
 
     out = {}
     for name, (family, kw, _) in MODELS.items():

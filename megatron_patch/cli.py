@@ -7,13 +7,13 @@ import argparse
 import importlib
 import sys
 
-from megatron_patch.errors import UserError, print_once_per_node
+from megatron_patch.errors import UserError
 
 # module path -> registers one or more subcommands
 COMMAND_MODULES = (
     "megatron_patch.runtime.env_check",
-    "megatron_patch.runtime.preflight",
-    "megatron_patch.models.mini",
+    "megatron_patch.training.preflight",
+    "megatron_patch.convert.mini",
     "megatron_patch.convert.cli",
     "megatron_patch.verify.cli",
     "megatron_patch.training.cli",
@@ -41,30 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_known_warnings() -> None:
-    """megatron-core warns at import that TE/Apex are absent (expected: the runtime picks kernels) and
-    torch's checkpoint code warns about its own deprecations; neither is actionable for a user."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*")
-    warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
-    warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing.*")
-
-
-def file_size_limit_as_error() -> None:
-    """Past `ulimit -f` the kernel kills the writer with SIGXFSZ (no message, a half-written file); ignored,
-    the write fails with EFBIG instead, which the output code turns into one `error:` line."""
-    import signal
-
-    if hasattr(signal, "SIGXFSZ"):
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-
-
 def main(argv: list[str] | None = None) -> int:
-    quiet_known_warnings()
+    from megatron_patch.runtime.console import file_size_limit_as_error, print_once_per_node, quiet_known_warnings
+
+    argv = sys.argv[1:] if argv is None else argv
+    if "--verbose" not in argv:  # decided before build_parser: the command modules may import megatron
+        quiet_known_warnings()
     file_size_limit_as_error()  # else they precede a command's output and its one-line errors
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -82,7 +82,7 @@ def require_te_double():
 def make_minis(out_dir, families=MINI_FAMILIES, seed: int = 1) -> dict:
     """family -> directory of a tiny random HF model (make-mini's 'mini' preset; DeepSeek-V3 has a dense
     first layer, MoE layers and MTP weights; Qwen3-MoE has GQA with q/k norms)."""
-    from megatron_patch.models.mini import make_mini
+    from megatron_patch.convert.mini import make_mini
 
     return {f: make_mini(f, Path(out_dir) / f, seed=seed) for f in families}
 

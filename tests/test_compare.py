@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_patch.models.builder import ParallelLayout
+from megatron_patch.models.builder import ParallelLayout, minimal_world_size
 from megatron_patch.runtime.multirank import run_ranks
-from megatron_patch.verify.compare import CompareSpec, minimal_world_size, run_specs_in_group
+from megatron_patch.verify.compare import CompareSpec, run_specs_in_group
 
 FAMILIES = ("deepseek_v2", "deepseek_v3", "qwen2", "qwen3_moe")
 ENV = {"TORCHDYNAMO_DISABLE": "1"}
@@ -24,7 +24,7 @@ LOGITS_BAR = 1e-5
 
 @pytest.fixture(scope="module")
 def minis(tmp_path_factory):
-    from megatron_patch.models.mini import make_mini
+    from megatron_patch.convert.mini import make_mini
 
     root = tmp_path_factory.mktemp("compare-minis")
     minis = {f: str(make_mini(f, root / f, seed=3)) for f in FAMILIES}
@@ -207,7 +207,7 @@ RANDOM = [(f, seed) for f in FAMILIES for seed in (11, 12, 13)]
 
 @pytest.fixture(scope="module")
 def random_reports(tmp_path_factory):
-    from megatron_patch.models.mini import make_mini
+    from megatron_patch.convert.mini import make_mini
 
     root = tmp_path_factory.mktemp("random-minis")
     specs = [CompareSpec(hf_path=str(make_mini(f, root / f"{f}-{seed}", seed=seed, overrides=random_config(f, seed))))

@@ -5,8 +5,8 @@ import pytest
 
 from megatron_patch.models.builder import ParallelLayout
 from megatron_patch.runtime.context_parallel import causal_chunks, restore_sequence
-from megatron_patch.testing.equivalence import cases_run, references_run
 from megatron_patch.runtime.multirank import run_ranks
+from megatron_patch.testing.equivalence import cases_run, references_run
 
 # the bounds of tests/test_parallel_layouts.py
 from test_parallel_layouts import assert_matches_reference
@@ -169,8 +169,8 @@ def test_attention_blocks_merge_to_full_attention(path):
     the merged output and log-sum-exp, equal fp64 causal attention over all keys (MLA head dims)."""
     import torch
 
-    from megatron_patch.runtime.kernels import attention_blocks as blocks
     from megatron_patch.runtime.blocked_attention import merge_lse
+    from megatron_patch.runtime.kernels import attention_blocks as blocks
     from megatron_patch.testing.equivalence import FP32_EPS
 
     fwd, bwd = ((blocks.attention_lse, blocks.attention_lse_backward) if path == "cpu_flash" else
@@ -221,7 +221,7 @@ COMPARE = [
 
 @pytest.fixture(scope="module")
 def compare_reports(tmp_path_factory):
-    from megatron_patch.models.mini import make_mini
+    from megatron_patch.convert.mini import make_mini
     from megatron_patch.verify.compare import CompareSpec, run_specs_in_group
 
     root = tmp_path_factory.mktemp("cp-minis")

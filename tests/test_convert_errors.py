@@ -14,9 +14,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_patch.cli import main
 from megatron_patch.checkpoint.hf_writer import ShardedSafetensorsWriter
-from megatron_patch.models.mini import make_mini
+from megatron_patch.cli import main
+from megatron_patch.convert.mini import make_mini
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,12 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from megatron_patch.checkpoint import mcore_layout
-from megatron_patch.convert.hf2mcore import hf2mcore
 from megatron_patch.checkpoint.mcore_reader import open_mcore
+from megatron_patch.convert.hf2mcore import hf2mcore
 from megatron_patch.convert.mcore2hf import mcore2hf
+from megatron_patch.convert.mini import make_mini
 from megatron_patch.convert.reshard import reshard
 from megatron_patch.models.builder import ParallelLayout
-from megatron_patch.models.mini import make_mini
 from megatron_patch.runtime.multirank import run_ranks
 
 FAMILIES = ("deepseek_v2", "deepseek_v3", "qwen2", "qwen3_moe")

@@ -26,7 +26,7 @@ LOGITS_BAR = 1e-5
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
-    from megatron_patch.models.mini import make_mini
+    from megatron_patch.convert.mini import make_mini
 
     # with one MTP layer (DSA too), as the real model: make-mini appends its weights at model.layers.4
     return str(make_mini("deepseek_v32", tmp_path_factory.mktemp("v32") / "mini", seed=5,
@@ -132,8 +132,8 @@ def _compare_then_train(rank, world, specs, train_argv):
 
 @pytest.fixture(scope="module")
 def group(mini, tmp_path_factory):
+    from megatron_patch.convert.mini import CORPUS
     from megatron_patch.data.preprocess import preprocess
-    from megatron_patch.models.mini import CORPUS
 
     work = tmp_path_factory.mktemp("v32-train")
     preprocess([str(CORPUS)], mini, str(work / "corpus"), append_eod=True, progress=False)

@@ -13,8 +13,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from megatron_patch.errors import UserError
 from megatron_patch.models.families import (FAMILIES, expand_rows, family_for_config, get_family, hf_copies,
                                             model_args, moe_layers, shard_context)
+from megatron_patch.convert.mini import build_hf_config, build_model, config_dict, make_mini, parse_sets
 from megatron_patch.models.families.base import strip_vocab_padding
-from megatron_patch.models.mini import build_hf_config, build_model, config_dict, make_mini, parse_sets
 
 DATA = Path(__file__).parent / "data" / "real_configs"
 # published config.json -> family; PRESET_OF: the family whose "real-config" preset copies it

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from megatron_patch.checkpoint import safe_load
-from megatron_patch.cli import main
 from megatron_patch.checkpoint import mcore_layout
+from megatron_patch.cli import main
 from megatron_patch.convert.hf2mcore import hf2mcore
+from megatron_patch.convert.mini import make_mini
 from megatron_patch.errors import UserError
 from megatron_patch.models.builder import ParallelLayout
-from megatron_patch.models.mini import make_mini
 
 REFUSED = "refused to load: it holds posix.system"
 
@@ -347,7 +347,7 @@ def test_a_stopped_rank_ends_the_job_naming_it(tmp_path):
     status = tmp_path / "status"
     script = textwrap.dedent("""
         import time, torch.distributed as dist
-        from megatron_patch.training.heartbeat import Heartbeat
+        from megatron_patch.runtime.heartbeat import Heartbeat
         from megatron_patch.training.pretrain import record_exit_code
         store = dist.TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False)
         store.set("mp_heartbeat/1", "1 7")  # rank 1 beat once, at step 7, then stopped
@@ -362,6 +362,41 @@ def test_a_stopped_rank_ends_the_job_naming_it(tmp_path):
     assert errors == ["error: rank 1 stopped responding (no heartbeat for 1 s, the last one at step 7; seen by "
                       "rank 0); rank 0 (step 12) exits with code 3"]
     assert status.read_text() == "0 3\n"
+
+
+def test_a_rank_missing_at_start_up_ends_the_job_within_the_heartbeat_timeout(tmp_path):
+    """The heartbeat starts on the rendezvous store, before the process group (whose start-up waits for every rank
+    for the whole --distributed-timeout-minutes): rank 0 hosting the store and rank 1 on torchrun's agent store
+    each exit 3 within seconds with one line naming the rank that never came and the phase."""
+    import subprocess
+    import sys
+    import time
+
+    import torch.distributed as dist
+
+    from megatron_patch.runtime.multirank import free_port
+
+    script = ("from megatron_patch.runtime import get_accelerator\n"
+              "from megatron_patch.training.pretrain import record_exit_code\n"
+              "from megatron_patch.training.trainer import init_distributed\n"
+              "init_distributed(get_accelerator(), heartbeat_timeout=2.0, on_abort=record_exit_code)\n")
+    agent_port = free_port()
+    agent = dist.TCPStore("127.0.0.1", agent_port, 3, True, wait_for_workers=False)  # torchrun's agent store
+    envs = {0: {"MASTER_PORT": str(free_port())},
+            1: {"MASTER_PORT": str(agent_port), "TORCHELASTIC_USE_AGENT_STORE": "True"}}
+    start = time.monotonic()
+    procs = {rank: subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, env=dict(
+        os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MP_EXIT_STATUS_FILE=str(tmp_path / "st"),
+        **env)) for rank, env in envs.items()}
+    for rank, proc in procs.items():
+        err = proc.communicate(timeout=120)[1]
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert proc.returncode == 3, err[-2000:]
+        assert errors == [f"error: rank {1 - rank} stopped responding during start-up (no heartbeat for 2 s; seen by "
+                          f"rank {rank}); rank {rank} (start-up) exits with code 3"], err[-2000:]
+    assert time.monotonic() - start < 60  # not the process group's 30 minutes
+    assert sorted((tmp_path / "st").read_text().splitlines()) == ["0 3", "1 3"]
+    del agent
 
 
 def test_killed_saves_are_cleaned_up_at_the_next_start(tmp_path):
@@ -410,6 +445,31 @@ def test_bad_launcher_environment_and_set_values(ckpts, tmp_path, capsys, monkey
     monkeypatch.setenv("MASTER_PORT", "abc")
     with pytest.raises(UserError, match="MASTER_PORT='abc' is not a number"):
         init_distributed(get_accelerator())  # before any process group is made
+
+
+def test_megatron_import_warnings_hidden_unless_verbose(ckpts, tmp_path):
+    """Bad input after megatron's optimizer is imported (MASTER_PORT=abc): the error line comes first, alone;
+    `--verbose` shows the TE/Apex import notes (train silenced them whatever --verbose said). Fresh
+    interpreters: the notes print once per process, at the first import."""
+    import subprocess
+    import sys
+
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    data = str(tmp_path / "data")
+    builder = IndexedDatasetBuilder(data + ".bin", dtype=numpy.uint16)
+    builder.add_document(torch.arange(5, 100), [95])
+    builder.finalize(data + ".idx")
+    train = ["train", "--hf-config", str(ckpts["hf"]), "--data-path", data, "--seq-length", "8", "--micro-batch-size",
+             "1", "--global-batch-size", "1", "--lr", "1e-3", "--train-iters", "1"]
+    env = {**os.environ, "MASTER_PORT": "abc", "PYTHONWARNINGS": ""}
+    procs = [subprocess.Popen([sys.executable, "-m", "megatron_patch.cli", *verbose, *train], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for verbose in ([], ["--verbose"])]
+    (quiet, quiet_err), (loud, loud_err) = [p.communicate(timeout=120) for p in procs]
+    error = "error: MASTER_PORT='abc' is not a number; fix the launcher environment"
+    assert [p.returncode for p in procs] == [2, 2]
+    assert quiet_err.splitlines() == [error], quiet_err
+    assert "Transformer Engine and Apex are not installed" in loud_err and loud_err.splitlines()[-1] == error, loud_err
 
 
 def test_rank_scratch_of_a_killed_run_is_removed_at_the_next_run(tmp_path, monkeypatch):
@@ -486,6 +546,20 @@ def test_train_load_and_lora2peft_refuse_tampered_checkpoints(ckpts, bad_trainin
         assert not list(save.glob("*")) and not list(tmp_path.glob(".save*")) and not list(tmp_path.glob("*adapter*")), argv
 
 
+def test_lora2peft_names_a_converted_checkpoint_as_such(ckpts, tmp_path, capsys):
+    """A release checkpoint (convert hf2mcore's output) has a tracker but no adapters: one line saying so (it
+    read "no training checkpoint (latest_checkpointed_iteration.txt) there", next to that very file)."""
+    for name in ("torch", "dist"):
+        out = tmp_path / f"adapter-{name}"
+        capsys.readouterr()
+        assert main(["convert", "lora2peft", "--mcore-path", str(ckpts["root"] / name), "--hf-config",
+                     str(ckpts["hf"]), "--out", str(out)]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert err == [f"error: --mcore-path {ckpts['root'] / name}: a converted (release) checkpoint holds no LoRA "
+                       "adapters; give the --save directory of a `train --lora-rank` run"], err
+        assert not list(tmp_path.glob(f"*adapter-{name}*"))
+
+
 def test_full_read_only_and_size_limited_disks_are_one_line(ckpts, tmp_path, capsys, monkeypatch):
     """A full disk (torch's 'unexpected pos' and a plain ENOSPC), a read-only directory and `ulimit -f` (EFBIG:
     main() ignores SIGXFSZ, which would kill the writer silently) each end hf2mcore with exit 2 and one line
@@ -544,6 +618,35 @@ def test_full_read_only_and_size_limited_disks_are_one_line(ckpts, tmp_path, cap
                     f"{needed} bytes free"), line
 
 
+def test_train_save_that_fails_in_megatrons_writer_is_one_line_and_leaves_nothing(ckpts, tmp_path, capsys, caplog):
+    """A save that passes the free-space check but fails in megatron's writer processes (here `ulimit -f`: the
+    checkpoint's shard is larger than the limit): our one line only (megatron logs the worker's failure first
+    otherwise), exit 2, and neither the --save directory this run made nor its lock is left."""
+    import logging
+    import resource
+
+    hf = str(ckpts["hf"])
+    prefix = tmp_path / "corpus"
+    assert main(["preprocess", "--input", str(Path(__file__).parents[1] / "examples/data/corpus.txt"), "--tokenizer", hf,
+                 "--output-prefix", str(prefix)]) == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    capsys.readouterr()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))  # the shard is ~6 MB, the data index caches < 1 MB
+    try:
+        code = main(["train", "--hf-config", hf, "--data-path", str(prefix), "--micro-batch-size", "1", "--seq-length",
+                     "8", "--train-iters", "1", "--save", str(out / "run"), "--data-cache-path", str(tmp_path / "cache")])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1, err
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]  # (stderr outside pytest)
+    assert err[0].startswith(f"error: cannot write to {out / 'run'}: a file would exceed the file size limit of "
+                             f"{1 << 20} bytes (ulimit -f)"), err
+    assert list(out.iterdir()) == []
+
+
 def test_torchrun_ends_with_the_ranks_exit_code(tmp_path):
     """torchrun exits 1 for any failed worker; our `torchrun.handlers` entry point (pyproject.toml) makes it
     return the ranks' code for megatron-patch jobs: bad input at 2 ranks is exit 2 and one `error:` line."""
@@ -556,12 +659,19 @@ def test_torchrun_ends_with_the_ranks_exit_code(tmp_path):
 
     assert exit_code_of([3, -15]) == 3 and exit_code_of([-15, 2]) == 2 and exit_code_of([2, 3]) == 3
     assert exit_code_of([-9, -15]) == 3  # a dead rank; the agent SIGTERMs the rest
+    from megatron_patch.training.torchrun_exit import _describe
+
+    assert (_describe(-9), _describe(-15), _describe(3)) == ("-9 (SIGKILL)", "-15 (SIGTERM)", "3")  # in its one line
     assert exit_code_of([1, -15]) is None and exit_code_of([]) is None  # a traceback stays torchrun's 1
     from megatron_patch.training.pretrain import peer_is_gone
 
     assert peer_is_gone(RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:51085: Connection reset "
                                      "by peer. This is typically caused by a remote worker hanging"))
     assert not peer_is_gone(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    closed = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:33485")
+    assert peer_is_gone(CheckpointException("save", {0: (closed, None)})) is closed  # a peer died during a save
 
     # the entry point as `pip install` records it (the venv may hold an older install of the project)
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
@@ -579,6 +689,37 @@ def test_torchrun_ends_with_the_ranks_exit_code(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(errors) == 1 and f"{tmp_path / 'data'}.bin not found" in errors[0], proc.stderr[-3000:]  # one line, not one a rank
+
+
+def test_torchrun_agent_ends_a_stopped_rank_at_once(monkeypatch, tmp_path):
+    """torchrun's agent ends the ranks with SIGTERM and waits 30 s before SIGKILL; a stopped rank that handles
+    SIGTERM (a rank under torchrun does) cannot act on it until continued: our agent hook continues it."""
+    import signal
+    import sys
+    import time
+
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
+
+    from megatron_patch.training.torchrun_exit import _wake_stopped_workers
+
+    handler_class = subprocess_handler.SubprocessHandler
+    monkeypatch.setattr(handler_class, "close", handler_class.close)  # put back after the test
+    _wake_stopped_workers()
+    ready = tmp_path / "ready"
+    rank = ("import signal, sys, time, pathlib; signal.signal(signal.SIGTERM, lambda *a: sys.exit(7)); "
+            f"pathlib.Path({str(ready)!r}).touch(); time.sleep(30)")
+    handler = handler_class(sys.executable, ("-c", rank), {}, None, None, 0, None)
+    try:
+        for _ in range(1000):
+            if ready.exists():
+                break
+            time.sleep(0.01)
+        os.kill(handler.proc.pid, signal.SIGSTOP)
+        handler.close(signal.SIGTERM)
+        assert handler.proc.wait(timeout=10) == 7  # its SIGTERM handler ran
+    finally:
+        handler.proc.kill()
+        handler.proc.wait()
 
 
 def test_save_that_cannot_fit_is_refused_before_megatron_writes(tmp_path, monkeypatch):

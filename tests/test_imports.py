@@ -120,12 +120,40 @@ def test_io_layer_and_converters_are_no_import_circle(graph):
     assert _cycles(anywhere, _in("checkpoint", "convert")) == []
 
 
+# Lowest first. A module may import its own package and the layers below it, never a layer above nor a
+# sibling in the same layer (training, verify and convert are peers). testing/ serves the tests and tools only.
+LAYERS = (("errors",), ("runtime",), ("models",), ("checkpoint",), ("data",), ("training", "verify", "convert"),
+          ("cli", ""), ("testing",))
+LEVEL = {package: level for level, packages in enumerate(LAYERS) for package in packages}
+
+
+def _package(module: str) -> str:
+    """megatron_patch.X.y -> X; the top-level package itself -> ""."""
+    return (module.split(".") + [""])[1]
+
+
+def _upward(importer: str, imported: str) -> bool:
+    a, b = _package(importer), _package(imported)
+    return a != b and LEVEL[b] >= LEVEL[a]
+
+
+def test_layering_rule_flags_the_imports_it_was_written_for():
+    """The two upward imports this table was written to catch (issue 14): data/ took the training batch from
+    training.step, runtime/preflight called into training/ and verify/; and the peers may not import each other."""
+    assert _upward("megatron_patch.data.gpt", "megatron_patch.training.step")
+    assert _upward("megatron_patch.runtime.preflight", "megatron_patch.verify.compare")
+    assert _upward("megatron_patch.training.trainer", "megatron_patch.verify.compare")
+    assert _upward("megatron_patch.checkpoint.engine", "megatron_patch.testing.equivalence")
+    assert not _upward("megatron_patch.training.step", "megatron_patch.data.batch")
+    assert not _upward("megatron_patch.cli", "megatron_patch.errors")
+
+
 def test_layers_point_one_way(graph):
-    """Production code never imports testing/; the checkpoint I/O layer imports no command package."""
+    """Every import of every module, also those inside functions, points down the table (or stays in its own
+    package); every subpackage has a place in it."""
     modules, _, anywhere = graph
-    upward = [(m, n) for m in modules for n in anywhere[m]
-              if (_in("testing")(n) and not _in("testing")(m))
-              or (_in("checkpoint")(m) and _in("convert", "verify", "training", "testing", "cli")(n))]
+    assert {_package(m) for m in modules} <= set(LEVEL), "a new subpackage: give it a layer in LAYERS"
+    upward = sorted((m, n) for m in modules for n in anywhere[m] if _upward(m, n))
     assert upward == []
     assert "megatron_patch.checkpoint.chunks" in anywhere["megatron_patch.training.checkpointing"]  # the walk sees imports
 

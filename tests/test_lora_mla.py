@@ -25,8 +25,8 @@ ITERS, GBS = 4, 4
 
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
+    from megatron_patch.convert.mini import make_mini
     from megatron_patch.data.sft import preprocess_sft
-    from megatron_patch.models.mini import make_mini
 
     root = tmp_path_factory.mktemp("lora-mla")
     w = SimpleNamespace(root=root, model=make_mini("deepseek_v3", root / "ds3", seed=2,

@@ -67,7 +67,7 @@ def randomise_final_norm(path: str, seed: int = 7) -> None:
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
-    from megatron_patch.models.mini import make_mini
+    from megatron_patch.convert.mini import make_mini
 
     path = str(make_mini("deepseek_v3", tmp_path_factory.mktemp("mtp") / "ds3", seed=5))
     randomise_final_norm(path)

@@ -15,7 +15,7 @@ DOCS = [f"Document {i}: " + "words and more words " * (i % 5) + "end." for i in 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    from megatron_patch.models.mini import train_tokenizer
+    from megatron_patch.convert.mini import train_tokenizer
 
     path = tmp_path_factory.mktemp("tok")
     train_tokenizer(512).save_pretrained(path)

@@ -22,7 +22,7 @@ ACTIVATION_BOUNDS = (0.88, 1.05)
 
 
 def _config(root, family: str, name: str, **kw) -> str:
-    from megatron_patch.models.mini import build_hf_config, config_dict
+    from megatron_patch.convert.mini import build_hf_config, config_dict
 
     build_hf_config(family, config_dict(family, **kw)).save_pretrained(root / name)
     return str(root / name)

@@ -125,8 +125,8 @@ def test_router_module_with_family_config_matches_hf(megatron_routing, family):
 
     from megatron.core.transformer.moe.router import TopKRouter
 
+    from megatron_patch.convert.mini import config_dict
     from megatron_patch.models.families import family_for_config
-    from megatron_patch.models.mini import config_dict
 
     routing = dict(n_routed_experts=32, n_group=4, topk_group=2, num_experts_per_tok=6, first_k_dense_replace=0)
     if family == "deepseek_v2":

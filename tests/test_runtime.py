@@ -121,6 +121,57 @@ def test_one_rank_raising_fails_every_rank_quickly():
     assert time.monotonic() - start < 60
 
 
+def _rank_1_ends_by(rank, world, sig):
+    if rank == 1:
+        time.sleep(1.5)  # past start-up: its beat says so
+        os.kill(os.getpid(), sig)
+    torch.distributed.barrier()  # rank 0 waits for it (the process group's timeout is the run's 120 s)
+
+
+def test_a_stopped_or_killed_rank_is_one_line_within_the_heartbeat_timeout():
+    """The parent watches the ranks' heartbeats: a stopped rank fails the run within the heartbeat timeout, not at
+    the deadline (nor at the process group's timeout); a killed one at once; either as one line naming it and the
+    phase (the peers' tracebacks say only 'peer gone')."""
+    import signal
+
+    from megatron_patch.runtime.multirank import _signal_deaths
+
+    start = time.monotonic()
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_rank_1_ends_by, 2, timeout=120, args=(signal.SIGSTOP,), heartbeat_timeout=3)
+    assert info.value.one_line, str(info.value)[-2000:]
+    assert str(info.value).splitlines()[0] == "rank 1 stopped responding while running (no heartbeat for 3 s)"
+    assert time.monotonic() - start < 60
+
+    class Beats:
+        def phase(self, rank):
+            return ["during start-up", "while running"][rank]
+
+    assert _signal_deaths([None, 1, 0], Beats()) is None  # a traceback is not one line
+    assert _signal_deaths([-9, 1], Beats()) == "rank 0 was killed by SIGKILL during start-up"
+    assert _signal_deaths([None, -11], Beats()) == "rank 1 was killed by SIGSEGV while running"
+
+
+def test_a_rank_stopped_before_its_first_heartbeat_is_told_from_a_slow_one():
+    """Before a rank's first beat (its imports) only the stopped process state counts, not slowness."""
+    import signal
+
+    from megatron_patch.runtime.multirank import _process_stopped
+
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not _process_stopped(proc.pid)
+        proc.send_signal(signal.SIGSTOP)
+        for _ in range(100):
+            if _process_stopped(proc.pid):
+                break
+            time.sleep(0.01)
+        assert _process_stopped(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_hung_ranks_are_killed_at_the_deadline():
     with pytest.raises(RankFailure) as info:
         run_ranks(_hangs, 2, timeout=15)

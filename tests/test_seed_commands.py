@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_patch.convert.mini import cut_config, layer_kinds, make_mini
 from megatron_patch.errors import UserError
-from megatron_patch.models.mini import cut_config, layer_kinds, make_mini
 from megatron_patch.runtime.multirank import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def test_seed000_test_deepseek_moe(ds2, work):
 def test_preflight_fails_on_non_finite_weights(ds2, work, monkeypatch):
     from safetensors.torch import load_file, save_file
 
-    from megatron_patch.runtime.preflight import PreflightSpec, run_preflight
+    from megatron_patch.training.preflight import PreflightSpec, run_preflight
 
     bad = work / "ds2_nan"
     if not bad.exists():
@@ -183,7 +183,7 @@ def test_make_mini_from_cuts_layers(ds3_six, work):
 def test_make_mini_from_keeps_mtp_and_refuses_bad_layers(ds3_six, work):
     from safetensors import safe_open
 
-    from megatron_patch.models.mini import cut_checkpoint
+    from megatron_patch.convert.mini import cut_checkpoint
 
     out = work / "cut_mtp"
     cut_checkpoint(ds3_six, out, [0, 4], keep_mtp=True)
@@ -200,7 +200,7 @@ def test_make_mini_from_keeps_mtp_and_refuses_bad_layers(ds3_six, work):
 def test_make_mini_from_copies_fp8_tensors_as_they_are(work):
     from safetensors.torch import load_file, save_file
 
-    from megatron_patch.models.mini import cut_checkpoint
+    from megatron_patch.convert.mini import cut_checkpoint
 
     src = work / "fp8_two_layers"
     src.mkdir()
@@ -226,8 +226,8 @@ def test_make_mini_from_copies_fp8_tensors_as_they_are(work):
 
 def test_cut_config_keeps_each_layer_kind():
     """The kind of every kept layer as the family table maps it (megatron's moe_layer_freq) before and after."""
+    from megatron_patch.convert.mini import build_hf_config, config_dict
     from megatron_patch.models.families import get_family
-    from megatron_patch.models.mini import build_hf_config, config_dict
 
     fam = get_family("qwen3_moe")
     hf = build_hf_config("qwen3_moe", config_dict("qwen3_moe", layers=6, overrides={

@@ -38,8 +38,8 @@ def _records() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def work():
+    from megatron_patch.convert.mini import make_mini
     from megatron_patch.data.sft import preprocess_sft
-    from megatron_patch.models.mini import make_mini
 
     root = Path(tempfile.mkdtemp(prefix="mp-sft-"))
     w = SimpleNamespace(root=root, model=make_mini("qwen2", root / "qwen2"))

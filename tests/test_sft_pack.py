@@ -40,8 +40,8 @@ def _records(n: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def minis(tmp_path_factory):
+    from megatron_patch.convert.mini import make_mini
     from megatron_patch.data.sft import preprocess_sft
-    from megatron_patch.models.mini import make_mini
 
     root = tmp_path_factory.mktemp("pack")
     src = root / "data.json"

@@ -40,7 +40,7 @@ LOGITS_BAR = 1e-5
 
 @pytest.fixture(scope="module")
 def work():
-    from megatron_patch.models.mini import make_mini
+    from megatron_patch.convert.mini import make_mini
 
     root = Path(tempfile.mkdtemp(prefix="mp-silent-"))
     w = type("Work", (), {})()
@@ -61,8 +61,9 @@ def _masked_loss_check(hf_path: str) -> tuple[float, float]:
     different numbers of tokens."""
     from transformers import AutoConfig
 
+    from megatron_patch.data.batch import Batch
     from megatron_patch.models.builder import build_family_model, initialize_parallel
-    from megatron_patch.training.step import Batch, forward_backward
+    from megatron_patch.training.step import forward_backward
 
     layout = ParallelLayout()
     initialize_parallel(layout, seed=5)
@@ -350,8 +351,8 @@ TRAIN = ["--micro-batch-size", "2", "--global-batch-size", str(GBS), "--seq-leng
 @pytest.fixture(scope="module")
 def train_work(work):
     from megatron_patch.convert.hf2mcore import hf2mcore
+    from megatron_patch.convert.mini import make_mini
     from megatron_patch.data.preprocess import preprocess
-    from megatron_patch.models.mini import make_mini
 
     w = type("TrainWork", (), {})()
     w.root = work.root

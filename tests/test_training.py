@@ -108,8 +108,8 @@ def test_trainer_flag_validation(argv, message):
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def work():
+    from megatron_patch.convert.mini import make_mini
     from megatron_patch.data.preprocess import preprocess
-    from megatron_patch.models.mini import make_mini
 
     # A private directory, not pytest's tmp_path: pytest sessions started meanwhile (other checkouts on this
     # machine) prune old numbered pytest directories, which could delete this one mid-run.

@@ -16,8 +16,8 @@ from megatron_patch.convert.hf2mcore import hf2mcore
 from megatron_patch.convert.mcore2hf import mcore2hf
 from megatron_patch.convert.reshard import reshard
 from megatron_patch.models.builder import SPLIT_FIELDS, ParallelLayout
-from megatron_patch.testing.equivalence import layouts_run
 from megatron_patch.runtime.multirank import run_ranks
+from megatron_patch.testing.equivalence import layouts_run
 from megatron_patch.verify.compare import CompareSpec, run_specs_in_group
 
 from test_convert_roundtrip import assert_identical, read_all
@@ -56,7 +56,7 @@ def test_uneven_training_step_matches_single_rank(reference, world):
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def minis(tmp_path_factory):
-    from megatron_patch.models.mini import make_mini
+    from megatron_patch.convert.mini import make_mini
 
     root = tmp_path_factory.mktemp("uneven-minis")
     return {"v3": make_mini("deepseek_v3", root / "v3", layers=3, seed=5),        # odd, MTP on the last stage

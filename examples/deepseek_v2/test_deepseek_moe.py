@@ -3,7 +3,7 @@
 
     python3 examples/deepseek_v2/test_deepseek_moe.py --model_path DIR --device cpu|cuda:N|npu:N [--tp_size 2]
 
-A thin front end of `megatron-patch preflight` (megatron_patch/runtime/preflight.py): [1/4] tokenizer,
+A thin front end of `megatron-patch preflight` (megatron_patch/training/preflight.py): [1/4] tokenizer,
 [2/4] the config mapped by the family table and its MoE structure, [3/4] the checkpoint read (headers), [4/4] the model split over --tp_size CPU ranks with the HF weights loaded through the converter,
 one forward+backward on CPU; then, for a cuda/npu device, one forward+backward there (one rank).
 Ends with `All tests passed!` (exit 0), or names the failing step (exit 1). Bad input: exit 2.
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     from megatron_patch.errors import UserError
-    from megatron_patch.runtime.preflight import PreflightSpec, run_preflight
+    from megatron_patch.training.preflight import PreflightSpec, run_preflight
 
     print(f"{RULE}\nDeepSeek-V2 MoE TP Conversion Test\n{RULE}", flush=True)
     cpu = PreflightSpec(hf_path=args.model_path, tp=args.tp_size, device="cpu", seq_length=args.seq_length)

@@ -41,9 +41,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_patch.errors import UserError, print_once_per_node
+    from megatron_patch.errors import UserError
+    from megatron_patch.runtime.console import print_once_per_node, quiet_known_warnings
     from megatron_patch.training.arguments import build_parser
-    from megatron_patch.training.pretrain import quiet_known_warnings, run
+    from megatron_patch.training.pretrain import run
 
     quiet_known_warnings()
     rank0 = os.environ.get("RANK", "0") == "0"

@@ -147,8 +147,8 @@ def disk_error(err: BaseException, where: Path, needed: int | None = None) -> Us
         return UserError(f"cannot write to {where}: a file would exceed the file size limit of {limit} bytes "
                          f"(ulimit -f); the output {need}raise the limit or choose another output path")
     if failed_write:
-        try:
-            free = f"{shutil.disk_usage(where).free} bytes free"
+        try:  # (where may be gone already: the failed output was removed)
+            free = f"{shutil.disk_usage(next(p for p in (where, *where.parents) if p.exists())).free} bytes free"
         except OSError:
             free = "free space unknown"
         return UserError(f"no space left on the device of {where} (the output {need}{free}); free space there or "

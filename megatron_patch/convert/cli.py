@@ -18,15 +18,9 @@ from __future__ import annotations
 
 import sys
 
+from megatron_patch.models.builder import add_layout_args, layout_from_args
+
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
-
-
-def _layout(args):
-    from megatron_patch.models.builder import ParallelLayout
-
-    from megatron_patch.models.pipeline import split_kwargs
-
-    return ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp, **split_kwargs(args))
 
 
 def _show() -> bool:
@@ -37,11 +31,11 @@ def run_hf2mcore(args) -> int:
     from .hf2mcore import VerificationFailed, hf2mcore, plan_lines
 
     if args.dry_run:
-        print("\n".join(plan_lines(args.hf_path, _layout(args))))
+        print("\n".join(plan_lines(args.hf_path, layout_from_args(args))))
         return 0
 
     try:
-        result = hf2mcore(args.hf_path, args.out, _layout(args), fmt=args.format, dtype=args.dtype,
+        result = hf2mcore(args.hf_path, args.out, layout_from_args(args), fmt=args.format, dtype=args.dtype,
                           force=args.force, verify=args.verify, model_size=args.model_size, show_progress=_show(),
                           transformer_impl=args.transformer_impl, moe_grouped_gemm=args.moe_grouped_gemm)
     except VerificationFailed as err:
@@ -69,7 +63,7 @@ def run_mcore2hf(args) -> int:
 def run_reshard(args) -> int:
     from .reshard import reshard
 
-    result = reshard(args.mcore_path, args.out, _layout(args), fmt=args.format, force=args.force,
+    result = reshard(args.mcore_path, args.out, layout_from_args(args), fmt=args.format, force=args.force,
                      hf_config_dir=args.hf_config, show_progress=_show(), transformer_impl=args.transformer_impl,
                      moe_grouped_gemm=args.moe_grouped_gemm)
     print(f"reshard: wrote {result['out']} ({result['format']}, {result['layout']}, {result['dtype']}, "
@@ -91,18 +85,6 @@ def _dtype(p, help_text):
     p.add_argument("--dtype", default=None, metavar="{fp32,bf16,fp16}", help=help_text)
 
 
-def _layout_args(p, required: bool) -> None:
-    p.add_argument("--tp", type=int, default=None if required else 1, required=required, help="tensor parallel size")
-    p.add_argument("--pp", type=int, default=None if required else 1, required=required, help="pipeline parallel size")
-    p.add_argument("--ep", type=int, default=None if required else 1, required=required, help="expert parallel size")
-    p.add_argument("--etp", type=int, default=None,
-                   help="expert tensor parallel size (default: the TP size, as megatron)")
-    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
-    from megatron_patch.models.pipeline import add_split_args
-
-    add_split_args(p)
-
-
 def _spec_args(p) -> None:
     # No argparse `choices`: an unknown value is a UserError (one line, exit 2) like every other bad input.
     p.add_argument("--transformer-impl", default="transformer_engine", metavar="{transformer_engine,local}",
@@ -120,7 +102,7 @@ def register(subparsers) -> None:
     p = sub.add_parser("hf2mcore", help="HF safetensors -> Megatron checkpoint")
     p.add_argument("--hf-path", required=True, help="HF model directory (config.json + safetensors)")
     p.add_argument("--out", required=True, help="output checkpoint root (written atomically)")
-    _layout_args(p, required=False)
+    add_layout_args(p, cp=False)
     p.add_argument("--format", default="torch", help="torch (Megatron-LM per-rank files, default) or torch_dist")
     _dtype(p, "parameter dtype of the output (default: the checkpoint's)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
@@ -146,7 +128,7 @@ def register(subparsers) -> None:
     p = sub.add_parser("reshard", help="Megatron checkpoint -> the same at another layout")
     p.add_argument("--mcore-path", required=True, help="Megatron checkpoint root")
     p.add_argument("--out", required=True, help="output checkpoint root (written atomically)")
-    _layout_args(p, required=True)
+    add_layout_args(p, required=True, cp=False)
     p.add_argument("--format", default=None, help="torch or torch_dist (default: the input's)")
     p.add_argument("--hf-config", default=None, help="HF model directory, when the checkpoint has no hf_config/")
     p.add_argument("--force", action="store_true", help="replace an existing output")

@@ -26,14 +26,22 @@ PEFT_PREFIX = "base_model.model."
 
 def _checkpoint_dir(path: str) -> Path:
     from megatron_patch.checkpoint.locate import is_dist_checkpoint, train_checkpoint_dir
+    from megatron_patch.checkpoint.mcore_layout import read_tracker
 
     p = Path(path)
     if not p.is_dir():
         raise UserError(f"--mcore-path {path}: not a directory")
     found = p if is_dist_checkpoint(p) else train_checkpoint_dir(p)
-    if found is None:
+    if found is not None:
+        return found
+    iteration = read_tracker(p)
+    if iteration is None:
         raise UserError(f"--mcore-path {path}: no training checkpoint (latest_checkpointed_iteration.txt) there")
-    return found
+    if iteration == "release":  # a converted model: the tracker exists, the adapters do not
+        raise UserError(f"--mcore-path {path}: a converted (release) checkpoint holds no LoRA adapters; give the "
+                        "--save directory of a `train --lora-rank` run")
+    raise UserError(f"--mcore-path {path}: iteration {iteration} is not a torch_dist training checkpoint; give the "
+                    "--save directory of a `train --lora-rank` run")
 
 
 def read_adapters(path: str) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_patch.data.batch import Batch
 from megatron_patch.errors import UserError
-from megatron_patch.training.step import Batch
 
 
 class DatasetTokenizer:

@@ -356,7 +356,7 @@ def collate(dataset: SFTDataset, indices):
     """A Batch of the dataset's rows `indices` (with position ids when packed)."""
     import torch
 
-    from megatron_patch.training.step import Batch
+    from megatron_patch.data.batch import Batch
 
     rows = [dataset.sample(int(i)) for i in indices]
     return Batch(*(torch.stack([r[k] for r in rows]) for k in range(len(rows[0]))))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -119,6 +120,33 @@ SPLIT_FIELDS = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_
                 "account_for_loss_in_pipeline_split")
 
 
+def add_layout_args(parser, required: bool = False, vpp: bool = True, cp: bool = True, split: bool = True) -> None:
+    """The layout flags of the commands: --tp --pp --ep --etp, then (where the command takes them) --vpp, --cp
+    and Megatron-LM's uneven-pipeline flags. required: --tp/--pp/--ep have no default (a conversion's target)."""
+    for flag, what in (("--tp", "tensor"), ("--pp", "pipeline"), ("--ep", "expert")):
+        parser.add_argument(flag, type=int, default=None if required else 1, required=required,
+                            help=f"{what} parallel size")
+    parser.add_argument("--etp", type=int, default=None,
+                        help="expert tensor parallel size (default: the TP size, as megatron)")
+    if vpp:
+        parser.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
+    if cp:
+        parser.add_argument("--cp", type=int, default=1,
+                            help="context parallel size (the sequence split in 2 x CP load-balanced chunks)")
+    if split:
+        from megatron_patch.models.pipeline import add_split_args
+
+        add_split_args(parser)
+
+
+def layout_from_args(args) -> ParallelLayout:
+    """The layout of add_layout_args' flags (one the command does not take: its default)."""
+    from megatron_patch.models.pipeline import split_kwargs
+
+    return ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=getattr(args, "vpp", None),
+                          cp=getattr(args, "cp", 1), **split_kwargs(args))
+
+
 def check_layout(layout: ParallelLayout, config, world_size: int | None = None) -> None:
     """Fail early with a one-line message instead of an assertion deep inside megatron."""
     heads = config.num_attention_heads
@@ -143,6 +171,14 @@ def check_layout(layout: ParallelLayout, config, world_size: int | None = None) 
         if world_size % model_parallel or world_size % expert_parallel:
             raise UserError(f"world size {world_size} is not a multiple of TPxPPxCP={model_parallel} and "
                             f"ETPxEPxPP={expert_parallel}; change the layout or the number of ranks")
+
+
+def minimal_world_size(layout: ParallelLayout) -> int:
+    """The fewest ranks megatron accepts for the layout: a multiple of TPxPP (dense part) and of
+    ETPxEPxPP (experts). E.g. TP2xPP2xEP2 with ETP1 -> 4; TP1xEP2 -> 2 (data-parallel 2)."""
+    dense = layout.tp * layout.pp * layout.cp
+    expert = layout.expert_tp * layout.ep * layout.pp
+    return dense * expert // math.gcd(dense, expert)
 
 
 def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> None:

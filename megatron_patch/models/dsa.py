@@ -26,10 +26,10 @@ from megatron.core.transformer.experimental_attention_variant.dsa import (DSAInd
                                                                            DSAIndexerLossLoggingHelper, DSAttention,
                                                                            compute_dsa_indexer_loss)
 
-from megatron_patch.models.spec import DuplicatedLinear
 from megatron_patch.runtime import kernels
 from megatron_patch.runtime.accelerator import get_accelerator
 from megatron_patch.runtime.context_parallel import chunk_ids, gather_sequence
+from megatron_patch.runtime.modules import DuplicatedLinear
 
 
 class IndexerLinear(DuplicatedLinear):

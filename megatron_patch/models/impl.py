@@ -23,11 +23,9 @@ def add_impl_argument(p: argparse.ArgumentParser) -> None:
 
 
 def te_importable() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from megatron_patch.runtime.optional import importable
+
+    return importable("transformer_engine")
 
 
 def check_impl(choice: str) -> None:

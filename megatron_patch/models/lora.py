@@ -10,7 +10,7 @@ The family table's rows say which megatron linear an HF module lives in and how 
 - row-parallel base (linear_proj, linear_fc2): A local [r, in_local] sharded like the weight, x_local @ A^T
   reduced over TP (reduce-scattered under SP), then @ B^T with B [out, r] replicated (its gradient summed
   over TP under SP).
-- replicated base (MLA's q/kv down-projections, models/spec.py DuplicatedLinear): A and B replicated, applied to
+- replicated base (MLA's q/kv down-projections, runtime/modules.py DuplicatedLinear): A and B replicated, applied to
   the rank's own tokens; under SP their gradients are partial per rank and summed over TP like the weight's.
 
 MLA names (q_a_proj, q_b_proj, q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj) come from the DeepSeek tables: q_proj
@@ -18,13 +18,17 @@ exists only without q_lora (V2-Lite), q_a_proj/q_b_proj only with it, so an MLA 
 peft does). A name in several rows (gate_proj: dense MLP and shared experts) adapts each, in the layers the row
 exists in.
 
-Routed experts (`experts`, expert tensor parallel 1 only) get one adapter per expert on fc1 ([gate; up] rows: one A,
-one B, like peft's single adapter on transformers 5's fused gate_up_proj) and on fc2: A [r, in], B [out, r],
-no communication (the token dispatcher moves the tokens). SequentialMLP's expert linears are wrapped
+Routed experts (`experts`) get one adapter per expert on fc1 ([gate; up] rows: one A, one B, like peft's single
+adapter on transformers 5's fused gate_up_proj) and on fc2: A [r, in], B [out, r]; the token dispatcher moves the
+tokens (and does the expert-TP gather / reduce-scatter). Under expert tensor parallelism an adapter is split like
+its base weight: fc1 (column parallel) keeps A whole and B's rows of this rank ([gate_i; up_i], as megatron splits
+fc1), fc2 (row parallel) A's input columns of this rank and B whole; the whole factor's gradient is summed over the
+expert-TP group (runtime/grouped_experts.expert_adapter_factors). SequentialMLP's expert linears are wrapped
 (ExpertLoRALinear); the portable grouped experts (runtime/grouped_experts.py) hold `lora_A{i}` / `lora_B{i}` beside
-`weight{i}` and fold W + alpha/r * B A into their grouped GEMM (as peft's ParamWrapper does). Both save
-`mlp.experts.linear_fcN.lora_A/B` on the global expert axis, so the checkpoint does not depend on EP or on the
-experts' implementation. peft's ParamWrapper has no dropout: `experts` refuses --lora-dropout > 0.
+`weight{i}` and fold W + alpha/r * B A into their grouped GEMM (as peft's ParamWrapper does; with the local parts
+that is this rank's slice of the merged weight). Both save `mlp.experts.linear_fcN.lora_A/B` on the global expert
+axis, B of fc1 as [gate; up], so the checkpoint depends on neither EP, expert TP nor the experts' implementation.
+peft's ParamWrapper has no dropout: `experts` refuses --lora-dropout > 0.
 
 A is initialised like peft (uniform +-1/sqrt(in)) from a generator seeded by (seed, layer, module), so the
 adapters are the same at any layout; B starts at zero. Base weights are frozen. The sharded state dict keeps
@@ -101,9 +105,13 @@ def _expert_targets(family, hf_config) -> list[Target]:
     rows = _expert_rows(family, hf_config)
     if not rows:
         raise UserError(f"--lora-target experts: {hf_config.model_type} has no routed experts")
-    hf_mlp = rows[0].hf[0].split(".experts.")[0]  # "model.layers.{layer}.mlp"
+    return expert_targets(rows[0].layers, rows[0].hf[0].split(".experts.")[0])
+
+
+def expert_targets(layers: tuple[int, ...] | None, hf_mlp: str = "model.layers.{layer}.mlp") -> list[Target]:
+    """fc1 and fc2 of the routed experts of `layers` (the MoE layers); `hf_mlp` the HF MLP module path."""
     # rel: megatron's checkpoint name (TEGroupedMLP and SequentialMLP both save `mlp.experts.experts.linear_fcN`)
-    return [Target(f"mlp.experts.experts.{linear}", (f"{hf_mlp}.experts.{param}",), EXPERTS, (0,), rows[0].layers)
+    return [Target(f"mlp.experts.experts.{linear}", (f"{hf_mlp}.experts.{param}",), EXPERTS, (0,), layers)
             for linear, param in EXPERT_LINEARS]
 
 
@@ -260,40 +268,62 @@ class LoRALinear(torch.nn.Module):
         return out
 
 
-def init_expert_adapter(seed: int, layer: int, rel: str, expert: int, rank: int, fan_in: int, out: int,
-                        dtype, allreduce: bool) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
-    """(A [r, in], B [out, r] = 0) of one routed expert's linear; A from the global expert's own generator, so the
-    adapters are the same at any EP. `allreduce` as the base weight's (False: reduced over expert data parallel)."""
-    a = torch.nn.Parameter(init_a(seed, layer, rel, expert, rank, fan_in).to(dtype))
-    b = torch.nn.Parameter(torch.zeros(out, rank, dtype=dtype))
+def init_expert_adapter(seed: int, layer: int, rel: str, expert: int, rank: int, weight, tp_axis: int,
+                        tp_group) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    """(A [r, in], B [out, r] = 0) of one routed expert's linear, this expert-TP rank's part of them: B's rows when
+    the local `weight` [out, in] is a column-parallel slice (tp_axis 0), A's columns when row parallel (1). A comes
+    from the global expert's own generator, so the adapters are the same at any EP / expert TP. `allreduce` as the
+    base weight's (False: reduced over expert data parallel)."""
+    tp, tp_rank = tp_group.size(), tp_group.rank()
+    out, fan_in = weight.shape
+    a = init_a(seed, layer, rel, expert, rank, fan_in * tp if tp_axis == 1 else fan_in)
+    if tp_axis == 1:
+        a = a.chunk(tp, dim=1)[tp_rank].contiguous()
+    a = torch.nn.Parameter(a.to(weight.dtype))
+    b = torch.nn.Parameter(torch.zeros(out, rank, dtype=weight.dtype))
+    sharded, whole = (b, a) if tp_axis == 0 else (a, b)
     for p in (a, b):
-        p.allreduce = allreduce
+        p.allreduce = getattr(weight, "allreduce", True)
+    sharded.tensor_model_parallel, sharded.partition_dim, sharded.partition_stride = True, tp_axis, 1
+    # the grad norm counts the whole factor once per expert-TP group (each rank's experts are its own under EP):
+    # megatron skips `shared` params (its mark for tied copies) and would count an unmarked one by the dense TP rank
+    whole.tensor_model_parallel, whole.partition_dim, whole.partition_stride = tp_rank == 0, -1, 1
+    whole.shared = tp_rank != 0
     return a, b
 
 
 class ExpertLoRALinear(torch.nn.Module):
-    """One SequentialMLP expert's linear (expert tensor parallel 1): base(x) + alpha/r * B(A(x))."""
+    """One SequentialMLP expert's linear: base(x) + alpha/r * B(A(x)), split over expert TP like the base (see
+    init_expert_adapter); the base's explicit expert communication (none inside the linear) is kept."""
 
-    def __init__(self, base, rel: str, layer: int, expert: int, rank: int, alpha: float, seed: int):
+    def __init__(self, base, rel: str, layer: int, expert: int, rank: int, alpha: float, seed: int, tp_axis: int,
+                 gated: bool):
         super().__init__()
-        self.base, self.scaling = base, alpha / rank
-        out, fan_in = base.weight.shape
-        self.lora_A, self.lora_B = init_expert_adapter(seed, layer, rel, expert, rank, fan_in, out, base.weight.dtype,
-                                                       getattr(base.weight, "allreduce", True))
+        self.base, self.scaling, self.tp_axis, self.gated = base, alpha / rank, tp_axis, gated
+        self.lora_A, self.lora_B = init_expert_adapter(seed, layer, rel, expert, rank, base.weight, tp_axis,
+                                                       base.tp_group)
 
     def forward(self, x, *args, **kwargs):
+        from megatron_patch.runtime.grouped_experts import expert_adapter_factors
+
         out, bias = self.base(x, *args, **kwargs)
-        delta = torch.nn.functional.linear(torch.nn.functional.linear(x, self.lora_A), self.lora_B)
+        a, b = expert_adapter_factors(self.lora_A, self.lora_B, self.tp_axis, self.base.tp_group)
+        delta = torch.nn.functional.linear(torch.nn.functional.linear(x, a), b)
         return out + delta * self.scaling, bias
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        """The base's entries and the adapters on the same expert axis (SequentialMLP sets the keys and replicas)."""
+        """The base's entries and the adapters on the same expert axis (SequentialMLP sets the keys and replicas);
+        fc1's B stored as [gate; up] like its weight (MLP does that for the weight only)."""
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
         out = self.base.sharded_state_dict(prefix, sharded_offsets, metadata)
+        sharded = "lora_B" if self.tp_axis == 0 else "lora_A"
         out.update(make_sharded_tensors_for_checkpoint(
-            {"lora_A": self.lora_A, "lora_B": self.lora_B}, prefix, {}, sharded_offsets, tp_group=self.base.tp_group,
-            dp_cp_group=(metadata or {}).get("dp_cp_group")))
+            {"lora_A": self.lora_A, "lora_B": self.lora_B}, prefix, {sharded: self.tp_axis}, sharded_offsets,
+            tp_group=self.base.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group")))
+        if self.tp_axis == 0 and self.gated:
+            out[prefix + "lora_B"] = apply_swiglu_sharded_factory(out[prefix + "lora_B"], sharded_offsets)
         return out
 
 
@@ -305,18 +335,18 @@ def _wrap_experts(layer, target: Target, rank: int, alpha: float, seed: int) -> 
 
     experts = layer.get_submodule("mlp.experts")
     linear = target.rel.rsplit(".", 1)[-1]
+    tp_axis = 0 if linear == "linear_fc1" else 1  # fc1 column parallel, fc2 row parallel over expert TP
     first = experts.ep_group.rank() * experts.num_local_experts
     number = layer.layer_number - 1
     if isinstance(experts, SequentialMLP):
         for i, expert in enumerate(experts.local_experts):
             setattr(expert, linear, ExpertLoRALinear(getattr(expert, linear), target.rel, number, first + i, rank,
-                                                     alpha, seed))
+                                                     alpha, seed, tp_axis, bool(experts.config.gated_linear_unit)))
     elif isinstance(experts, PortableGroupedMLP):
         grouped = getattr(experts, linear)
         for i in range(experts.num_local_experts):
-            w = getattr(grouped, f"weight{i}")
-            a, b = init_expert_adapter(seed, number, target.rel, first + i, rank, w.shape[1], w.shape[0], w.dtype,
-                                       getattr(w, "allreduce", True))
+            a, b = init_expert_adapter(seed, number, target.rel, first + i, rank, getattr(grouped, f"weight{i}"),
+                                       grouped.tp_axis, grouped.tp_group)
             grouped.register_parameter(f"lora_A{i}", a)
             grouped.register_parameter(f"lora_B{i}", b)
         grouped.lora_scaling = alpha / rank
@@ -340,11 +370,13 @@ def apply_lora(chunks: list, hf_config, config, margs, layout, rank: int, alpha:
     if not names:
         raise UserError("--lora-target NAMES is required with --lora-rank (e.g. q_proj,k_proj,v_proj,o_proj)")
     targets = lora_targets(family_for_config(hf_config), hf_config, names)
-    ctx = shard_context(config, margs, layout.tp)
-    if any(t.split == EXPERTS for t in targets):
-        if (config.expert_tensor_parallel_size or 1) > 1:
-            raise UserError(f"--lora-target experts: expert tensor parallel {config.expert_tensor_parallel_size} is "
-                            "not supported; use 1 (--expert-tensor-parallel-size 1; plan: --etp 1)")
+    return wrap_targets(chunks, targets, config, shard_context(config, margs, layout.tp), rank, alpha, dropout, seed)
+
+
+def wrap_targets(chunks: list, targets: list[Target], config, ctx, rank: int, alpha: float, dropout: float,
+                 seed: int) -> int:
+    """apply_lora on targets already resolved (`ctx`: the family's shard context, for fused column linears).
+    Returns adapter count."""
     for chunk in chunks:
         for p in chunk.parameters():
             p.requires_grad_(False)

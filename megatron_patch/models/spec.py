@@ -11,38 +11,8 @@ check_mla_layout), as MoE with TP already does.
 """
 from __future__ import annotations
 
-import torch
-from megatron.core.transformer.module import MegatronModule
-
 from megatron_patch.errors import UserError
-
-
-class DuplicatedLinear(MegatronModule):
-    """y = x W^T with W replicated on every TP rank (TE's parallel_mode='duplicated').
-
-    With sequence parallelism each rank sees its own slice of tokens, so W's gradient is partial per
-    rank; `sequence_parallel=True` on W makes megatron's finalize_model_grads sum it over TP."""
-
-    def __init__(self, input_size: int, output_size: int, *, config, init_method, bias: bool = False,
-                 skip_bias_add: bool = False, is_expert: bool = False, **_ignored):
-        super().__init__(config=config)
-        if bias:
-            raise ValueError("DuplicatedLinear: bias is not used by MLA down-projections")
-        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype))
-        if config.perform_initialization:
-            init_method(self.weight)
-        self.weight.sequence_parallel = bool(config.sequence_parallel)
-        self.weight.allreduce = True
-
-    def forward(self, x: torch.Tensor):
-        return torch.nn.functional.linear(x, self.weight), None
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
-
-        # No TP axis: the tensor is the same on every TP rank (a replica).
-        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix,
-                                                   {}, sharded_offsets)
+from megatron_patch.runtime.modules import DuplicatedLinear
 
 
 def check_mla_layout(config) -> None:

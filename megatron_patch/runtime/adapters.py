@@ -123,7 +123,7 @@ def _mla_without_te(original):
        "(also with Transformer Engine installed: our local spec uses DuplicatedLinear there too)",
        TESTED, ALL)
 def _mla_duplicated_linear(original):
-    from megatron_patch.models.spec import DuplicatedLinear
+    from megatron_patch.runtime.modules import DuplicatedLinear
 
     return DuplicatedLinear
 

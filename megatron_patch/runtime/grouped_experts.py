@@ -90,7 +90,8 @@ class PortableGroupedLinear(MegatronModule):
     def weights(self) -> list:
         return [getattr(self, f"weight{i}") for i in range(self.num_gemms)]
 
-    lora_scaling = None  # set with per-expert adapters lora_A{i} [r, in], lora_B{i} [out, r] (models/lora.py)
+    lora_scaling = None  # set with per-expert adapters lora_A{i} [r, in], lora_B{i} [out, r] (models/lora.py),
+    # this expert-TP rank's part: B's rows with a column-parallel weight, A's columns with a row-parallel one
 
     def stacked_weight(self) -> torch.Tensor:
         """[E, in, out] (a transposed view of the [E, out, in] stack: the layout grouped_mm wants). A view of
@@ -100,6 +101,7 @@ class PortableGroupedLinear(MegatronModule):
         w = _BlockView.apply(*weights) if _one_block(weights) else torch.stack(weights)
         if self.lora_scaling is not None:
             a, b = (torch.stack([getattr(self, f"lora_{x}{i}") for i in range(self.num_gemms)]) for x in "AB")
+            a, b = expert_adapter_factors(a, b, self.tp_axis, self.tp_group)
             w = w + self.lora_scaling * torch.bmm(b, a)
         return w.transpose(1, 2)
 
@@ -137,22 +139,44 @@ class PortableGroupedLinear(MegatronModule):
         ep_axis = len(sharded_offsets)
         out = {}
         lora = ("lora_A", "lora_B") if self.lora_scaling is not None else ()
+        sharded_adapter = "lora_B" if self.tp_axis == 0 else "lora_A"  # split like the weight; the other replicated
         for i in range(self.num_gemms):
+            expert_offsets = (*sharded_offsets, (ep_axis, offset + i, num_global))
             sub = make_sharded_tensors_for_checkpoint(
                 {f"{i}.weight": getattr(self, f"weight{i}"), f"{i}._extra_state": None,
                  **{f"{i}.{x}": getattr(self, f"{x}{i}") for x in lora}}, "",
-                {f"{i}.weight": self.tp_axis}, (*sharded_offsets, (ep_axis, offset + i, num_global)),
+                {f"{i}.weight": self.tp_axis, f"{i}.{sharded_adapter}": self.tp_axis}, expert_offsets,
                 tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
             replace_prefix_for_sharding(sub, f"{i}.", prefix)
             for item in sub.values():  # replicas: expert data parallel only
                 item.replica_id = (*item.replica_id[:2], self.expt_dp_group.rank())
             out[f"{prefix}weight{i}"] = sub[f"{i}.weight"]
             out[f"{prefix}_extra_state{i or ''}"] = sub[f"{i}._extra_state"]
-            out.update({f"{prefix}{x}{i}": sub[f"{i}.{x}"] for x in lora})  # the adapters (expert TP 1: whole)
+            out.update({f"{prefix}{x}{i}": sub[f"{i}.{x}"] for x in lora})
+            if lora and self.tp_axis == 0 and self.config.gated_linear_unit:
+                from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+                # B's local rows are [gate_i; up_i] like fc1's weight (TEGroupedMLP does the same for weight{i}):
+                # stored as [gate; up] on the global axis, so the adapters load at any expert-TP size
+                out[f"{prefix}lora_B{i}"] = apply_swiglu_sharded_factory(out[f"{prefix}lora_B{i}"], expert_offsets)
         return out
 
     def backward_dw(self):
         pass
+
+
+def expert_adapter_factors(a: torch.Tensor, b: torch.Tensor, tp_axis: int, tp_group) -> tuple:
+    """An expert adapter's (A, B) for the forward under expert tensor parallelism (tp_axis as the base weight's).
+    Column-parallel base: B holds this rank's output rows and A is whole on every rank, so each rank's gradient
+    of A is a partial sum over its rows; row-parallel base: A holds this rank's input columns and B's gradient is
+    the partial one. That replicated factor's gradient is summed over the expert-TP group in the backward
+    (megatron's copy-to-TP-region: identity forward, all-reduce backward); the input gradient stays partial like
+    the base weight's, for the token dispatcher to reduce. Expert TP 1: no communication."""
+    from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+    if tp_axis == 0:
+        return copy_to_tensor_model_parallel_region(a, group=tp_group), b
+    return a, copy_to_tensor_model_parallel_region(b, group=tp_group)
 
 
 def _one_block(weights: list) -> bool:

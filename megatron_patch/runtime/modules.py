@@ -8,6 +8,8 @@
   it all-gathers K and V over the CP group (runtime/context_parallel.py, `cp_comm_type` "all_gather", the
   default) or passes them around a ring (runtime/ring_attention.py, "p2p"); megatron's local class asserts CP 1.
   Packed sequences (megatron's PackedSeqParams, `thd`): causal attention within each cu_seqlens segment.
+* DuplicatedLinear: MLA's q/kv down-projections replicated on every TP rank, as TE's 'duplicated' mode
+  (models/spec.py says why the local spec needs it); adapters.py lets megatron's MLA accept it.
 """
 from __future__ import annotations
 
@@ -22,6 +24,34 @@ from megatron_patch.runtime.blocked_attention import gathered_causal_attention
 from megatron_patch.runtime.context_parallel import CP_COMM_TYPES, gather_sequence, masked_chunk_attention
 from megatron_patch.runtime.kernels.attention_blocks import has_fused_lse
 from megatron_patch.runtime.ring_attention import ring_attention
+
+
+class DuplicatedLinear(MegatronModule):
+    """y = x W^T with W replicated on every TP rank (TE's parallel_mode='duplicated').
+
+    With sequence parallelism each rank sees its own slice of tokens, so W's gradient is partial per
+    rank; `sequence_parallel=True` on W makes megatron's finalize_model_grads sum it over TP."""
+
+    def __init__(self, input_size: int, output_size: int, *, config, init_method, bias: bool = False,
+                 skip_bias_add: bool = False, is_expert: bool = False, **_ignored):
+        super().__init__(config=config)
+        if bias:
+            raise ValueError("DuplicatedLinear: bias is not used by MLA down-projections")
+        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype))
+        if config.perform_initialization:
+            init_method(self.weight)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+        self.weight.allreduce = True
+
+    def forward(self, x: torch.Tensor):
+        return torch.nn.functional.linear(x, self.weight), None
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        # No TP axis: the tensor is the same on every TP rank (a replica).
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix,
+                                                   {}, sharded_offsets)
 
 
 class PortableNorm(torch.nn.Module):

@@ -14,10 +14,11 @@ import os
 import torch
 import torch.nn.functional as F
 
-from megatron_patch.models.spec import local_block_spec
+from megatron_patch.data.batch import batch_from_tokens
 from megatron_patch.models.builder import ParallelLayout, apply_layout, build_gpt_chunks, initialize_parallel
+from megatron_patch.models.spec import local_block_spec
 from megatron_patch.training.setup_model import build_optimizer, wrap_ddp
-from megatron_patch.training.step import batch_from_tokens, forward_backward
+from megatron_patch.training.step import forward_backward
 
 VOCAB = 256
 SEQ = 16
@@ -25,6 +26,7 @@ GLOBAL_BATCH = 4
 MICRO_BATCH = 1
 LR = 1e-3
 ADAM_EPS = 1e-3  # first Adam step is ~lr*sign(g) with a tiny eps; a larger eps keeps it smooth in g
+LORA_RANK, LORA_ALPHA = 4, 8.0  # `lora` runs: adapters on the routed experts only, everything else frozen
 
 
 def tiny_deepseek_config(**overrides):
@@ -77,12 +79,13 @@ def _tensor_leaves(sharded):
     return [v for v in nested_values(sharded) if isinstance(v, (ShardedTensor, ShardedTensorFactory))]
 
 
-def _params_only(sharded, chunks, replace=None):
-    """Keep the parameter leaves of a sharded state dict; optionally swap each param for replace(param)."""
+def _params_only(sharded, chunks, replace=None, trainable=False):
+    """Keep the parameter leaves of a sharded state dict (`trainable`: only those that train); optionally swap
+    each param for replace(param)."""
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    params = {id(p): p for c in chunks for p in c.parameters()}
+    params = {id(p): p for c in chunks for p in c.parameters() if p.requires_grad or not trainable}
 
     def keep(v):
         if isinstance(v, (ShardedTensor, ShardedTensorFactory)) and id(v.data) in params:
@@ -106,10 +109,15 @@ def _grad_of(param):
     return (grad if grad is not None else param.grad).detach().clone()
 
 
-def _build(layout: ParallelLayout, dist_opt: bool = False, overrides: dict | None = None):
+def _build(layout: ParallelLayout, dist_opt: bool = False, overrides: dict | None = None, lora: bool = False):
     initialize_parallel(layout)
     config = apply_layout(tiny_deepseek_config(**(overrides or {})), layout)
     chunks = build_gpt_chunks(config, local_block_spec, VOCAB, 64, layout)
+    if lora:
+        from megatron_patch.models.lora import expert_targets, wrap_targets
+
+        moe_layers = tuple(i for i, moe in enumerate(config.moe_layer_freq) if moe)
+        wrap_targets(chunks, expert_targets(moe_layers), config, None, LORA_RANK, LORA_ALPHA, 0.0, seed=3)
     chunks = wrap_ddp(chunks, config, use_distributed_optimizer=dist_opt)
     optimizer = build_optimizer(chunks, lr=LR, optimizer="adam", adam_eps=ADAM_EPS, clip_grad=1.0,
                                 use_distributed_optimizer=dist_opt)
@@ -134,25 +142,32 @@ def _save(sharded, path: str) -> None:
     dist_checkpointing.save(sharded, path)
 
 
-def reference_run(rank: int, world: int, out_dir: str, sft: bool = False) -> dict:
-    """TP1/PP1/EP1: save weights, grads and post-step weights; return the loss."""
-    _, chunks, optimizer = _build(ParallelLayout())
+def reference_run(rank: int, world: int, out_dir: str, sft: bool = False, lora: bool = False) -> dict:
+    """TP1/PP1/EP1: save weights, grads and post-step weights (the trained ones); return the loss. `lora`: B of
+    every adapter drawn at random (not peft's zeros), so that A's gradients are not zero either."""
+    _, chunks, optimizer = _build(ParallelLayout(), lora=lora)
+    if lora:
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for name, p in chunks[0].named_parameters():
+                if ".lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     _save(_params_only(_sharded(chunks), chunks), os.path.join(out_dir, "weights"))
     loss = forward_backward(chunks, global_batch(sft=sft), MICRO_BATCH)
-    _save(_params_only(_sharded(chunks), chunks, _grad_of), os.path.join(out_dir, "grads"))
+    _save(_params_only(_sharded(chunks), chunks, _grad_of, trainable=True), os.path.join(out_dir, "grads"))
     _, grad_norm, _ = optimizer.step()
-    _save(_params_only(_sharded(chunks), chunks), os.path.join(out_dir, "stepped"))
+    _save(_params_only(_sharded(chunks), chunks, trainable=True), os.path.join(out_dir, "stepped"))
     return {"loss": loss.item(), "grad_norm": grad_norm}
 
 
 def _max_diff_to_checkpoint(chunks, ckpt_dir, take) -> dict:
-    """Load the reference checkpoint into this rank's sharding; per key (max |local - reference|,
-    max |reference|): the magnitude lets a caller bound the difference in ulps of the values."""
+    """Load the reference checkpoint into this rank's sharding; per key of a trained parameter (max |local -
+    reference|, max |reference|): the magnitude lets a caller bound the difference in ulps of the values."""
     from megatron.core import dist_checkpointing
 
     expected = dist_checkpointing.load(
-        _params_only(_sharded(chunks), chunks, lambda p: torch.empty_like(p)), ckpt_dir)
-    local = _params_only(_sharded(chunks), chunks, take)
+        _params_only(_sharded(chunks), chunks, lambda p: torch.empty_like(p), trainable=True), ckpt_dir)
+    local = _params_only(_sharded(chunks), chunks, take, trainable=True)
     diffs = {}
     _diff_walk(expected, local, "", diffs)
     return diffs
@@ -184,19 +199,20 @@ def _diff_walk(expected, local, prefix, out):
         out[prefix[:-1]] = ((expected - local.data).abs().max().item(), expected.abs().max().item())
 
 
-def references_run(rank: int, world: int, runs: list[tuple[str, bool]]) -> list[dict]:
-    """reference_run for several (out_dir, sft) one after the other on one rank (the start-up is paid once)."""
-    return [reference_run(rank, world, out_dir, sft) for out_dir, sft in runs]
+def references_run(rank: int, world: int, runs: list[tuple]) -> list[dict]:
+    """reference_run for several (out_dir, sft[, lora]) one after the other on one rank (the start-up is paid
+    once)."""
+    return [reference_run(rank, world, *run) for run in runs]
 
 
 def layout_run(rank: int, world: int, layout: ParallelLayout, ref_dir: str, dist_opt: bool = False,
-               overrides: dict | None = None, sft: bool = False) -> dict:
+               overrides: dict | None = None, sft: bool = False, lora: bool = False) -> dict:
     """`overrides`: TransformerConfig fields of this run only (e.g. grouped experts against the reference's
     SequentialMLP: the torch_dist keys are the same). `sft`: the masked batch of global_batch (its reference
-    must be an sft reference_run)."""
+    must be an sft reference_run); `lora` likewise (the adapters load from the reference's weights)."""
     from megatron.core import dist_checkpointing
 
-    _, chunks, optimizer = _build(layout, dist_opt, overrides)
+    _, chunks, optimizer = _build(layout, dist_opt, overrides, lora)
     loaded = dist_checkpointing.load(_params_only(_sharded(chunks), chunks), os.path.join(ref_dir, "weights"))
     del loaded  # loaded in place into the params
     loss = _broadcast_loss(forward_backward(chunks, global_batch(sft=sft), MICRO_BATCH))
@@ -216,5 +232,5 @@ def layouts_run(rank: int, world: int, layouts: list, ref_dir: str) -> list[dict
 
 
 def cases_run(rank: int, world: int, cases: list[dict]) -> list[dict]:
-    """layout_run for several keyword sets (layout, ref_dir, dist_opt, overrides, sft) on the same ranks."""
+    """layout_run for several keyword sets (layout, ref_dir, dist_opt, overrides, sft, lora) on the same ranks."""
     return [layout_run(rank, world, **case) for case in cases]

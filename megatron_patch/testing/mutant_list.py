@@ -37,6 +37,7 @@ BROKEN = "tests/test_compare.py::test_broken_conversion_fails_at_the_first_wrong
 KERNELS = "tests/test_kernels.py"
 IO = "tests/test_convert_io.py"
 FAMILY_SHARDS = "tests/test_families.py::test_tp_shard_then_merge_gives_back_the_bytes"
+EXPERT_LORA = "tests/test_lora_experts.py"
 
 FAULTS = "tests/test_faults.py"
 CP_EQUIV = "tests/test_context_parallel.py::test_context_parallel_matches_single_rank"
@@ -169,4 +170,13 @@ MUTANTS: list[Mutant] = [
     M("dist_load: no up-front check (DCP hides a refused .metadata in a traceback)",
       "megatron_patch/checkpoint/safe_load.py", "    check_dist_checkpoint(ckpt_dir)  # torch 2.13's",
       "    pass  # torch 2.13's", (FAULTS, "-k", "lora2peft_refuse")),
+    M("expert LoRA: the whole factor's gradient not summed over expert TP", "megatron_patch/runtime/grouped_experts.py",
+      "        return copy_to_tensor_model_parallel_region(a, group=tp_group), b", "        return a, b",
+      (EXPERT_LORA, "-k", "match_single_rank")),
+    M("expert LoRA: grouped fc1's B stored as a contiguous slice, not [gate_i; up_i]",
+      "megatron_patch/runtime/grouped_experts.py",
+      "            if lora and self.tp_axis == 0 and self.config.gated_linear_unit:", "            if False:",
+      (EXPERT_LORA, "-k", "match_single_rank")),
+    M("expert LoRA: the whole factor counted on every expert-TP rank in the grad norm", "megatron_patch/models/lora.py",
+      "    whole.shared = tp_rank != 0", "    pass", (EXPERT_LORA, "-k", "match_single_rank")),
 ]

@@ -41,9 +41,10 @@ def measure_cases(rank: int, world: int, cases: list[dict]) -> list[dict]:
 
     from megatron.core import parallel_state as ps
 
+    from megatron_patch.data.batch import batch_from_tokens
     from megatron_patch.testing.saved_memory import SavedTensorMeter
     from megatron_patch.training.setup_model import build_optimizer, wrap_ddp, zero_grads
-    from megatron_patch.training.step import batch_from_tokens, forward_backward
+    from megatron_patch.training.step import forward_backward
 
     out = []
     for case in cases:

@@ -49,8 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--distributed-timeout-minutes", type=float, default=None, metavar="M",
                    help="a collective that waits longer fails every rank (default 30, or MP_DIST_TIMEOUT_MINUTES)")
     g.add_argument("--heartbeat-timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="a rank whose heartbeat stops this long (stopped or dead process) ends the job with exit 3, "
-                   "naming the rank and step (0: off)")
+                   help="a rank whose heartbeat stops this long (stopped or dead process, start-up included: the "
+                   "heartbeat starts before the process group) ends the job with exit 3, naming the rank and step "
+                   "(0: off)")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="on by default whenever TP > 1 (megatron's MoE with TP requires it)")
     g.add_argument("--use-distributed-optimizer", action="store_true")

@@ -21,6 +21,7 @@ through the family table and checkpoint.engine).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -35,6 +36,7 @@ from megatron_patch.checkpoint.chunks import (is_distributed, load_megatron, mod
 from megatron_patch.checkpoint.mcore_layout import CHECKPOINT_VERSION, iteration_dir_name, write_latest
 from megatron_patch.checkpoint.tensors import tensor_bytes
 from megatron_patch.errors import UserError
+from megatron_patch.runtime.multirank import start_checkpoint_workers
 
 CRASH_ENV = "MP_TEST_CRASH_IN_SAVE"
 
@@ -45,6 +47,13 @@ def _rank() -> int:
 
 def _world() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _device():
+    """Where a collective's tensor lives (NCCL/HCCL reduce no CPU tensors)."""
+    from megatron_patch.runtime import get_accelerator
+
+    return get_accelerator().current_device()
 
 
 def _barrier() -> None:
@@ -189,7 +198,7 @@ def _check_room(root: Path, state) -> None:
     agree through one all-reduce."""
     own = _own_bytes(state)
     free = shutil.disk_usage(root).free
-    short = torch.tensor([own if own > free else 0], dtype=torch.int64)
+    short = torch.tensor([own if own > free else 0], dtype=torch.int64, device=_device())
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(short, op=torch.distributed.ReduceOp.MAX)
     if short.item():
@@ -209,6 +218,36 @@ def _tensors(value):
             yield from _tensors(v)
 
 
+def _agreed(err: BaseException, disk: UserError | None) -> UserError | None:
+    """DCP raises a failed write on every rank at once, with the details on its coordinator only (the others get an
+    empty CheckpointException): every rank then reports the coordinator's full-disk line (printed once per node),
+    not a traceback that exits 1 first under torchrun."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if not isinstance(err, CheckpointException) or _world() == 1:
+        return disk
+    lines = [None] * _world()
+    torch.distributed.all_gather_object(lines, str(disk) if disk is not None else None)
+    first = next((line for line in lines if line), None)
+    return UserError(first) if first else None
+
+
+@contextlib.contextmanager
+def _writer_logs_quiet():
+    """megatron's checkpoint writer logs its workers' failures ("Local process 1 encountered an error: [Errno 28]
+    ...") before the exception reaches us; the exception carries the same text, reported once (one line for a
+    full disk, the traceback otherwise)."""
+    import logging
+
+    logger = logging.getLogger("megatron.core.dist_checkpointing")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed: int, args: dict,
                     extra: dict | None = None) -> Path:
     """Write SAVE/iter_XXXXXXX atomically and point the tracker at it. Call on every rank. `extra`: more
@@ -218,28 +257,32 @@ def save_checkpoint(root, iteration: int, chunks, optimizer, scheduler, consumed
     root = Path(root)
     final = root / iteration_dir_name(iteration)
     tmp = root / f".{final.name}.tmp"
-    created = not root.exists()
+    created = torch.tensor([0], device=_device())  # this save makes --save itself (a failed one removes it again)
     if _rank() == 0:
+        created[0] = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)  # leftover of a save that was killed
         tmp.mkdir()
-    _barrier()
+    if torch.distributed.is_initialized():  # (the barrier after the mkdir)
+        torch.distributed.all_reduce(created, op=torch.distributed.ReduceOp.MAX)
     state = _train_state(chunks, optimizer, scheduler, iteration, consumed, args, is_loading=False, extra=extra)
     content = {k: v for k, v in sharded_metadata(optimizer).items() if k != "dp_cp_group"}
     try:
         _check_room(root, state)
-        dist_checkpointing.save(state, str(tmp), content_metadata=content)
+        start_checkpoint_workers()
+        with _writer_logs_quiet():
+            dist_checkpointing.save(state, str(tmp), content_metadata=content)
     except BaseException as err:  # DCP's CheckpointException is a BaseException
         from megatron_patch.checkpoint.atomic import disk_error
 
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # half a checkpoint helps no one
-            if created and not any(root.iterdir()):
-                root.rmdir()  # nor an empty --save this run made
-        if isinstance(err, UserError):
-            raise
-        disk = disk_error(err, root, _state_bytes(state))
+        disk = None if isinstance(err, UserError) else _agreed(err, disk_error(err, root, _state_bytes(state)))
+        # every rank cleans up (under torchrun the first rank to fail gets the others killed): half a checkpoint
+        # helps no one, nor an empty --save this run made
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created.item():
+            with contextlib.suppress(OSError):  # not empty: another rank's files, or not ours to remove
+                root.rmdir()
         if disk is not None:
             raise disk from None
         raise

@@ -16,6 +16,7 @@ import dataclasses
 import math
 
 from megatron_patch.errors import UserError
+from megatron_patch.models.builder import add_layout_args, layout_from_args
 from megatron_patch.training.plan_memory import GiB, RECOMPUTE, StageMemory, Workload
 
 SEED_002_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -156,7 +157,7 @@ def _g(n: float) -> str:
 
 
 def describe(model: Model, layout, w: Workload, world: int) -> str:
-    from megatron_patch.runtime.preflight import describe_model
+    from megatron_patch.training.preflight import describe_model
 
     dp = world // (layout.tp * layout.pp * layout.cp)
     lora = f", LoRA r{model.lora_rank} on {model.lora_target}" if model.lora_rank else ""
@@ -202,13 +203,9 @@ def fit_table(fits: list[tuple], world: int, limit: int = 12) -> list[str]:
 def run(args) -> int:
     import warnings
 
-    from megatron_patch.models.builder import ParallelLayout
-    from megatron_patch.models.pipeline import split_kwargs
-
     warnings.simplefilter("ignore")
     model = Model.load(args.hf_config, args.lora_rank, args.lora_target)
-    layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, cp=args.cp, vpp=args.vpp,
-                            **split_kwargs(args))
+    layout = layout_from_args(args)
     for flag in ("tp", "pp", "ep", "cp", "dp", "num_gpus", "gpus_per_node"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -255,16 +252,10 @@ def run(args) -> int:
 
 
 def register(subparsers) -> None:
-    from megatron_patch.models.pipeline import add_split_args
-
     p = subparsers.add_parser("plan", help="per-device memory of a training layout and the layouts that fit",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--hf-config", required=True, metavar="DIR", help="HF model directory (config.json)")
-    for flag, default, text in (("--tp", 1, "tensor parallel"), ("--pp", 1, "pipeline parallel"),
-                                ("--ep", 1, "expert parallel"), ("--etp", None, "expert tensor parallel (default TP)"),
-                                ("--cp", 1, "context parallel"), ("--vpp", None, "virtual pipeline stages per rank")):
-        p.add_argument(flag, type=int, default=default, help=text)
-    add_split_args(p)
+    add_layout_args(p)
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--seq-length", type=int, required=True)
     p.add_argument("--global-batch-size", type=int, default=None,

@@ -19,8 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-from megatron_patch.cli import file_size_limit_as_error, quiet_known_warnings
-from megatron_patch.errors import UserError, print_once_per_node
+from megatron_patch.errors import UserError
 
 # Light on purpose (no torch at import): dist_checkpointing's writer spawns a multiprocessing Manager,
 # whose child re-imports the __main__ module; keeping this module cheap keeps that spawn fast.
@@ -28,9 +27,11 @@ from megatron_patch.errors import UserError, print_once_per_node
 
 def run(args) -> int:
     """Validate, train, tear down. Returns the exit status (0; 3 after a NaN/Inf stop)."""
+    from megatron_patch.runtime.console import quiet_known_warnings
     from megatron_patch.training.arguments import validate
 
-    quiet_known_warnings()
+    if not getattr(args, "verbose", False):  # `megatron-patch --verbose train` shows them
+        quiet_known_warnings()
     validate(args)
     import torch
 
@@ -42,14 +43,15 @@ def run(args) -> int:
         return trainer.train()
     except NaNDetected:
         return NAN_EXIT_CODE
-    except RuntimeError as err:  # torch.distributed's DistError included
-        if not peer_is_gone(err):
+    except BaseException as err:  # DistError; DCP's CheckpointException (a BaseException) wrapping one in a save
+        gone = peer_is_gone(err)
+        if gone is None:
             raise
-        from megatron_patch.training.heartbeat import EXIT_CODE
+        from megatron_patch.runtime.heartbeat import EXIT_CODE
 
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        step = trainer.iteration if trainer is not None else 0
-        print(f"error: another rank is gone ({first}); rank {os.environ.get('RANK', '0')} (step {step}) exits with "
+        first = (str(gone).strip().splitlines() or [type(gone).__name__])[0][:200]
+        where = f"step {trainer.iteration}" if trainer is not None else "start-up"
+        print(f"error: another rank is gone ({first}); rank {os.environ.get('RANK', '0')} ({where}) exits with "
               f"code {EXIT_CODE}", file=sys.stderr, flush=True)
         return EXIT_CODE
     finally:
@@ -62,15 +64,20 @@ def run(args) -> int:
 PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
 
 
-def peer_is_gone(err: BaseException) -> bool:
-    """A collective failed because another rank died (gloo / NCCL / HCCL report it as a RuntimeError)."""
+def peer_is_gone(err: BaseException) -> BaseException | None:
+    """The error saying a collective failed because another rank died (gloo / NCCL / HCCL report it as a
+    RuntimeError), found in `err` or anything it wraps; None if it is some other failure."""
     import torch.distributed
 
-    return isinstance(err, getattr(torch.distributed, "DistNetworkError", ())) or any(
-        text in str(err) for text in PEER_GONE)
+    from megatron_patch.errors import exception_chain
+
+    network = getattr(torch.distributed, "DistNetworkError", ())
+    found = [e for e in exception_chain(err) if isinstance(e, network) or any(text in str(e) for text in PEER_GONE)]
+    return found[-1] if found else None  # the innermost (a CheckpointException's text quotes what it wraps)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_patch.runtime.console import file_size_limit_as_error, print_once_per_node, quiet_known_warnings
     from megatron_patch.training.arguments import build_parser
 
     quiet_known_warnings()

@@ -55,9 +55,17 @@ def _excepthook(kind, value, tb, previous=sys.excepthook):
     if code is None:
         previous(kind, value, tb)
         return
-    ranks = ", ".join(f"rank {rank}: {f.exitcode}" for rank, f in sorted(value.failures.items()))
+    ranks = ", ".join(f"rank {rank}: {_describe(f.exitcode)}" for rank, f in sorted(value.failures.items()))
     print(f"torchrun: the ranks of {value.name} exited ({ranks}); exit code {code}", file=sys.stderr, flush=True)
     _code.append(code)
+
+
+def _describe(exitcode: int) -> str:
+    """-9 -> '-9 (SIGKILL)': which rank died, and how, when no rank got to print its own line."""
+    import signal
+
+    names = {s.value: s.name for s in signal.Signals}
+    return f"{exitcode} ({names[-exitcode]})" if exitcode < 0 and -exitcode in names else str(exitcode)
 
 
 def _exit_with_mapped_code() -> None:
@@ -72,6 +80,28 @@ def _exit_with_mapped_code() -> None:
 def install() -> None:
     sys.excepthook = lambda kind, value, tb, previous=sys.excepthook: _excepthook(kind, value, tb, previous)
     atexit.register(_exit_with_mapped_code)
+    _wake_stopped_workers()
+
+
+def _wake_stopped_workers() -> None:
+    """torchrun ends the other ranks with SIGTERM and waits 30 s before SIGKILL; a stopped rank (SIGSTOP, the case
+    the heartbeat reports) cannot act on SIGTERM until continued, so the job lingered those 30 s. A SIGCONT after
+    torchrun's signal lets it end at once."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
+
+    handler = subprocess_handler.SubprocessHandler
+    close = handler.close
+
+    def close_and_continue(self, death_sig=None):
+        close(self, death_sig=death_sig)
+        try:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    handler.close = close_and_continue
 
 
 def rendezvous_plugin():

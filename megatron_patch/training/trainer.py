@@ -32,9 +32,13 @@ def _env_int(name: str, default: int) -> int:
         raise UserError(f"{name}={value!r} is not a number; fix the launcher environment") from None
 
 
-def init_distributed(acc, timeout_minutes: float | None = None) -> tuple[int, int]:
+def init_distributed(acc, timeout_minutes: float | None = None, heartbeat_timeout: float | None = None,
+                     on_abort=None):
     """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); a plain `python` run is
-    a world of one. The process group uses the accelerator's backend (gloo / nccl / hccl)."""
+    a world of one. The process group uses the accelerator's backend (gloo / nccl / hccl). With
+    `heartbeat_timeout` (and more than one rank) the heartbeat starts on the rendezvous store before the
+    process group is made, so a rank that never arrives ends the job within that timeout (runtime.heartbeat).
+    Returns (rank, world, the Heartbeat or None)."""
     rank, world, local = (_env_int(name, default) for name, default in
                           (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     if "MASTER_PORT" in os.environ:
@@ -46,11 +50,34 @@ def init_distributed(acc, timeout_minutes: float | None = None) -> tuple[int, in
 
             os.environ["MASTER_PORT"] = str(free_port())
     acc.set_device(local)
+    heartbeat = None
     if not torch.distributed.is_initialized():
         minutes = timeout_minutes or float(os.environ.get("MP_DIST_TIMEOUT_MINUTES", "30"))
-        torch.distributed.init_process_group(acc.backend, rank=rank, world_size=world,
-                                             timeout=timedelta(minutes=minutes))
-    return rank, world
+        timeout = timedelta(minutes=minutes)
+        store = None
+        if world > 1 and heartbeat_timeout:
+            from megatron_patch.runtime.heartbeat import Heartbeat
+
+            store = torch.distributed.PrefixStore("default_pg", _rendezvous_store(rank, world, timeout))
+            heartbeat = Heartbeat(store, rank, world, heartbeat_timeout, on_abort=on_abort)
+        try:
+            torch.distributed.init_process_group(acc.backend, rank=rank, world_size=world, timeout=timeout,
+                                                 store=store)
+        except BaseException:
+            if heartbeat is not None:
+                heartbeat.stop()
+            raise
+    return rank, world, heartbeat
+
+
+def _rendezvous_store(rank: int, world: int, timeout: timedelta):
+    """The store init_process_group's env:// rendezvous makes (torchrun's agent store when it offers one), except
+    that rank 0 hosting it does not wait for the others to connect: the heartbeat, not this wait, bounds that."""
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = _env_int("MASTER_PORT", 29500)
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    return torch.distributed.TCPStore(addr, port, world, is_master=rank == 0 and not agent, timeout=timeout,
+                                      wait_for_workers=False, multi_tenant=not agent)
 
 
 def _layout(args):
@@ -152,8 +179,10 @@ class Trainer:
     def _set_up(self, args, setup, settings_for):
         self.acc = setup(args.device)
         self.settings = settings_for(self.acc.type)
-        self.rank, self.world = init_distributed(self.acc, args.distributed_timeout_minutes)
-        self.heartbeat = self._start_heartbeat()
+        from megatron_patch.training.pretrain import record_exit_code
+
+        self.rank, self.world, self.heartbeat = init_distributed(
+            self.acc, args.distributed_timeout_minutes, args.heartbeat_timeout, on_abort=record_exit_code)
         self.save_lock = self._lock_save_dir()
         self.layout = _layout(args)
         self.hf_config = _load_hf_config(args)
@@ -167,15 +196,6 @@ class Trainer:
         self._build_metrics()
 
     # --- setup ----------------------------------------------------------------------------------------
-    def _start_heartbeat(self):
-        if self.world == 1 or not self.args.heartbeat_timeout:
-            return None
-        from megatron_patch.training.heartbeat import Heartbeat
-        from megatron_patch.training.pretrain import record_exit_code
-
-        store = torch.distributed.distributed_c10d._get_default_store()
-        return Heartbeat(store, self.rank, self.world, self.args.heartbeat_timeout, on_abort=record_exit_code)
-
     def _lock_save_dir(self):
         """One training per --save (rank 0 holds the lock; every rank learns whether it got it); then the
         temporaries of saves that were killed are removed (no other writer can be at work)."""
@@ -554,6 +574,8 @@ class Trainer:
         if self.iteration < args.train_iters and self.settings.warmup_steps:
             self.warmup(self.batches.peek(), self.settings.warmup_steps)
         saved_at = self.iteration
+        if self.heartbeat is not None:
+            self.heartbeat.step = self.iteration  # start-up is over
         while self.iteration < args.train_iters:
             rec = self.train_step(self.batches.next())
             if self.heartbeat is not None:

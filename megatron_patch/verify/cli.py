@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import sys
 
+from megatron_patch.models.builder import add_layout_args, layout_from_args
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -27,16 +29,7 @@ def register(subparsers) -> None:
                         "in-memory conversion; a torch-format one must have been saved at this layout")
     p.add_argument("--peft-path", default=None, help="a peft LoRA adapter (convert lora2peft): compare the LoRA "
                    "model of --mcore-path (a `train --lora-rank` checkpoint) with peft's on --hf-path")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
-    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
-    p.add_argument("--ep", type=int, default=1, help="expert parallel size")
-    p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: TP)")
-    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
-    p.add_argument("--cp", type=int, default=1,
-                   help="context parallel size (the sequence split in 2 x CP load-balanced chunks)")
-    from megatron_patch.models.pipeline import add_split_args
-
-    add_split_args(p)  # Megatron-LM's uneven pipeline flags
+    add_layout_args(p)  # with Megatron-LM's uneven pipeline flags
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-length", type=int, default=32)
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
@@ -49,6 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
     p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG of the max diff per layer")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before a hung rank fails the run")
+    p.add_argument("--heartbeat-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a rank stopped or dead this long (start-up included) ends the run with exit 3 (0: off)")
     p.add_argument("--distributed-timeout-minutes", type=float, default=None, metavar="M",
                    help="Megatron-LM's name for the same limit, in minutes (overrides --timeout)")
     p.add_argument("--debug", action="store_true",
@@ -72,7 +67,6 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from megatron_patch.models.builder import ParallelLayout
     from megatron_patch.models.moe_options import moe_overrides
     from megatron_patch.runtime.multirank import RankFailure
     from megatron_patch.verify.compare import CompareSpec
@@ -86,22 +80,21 @@ def _run(args) -> int:
         from megatron_patch.verify.report import require_matplotlib
 
         require_matplotlib()  # before minutes of work, not after
-    from megatron_patch.models.pipeline import split_kwargs
-
-    layout = ParallelLayout(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
-                            vpp=args.vpp, cp=args.cp,
-                            **split_kwargs(args))
+    layout = layout_from_args(args)
     spec = CompareSpec(hf_path=args.hf_path, layout=layout, mcore_path=args.mcore_path, peft_path=args.peft_path,
                        batch_size=args.batch_size, seq_length=args.seq_length, dtype=args.dtype,
                        seed=args.seed, atol=args.atol, router_mismatch=args.router_mismatch,
                        debug=args.debug, timeout=(args.distributed_timeout_minutes * 60
                                                   if args.distributed_timeout_minutes else args.timeout),
-                       moe=moe_overrides(args), transformer_impl=args.transformer_impl)
+                       moe=moe_overrides(args), transformer_impl=args.transformer_impl,
+                       heartbeat_timeout=args.heartbeat_timeout)
     try:
         report = run_compare(spec)
     except RankFailure as err:
         text = str(err)
-        if not args.debug:
+        if err.one_line and not args.debug:  # a killed or stopped rank: which one, not the peers' tracebacks
+            text = text.splitlines()[0]
+        elif not args.debug:
             text = "\n".join(text.splitlines()[-25:])
         print(f"error: the comparison could not run: {text}", file=sys.stderr)
         return 3

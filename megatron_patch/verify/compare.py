@@ -33,7 +33,8 @@ import torch
 from megatron_patch.checkpoint.locate import TORCH_DIST, locate
 from megatron_patch.checkpoint.tensors import DTYPES, dtype_overrides
 from megatron_patch.errors import UserError
-from megatron_patch.models.builder import ParallelLayout
+from megatron_patch.models.builder import ParallelLayout, minimal_world_size
+from megatron_patch.runtime.multirank import in_torchrun
 
 
 
@@ -86,6 +87,7 @@ class CompareSpec:
     mutate: Callable | str | None = None
     debug: bool = False
     timeout: float = 900.0
+    heartbeat_timeout: float = 60.0  # a rank stopped or dead this long ends the run (exit 3); 0: off
     # TransformerConfig fields from the MoE engine flags (models.moe_options.moe_overrides)
     moe: dict = field(default_factory=dict)
     # Megatron-LM's --transformer-impl: auto, transformer_engine or local (models/impl.py)
@@ -104,14 +106,6 @@ class CompareSpec:
 # ---------------------------------------------------------------------------------------------------
 # validation (runs before any rank is started: bad input is a UserError, exit 2)
 # ---------------------------------------------------------------------------------------------------
-def minimal_world_size(layout: ParallelLayout) -> int:
-    """The fewest ranks megatron accepts for the layout: a multiple of TPxPP (dense part) and of
-    ETPxEPxPP (experts). E.g. TP2xPP2xEP2 with ETP1 -> 4; TP1xEP2 -> 2 (data-parallel 2)."""
-    dense = layout.tp * layout.pp * layout.cp
-    expert = layout.expert_tp * layout.ep * layout.pp
-    return dense * expert // math.gcd(dense, expert)
-
-
 def prepare(spec: CompareSpec, world_size: int | None = None):
     """Check the input and the layout; return (hf_config, family, megatron config)."""
     from megatron_patch.checkpoint.hf_reader import HFCheckpoint
@@ -478,12 +472,6 @@ def run_specs_in_group(rank: int, world: int, specs: list) -> list:
     return [run_in_group(spec) for spec in specs]
 
 
-def in_torchrun() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() or ("WORLD_SIZE" in os.environ and "RANK" in os.environ)
-
-
 def run(spec: CompareSpec) -> dict | None:
     """Run the comparison: inside an existing torchrun (WORLD_SIZE/RANK set; returns the report on rank 0,
     None elsewhere) or on freshly spawned local gloo ranks (returns the report)."""
@@ -499,7 +487,8 @@ def run(spec: CompareSpec) -> dict | None:
     if not spec.debug:
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # read by the spawned interpreters at start
     try:
-        results = run_ranks(_rank_entry, world, timeout=spec.timeout, args=(spec,))
+        results = run_ranks(_rank_entry, world, timeout=spec.timeout, args=(spec,),
+                            heartbeat_timeout=spec.heartbeat_timeout)
     except RankFailure as err:
         user = _user_error_in(str(err))
         if user:
@@ -530,17 +519,21 @@ def _run_torchrun(spec: CompareSpec) -> dict | None:
     import torch.distributed as dist
 
     from megatron_patch.runtime import setup
+    from megatron_patch.training.pretrain import record_exit_code
+    from megatron_patch.training.trainer import init_distributed
 
     acc = setup()
-    if not dist.is_initialized():
-        acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        from datetime import timedelta
-
-        dist.init_process_group(acc.backend, timeout=timedelta(seconds=spec.timeout))
-    report = run_in_group(spec)
-    # every rank exits with rank 0's verdict
-    verdict = [report["result"] if report else None]
-    dist.broadcast_object_list(verdict, src=0)
+    heartbeat = None
+    if not dist.is_initialized():  # the heartbeat as in training: a stopped or dead rank ends every rank with 3
+        _, _, heartbeat = init_distributed(acc, spec.timeout / 60, spec.heartbeat_timeout, on_abort=record_exit_code)
+    try:
+        report = run_in_group(spec)
+        # every rank exits with rank 0's verdict
+        verdict = [report["result"] if report else None]
+        dist.broadcast_object_list(verdict, src=0)
+    finally:  # (after the broadcast: a rank that stops beating earlier looks stopped to the others)
+        if heartbeat is not None:
+            heartbeat.stop()
     if report is None:
         report = {"result": verdict[0], "rank": dist.get_rank()}
     return report

@@ -309,6 +309,13 @@ def main():
                                                    small / "hfout"], small / "hfout", [W / "torch"])
             case("train --save on a full disk", [*MP, "train", "--hf-config", hf, "--load-hf", hf, "--data-path", data,
                                                  *TRAIN, "--train-iters", 1, "--save", small / "run"], small / "run", [hf])
+            # room for a rank's state (the up-front check passes) but not for the whole checkpoint: megatron's
+            # writer fails, on DCP's coordinator only
+            subprocess.run(["mount", "-o", "remount,size=6000k", small], check=True)
+            case("train --save at 2 ranks on a nearly full disk (6000 KiB tmpfs)",
+                 [*TORCHRUN, port(), "-m", "megatron_patch.training.pretrain", "--hf-config", hf, "--data-path", data,
+                  *TRAIN[:2], "--global-batch-size", 4, *TRAIN[4:], "--train-iters", 1, "--save", small / "run2"],
+                 small / "run2", [hf])
         case("hf2mcore under ulimit -f 64 (EFBIG)", ["bash", "-c", f"ulimit -f 64; exec {PY} -m megatron_patch.cli convert "
                                                      f"hf2mcore --hf-path {hf} --out {W / 'out-fsize'}"],
              W / "out-fsize", [hf])
@@ -380,37 +387,97 @@ def main():
 
 
 def hang(data, hf):
-    """Rank 1 of a 2-rank training is stopped (SIGSTOP) or killed (SIGKILL) 25 s into the run."""
-    if ONLY and not any(o in "hung dead rank SIGSTOP SIGKILL" for o in ONLY):
+    """Rank 1 of a 2-rank training is stopped (SIGSTOP) or killed (SIGKILL) during start-up (1 s after it started,
+    in its imports) or mid-training (3 steps in, saving every step); then the same for `compare`'s ranks."""
+    if ONLY and not any(o in "hung dead rank (SIGSTOP SIGKILL rank 1) start-up mid-training while running compare"
+                        for o in ONLY):
         return
-    for label, sig in (("hung rank (SIGSTOP rank 1)", signal.SIGSTOP), ("dead rank (SIGKILL rank 1)", signal.SIGKILL)):
+    import psutil
+
+    for phase, label, sig in (("mid-training", "hung rank (SIGSTOP rank 1)", signal.SIGSTOP),
+                              ("mid-training", "dead rank (SIGKILL rank 1)", signal.SIGKILL),
+                              ("start-up", "hung rank (SIGSTOP rank 1)", signal.SIGSTOP),
+                              ("start-up", "dead rank (SIGKILL rank 1)", signal.SIGKILL)):
         metrics = W / f"metrics-{sig.name}.jsonl"
         metrics.unlink(missing_ok=True)
+        shutil.rmtree(W / "hang-save", ignore_errors=True)
         argv = [*TORCHRUN, port(), "-m", "megatron_patch.training.pretrain", "--hf-config", hf, "--data-path", data,
                 *TRAIN[:2], "--global-batch-size", 4, *TRAIN[4:], "--train-iters", 400, "--heartbeat-timeout", 10,
-                "--metrics-file", metrics]
-        proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=ENV, start_new_session=True)  # a timeout kills the agent and its ranks alike
-        import psutil
+                "--metrics-file", metrics, "--save", W / "hang-save", "--save-interval", 1]
 
-        start, stopped = time.time(), None
-        while stopped is None and time.time() - start < 300 and proc.poll() is None:
-            kids = [c for c in psutil.Process(proc.pid).children(recursive=True) if "pretrain" in " ".join(c.cmdline())]
-            ranks = {c.environ().get("RANK"): c for c in kids if "RANK" in c.environ()}
-            steps = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-            if "1" in ranks and steps >= 3:  # stopped mid-training, past start-up
-                ranks["1"].send_signal(sig)
-                stopped = time.time()
-            time.sleep(1)
-        try:
-            out, err = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
+        def ready(rank):
+            if phase == "start-up":
+                return time.time() - rank.create_time() > 1
+            return (len(metrics.read_text().splitlines()) if metrics.exists() else 0) >= 3
+
+        def victim(proc):  # the agent's own children (a rank's forked checkpoint writers carry its RANK too)
+            kids = [c for c in psutil.Process(proc.pid).children() if "pretrain" in " ".join(c.cmdline())]
+            return {c.environ().get("RANK"): c for c in kids if "RANK" in c.environ()}.get("1")
+
+        signalled(f"{label} {phase}, torchrun, --heartbeat-timeout 10", argv, sig, victim, ready)
+    for phase in ("start-up", "while running"):
+        for label, sig in (("hung rank (SIGSTOP rank 1)", signal.SIGSTOP), ("dead rank (SIGKILL rank 1)", signal.SIGKILL)):
+            argv = [*MP, "compare", "--hf-path", W / "hf4", "--tp", 2, "--seq-length", 512, "--heartbeat-timeout", 10]
+
+            def victim(proc):  # the spawned ranks, in the order they were started
+                kids = sorted((c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())),
+                              key=lambda c: (c.create_time(), c.pid))
+                return kids[1] if len(kids) == 2 else None
+
+            signalled(f"compare: {label} {phase}, --heartbeat-timeout 10", argv, sig, victim,
+                      (lambda rank: time.time() - rank.create_time() > 1) if phase == "start-up" else in_group())
+
+
+def in_group():
+    """ready(rank): 2.5 s after the rank's process group started (its gloo threads exist; one heartbeat interval
+    of 10 / 5 s later its beat says it is past start-up)."""
+    first = {}
+
+    def ready(rank):
+        names = [Path(f"/proc/{rank.pid}/task/{t.id}/comm").read_text() for t in rank.threads()]
+        if any("gloo" in n for n in names):
+            first.setdefault(rank.pid, time.time())
+        return time.time() - first.get(rank.pid, time.time()) > 2.5
+
+    return ready
+
+
+def signalled(case_name, argv, sig, victim, ready):
+    """Run argv, send `sig` to victim(proc) once ready(victim) holds; one row: exit code, the first `error:` line,
+    seconds from the signal to the end, counts, and processes of the run left behind (then killed)."""
+    import tempfile
+
+    import psutil
+
+    if ONLY and not any(o in case_name for o in ONLY):
+        return
+    with tempfile.TemporaryFile("w+") as errf:
+        proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.DEVNULL, stderr=errf, text=True, env=ENV,
+                                start_new_session=True)  # a timeout kills the agent and its ranks alike
+        start, stopped, seen = time.time(), None, {}
+        while proc.poll() is None and time.time() - (stopped or start) < 300:
+            try:
+                seen.update((c.pid, c) for c in psutil.Process(proc.pid).children(recursive=True))
+                rank = victim(proc) if stopped is None else None
+                if rank is not None and ready(rank):
+                    rank.send_signal(sig)
+                    stopped = time.time()
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+        if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
+        proc.wait()
         secs = time.time() - (stopped or start)
-        errs = [line for line in err.splitlines() if line.startswith("error:")]
-        row(f"{label}, torchrun, --heartbeat-timeout 10", argv, proc.returncode, errs[0] if errs else err,
-            f"ended {secs:.0f} s after the signal; {counts(err)}")
+        time.sleep(1)
+        left = [c for c in seen.values() if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        for c in left:
+            c.kill()
+        errf.seek(0)
+        err = errf.read()
+    errs = [line for line in err.splitlines() if line.startswith("error:")]
+    row(case_name, argv, proc.returncode, errs[0] if errs else err,
+        f"ended {secs:.0f} s after the signal; {counts(err)}; {len(left)} process(es) of the run left behind")
 
 
 def race(argv):
@@ -476,7 +543,12 @@ def leaks(hf, data):
 
 
 if __name__ == "__main__":
-    W = Path(sys.argv[1]).absolute()
-    ONLY = sys.argv[sys.argv.index("--only") + 1:] if "--only" in sys.argv else []
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdir", type=Path, help="where the models, data and outputs go (reused by a rerun)")
+    parser.add_argument("--only", nargs="+", default=[], metavar="SUBSTRING", help="run the cases whose name has one")
+    cli = parser.parse_args()
+    W, ONLY = cli.workdir.absolute(), cli.only
     print("| case | command | exit | first stderr line | left / lost |\n|---|---|---|---|---|", flush=True)
     main()

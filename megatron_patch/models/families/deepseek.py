@@ -190,7 +190,7 @@ def _layer_rows(hf_config, m: str, h: str, dense: tuple | None, moe: tuple | Non
         rows.append(row(a + "linear_q_proj.weight", s + "q_proj.weight", Column))
     else:
         rows += [
-            # q/kv down-projections are replicated on every TP rank (models/spec.py DuplicatedLinear)
+            # q/kv down-projections are replicated on every TP rank (runtime/modules.py DuplicatedLinear)
             row(a + "linear_q_down_proj.weight", s + "q_a_proj.weight", Replicated),
             row(a + "q_layernorm.weight", s + "q_a_layernorm.weight"),
             row(a + "linear_q_up_proj.weight", s + "q_b_proj.weight", Column),

@@ -30,11 +30,9 @@ NAMES = tuple(_KERNELS)
 
 def npu_available() -> bool:
     """True when torch_npu can be imported (imported here, on demand, never at package import)."""
-    try:
-        import torch_npu  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from megatron_patch.runtime.optional import importable
+
+    return importable("torch_npu")
 
 
 def get(name: str, device_type: str) -> Callable:

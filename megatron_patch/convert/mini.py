@@ -15,7 +15,7 @@ Presets (per family, in megatron_patch/models/families/<family>.py):
   mini         shaped like the real model (DeepSeek-V2-Lite, DeepSeek-V3, Qwen2.5-32B, Qwen3-30B-A3B),
                scaled down: hidden 64-128, 4 layers, 8 experts, vocab 512, dims divisible for TP 1/2/4 and
                EP 1/2/4/8. Weights are written (fp32) with a byte-level BPE tokenizer trained in-process
-               on megatron_patch/models/mini_corpus.txt. initializer_range is 0.1 (not 0.02) so that
+               on megatron_patch/convert/mini_corpus.txt. initializer_range is 0.1 (not 0.02) so that
                every layer visibly moves the residual stream and a comparison with megatron is sensitive.
   real-config  the published config values except the layer count; config.json only (shape tests).
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_patch.errors import UserError
+from megatron_patch.models.builder import add_layout_args
 
 
 @dataclass
@@ -163,11 +164,12 @@ def run_on_rank(spec: PreflightSpec) -> dict:
     import torch
     from megatron.core import parallel_state as ps
 
+    from megatron_patch.data.batch import batch_from_tokens
     from megatron_patch.models.builder import build_family_model, initialize_parallel
     from megatron_patch.runtime import get_accelerator
     from megatron_patch.training.metrics import grads_finite
     from megatron_patch.training.setup_model import wrap_ddp, zero_grads
-    from megatron_patch.training.step import batch_from_tokens, forward_backward
+    from megatron_patch.training.step import forward_backward
 
     from transformers import AutoConfig
 
@@ -241,7 +243,8 @@ def rank_steps(results: list[dict], spec: PreflightSpec) -> list[Step]:
 
 
 def world_size_for(spec: PreflightSpec) -> int:
-    from megatron_patch.verify.compare import in_torchrun, minimal_world_size
+    from megatron_patch.models.builder import minimal_world_size
+    from megatron_patch.runtime.multirank import in_torchrun
 
     if in_torchrun():
         return int(os.environ.get("WORLD_SIZE", "1"))
@@ -250,8 +253,7 @@ def world_size_for(spec: PreflightSpec) -> int:
 
 def run_preflight(spec: PreflightSpec, emit=print) -> list[Step]:
     """All steps, each passed to `emit` as soon as it is known; stops at the first failing one."""
-    from megatron_patch.runtime.multirank import RankFailure, run_ranks
-    from megatron_patch.verify.compare import in_torchrun
+    from megatron_patch.runtime.multirank import RankFailure, in_torchrun, run_ranks
 
     if not Path(spec.hf_path).is_dir():
         raise UserError(f"--hf-path {spec.hf_path}: directory not found")
@@ -280,7 +282,8 @@ def run_preflight(spec: PreflightSpec, emit=print) -> list[Step]:
         try:
             results = run_ranks(_rank_entry, world, timeout=spec.timeout, args=(spec,), device=steps[0].data["device"])
         except RankFailure as err:
-            add(Step("ranks", False, "a rank failed: " + " | ".join(str(err).strip().splitlines()[-3:])))
+            lines = str(err).strip().splitlines()
+            add(Step("ranks", False, lines[0] if err.one_line else "a rank failed: " + " | ".join(lines[-3:])))
             return steps
     for step in rank_steps(results, spec):
         add(step)
@@ -323,18 +326,11 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
-def add_layout_arguments(p) -> None:
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
-    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
-    p.add_argument("--ep", type=int, default=1, help="expert parallel size")
-    p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: TP)")
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("preflight", help="env, config, build, load, one forward+backward at a layout",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--hf-path", required=True, help="HF model directory (config.json + safetensors)")
-    add_layout_arguments(p)
+    add_layout_args(p, vpp=False, cp=False, split=False)
     p.add_argument("--device", default=None, help="cpu | cuda | npu, optionally :INDEX (default: detected)")
     p.add_argument("--random", action="store_true", help="skip the weights: random initialisation")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="parameters and compute")

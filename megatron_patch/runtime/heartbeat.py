@@ -7,6 +7,10 @@ a frozen process): the watcher posts an abort naming it and the step, and every 
 key, prints one `error:` line and exits with code 3. A rank busy in a long step keeps beating (the thread
 runs beside it), so only a process that no longer runs at all is reported; a hang inside a collective is
 bounded by --distributed-timeout-minutes.
+
+The heartbeat starts on the rendezvous store, before the process group is made (gloo and NCCL wait there for
+every rank for the whole process-group timeout): a rank stopped or dead during start-up (`step` None, "start-up"
+in the lines) is reported within the same timeout as one stopped mid-training.
 """
 from __future__ import annotations
 
@@ -17,25 +21,31 @@ import time
 
 EXIT_CODE = 3
 _ABORT = "mp_heartbeat/abort"
+STARTUP = "start-up"
 
 
 class Heartbeat:
-    def __init__(self, store, rank: int, world: int, timeout: float, on_abort=None):
-        self.store, self.rank, self.world, self.timeout = store, rank, world, timeout
-        self.step = 0
-        self.on_abort = on_abort
+    def __init__(self, store, rank: int, world: int, timeout: float, on_abort=None, watch: bool = True):
+        """`watch=False`: only beat (a supervisor outside the ranks watches, runtime.multirank); the rank still
+        ends itself (exit 3) when the store stops answering."""
+        # its own connection: a store client serialises its calls, and the main thread may wait in one for long
+        # (gloo's start-up waits there for every rank's address)
+        self.store, self.rank, self.world, self.timeout = store.clone(), rank, world, timeout
+        self.step: int | None = None  # None: start-up (before the first training step)
+        self.on_abort, self.watch = on_abort, watch
         self._stop = threading.Event()
         self._beats = 0
         self._beat()
         self._thread = threading.Thread(target=self._run, name="mp-heartbeat", daemon=True)
         self._thread.start()
 
-    def _key(self, rank: int) -> str:
+    @staticmethod
+    def _key(rank: int) -> str:
         return f"mp_heartbeat/{rank}"
 
     def _beat(self) -> None:
         self._beats += 1
-        self.store.set(self._key(self.rank), f"{self._beats} {self.step}")
+        self.store.set(self._key(self.rank), f"{self._beats} {STARTUP if self.step is None else self.step}")
 
     def _run(self) -> None:
         watched = (self.rank + 1) % self.world
@@ -44,6 +54,8 @@ class Heartbeat:
         while not self._stop.wait(interval):
             try:
                 self._beat()
+                if not self.watch:
+                    continue
                 if self.store.check([_ABORT]):
                     self._abort(self.store.get(_ABORT).decode())
                 if self.store.check([self._key(watched)]):
@@ -51,24 +63,29 @@ class Heartbeat:
                     if value != last:
                         last, changed = value, time.monotonic()
                 if time.monotonic() - changed > self.timeout:
-                    step = last.split()[1] if last else "?"
-                    message = (f"rank {watched} stopped responding (no heartbeat for {self.timeout:.0f} s, the last "
-                               f"one at step {step}; seen by rank {self.rank})")
+                    step = last.split()[1] if last else STARTUP
+                    silent = f"no heartbeat for {self.timeout:.0f} s"
+                    message = (f"rank {watched} stopped responding during start-up ({silent}" if step == STARTUP else
+                               f"rank {watched} stopped responding ({silent}, the last one at step {step}")
+                    message += f"; seen by rank {self.rank})"
                     self.store.set(_ABORT, message)
                     self._abort(message)
             except Exception:  # noqa: BLE001 - the store is gone: the job is ending anyway
                 if self._stop.is_set():
                     return
-                self._abort(f"the job's key-value store stopped answering (rank 0 gone?) at step {self.step}")
+                self._abort(f"the job's key-value store stopped answering (its host gone?) at {self.where()}")
 
     def _abort(self, message: str) -> None:
         if self._stop.is_set():
             return
-        print(f"error: {message}; rank {self.rank} (step {self.step}) exits with code {EXIT_CODE}",
+        print(f"error: {message}; rank {self.rank} ({self.where()}) exits with code {EXIT_CODE}",
               file=sys.stderr, flush=True)
         if self.on_abort is not None:
             self.on_abort(EXIT_CODE)
         os._exit(EXIT_CODE)
+
+    def where(self) -> str:
+        return STARTUP if self.step is None else f"step {self.step}"
 
     def stop(self) -> None:
         self._stop.set()
