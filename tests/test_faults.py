@@ -348,7 +348,7 @@ def test_a_stopped_rank_ends_the_job_naming_it(tmp_path):
     script = textwrap.dedent("""
         import time, torch.distributed as dist
         from megatron_patch.runtime.heartbeat import Heartbeat
-        from megatron_patch.training.pretrain import record_exit_code
+        from megatron_patch.runtime.distributed_init import record_exit_code
         store = dist.TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False)
         store.set("mp_heartbeat/1", "1 7")  # rank 1 beat once, at step 7, then stopped
         hb = Heartbeat(store, 0, 2, timeout=1.0, on_abort=record_exit_code)
@@ -377,8 +377,8 @@ def test_a_rank_missing_at_start_up_ends_the_job_within_the_heartbeat_timeout(tm
     from megatron_patch.runtime.multirank import free_port
 
     script = ("from megatron_patch.runtime import get_accelerator\n"
-              "from megatron_patch.training.pretrain import record_exit_code\n"
-              "from megatron_patch.training.trainer import init_distributed\n"
+              "from megatron_patch.runtime.distributed_init import record_exit_code\n"
+              "from megatron_patch.runtime.distributed_init import init_distributed\n"
               "init_distributed(get_accelerator(), heartbeat_timeout=2.0, on_abort=record_exit_code)\n")
     agent_port = free_port()
     agent = dist.TCPStore("127.0.0.1", agent_port, 3, True, wait_for_workers=False)  # torchrun's agent store
@@ -440,7 +440,7 @@ def test_bad_launcher_environment_and_set_values(ckpts, tmp_path, capsys, monkey
     assert "transformers rejects the config" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
     from megatron_patch.runtime import get_accelerator
-    from megatron_patch.training.trainer import init_distributed
+    from megatron_patch.runtime.distributed_init import init_distributed
 
     monkeypatch.setenv("MASTER_PORT", "abc")
     with pytest.raises(UserError, match="MASTER_PORT='abc' is not a number"):

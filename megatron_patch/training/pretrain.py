@@ -88,22 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print_once_per_node(f"error: {err}")
         code = 2
+    from megatron_patch.runtime.distributed_init import record_exit_code
+
     record_exit_code(code)
     return code
-
-
-def record_exit_code(code: int) -> None:
-    """torchrun exits 1 whatever its workers' codes; a launcher that sets MP_EXIT_STATUS_FILE reads the real
-    ones back (2 bad input, 3 NaN stop or a rank that crashed/hung) from the lines "RANK CODE" appended here."""
-    import os
-
-    path = os.environ.get(STATUS_ENV)
-    if code and path:
-        with open(path, "a") as f:
-            f.write(f"{os.environ.get('RANK', '0')} {code}\n")
-
-
-STATUS_ENV = "MP_EXIT_STATUS_FILE"
 
 
 if __name__ == "__main__":

@@ -519,8 +519,7 @@ def _run_torchrun(spec: CompareSpec) -> dict | None:
     import torch.distributed as dist
 
     from megatron_patch.runtime import setup
-    from megatron_patch.training.pretrain import record_exit_code
-    from megatron_patch.training.trainer import init_distributed
+    from megatron_patch.runtime.distributed_init import init_distributed, record_exit_code
 
     acc = setup()
     heartbeat = None
