@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from megatron_patch.checkpoint.hf_config import load_hf_config
 from megatron_patch.cli import main
-from megatron_patch.models.mini import make_mini
+from megatron_patch.convert.mini import make_mini
 
 
 def _strip(src, dst, keep):
