@@ -128,7 +128,7 @@ def register(subparsers) -> None:
     p = sub.add_parser("reshard", help="Megatron checkpoint -> the same at another layout")
     p.add_argument("--mcore-path", required=True, help="Megatron checkpoint root")
     p.add_argument("--out", required=True, help="output checkpoint root (written atomically)")
-    add_layout_args(p, required=True, cp=False)
+    add_layout_args(p, cp=False)  # omitted sizes are 1, as in hf2mcore
     p.add_argument("--format", default=None, help="torch or torch_dist (default: the input's)")
     p.add_argument("--hf-config", default=None, help="HF model directory, when the checkpoint has no hf_config/")
     p.add_argument("--force", action="store_true", help="replace an existing output")

@@ -120,12 +120,11 @@ SPLIT_FIELDS = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_
                 "account_for_loss_in_pipeline_split")
 
 
-def add_layout_args(parser, required: bool = False, vpp: bool = True, cp: bool = True, split: bool = True) -> None:
+def add_layout_args(parser, vpp: bool = True, cp: bool = True, split: bool = True) -> None:
     """The layout flags of the commands: --tp --pp --ep --etp, then (where the command takes them) --vpp, --cp
-    and Megatron-LM's uneven-pipeline flags. required: --tp/--pp/--ep have no default (a conversion's target)."""
+    and Megatron-LM's uneven-pipeline flags."""
     for flag, what in (("--tp", "tensor"), ("--pp", "pipeline"), ("--ep", "expert")):
-        parser.add_argument(flag, type=int, default=None if required else 1, required=required,
-                            help=f"{what} parallel size")
+        parser.add_argument(flag, type=int, default=1, help=f"{what} parallel size (default 1)")
     parser.add_argument("--etp", type=int, default=None,
                         help="expert tensor parallel size (default: the TP size, as megatron)")
     if vpp:
