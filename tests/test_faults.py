@@ -364,6 +364,36 @@ def test_a_stopped_rank_ends_the_job_naming_it(tmp_path):
     assert status.read_text() == "0 3\n"
 
 
+def test_a_dead_rank_is_named_with_its_last_step(tmp_path, monkeypatch):
+    """A new step beats at once (the last beat names the step the rank died in, not one an interval old) and is
+    recorded for torchrun's agent; after a collective fails, the survivor names the ranks whose beat stopped."""
+    import time
+
+    import torch.distributed as dist
+
+    from megatron_patch.runtime.heartbeat import Heartbeat
+
+    monkeypatch.setenv("MP_RANK_STEPS_DIR", str(tmp_path))
+    monkeypatch.setenv("RANK", "2")
+    store = dist.TCPStore("127.0.0.1", 0, 3, True, wait_for_workers=False)
+    ranks = [Heartbeat(store, rank, 3, timeout=1.0, watch=False) for rank in range(3)]  # beat every 0.2 s
+    try:
+        assert (tmp_path / "2").read_text() == "start-up"
+        ranks[1].step, ranks[2].step = 7, 6
+        ranks[2].stop()  # rank 2 dies after its step 6
+        assert store.get("mp_heartbeat/2").decode().endswith(" 6") and (tmp_path / "2").read_text() == "6"
+        start = time.monotonic()
+        assert ranks[0].gone_ranks() == {2: "6"}
+        assert ranks[0].describe_gone() == "rank 2 is gone (last heartbeat at step 6)"
+        assert time.monotonic() - start < 2 * (2 * ranks[0].interval + 0.5) + 1.0  # a few beats, not the timeout
+        two = Heartbeat(store, 0, 2, timeout=60.0, watch=False)  # of two ranks, the peer that dropped is the other
+        two.stop()
+        assert two.gone_ranks() == {1: "7"}
+    finally:
+        for rank in ranks:
+            rank.stop()
+
+
 def test_a_rank_missing_at_start_up_ends_the_job_within_the_heartbeat_timeout(tmp_path):
     """The heartbeat starts on the rendezvous store, before the process group (whose start-up waits for every rank
     for the whole --distributed-timeout-minutes): rank 0 hosting the store and rank 1 on torchrun's agent store
@@ -662,6 +692,21 @@ def test_torchrun_ends_with_the_ranks_exit_code(tmp_path):
     from megatron_patch.training.torchrun_exit import _describe
 
     assert (_describe(-9), _describe(-15), _describe(3)) == ("-9 (SIGKILL)", "-15 (SIGTERM)", "3")  # in its one line
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from megatron_patch.training.torchrun_exit import _code, _excepthook
+
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    (steps / "0").write_text("7")  # what the ranks recorded (the test above); rank 1 died before its first record
+    failures = {rank: ProcessFailure(rank, 1000 + rank, code, str(tmp_path / "none")) for rank, code in ((0, -15), (1, -9))}
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MP_RANK_STEPS_DIR", str(steps))
+        env.setattr(sys, "stderr", io.StringIO())
+        _excepthook(ChildFailedError, ChildFailedError("pretrain", failures), None)
+        line = sys.stderr.getvalue()
+    assert line == "torchrun: the ranks of pretrain exited (rank 0: -15 (SIGTERM) at step 7, rank 1: -9 (SIGKILL)); " \
+                   "exit code 3\n" and _code.pop() == 3
     assert exit_code_of([1, -15]) is None and exit_code_of([]) is None  # a traceback stays torchrun's 1
     from megatron_patch.training.pretrain import peer_is_gone
 

@@ -19,6 +19,8 @@ import sys
 import threading
 import time
 
+from megatron_patch.runtime.distributed_init import record_step
+
 EXIT_CODE = 3
 _ABORT = "mp_heartbeat/abort"
 STARTUP = "start-up"
@@ -31,11 +33,14 @@ class Heartbeat:
         # its own connection: a store client serialises its calls, and the main thread may wait in one for long
         # (gloo's start-up waits there for every rank's address)
         self.store, self.rank, self.world, self.timeout = store.clone(), rank, world, timeout
-        self.step: int | None = None  # None: start-up (before the first training step)
+        self._step: int | None = None  # None: start-up (before the first training step)
         self.on_abort, self.watch = on_abort, watch
+        self.interval = max(0.2, min(5.0, timeout / 5))
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # the main thread beats too (a new step), beside the beating thread
         self._beats = 0
         self._beat()
+        record_step(STARTUP)
         self._thread = threading.Thread(target=self._run, name="mp-heartbeat", daemon=True)
         self._thread.start()
 
@@ -43,13 +48,49 @@ class Heartbeat:
     def _key(rank: int) -> str:
         return f"mp_heartbeat/{rank}"
 
+    @property
+    def step(self) -> int | None:
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        """A new step beats at once: the last beat of a rank that stops or dies then names its true step (the
+        beating thread alone lags up to one interval behind), and torchrun's agent can name it too."""
+        self._step = value
+        record_step(value)
+        try:
+            self._beat()
+        except Exception:  # noqa: BLE001 - the store is gone: the beating thread reports it
+            pass
+
     def _beat(self) -> None:
-        self._beats += 1
-        self.store.set(self._key(self.rank), f"{self._beats} {STARTUP if self.step is None else self.step}")
+        with self._lock:
+            self._beats += 1
+            self.store.set(self._key(self.rank), f"{self._beats} {STARTUP if self.step is None else self.step}")
+
+    def _last_beats(self) -> dict[int, str | None]:
+        keys = {rank: self._key(rank) for rank in range(self.world) if rank != self.rank}
+        return {rank: self.store.get(key).decode() if self.store.check([key]) else None for rank, key in keys.items()}
+
+    def gone_ranks(self) -> dict[int, str]:
+        """After a collective failed because a peer dropped its connection: the ranks whose beat does not move
+        for two beat intervals and half a second (a dead process beats no more; a live one beats from its thread,
+        stuck or not), each with the step of its last beat. Of two ranks, the peer that dropped is the other."""
+        first = self._last_beats()
+        step = {rank: value.split()[1] if value else STARTUP for rank, value in first.items()}
+        if self.world == 2:
+            return step
+        self._beat()  # this rank is alive: the other survivors see it at once
+        silent, deadline = set(first), time.monotonic() + 2 * self.interval + 0.5
+        while silent and time.monotonic() < deadline:
+            time.sleep(self.interval / 4)  # every rank's key each time: not too often
+            now = self._last_beats()
+            silent = {rank for rank in silent if now[rank] == first[rank]}
+        return {rank: step[rank] for rank in sorted(silent)}
 
     def _run(self) -> None:
         watched = (self.rank + 1) % self.world
-        interval = max(0.2, min(5.0, self.timeout / 5))
+        interval = self.interval
         last, changed = None, time.monotonic()
         while not self._stop.wait(interval):
             try:
@@ -83,6 +124,14 @@ class Heartbeat:
         if self.on_abort is not None:
             self.on_abort(EXIT_CODE)
         os._exit(EXIT_CODE)
+
+    def describe_gone(self) -> str:
+        """'rank 1 is gone (last heartbeat at step 6)': the ranks gone_ranks() finds, for the survivors' line."""
+        gone = self.gone_ranks()
+        if not gone:
+            return "another rank is gone (its connection closed, though every rank still beats)"
+        return "; ".join(f"rank {rank} is gone (last heartbeat " + (
+            "during start-up)" if step == STARTUP else f"at step {step})") for rank, step in gone.items())
 
     def where(self) -> str:
         return STARTUP if self.step is None else f"step {self.step}"
