@@ -373,6 +373,12 @@ def test_a_dead_rank_is_named_with_its_last_step(tmp_path, monkeypatch):
 
     from megatron_patch.runtime.heartbeat import Heartbeat
 
+    def beat_of(rank, ends, within):
+        deadline = time.monotonic() + within
+        while not store.get(f"mp_heartbeat/{rank}").decode().endswith(ends) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return store.get(f"mp_heartbeat/{rank}").decode()
+
     monkeypatch.setenv("MP_RANK_STEPS_DIR", str(tmp_path))
     monkeypatch.setenv("RANK", "2")
     store = dist.TCPStore("127.0.0.1", 0, 3, True, wait_for_workers=False)
@@ -380,18 +386,23 @@ def test_a_dead_rank_is_named_with_its_last_step(tmp_path, monkeypatch):
     try:
         assert (tmp_path / "2").read_text() == "start-up"
         ranks[1].step, ranks[2].step = 7, 6
+        assert beat_of(2, " 6", 1.0).endswith(" 6") and beat_of(1, " 7", 1.0).endswith(" 7")
         ranks[2].stop()  # rank 2 dies after its step 6
-        assert store.get("mp_heartbeat/2").decode().endswith(" 6") and (tmp_path / "2").read_text() == "6"
+        assert (tmp_path / "2").read_text() == "6"
         start = time.monotonic()
         assert ranks[0].gone_ranks() == {2: "6"}
         assert ranks[0].describe_gone() == "rank 2 is gone (last heartbeat at step 6)"
         assert time.monotonic() - start < 2 * (2 * ranks[0].interval + 0.5) + 1.0  # a few beats, not the timeout
-        two = Heartbeat(store, 0, 2, timeout=60.0, watch=False)  # of two ranks, the peer that dropped is the other
-        two.stop()
-        assert two.gone_ranks() == {1: "7"}
     finally:
         for rank in ranks:
             rank.stop()
+    two = Heartbeat(store, 0, 2, timeout=60.0, watch=False)  # beats every 5 s, and at once for a new step
+    try:
+        two.step = 9
+        assert beat_of(0, " 9", 2.0).endswith(" 9")
+        assert two.gone_ranks() == {1: "7"}  # of two ranks, the peer that dropped is the other
+    finally:
+        two.stop()
 
 
 def test_a_rank_missing_at_start_up_ends_the_job_within_the_heartbeat_timeout(tmp_path):

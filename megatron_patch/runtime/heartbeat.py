@@ -37,7 +37,7 @@ class Heartbeat:
         self.on_abort, self.watch = on_abort, watch
         self.interval = max(0.2, min(5.0, timeout / 5))
         self._stop = threading.Event()
-        self._lock = threading.Lock()  # the main thread beats too (a new step), beside the beating thread
+        self._new_step = threading.Event()  # wakes the beating thread (the main thread never waits on the store)
         self._beats = 0
         self._beat()
         record_step(STARTUP)
@@ -54,19 +54,15 @@ class Heartbeat:
 
     @step.setter
     def step(self, value: int) -> None:
-        """A new step beats at once: the last beat of a rank that stops or dies then names its true step (the
-        beating thread alone lags up to one interval behind), and torchrun's agent can name it too."""
+        """A new step beats at once: the last beat of a rank that stops or dies then names its true step (beats
+        every interval alone lagged up to an interval, several steps, behind), and torchrun's agent can name it."""
         self._step = value
         record_step(value)
-        try:
-            self._beat()
-        except Exception:  # noqa: BLE001 - the store is gone: the beating thread reports it
-            pass
+        self._new_step.set()
 
     def _beat(self) -> None:
-        with self._lock:
-            self._beats += 1
-            self.store.set(self._key(self.rank), f"{self._beats} {STARTUP if self.step is None else self.step}")
+        self._beats += 1
+        self.store.set(self._key(self.rank), f"{self._beats} {STARTUP if self.step is None else self.step}")
 
     def _last_beats(self) -> dict[int, str | None]:
         keys = {rank: self._key(rank) for rank in range(self.world) if rank != self.rank}
@@ -80,7 +76,7 @@ class Heartbeat:
         step = {rank: value.split()[1] if value else STARTUP for rank, value in first.items()}
         if self.world == 2:
             return step
-        self._beat()  # this rank is alive: the other survivors see it at once
+        self._new_step.set()  # beat now: the other survivors see this rank alive at once
         silent, deadline = set(first), time.monotonic() + 2 * self.interval + 0.5
         while silent and time.monotonic() < deadline:
             time.sleep(self.interval / 4)  # every rank's key each time: not too often
@@ -92,9 +88,17 @@ class Heartbeat:
         watched = (self.rank + 1) % self.world
         interval = self.interval
         last, changed = None, time.monotonic()
-        while not self._stop.wait(interval):
+        due = time.monotonic() + interval
+        while True:
+            self._new_step.wait(max(0.0, due - time.monotonic()))
+            self._new_step.clear()
+            if self._stop.is_set():
+                return
             try:
                 self._beat()
+                if time.monotonic() < due:  # woken by a new step: beat only
+                    continue
+                due = time.monotonic() + interval
                 if not self.watch:
                     continue
                 if self.store.check([_ABORT]):
@@ -138,3 +142,4 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+        self._new_step.set()
