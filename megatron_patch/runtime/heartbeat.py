@@ -6,7 +6,9 @@ on the watcher's own clock: no clock skew between nodes) means that rank stopped
 a frozen process): the watcher posts an abort naming it and the step, and every rank, polling the abort
 key, prints one `error:` line and exits with code 3. A rank busy in a long step keeps beating (the thread
 runs beside it), so only a process that no longer runs at all is reported; a hang inside a collective is
-bounded by --distributed-timeout-minutes.
+bounded by --distributed-timeout-minutes. A new step beats at once, so the last beat of a rank that stops or dies
+names the step it was in. A rank that dies (SIGKILL, a lost node) breaks the survivors' next collective first:
+they name it from the beats (gone_ranks) rather than by gloo's or NCCL's socket error.
 
 The heartbeat starts on the rendezvous store, before the process group is made (gloo and NCCL wait there for
 every rank for the whole process-group timeout): a rank stopped or dead during start-up (`step` None, "start-up"

@@ -7,7 +7,9 @@ torchrun imports every `torchrun.handlers` entry point at start-up (its rendezvo
 worker command is megatron-patch's, so `torchrun ... -m megatron_patch.training.pretrain` and
 `torchrun ... megatron-patch train` (and examples/*.py under torchrun) end with the ranks' code: 3 when a rank returned 3, else 2 when one
 returned 2, else torchrun's 1 when one returned 1 (a traceback, as in one process), else 3 when ranks only died
-by signals (a dead rank; the survivors' SIGTERM comes from the agent itself).
+by signals (a dead rank; the survivors' SIGTERM comes from the agent itself). Its one line gives each failed
+rank's last step, which the ranks record in a directory the agent hands them (MP_RANK_STEPS_DIR): a rank ended by
+a signal prints nothing itself.
 """
 from __future__ import annotations
 
