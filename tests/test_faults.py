@@ -405,6 +405,39 @@ def test_a_dead_rank_is_named_with_its_last_step(tmp_path, monkeypatch):
         two.stop()
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_survivor_names_the_dead_rank_not_gloos_socket(monkeypatch, capsys, verbose):
+    """The collective that fails when a peer dies: one line naming the rank and its last step from the beats, and
+    the survivor's own step, exit 3; gloo's socket text only with --verbose."""
+    import megatron_patch.training.arguments as arguments
+    import megatron_patch.training.trainer as trainer_module
+    from megatron_patch.training.pretrain import run
+
+    class Beats:
+        def describe_gone(self):
+            return "rank 1 is gone (last heartbeat at step 6)"
+
+    class Dying:
+        heartbeat, iteration = Beats(), 7
+
+        def __init__(self, args):
+            pass
+
+        def train(self):
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:33485")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(arguments, "validate", lambda args: None)
+    monkeypatch.setattr(trainer_module, "Trainer", Dying)
+    monkeypatch.setenv("RANK", "0")
+    assert run(argparse.Namespace(verbose=verbose)) == 3
+    gloo = " [[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:33485]" if verbose else ""
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: rank 1 is gone (last heartbeat at step 6){gloo}; rank 0 (step 7) exits with code 3"]
+
+
 def test_a_rank_missing_at_start_up_ends_the_job_within_the_heartbeat_timeout(tmp_path):
     """The heartbeat starts on the rendezvous store, before the process group (whose start-up waits for every rank
     for the whole --distributed-timeout-minutes): rank 0 hosting the store and rank 1 on torchrun's agent store
