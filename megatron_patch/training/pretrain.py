@@ -72,13 +72,16 @@ class _sigterm_held:
 
     def __enter__(self):
         import signal
+        import threading
 
-        self.previous = signal.signal(signal.SIGTERM, lambda *_: None)
+        main = threading.current_thread() is threading.main_thread()  # signal handlers are the main thread's
+        self.previous = signal.signal(signal.SIGTERM, lambda *_: None) if main else None
 
     def __exit__(self, *exc):
         import signal
 
-        signal.signal(signal.SIGTERM, self.previous)
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
