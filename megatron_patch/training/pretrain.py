@@ -74,14 +74,15 @@ class _sigterm_held:
         import signal
         import threading
 
-        main = threading.current_thread() is threading.main_thread()  # signal handlers are the main thread's
-        self.previous = signal.signal(signal.SIGTERM, lambda *_: None) if main else None
+        self.main = threading.current_thread() is threading.main_thread()  # handlers are the main thread's
+        if self.main:
+            self.previous = signal.signal(signal.SIGTERM, lambda *_: None)
 
     def __exit__(self, *exc):
         import signal
 
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        if self.main:
+            signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
 
 
 PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
