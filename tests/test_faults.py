@@ -364,6 +364,80 @@ def test_a_stopped_rank_ends_the_job_naming_it(tmp_path):
     assert status.read_text() == "0 3\n"
 
 
+def test_a_dead_rank_is_named_with_its_last_step(tmp_path, monkeypatch):
+    """A new step beats at once (the last beat names the step the rank died in, not one an interval old) and is
+    recorded for torchrun's agent; after a collective fails, the survivor names the ranks whose beat stopped."""
+    import time
+
+    import torch.distributed as dist
+
+    from megatron_patch.runtime.heartbeat import Heartbeat
+
+    def beat_of(rank, ends, within):
+        deadline = time.monotonic() + within
+        while not store.get(f"mp_heartbeat/{rank}").decode().endswith(ends) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return store.get(f"mp_heartbeat/{rank}").decode()
+
+    monkeypatch.setenv("MP_RANK_STEPS_DIR", str(tmp_path))
+    monkeypatch.setenv("RANK", "2")
+    store = dist.TCPStore("127.0.0.1", 0, 3, True, wait_for_workers=False)
+    ranks = [Heartbeat(store, rank, 3, timeout=1.0, watch=False) for rank in range(3)]  # beat every 0.2 s
+    try:
+        assert (tmp_path / "2").read_text() == "start-up"
+        ranks[1].step, ranks[2].step = 7, 6
+        assert beat_of(2, " 6", 1.0).endswith(" 6") and beat_of(1, " 7", 1.0).endswith(" 7")
+        ranks[2].stop()  # rank 2 dies after its step 6
+        assert (tmp_path / "2").read_text() == "6"
+        start = time.monotonic()
+        assert ranks[0].gone_ranks() == {2: "6"}
+        assert ranks[0].describe_gone() == "rank 2 is gone (last heartbeat at step 6)"
+        assert time.monotonic() - start < 2 * (2 * ranks[0].interval + 0.5) + 1.0  # a few beats, not the timeout
+    finally:
+        for rank in ranks:
+            rank.stop()
+    two = Heartbeat(store, 0, 2, timeout=60.0, watch=False)  # beats every 5 s, and at once for a new step
+    try:
+        two.step = 9
+        assert beat_of(0, " 9", 2.0).endswith(" 9")
+        assert two.gone_ranks() == {1: "7"}  # of two ranks, the peer that dropped is the other
+    finally:
+        two.stop()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_survivor_names_the_dead_rank_not_gloos_socket(monkeypatch, capsys, verbose):
+    """The collective that fails when a peer dies: one line naming the rank and its last step from the beats, and
+    the survivor's own step, exit 3; gloo's socket text only with --verbose."""
+    import megatron_patch.training.arguments as arguments
+    import megatron_patch.training.trainer as trainer_module
+    from megatron_patch.training.pretrain import run
+
+    class Beats:
+        def describe_gone(self):
+            return "rank 1 is gone (last heartbeat at step 6)"
+
+    class Dying:
+        heartbeat, iteration = Beats(), 7
+
+        def __init__(self, args):
+            pass
+
+        def train(self):
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:33485")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(arguments, "validate", lambda args: None)
+    monkeypatch.setattr(trainer_module, "Trainer", Dying)
+    monkeypatch.setenv("RANK", "0")
+    assert run(argparse.Namespace(verbose=verbose)) == 3
+    gloo = " [[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:33485]" if verbose else ""
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: rank 1 is gone (last heartbeat at step 6){gloo}; rank 0 (step 7) exits with code 3"]
+
+
 def test_a_rank_missing_at_start_up_ends_the_job_within_the_heartbeat_timeout(tmp_path):
     """The heartbeat starts on the rendezvous store, before the process group (whose start-up waits for every rank
     for the whole --distributed-timeout-minutes): rank 0 hosting the store and rank 1 on torchrun's agent store
@@ -662,6 +736,21 @@ def test_torchrun_ends_with_the_ranks_exit_code(tmp_path):
     from megatron_patch.training.torchrun_exit import _describe
 
     assert (_describe(-9), _describe(-15), _describe(3)) == ("-9 (SIGKILL)", "-15 (SIGTERM)", "3")  # in its one line
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from megatron_patch.training.torchrun_exit import _code, _excepthook
+
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    (steps / "0").write_text("7")  # what the ranks recorded (the test above); rank 1 died before its first record
+    failures = {rank: ProcessFailure(rank, 1000 + rank, code, str(tmp_path / "none")) for rank, code in ((0, -15), (1, -9))}
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MP_RANK_STEPS_DIR", str(steps))
+        env.setattr(sys, "stderr", io.StringIO())
+        _excepthook(ChildFailedError, ChildFailedError("pretrain", failures), None)
+        line = sys.stderr.getvalue()
+    assert line == "torchrun: the ranks of pretrain exited (rank 0: -15 (SIGTERM) at step 7, rank 1: -9 (SIGKILL)); " \
+                   "exit code 3\n" and _code.pop() == 3
     assert exit_code_of([1, -15]) is None and exit_code_of([]) is None  # a traceback stays torchrun's 1
     from megatron_patch.training.pretrain import peer_is_gone
 

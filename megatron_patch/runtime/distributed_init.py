@@ -11,6 +11,7 @@ import torch
 from megatron_patch.errors import UserError
 
 STATUS_ENV = "MP_EXIT_STATUS_FILE"
+STEPS_ENV = "MP_RANK_STEPS_DIR"
 
 
 def record_exit_code(code: int) -> None:
@@ -20,6 +21,26 @@ def record_exit_code(code: int) -> None:
     if code and path:
         with open(path, "a") as f:
             f.write(f"{os.environ.get('RANK', '0')} {code}\n")
+
+
+def record_step(step) -> None:
+    """The rank's current step (or "start-up") in DIR/RANK when MP_RANK_STEPS_DIR is set: torchrun's agent
+    (training.torchrun_exit) names the step of ranks that died by a signal and could print nothing."""
+    directory = os.environ.get(STEPS_ENV)
+    if directory:
+        try:
+            with open(os.path.join(directory, os.environ.get("RANK", "0")), "w") as f:
+                f.write(str(step))
+        except OSError:
+            pass  # the agent's directory is gone: it is ending the job
+
+
+def recorded_step(directory: str, rank: int) -> str | None:
+    try:
+        with open(os.path.join(directory, str(rank))) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def _env_int(name: str, default: int) -> int:

@@ -49,16 +49,40 @@ def run(args) -> int:
             raise
         from megatron_patch.runtime.heartbeat import EXIT_CODE
 
-        first = (str(gone).strip().splitlines() or [type(gone).__name__])[0][:200]
         where = f"step {trainer.iteration}" if trainer is not None else "start-up"
-        print(f"error: another rank is gone ({first}); rank {os.environ.get('RANK', '0')} ({where}) exits with "
-              f"code {EXIT_CODE}", file=sys.stderr, flush=True)
+        who = "another rank is gone"
+        if trainer is not None and trainer.heartbeat is not None:
+            with _sigterm_held():
+                who = trainer.heartbeat.describe_gone()
+        if getattr(args, "verbose", False):  # gloo's / NCCL's own words
+            who += f" [{(str(gone).strip().splitlines() or [type(gone).__name__])[0][:200]}]"
+        print(f"error: {who}; rank {os.environ.get('RANK', '0')} ({where}) exits with code {EXIT_CODE}",
+              file=sys.stderr, flush=True)
         return EXIT_CODE
     finally:
         if trainer is not None:
             trainer.close()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+class _sigterm_held:
+    """torchrun's agent SIGTERMs the survivors as soon as it sees a rank die (and SIGKILLs 30 s later): held while
+    the survivor names the dead rank (at most two heartbeat intervals and a half second), so its line is printed."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.main = threading.current_thread() is threading.main_thread()  # handlers are the main thread's
+        if self.main:
+            self.previous = signal.signal(signal.SIGTERM, lambda *_: None)
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.main:
+            signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
 
 
 PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")

@@ -7,7 +7,9 @@ torchrun imports every `torchrun.handlers` entry point at start-up (its rendezvo
 worker command is megatron-patch's, so `torchrun ... -m megatron_patch.training.pretrain` and
 `torchrun ... megatron-patch train` (and examples/*.py under torchrun) end with the ranks' code: 3 when a rank returned 3, else 2 when one
 returned 2, else torchrun's 1 when one returned 1 (a traceback, as in one process), else 3 when ranks only died
-by signals (a dead rank; the survivors' SIGTERM comes from the agent itself).
+by signals (a dead rank; the survivors' SIGTERM comes from the agent itself). Its one line gives each failed
+rank's last step, which the ranks record in a directory the agent hands them (MP_RANK_STEPS_DIR): a rank ended by
+a signal prints nothing itself.
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ def _excepthook(kind, value, tb, previous=sys.excepthook):
     if code is None:
         previous(kind, value, tb)
         return
-    ranks = ", ".join(f"rank {rank}: {_describe(f.exitcode)}" for rank, f in sorted(value.failures.items()))
+    ranks = ", ".join(f"rank {rank}: {_describe(f.exitcode)}{_step_of(rank)}" for rank, f in sorted(value.failures.items()))
     print(f"torchrun: the ranks of {value.name} exited ({ranks}); exit code {code}", file=sys.stderr, flush=True)
     _code.append(code)
 
@@ -66,6 +68,15 @@ def _describe(exitcode: int) -> str:
 
     names = {s.value: s.name for s in signal.Signals}
     return f"{exitcode} ({names[-exitcode]})" if exitcode < 0 and -exitcode in names else str(exitcode)
+
+
+def _step_of(rank: int) -> str:
+    """' at step 7' from the step the rank recorded last (runtime.distributed_init.record_step): a rank that died
+    by a signal printed nothing, so this line is the only one to say where the job was."""
+    from megatron_patch.runtime.distributed_init import STEPS_ENV, recorded_step
+
+    step = recorded_step(os.environ[STEPS_ENV], rank) if STEPS_ENV in os.environ else None
+    return "" if step is None else " during start-up" if step == "start-up" else f" at step {step}"
 
 
 def _exit_with_mapped_code() -> None:
@@ -80,7 +91,20 @@ def _exit_with_mapped_code() -> None:
 def install() -> None:
     sys.excepthook = lambda kind, value, tb, previous=sys.excepthook: _excepthook(kind, value, tb, previous)
     atexit.register(_exit_with_mapped_code)
+    _collect_steps()
     _wake_stopped_workers()
+
+
+def _collect_steps() -> None:
+    """The ranks inherit the agent's environment: each records its step in this directory (removed at exit, by a
+    handler that runs before _exit_with_mapped_code's os._exit)."""
+    import shutil
+    import tempfile
+
+    from megatron_patch.runtime.distributed_init import STEPS_ENV
+
+    os.environ[STEPS_ENV] = tempfile.mkdtemp(prefix="mp-steps-")
+    atexit.register(shutil.rmtree, os.environ[STEPS_ENV], ignore_errors=True)
 
 
 def _wake_stopped_workers() -> None:
