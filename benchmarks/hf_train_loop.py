@@ -7,8 +7,8 @@
 The loop matches megatron's train step: a global batch of micro-batches with gradient accumulation, the
 token-mean loss, clipping to 1.0, AdamW (lr 1e-4, weight decay 0.01, betas and eps as megatron's defaults)
 with torch's fused kernel where torch has one (CPU, CUDA), as megatron_patch's optimizer uses on CPU. Batch
-building is outside the timed region, as in megatron's loop. OUT.json: {"step_times": [...] (after warm-up),
-"params": N}.
+building is outside the timed region, as in megatron's loop. OUT.json: {"step_times": [...] (wall seconds after
+warm-up), "cpu_times": [...] (this process's CPU seconds in the same steps), "params": N}.
 """
 from __future__ import annotations
 
@@ -56,11 +56,11 @@ def main() -> int:
         if device.type != "cpu":
             getattr(torch, device.type).synchronize()
 
-    times = []
+    times, cpu_times = [], []
     for step in range(args.steps + args.warmup):
         data = batch(step)
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for m in range(0, gbs, mbs):
             chunk = data[m:m + mbs]
             targets = chunk[:, 1:].contiguous()  # already shifted, like megatron's labels
@@ -71,8 +71,10 @@ def main() -> int:
         opt.zero_grad(set_to_none=True)
         sync()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     with open(args.out, "w") as f:
-        json.dump({"step_times": times[args.warmup:], "params": model.num_parameters()}, f)
+        json.dump({"step_times": times[args.warmup:], "cpu_times": cpu_times[args.warmup:],
+                   "params": model.num_parameters()}, f)
     return 0
 
 

@@ -17,7 +17,9 @@ benchmarks/hf_train_loop.py (torch, numpy and transformers only: a loop with gra
 torch's AdamW with the fused kernel megatron_patch's optimizer uses). The first WARMUP steps of each are not
 timed; batch building is outside the timed region on both sides. The runs are interleaved (megatron, HF,
 megatron, HF, ... --repeats times) so that load on a shared machine does not favour one side; a row gives the
-median over repeats of each run's median step, and the line under the table each repeat's ratio.
+median over repeats of each run's median step, and the lines under the table each repeat's ratio, by wall time
+and by the process's CPU seconds per step (which load from other jobs changes far less: on a busy machine
+compare those).
 
 Reported per model: model FLOPs per token (megatron_patch.training.flops: 3 x forward GEMM FLOPs, MLA
 and active experts included), tok/s, and MFU. On CPU, "CPU MFU" is model FLOP/s over this machine's
@@ -54,6 +56,7 @@ MODELS = {
 }
 
 
+HF = "HF transformers"
 MOE_VARIANTS = (("megatron-core (grouped GEMM)", ("--moe-grouped-gemm",)),
                 ("megatron-core (SequentialMLP)", ("--no-moe-grouped-gemm",)))
 
@@ -119,7 +122,8 @@ def flops_per_token(model_dir: Path, seq_length: int) -> float:
     return training_flops_per_token(cfg, model_args(hf).padded_vocab_size(1), seq_length)
 
 
-def megatron_steps(model_dir: Path, data: str, args, threads: int, work: Path, extra=()) -> list[float]:
+def megatron_steps(model_dir: Path, data: str, args, threads: int, work: Path, extra=()):
+    """Wall and CPU seconds of megatron's steps after warm-up (from its --metrics-file)."""
     metrics = work / f"{model_dir.name}{'-'.join(('',) + tuple(extra))}-metrics.jsonl"
     metrics.unlink(missing_ok=True)  # a repeat's steps only
     cmd = [sys.executable, "-m", "megatron_patch.training.pretrain", "--load-hf", str(model_dir),
@@ -134,13 +138,13 @@ def megatron_steps(model_dir: Path, data: str, args, threads: int, work: Path, e
     proc = subprocess.run(cmd, env=run_env(threads), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode:
         raise SystemExit(f"megatron run failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
-    steps = [json.loads(line) for line in metrics.read_text().splitlines()]
-    return [s["step_time"] for s in steps[WARMUP:]]
+    steps = [json.loads(line) for line in metrics.read_text().splitlines()][WARMUP:]
+    return [s["step_time"] for s in steps], [s["cpu_time"] for s in steps]
 
 
-def hf_steps(model_dir: Path, tokens: str, args, threads: int, work: Path) -> tuple[list[float], int]:
-    """Step times of the HF loop (after warm-up), run by hf_train_loop.py in a fresh process, and the
-    model's parameter count."""
+def hf_steps(model_dir: Path, tokens: str, args, threads: int, work: Path):
+    """Wall and CPU seconds of the HF loop's steps (after warm-up), run by hf_train_loop.py in a fresh
+    process, and the model's parameter count."""
     out = work / f"{model_dir.name}-hf.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "hf_train_loop.py"), str(model_dir), tokens, str(out),
            "--steps", str(args.steps), "--warmup", str(WARMUP), "--seq-length", str(args.seq_length),
@@ -151,13 +155,18 @@ def hf_steps(model_dir: Path, tokens: str, args, threads: int, work: Path) -> tu
     if proc.returncode:
         raise SystemExit(f"HF run failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
     result = json.loads(out.read_text())
-    return result["step_times"], result["params"]
+    return result["step_times"], result["cpu_times"], result["params"]
 
 
 def run_env(threads: int) -> dict:
     """The environment of both sides' processes: the same thread count, no torch.compile."""
     return dict(os.environ, OMP_NUM_THREADS=str(threads), TORCHDYNAMO_DISABLE="1",
                 PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def spread(ratios: list[float]) -> str:
+    return f"{', '.join(f'{r:.3f}x' for r in ratios)} (median {statistics.median(ratios):.3f}x, spread " \
+           f"{max(ratios) - min(ratios):.3f})"
 
 
 def main() -> int:
@@ -206,18 +215,21 @@ def main() -> int:
             fpt = flops_per_token(model_dir, args.seq_length)
             # MoE: the experts as one grouped GEMM and as SequentialMLP, in the same run
             variants = MOE_VARIANTS if name == "moe" else (("megatron-core", ()),)
-            steps = {impl: [] for impl, _ in variants + (("HF transformers", None),)}
+            impls = [impl for impl, _ in variants] + [HF]
+            wall, cpu = ({impl: [] for impl in impls} for _ in range(2))
             for _ in range(args.repeats):  # megatron, HF, megatron, HF, ...: load hits both sides alike
                 for impl, extra in variants:
-                    steps[impl].append(statistics.median(
-                        megatron_steps(model_dir, prepared["data"], args, threads, work, extra)))
-                hf_times, params = hf_steps(model_dir, prepared["tokens"], args, threads, work)
-                steps["HF transformers"].append(statistics.median(hf_times))
+                    times, cpu_times = megatron_steps(model_dir, prepared["data"], args, threads, work, extra)
+                    wall[impl].append(statistics.median(times))
+                    cpu[impl].append(statistics.median(cpu_times))
+                times, cpu_times, params = hf_steps(model_dir, prepared["tokens"], args, threads, work)
+                wall[HF].append(statistics.median(times))
+                cpu[HF].append(statistics.median(cpu_times))
                 if acc.type == "cpu":
                     gemms.append(gemm_flops(threads, device))
-            runs += [(name, params, fpt, impl, statistics.median(per_repeat)) for impl, per_repeat in steps.items()]
-            ratios += [(name, impl, [h / m for h, m in zip(steps["HF transformers"], per_repeat)])
-                       for impl, per_repeat in steps.items() if impl != "HF transformers"]
+            runs += [(name, params, fpt, impl, statistics.median(wall[impl])) for impl in impls]
+            ratios += [(name, impl, [h / m for h, m in zip(wall[HF], wall[impl])],
+                        [h / m for h, m in zip(cpu[HF], cpu[impl])]) for impl in impls[:-1]]
     if acc.type == "cpu":
         peak = max(gemms)
         print(f"GEMM throughput (1024^3 fp32 matmul, {threads} threads): best {peak / 1e9:.1f} GFLOP/s of "
@@ -232,9 +244,9 @@ def main() -> int:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
-    for name, impl, per_repeat in ratios:
-        print(f"{MODELS[name][2]}: {impl} / HF tok/s per interleaved repeat: "
-              f"{', '.join(f'{r:.3f}x' for r in per_repeat)} (spread {max(per_repeat) - min(per_repeat):.3f})")
+    for name, impl, by_wall, by_cpu in ratios:
+        print(f"{MODELS[name][2]}: {impl} / HF per interleaved repeat: tok/s {spread(by_wall)}; by CPU seconds per "
+              f"step (what load does not change) {spread(by_cpu)}")
     return 0
 
 
