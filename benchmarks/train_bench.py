@@ -3,16 +3,23 @@
     .venv/bin/python benchmarks/train_bench.py [--steps 8] [--seq-length 256] [--global-batch-size 8]
                                                [--micro-batch-size 2] [--threads N] [--device cpu|cuda|npu]
                                                [--models dense moe] [--hidden H] [--layers L] [--experts E]
+                                               [--repeats 2]
 
 Two models from make-mini, 4 layers, hidden 256, fp32 on CPU (bf16 on an accelerator):
   dense  Qwen2 (GQA 8 heads / 4 groups, SwiGLU 768)
   moe    DeepSeek-V3 (MLA, 8 routed experts top-2 + 1 shared, first layer dense; no MTP, which HF does
          not train)
 The MoE model runs through megatron twice: experts as one grouped GEMM (--moe-grouped-gemm) and as
-SequentialMLP (one GEMM per expert). Both are trained on the shipped corpus (examples/data/corpus.txt) with the same global batch and micro
-batches: megatron by `python -m megatron_patch.training.pretrain` at TP1 in a subprocess (its per-step
-times come from --metrics-file), HF by a loop with torch AdamW, gradient accumulation and clipping.
-The first WARMUP steps of each are not timed.
+SequentialMLP (one GEMM per expert). Both are trained on the shipped corpus (examples/data/corpus.txt) with the
+same global batch and micro batches, each run in a process of its own with the same thread count: megatron by
+`python -m megatron_patch.training.pretrain` at TP1 (its per-step times come from --metrics-file), HF by
+benchmarks/hf_train_loop.py (torch, numpy and transformers only: a loop with gradient accumulation, clipping and
+torch's AdamW with the fused kernel megatron_patch's optimizer uses). The first WARMUP steps of each are not
+timed; batch building is outside the timed region on both sides. The runs are interleaved (megatron, HF,
+megatron, HF, ... --repeats times) so that load on a shared machine does not favour one side; a row gives the
+median over repeats of each run's median step, and the lines under the table each repeat's ratio, by wall time
+and by the process's CPU seconds per step (which load from other jobs changes far less: on a busy machine
+compare those).
 
 Reported per model: model FLOPs per token (megatron_patch.training.flops: 3 x forward GEMM FLOPs, MLA
 and active experts included), tok/s, and MFU. On CPU, "CPU MFU" is model FLOP/s over this machine's
@@ -49,6 +56,7 @@ MODELS = {
 }
 
 
+HF = "HF transformers"
 MOE_VARIANTS = (("megatron-core (grouped GEMM)", ("--moe-grouped-gemm",)),
                 ("megatron-core (SequentialMLP)", ("--no-moe-grouped-gemm",)))
 
@@ -76,6 +84,8 @@ def gemm_flops(threads: int, device, n: int = 1024, seconds: float = 3.0, dtype=
 
 
 def prepare(root: Path, args) -> dict:
+    import numpy
+
     from megatron_patch.convert.mini import make_mini
     from megatron_patch.data.preprocess import preprocess
 
@@ -87,7 +97,17 @@ def prepare(root: Path, args) -> dict:
         out[name] = make_mini(family, root / name, **kw)
     out["data"] = str(root / "corpus")
     preprocess([str(CORPUS)], str(out["dense"]), out["data"], append_eod=True, progress=False)
+    out["tokens"] = str(root / "tokens.npy")  # the same corpus as one stream, for the HF process
+    numpy.save(out["tokens"], token_stream(out["data"]))
     return out
+
+
+def token_stream(prefix: str):
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    return numpy.concatenate([ds[i] for i in range(len(ds))]).astype("int64")
 
 
 def flops_per_token(model_dir: Path, seq_length: int) -> float:
@@ -102,8 +122,10 @@ def flops_per_token(model_dir: Path, seq_length: int) -> float:
     return training_flops_per_token(cfg, model_args(hf).padded_vocab_size(1), seq_length)
 
 
-def megatron_steps(model_dir: Path, data: str, args, threads: int, work: Path, extra=()) -> list[float]:
+def megatron_steps(model_dir: Path, data: str, args, threads: int, work: Path, extra=()):
+    """Wall and CPU seconds of megatron's steps after warm-up (from its --metrics-file)."""
     metrics = work / f"{model_dir.name}{'-'.join(('',) + tuple(extra))}-metrics.jsonl"
+    metrics.unlink(missing_ok=True)  # a repeat's steps only
     cmd = [sys.executable, "-m", "megatron_patch.training.pretrain", "--load-hf", str(model_dir),
            "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
            "--seq-length", str(args.seq_length), "--train-iters", str(args.steps + WARMUP), "--lr", "1e-4",
@@ -113,62 +135,38 @@ def megatron_steps(model_dir: Path, data: str, args, threads: int, work: Path, e
         cmd += ["--device", args.device]
     if args.bf16:
         cmd += ["--bf16"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TORCHDYNAMO_DISABLE="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(cmd, env=run_env(threads), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode:
         raise SystemExit(f"megatron run failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
-    steps = [json.loads(line) for line in metrics.read_text().splitlines()]
-    return [s["step_time"] for s in steps[WARMUP:]]
+    steps = [json.loads(line) for line in metrics.read_text().splitlines()][WARMUP:]
+    return [s["step_time"] for s in steps], [s["cpu_time"] for s in steps]
 
 
-def hf_steps(model_dir: Path, data: str, args, threads: int, device) -> tuple[list[float], int]:
-    """Step times of the HF loop (after warm-up) and the model's parameter count."""
-    import numpy
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-    ds = IndexedDataset(data)
-    tokens = torch.from_numpy(numpy.concatenate([ds[i] for i in range(len(ds))]).astype("int64"))
-    span = args.seq_length + 1
-    gbs, mbs = args.global_batch_size, args.micro_batch_size
-
-    def batch(step):
-        rows = []
-        for i in range(gbs):
-            start = ((step * gbs + i) * span) % (len(tokens) - span)
-            rows.append(tokens[start:start + span])
-        return torch.stack(rows).to(device)
-
-    times = []
-    for step in range(args.steps + WARMUP):
-        data_step = batch(step)
-        sync(device)
-        start = time.perf_counter()
-        for m in range(0, gbs, mbs):
-            chunk = data_step[m:m + mbs]
-            targets = chunk[:, 1:].contiguous()  # already shifted, like megatron's labels
-            out = model(input_ids=chunk[:, :-1], labels=targets, shift_labels=targets)
-            (out.loss * mbs / gbs).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return times[WARMUP:], model.num_parameters()
+def hf_steps(model_dir: Path, tokens: str, args, threads: int, work: Path):
+    """Wall and CPU seconds of the HF loop's steps (after warm-up), run by hf_train_loop.py in a fresh
+    process, and the model's parameter count."""
+    out = work / f"{model_dir.name}-hf.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "hf_train_loop.py"), str(model_dir), tokens, str(out),
+           "--steps", str(args.steps), "--warmup", str(WARMUP), "--seq-length", str(args.seq_length),
+           "--global-batch-size", str(args.global_batch_size), "--micro-batch-size", str(args.micro_batch_size),
+           "--device", args.device or "cpu"] + (["--bf16"] if args.bf16 else [])
+    proc = subprocess.run(cmd, env=run_env(threads), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    if proc.returncode:
+        raise SystemExit(f"HF run failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+    result = json.loads(out.read_text())
+    return result["step_times"], result["cpu_times"], result["params"]
 
 
-def sync(device) -> None:
-    import torch
+def run_env(threads: int) -> dict:
+    """The environment of both sides' processes: the same thread count, no torch.compile."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), TORCHDYNAMO_DISABLE="1",
+                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
-    if device.type != "cpu":
-        getattr(torch, device.type).synchronize()
+
+def spread(ratios: list[float]) -> str:
+    return f"{', '.join(f'{r:.3f}x' for r in ratios)} (median {statistics.median(ratios):.3f}x, spread " \
+           f"{max(ratios) - min(ratios):.3f})"
 
 
 def main() -> int:
@@ -183,6 +181,8 @@ def main() -> int:
     p.add_argument("--hidden", type=int, default=None, help="hidden size of both models (default 256)")
     p.add_argument("--layers", type=int, default=None, help="layers of both models (default 4)")
     p.add_argument("--experts", type=int, default=None, help="routed experts of the MoE model (default 8)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="interleaved megatron/HF run pairs per model (default 2); rows give the median")
     args = p.parse_args()
 
     import torch
@@ -206,7 +206,7 @@ def main() -> int:
     tokens_per_step = args.global_batch_size * args.seq_length
     print(f"device: {acc.type} ({acc.device_name()}), threads {threads}; global batch {args.global_batch_size} x "
           f"{args.seq_length} tokens, micro batch {args.micro_batch_size}; {args.steps} timed steps")
-    runs = []
+    runs, ratios = [], []
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         work = Path(tmp)
         prepared = prepare(work, args)
@@ -215,15 +215,21 @@ def main() -> int:
             fpt = flops_per_token(model_dir, args.seq_length)
             # MoE: the experts as one grouped GEMM and as SequentialMLP, in the same run
             variants = MOE_VARIANTS if name == "moe" else (("megatron-core", ()),)
-            mcore = [(impl, statistics.median(megatron_steps(model_dir, prepared["data"], args, threads, work, extra)))
-                     for impl, extra in variants]
-            if acc.type == "cpu":
-                gemms.append(gemm_flops(threads, device))
-            hf_times, params = hf_steps(model_dir, prepared["data"], args, threads, device)
-            if acc.type == "cpu":
-                gemms.append(gemm_flops(threads, device))
-            runs += [(name, params, fpt, impl, step) for impl, step in mcore]
-            runs.append((name, params, fpt, "HF transformers", statistics.median(hf_times)))
+            impls = [impl for impl, _ in variants] + [HF]
+            wall, cpu = ({impl: [] for impl in impls} for _ in range(2))
+            for _ in range(args.repeats):  # megatron, HF, megatron, HF, ...: load hits both sides alike
+                for impl, extra in variants:
+                    times, cpu_times = megatron_steps(model_dir, prepared["data"], args, threads, work, extra)
+                    wall[impl].append(statistics.median(times))
+                    cpu[impl].append(statistics.median(cpu_times))
+                times, cpu_times, params = hf_steps(model_dir, prepared["tokens"], args, threads, work)
+                wall[HF].append(statistics.median(times))
+                cpu[HF].append(statistics.median(cpu_times))
+                if acc.type == "cpu":
+                    gemms.append(gemm_flops(threads, device))
+            runs += [(name, params, fpt, impl, statistics.median(wall[impl])) for impl in impls]
+            ratios += [(name, impl, [h / m for h, m in zip(wall[HF], wall[impl])],
+                        [h / m for h, m in zip(cpu[HF], cpu[impl])]) for impl in impls[:-1]]
     if acc.type == "cpu":
         peak = max(gemms)
         print(f"GEMM throughput (1024^3 fp32 matmul, {threads} threads): best {peak / 1e9:.1f} GFLOP/s of "
@@ -238,6 +244,10 @@ def main() -> int:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    for name, impl, by_wall, by_cpu in ratios:
+        # (not starting with the model's name: readers of the table pick rows by it)
+        print(f"ratio {impl} / HF ({MODELS[name][2]}) per interleaved repeat: tok/s {spread(by_wall)}; by CPU "
+              f"seconds per step (what load does not change) {spread(by_cpu)}")
     return 0
 
 

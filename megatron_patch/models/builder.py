@@ -245,6 +245,18 @@ def build_gpt_chunks(config, layer_spec_fn, vocab_size: int, max_sequence_length
     return chunks
 
 
+def fuse_swiglu_on_cpu(config, device_type: str) -> None:
+    """Megatron-LM's --bias-swiglu-fusion (its default) on CPU: the MLPs' SwiGLU goes through
+    bias_swiglu_impl, which the runtime points at the portable kernel (autograd's bits without the
+    concatenation of the two gradient halves the unfused chunk makes). Only read at forward time."""
+    import torch.nn.functional as F
+
+    if device_type == "cpu" and config.gated_linear_unit and config.activation_func is F.silu \
+            and not config.add_bias_linear and not config.glu_linear_offset \
+            and config.activation_func_clamp_value is None and not config.use_te_activation_func:
+        config.bias_activation_fusion = True
+
+
 def build_family_model(hf_config, layout: ParallelLayout, vocab_size: int | None = None, device=None,
                        transformer_impl: str = "local", **config_overrides):
     """The GPTModel chunks of this rank for an HF config: (chunks, megatron config, ModelArgs).
@@ -258,6 +270,7 @@ def build_family_model(hf_config, layout: ParallelLayout, vocab_size: int | None
     family = family_for_config(hf_config)
     impl = resolve_impl(transformer_impl, get_accelerator().type)
     config = apply_layout(family.to_mcore_config(hf_config, transformer_impl=impl, **config_overrides), layout)
+    fuse_swiglu_on_cpu(config, get_accelerator().type)
     check_layout(layout, config)
     args = model_args(hf_config)
     kw = args.gpt_model_kwargs(layout.tp)

@@ -259,6 +259,63 @@ def _core_attention(original):
     return core_attention
 
 
+@patch("megatron.core.models.common.embeddings.rope_utils._apply_rotary_pos_emb_bshd",
+       "RoPE on the whole head without megatron's split into rotated and pass-through parts and their re-concat "
+       "(two copies of q and k, forward and backward, when nothing passes through)", TESTED, ("cpu", "cuda"))
+def _rope_whole_head(original):
+    @functools.wraps(original)
+    def apply(t, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0):
+        if rotary_interleaved or multi_latent_attention or freqs.shape[-1] != t.shape[-1]:
+            return original(t, freqs, rotary_interleaved, multi_latent_attention, mscale)
+        cos = (torch.cos(freqs) * mscale).to(t.dtype)  # megatron's own cos/sin and product order: same bits
+        sin = (torch.sin(freqs) * mscale).to(t.dtype)
+        return kernels.get("apply_rope", t.device.type)(t, cos, sin)
+
+    return apply
+
+
+@patch("megatron.core.fusions.fused_bias_swiglu.bias_swiglu_impl",
+       "SwiGLU (bias_activation_fusion) via the portable kernel: autograd's bits in fewer passes (megatron's "
+       "eager kernel recomputes the sigmoid backward in its own rounding)", TESTED, ("cpu",))
+def _swiglu_cpu(original):
+    @functools.wraps(original)
+    def swiglu(input, bias, fp8_input_store=False, cpu_offload_input=False):
+        if bias is not None or fp8_input_store or cpu_offload_input:
+            return original(input, bias, fp8_input_store, cpu_offload_input)
+        return kernels.get("swiglu", input.device.type)(input)
+
+    return swiglu
+
+
+@patch("megatron.core.fusions.fused_bias_swiglu.weighted_bias_swiglu_impl",
+       "SwiGLU times the router probs (SequentialMLP experts with bias_activation_fusion) as the unfused path "
+       "computes it, on the portable kernel", TESTED, ("cpu",))
+def _weighted_swiglu_cpu(original):
+    @functools.wraps(original)
+    def weighted_swiglu(input, bias, weights, fp8_input_store=False):
+        if bias is not None or fp8_input_store:
+            return original(input, bias, weights, fp8_input_store)
+        return (kernels.get("swiglu", input.device.type)(input) * weights).to(input.dtype)
+
+    return weighted_swiglu
+
+
+@patch("megatron.core.tensor_parallel.cross_entropy.vocab_parallel_cross_entropy",
+       "with the vocabulary on one rank (TP 1), the loss as torch's fused cross_entropy (HF's kernel): megatron's "
+       "vocab-parallel one makes ~8 passes over the logits and three all-reduces of one rank", TESTED, ("cpu",))
+def _single_rank_cross_entropy(original):
+    @functools.wraps(original)
+    def cross_entropy(vocab_parallel_logits, target, label_smoothing=0.0):
+        from megatron.core import parallel_state
+
+        if label_smoothing or parallel_state.get_tensor_model_parallel_world_size() != 1:
+            return original(vocab_parallel_logits, target, label_smoothing)
+        logits = vocab_parallel_logits.reshape(-1, vocab_parallel_logits.shape[-1])
+        return torch.nn.functional.cross_entropy(logits, target.reshape(-1), reduction="none").view_as(target)
+
+    return cross_entropy
+
+
 @patch("megatron.core.models.backends.LocalSpecProvider.grouped_mlp_modules",
        "local grouped experts (GroupedMLP) need the CUDA grouped_gemm package; use PortableGroupedMLP "
        "(TEGroupedMLP's names and checkpoint keys, one portable grouped GEMM)", TESTED, ALL)

@@ -131,11 +131,12 @@ class PortableCoreAttention(MegatronModule):
         if cp and has_fused_lse(q.device.type):  # no [chunk, prefix] mask: O(S) memory (blocked_attention.py)
             group = self.cp_group
             return _merge_heads(gathered_causal_attention(q, k, v, self.softmax_scale, group.size(), group.rank()))
-        if k.shape[1] != q.shape[1]:  # GQA: repeat each KV group over its query heads
+        attention = kernels.get("core_attention", get_accelerator().type)
+        if k.shape[1] != q.shape[1] and (cp or not getattr(attention, "takes_gqa", False)):
+            # GQA: repeat each KV group over its query heads (SDPA's enable_gqa needs no copy: HF's path)
             repeat = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
-        attention = kernels.get("core_attention", get_accelerator().type)
         if cp:  # devices without a fused attention returning the log-sum-exp (NPU: npu_fusion_attention takes masks)
             out = masked_chunk_attention(q, k, v, self.softmax_scale, self.cp_group.size(), self.cp_group.rank(),
                                          attention)

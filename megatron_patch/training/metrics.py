@@ -141,6 +141,7 @@ class StepRecord:
     skipped: bool = False
     skipped_total: int = 0  # skipped updates so far in this run (NaN/Inf, fp16 overflow)
     loss_scale: float | None = None  # fp16 only
+    cpu_time: float | None = None  # CPU seconds of this process in the step (a load-independent cost on CPU)
 
     @property
     def tokens_per_second(self) -> float:
@@ -156,7 +157,8 @@ class StepRecord:
         return {"iteration": self.iteration, "loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm,
                 "step_time": self.step_time, "tokens_per_second": self.tokens_per_second, "mfu": self.mfu,
                 "mem_bytes": self.mem_bytes, "mtp": self.mtp, "indexer": self.indexer, "skipped": self.skipped,
-                "skipped_total": self.skipped_total, "loss_scale": self.loss_scale, **self.aux}
+                "skipped_total": self.skipped_total, "loss_scale": self.loss_scale, "cpu_time": self.cpu_time,
+                **self.aux}
 
 
 def format_line(rec: StepRecord) -> str:

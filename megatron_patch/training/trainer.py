@@ -388,7 +388,7 @@ class Trainer:
             self._end_dsa_warmup()
         self._set_dsa_loss_scale()
         self.acc.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         zero_grads(self.chunks, self.optimizer)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
         loss = forward_backward(self.chunks, batch.to(self.acc.current_device()), self.args.micro_batch_size)
@@ -414,7 +414,7 @@ class Trainer:
                 self.scheduler.step(increment=1)
         self.skipped_steps += not update_ok
         self.acc.synchronize()
-        step_time = time.perf_counter() - start
+        step_time, cpu_time = time.perf_counter() - start, time.process_time() - cpu_start
         writer = self.sink.writer
         aux = self.aux.collect(self.num_micro, iteration, writer)
         mtp = collect_mtp(self.config, self.num_micro, iteration, writer)
@@ -427,7 +427,7 @@ class Trainer:
             step_time=step_time, tokens=self.gbs * self.args.seq_length, aux=aux, mtp=mtp, indexer=indexer,
             flops_per_token=self.flops_per_token, peak_flops=self.peak_flops, world_size=self.world,
             skipped=not update_ok, skipped_total=self.skipped_steps,
-            loss_scale=float(self.optimizer.get_loss_scale()) if self.args.fp16 else None)
+            loss_scale=float(self.optimizer.get_loss_scale()) if self.args.fp16 else None, cpu_time=cpu_time)
 
     def _set_dsa_loss_scale(self) -> None:
         """The DSA indexer loss's backward scale, as megatron's schedules set the MoE aux loss's (they do not

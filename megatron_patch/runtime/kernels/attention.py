@@ -39,6 +39,9 @@ def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: 
     return out[..., :dv]
 
 
+core_attention.takes_gqa = True  # k/v with fewer heads than q go to SDPA as they are (enable_gqa)
+
+
 def core_attention_npu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
                        attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Ascend implementation, via torch_npu.npu_fusion_attention (BNSD layout)."""
