@@ -466,7 +466,7 @@ def test_parse_sets():
 def test_cli_family_choices_match_registry():
     import argparse
 
-    from megatron_patch.models import mini
+    from megatron_patch.convert import mini
 
     parser = argparse.ArgumentParser()
     mini.register(parser.add_subparsers())

@@ -62,18 +62,14 @@ def init_distributed(acc, timeout_minutes: float | None = None, heartbeat_timeou
                           (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     if "MASTER_PORT" in os.environ:
         _env_int("MASTER_PORT", 0)
-    if world == 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            from megatron_patch.runtime.multirank import free_port
-
-            os.environ["MASTER_PORT"] = str(free_port())
     acc.set_device(local)
     heartbeat = None
     if not torch.distributed.is_initialized():
         minutes = timeout_minutes or float(os.environ.get("MP_DIST_TIMEOUT_MINUTES", "30"))
         timeout = timedelta(minutes=minutes)
-        store = None
+        # A world of one needs no rendezvous: an in-memory store opens no port (and leaves the caller's
+        # environment alone: in-process runs in one interpreter once leaked MASTER_PORT to later launches).
+        store = torch.distributed.HashStore() if world == 1 else None
         if world > 1 and heartbeat_timeout:
             from megatron_patch.runtime.heartbeat import Heartbeat
 
