@@ -4,9 +4,9 @@ Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation i
 Table 2; Megatron-LM's theoretical_memory_usage.py): bytes per layer = the tensors autograd keeps for
 backward, per token. Here the terms are the ones this stack's modules actually save (PortableNorm keeps the
 fp32 normalised input and its fp32 rstd; linears keep their input, the SP shard under
-sequence parallelism; the core attention keeps q, k and v with K/V expanded to all heads, the output and the
+sequence parallelism; the core attention keeps q, k and v (K/V per KV group: SDPA's enable_gqa), the output and the
 fp32 log-sum-exp of a fused kernel (or the probabilities of the math path); SwiGLU keeps fc1's output and
-three f-wide tensors; grouped experts keep the permuted tokens, their fc1/fc2 activations and the fp32 probs
+two f-wide tensors (three in grouped experts); grouped experts keep the permuted tokens, their fc1/fc2 activations and the fp32 probs
 (the weights are one block, read without a copy); the loss keeps fp32 softmax over the vocabulary shard), each
 counted with the layout's split of it:
 - TP splits heads and FFN widths; with sequence parallelism the norms and linear inputs hold s/TP tokens;
@@ -62,9 +62,11 @@ def _norm(h: float, e: int, frozen: bool = False) -> float:
     return 4 * h + 4
 
 
-def _swiglu(f: float, e: int, fc2_input: bool = True) -> float:
-    """fc1 output (2f), the activation's pieces, and fc2's input when fc2 needs it for a weight gradient."""
-    return e * (5 if fc2_input else 4) * f
+def _swiglu(f: float, e: int, fc2_input: bool = True, fused: bool = False) -> float:
+    """fc1 output (2f), the activation's pieces, and fc2's input when fc2 needs it for a weight gradient.
+    fused: megatron's bias_activation_fusion path (dense MLP and shared experts; kernels/swiglu.py) keeps the
+    two halves as views of fc1's output and silu(gate): one f-wide tensor fewer than the grouped experts'."""
+    return e * ((3 if fused else 4) + fc2_input) * f
 
 
 def attention_bytes(c, layout, w: Workload, core: bool = True, frozen: bool = False,
@@ -87,7 +89,13 @@ def attention_bytes(c, layout, w: Workload, core: bool = True, frozen: bool = Fa
     kv_factor = layout.cp                                               # K and V gathered over CP
     # torch's fused SDPA takes one head dim: kernels/attention.py pads MLA's v (and so the output) to q/k's
     dv_kernel = max(dqk, dv) if w.fused_attention else dv
-    full = e * a * dqk * (1 + kv_factor) + e * a * dv_kernel * kv_factor  # q; k and v expanded to every head
+    if w.fused_attention and kv_factor == 1 and not c.multi_latent_attention:
+        # SDPA's enable_gqa takes the KV groups as they are (kernels/attention.py): k after rope is its own
+        # tensor, v a view of the fused qkv projection's output, which it keeps whole
+        g = c.num_query_groups / t
+        full = e * a * dqk + e * g * dqk + e * (a + 2 * g) * dqk
+    else:  # MLA (no groups) and the all-gather CP path: k and v with one head per query head
+        full = e * a * dqk + e * a * (dqk + dv_kernel) * kv_factor
     if w.fused_attention or not frozen or proj_adapted:
         full += e * a * dv_kernel                                       # output (kernel's / linear_proj input)
     if w.fused_attention and dv_kernel != dv and not (frozen and not proj_adapted):
@@ -105,11 +113,11 @@ def mlp_bytes(c, layout, w: Workload, moe: bool, frozen: bool = False,
     sp = _norm(h, e, frozen)
     fc2_input = not frozen or fc2_adapted
     if not moe:
-        return sp + lin * h, _swiglu(c.ffn_hidden_size / t, e, fc2_input), 0.0
+        return sp + lin * h, _swiglu(c.ffn_hidden_size / t, e, fc2_input, fused=True), 0.0
     shared = c.moe_shared_expert_intermediate_size or 0
     if shared:
         sp += lin * h
-    full = _swiglu(shared / t, e, fc2_input) if shared else 0.0
+    full = _swiglu(shared / t, e, fc2_input, fused=True) if shared else 0.0
     experts, k = c.num_moe_experts, c.moe_router_topk
     sp += 16 * experts + 16 * k + 5 * experts + 8 * k                  # fp32 router scores; routing map, probs, ids
     routed = k * layout.expert_tp                                       # expert rows per SP-region token
