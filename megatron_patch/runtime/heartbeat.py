@@ -50,6 +50,11 @@ class Heartbeat:
     def _key(rank: int) -> str:
         return f"mp_heartbeat/{rank}"
 
+    @staticmethod
+    def step_of(value: str | None) -> str:
+        """The step a beat value ("COUNT STEP") names; STARTUP when there is no beat yet."""
+        return value.split()[1] if value else STARTUP
+
     @property
     def step(self) -> int | None:
         return self._step
@@ -75,7 +80,7 @@ class Heartbeat:
         for two beat intervals and half a second (a dead process beats no more; a live one beats from its thread,
         stuck or not), each with the step of its last beat. Of two ranks, the peer that dropped is the other."""
         first = self._last_beats()
-        step = {rank: value.split()[1] if value else STARTUP for rank, value in first.items()}
+        step = {rank: self.step_of(value) for rank, value in first.items()}
         if self.world == 2:
             return step
         self._new_step.set()  # beat now: the other survivors see this rank alive at once
@@ -110,7 +115,7 @@ class Heartbeat:
                     if value != last:
                         last, changed = value, time.monotonic()
                 if time.monotonic() - changed > self.timeout:
-                    step = last.split()[1] if last else STARTUP
+                    step = self.step_of(last)
                     silent = f"no heartbeat for {self.timeout:.0f} s"
                     message = (f"rank {watched} stopped responding during start-up ({silent}" if step == STARTUP else
                                f"rank {watched} stopped responding ({silent}, the last one at step {step}")

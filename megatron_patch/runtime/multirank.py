@@ -210,12 +210,11 @@ class _Beats:
         return None
 
     def phase(self, rank: int) -> str:
-        from megatron_patch.runtime.heartbeat import STARTUP
+        from megatron_patch.runtime.heartbeat import STARTUP, Heartbeat
 
-        value = self.seen[rank][0]
         if not self.timeout:  # no beats to tell
             return "(phase unknown: no heartbeat)"
-        return "during start-up" if value is None or value.split()[1] == STARTUP else "while running"
+        return "during start-up" if Heartbeat.step_of(self.seen[rank][0]) == STARTUP else "while running"
 
 
 def _process_stopped(pid: int) -> bool:
@@ -229,11 +228,10 @@ def _process_stopped(pid: int) -> bool:
 
 def _signal_deaths(codes, beats) -> str | None:
     """'rank 1 was killed by SIGKILL while running' for ranks that ended by a signal (before we killed the rest)."""
-    import signal
+    from megatron_patch.runtime.processes import signal_name
 
     dead = [(rank, -code) for rank, code in enumerate(codes) if code is not None and code < 0]
-    names = {s.value: s.name for s in signal.Signals}
-    return "; ".join(f"rank {rank} was killed by {names.get(sig, sig)} {beats.phase(rank)}" for rank, sig in dead) or None
+    return "; ".join(f"rank {rank} was killed by {signal_name(sig) or sig} {beats.phase(rank)}" for rank, sig in dead) or None
 
 
 def _wait(procs, out_dir, world_size, timeout, beats):

@@ -64,19 +64,20 @@ def _excepthook(kind, value, tb, previous=sys.excepthook):
 
 def _describe(exitcode: int) -> str:
     """-9 -> '-9 (SIGKILL)': which rank died, and how, when no rank got to print its own line."""
-    import signal
+    from megatron_patch.runtime.processes import signal_name
 
-    names = {s.value: s.name for s in signal.Signals}
-    return f"{exitcode} ({names[-exitcode]})" if exitcode < 0 and -exitcode in names else str(exitcode)
+    name = signal_name(-exitcode) if exitcode < 0 else None
+    return f"{exitcode} ({name})" if name else str(exitcode)
 
 
 def _step_of(rank: int) -> str:
     """' at step 7' from the step the rank recorded last (runtime.distributed_init.record_step): a rank that died
     by a signal printed nothing, so this line is the only one to say where the job was."""
     from megatron_patch.runtime.distributed_init import STEPS_ENV, recorded_step
+    from megatron_patch.runtime.heartbeat import STARTUP
 
     step = recorded_step(os.environ[STEPS_ENV], rank) if STEPS_ENV in os.environ else None
-    return "" if step is None else " during start-up" if step == "start-up" else f" at step {step}"
+    return "" if step is None else " during start-up" if step == STARTUP else f" at step {step}"
 
 
 def _exit_with_mapped_code() -> None:
