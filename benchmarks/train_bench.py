@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/train_bench.py [--steps 8] [--seq-length 256] [--global-batch-size 8]
                                                [--micro-batch-size 2] [--threads N] [--device cpu|cuda|npu]
                                                [--models dense moe] [--hidden H] [--layers L] [--experts E]
-                                               [--repeats 2]
+                                               [--repeats 2] [--op-times-steps 2]
 
 Two models from make-mini, 4 layers, hidden 256, fp32 on CPU (bf16 on an accelerator):
   dense  Qwen2 (GQA 8 heads / 4 groups, SwiGLU 768)
@@ -20,6 +20,12 @@ megatron, HF, ... --repeats times) so that load on a shared machine does not fav
 median over repeats of each run's median step, and the lines under the table each repeat's ratio, by wall time
 and by the process's CPU seconds per step (which load from other jobs changes far less: on a busy machine
 compare those).
+
+Where a step goes (CPU, --op-times-steps N): after the timed runs, N more steps of megatron (grouped experts for
+the MoE model) and of HF run under benchmarks/op_times.py, which times every aten op: ms per step in GEMMs,
+attention (products and softmax, or SDPA's fused kernel), other ops, and between ops (Python, autograd, the
+timer's own cost). The last line per model is the bound the kernels set: HF's measured step over the time of
+the GEMMs and the attention alone (each the faster side's): no implementation on these kernels beats that ratio.
 
 Reported per model: model FLOPs per token (megatron_patch.training.flops: 3 x forward GEMM FLOPs, MLA
 and active experts included), tok/s, and MFU. On CPU, "CPU MFU" is model FLOP/s over this machine's
@@ -126,15 +132,8 @@ def megatron_steps(model_dir: Path, data: str, args, threads: int, work: Path, e
     """Wall and CPU seconds of megatron's steps after warm-up (from its --metrics-file)."""
     metrics = work / f"{model_dir.name}{'-'.join(('',) + tuple(extra))}-metrics.jsonl"
     metrics.unlink(missing_ok=True)  # a repeat's steps only
-    cmd = [sys.executable, "-m", "megatron_patch.training.pretrain", "--load-hf", str(model_dir),
-           "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
-           "--seq-length", str(args.seq_length), "--train-iters", str(args.steps + WARMUP), "--lr", "1e-4",
-           "--lr-decay-style", "constant", "--data-path", data, "--data-cache-path", str(work / "cache"),
-           "--metrics-file", str(metrics), "--log-interval", "1000", *extra]
-    if args.device:
-        cmd += ["--device", args.device]
-    if args.bf16:
-        cmd += ["--bf16"]
+    cmd = [sys.executable, "-m", "megatron_patch.training.pretrain",
+           *megatron_args(model_dir, data, args, work, extra, args.steps + WARMUP), "--metrics-file", str(metrics)]
     proc = subprocess.run(cmd, env=run_env(threads), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode:
         raise SystemExit(f"megatron run failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
@@ -142,20 +141,58 @@ def megatron_steps(model_dir: Path, data: str, args, threads: int, work: Path, e
     return [s["step_time"] for s in steps], [s["cpu_time"] for s in steps]
 
 
-def hf_steps(model_dir: Path, tokens: str, args, threads: int, work: Path):
+def megatron_args(model_dir: Path, data: str, args, work: Path, extra, iters: int) -> list[str]:
+    cmd = ["--load-hf", str(model_dir), "--micro-batch-size", str(args.micro_batch_size),
+           "--global-batch-size", str(args.global_batch_size), "--seq-length", str(args.seq_length),
+           "--train-iters", str(iters), "--lr", "1e-4", "--lr-decay-style", "constant", "--data-path", data,
+           "--data-cache-path", str(work / "cache"), "--log-interval", "1000", *extra]
+    if args.device:
+        cmd += ["--device", args.device]
+    if args.bf16:
+        cmd += ["--bf16"]
+    return cmd
+
+
+def hf_steps(model_dir: Path, tokens: str, args, threads: int, work: Path, op_times_steps: int = 0):
     """Wall and CPU seconds of the HF loop's steps (after warm-up), run by hf_train_loop.py in a fresh
-    process, and the model's parameter count."""
+    process, the model's parameter count, and (op_times_steps > 0) where its steps' time goes."""
     out = work / f"{model_dir.name}-hf.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "hf_train_loop.py"), str(model_dir), tokens, str(out),
            "--steps", str(args.steps), "--warmup", str(WARMUP), "--seq-length", str(args.seq_length),
            "--global-batch-size", str(args.global_batch_size), "--micro-batch-size", str(args.micro_batch_size),
-           "--device", args.device or "cpu"] + (["--bf16"] if args.bf16 else [])
+           "--device", args.device or "cpu", "--op-times-steps", str(op_times_steps)] + (["--bf16"] if args.bf16 else [])
     proc = subprocess.run(cmd, env=run_env(threads), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
     if proc.returncode:
         raise SystemExit(f"HF run failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
     result = json.loads(out.read_text())
-    return result["step_times"], result["cpu_times"], result["params"]
+    return result["step_times"], result["cpu_times"], result["params"], result.get("op_times")
+
+
+def megatron_op_times(model_dir: Path, data: str, args, threads: int, work: Path, extra=()) -> dict:
+    """Where megatron's step time goes (benchmarks/megatron_op_times.py: the trainer `pretrain` builds from the
+    same arguments, --op-times-steps steps after warm-up)."""
+    out = work / f"{model_dir.name}-op-times.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "megatron_op_times.py"), str(out), str(WARMUP),
+           str(args.op_times_steps)] + megatron_args(model_dir, data, args, work, extra, WARMUP + args.op_times_steps)
+    proc = subprocess.run(cmd, env=run_env(threads), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    if proc.returncode:
+        raise SystemExit(f"megatron op-times run failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def print_op_times(name: str, op_times: dict, hf_step: float) -> None:
+    """Per side, ms per step by kind of kernel, and the bound they set: a step that ran only the GEMMs and the
+    attention (each the faster side's) against HF's measured step."""
+    kinds = ("gemm", "attention", "other_ops", "between_ops")
+    print(f"op times, ms per step ({MODELS[name][2]}; GEMM / attention / other ops / between ops = Python, autograd "
+          f"and the timer's own cost):")
+    for impl, times in op_times.items():
+        print(f"  {impl}: {' / '.join(f'{1e3 * times[k]:.0f}' for k in kinds)}")
+    floor = min(t["gemm"] for t in op_times.values()) + min(t["attention"] for t in op_times.values())
+    print(f"op times bound ({MODELS[name][2]}): GEMMs + attention alone take {1e3 * floor:.0f} ms; a step doing "
+          f"nothing else would run at most {hf_step / floor:.2f}x HF's measured step ({1e3 * hf_step:.0f} ms)")
 
 
 def run_env(threads: int) -> dict:
@@ -181,6 +218,9 @@ def main() -> int:
     p.add_argument("--hidden", type=int, default=None, help="hidden size of both models (default 256)")
     p.add_argument("--layers", type=int, default=None, help="layers of both models (default 4)")
     p.add_argument("--experts", type=int, default=None, help="routed experts of the MoE model (default 8)")
+    p.add_argument("--op-times-steps", type=int, default=2,
+                   help="CPU: then run this many more steps of each side under benchmarks/op_times.py and print where "
+                        "a step goes (GEMMs, attention, other ops, between ops); 0: not")
     p.add_argument("--repeats", type=int, default=2,
                    help="interleaved megatron/HF run pairs per model (default 2); rows give the median")
     args = p.parse_args()
@@ -206,7 +246,7 @@ def main() -> int:
     tokens_per_step = args.global_batch_size * args.seq_length
     print(f"device: {acc.type} ({acc.device_name()}), threads {threads}; global batch {args.global_batch_size} x "
           f"{args.seq_length} tokens, micro batch {args.micro_batch_size}; {args.steps} timed steps")
-    runs, ratios = [], []
+    runs, ratios, op_times = [], [], {}
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         work = Path(tmp)
         prepared = prepare(work, args)
@@ -217,16 +257,23 @@ def main() -> int:
             variants = MOE_VARIANTS if name == "moe" else (("megatron-core", ()),)
             impls = [impl for impl, _ in variants] + [HF]
             wall, cpu = ({impl: [] for impl in impls} for _ in range(2))
-            for _ in range(args.repeats):  # megatron, HF, megatron, HF, ...: load hits both sides alike
+            op_steps = args.op_times_steps if acc.type == "cpu" else 0
+            for repeat in range(args.repeats):  # megatron, HF, megatron, HF, ...: load hits both sides alike
                 for impl, extra in variants:
                     times, cpu_times = megatron_steps(model_dir, prepared["data"], args, threads, work, extra)
                     wall[impl].append(statistics.median(times))
                     cpu[impl].append(statistics.median(cpu_times))
-                times, cpu_times, params = hf_steps(model_dir, prepared["tokens"], args, threads, work)
+                last = repeat == args.repeats - 1
+                times, cpu_times, params, hf_op_times = hf_steps(model_dir, prepared["tokens"], args, threads, work,
+                                                                 op_steps if last else 0)
                 wall[HF].append(statistics.median(times))
                 cpu[HF].append(statistics.median(cpu_times))
                 if acc.type == "cpu":
                     gemms.append(gemm_flops(threads, device))
+            if op_steps:
+                impl, extra = variants[0]
+                op_times[name] = ({impl: megatron_op_times(model_dir, prepared["data"], args, threads, work, extra),
+                                   HF: hf_op_times}, statistics.median(wall[HF]))
             runs += [(name, params, fpt, impl, statistics.median(wall[impl])) for impl in impls]
             ratios += [(name, impl, [h / m for h, m in zip(wall[HF], wall[impl])],
                         [h / m for h, m in zip(cpu[HF], cpu[impl])]) for impl in impls[:-1]]
@@ -248,6 +295,8 @@ def main() -> int:
         # (not starting with the model's name: readers of the table pick rows by it)
         print(f"ratio {impl} / HF ({MODELS[name][2]}) per interleaved repeat: tok/s {spread(by_wall)}; by CPU "
               f"seconds per step (what load does not change) {spread(by_cpu)}")
+    for name, (times, hf_step) in op_times.items():
+        print_op_times(name, times, hf_step)
     return 0
 
 

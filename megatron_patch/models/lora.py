@@ -314,16 +314,15 @@ class ExpertLoRALinear(torch.nn.Module):
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """The base's entries and the adapters on the same expert axis (SequentialMLP sets the keys and replicas);
         fc1's B stored as [gate; up] like its weight (MLP does that for the weight only)."""
-        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+        from megatron_patch.runtime.grouped_experts import sharded_expert_adapter, store_gate_up_adapter
+
         out = self.base.sharded_state_dict(prefix, sharded_offsets, metadata)
-        sharded = "lora_B" if self.tp_axis == 0 else "lora_A"
         out.update(make_sharded_tensors_for_checkpoint(
-            {"lora_A": self.lora_A, "lora_B": self.lora_B}, prefix, {sharded: self.tp_axis}, sharded_offsets,
-            tp_group=self.base.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group")))
-        if self.tp_axis == 0 and self.gated:
-            out[prefix + "lora_B"] = apply_swiglu_sharded_factory(out[prefix + "lora_B"], sharded_offsets)
+            {"lora_A": self.lora_A, "lora_B": self.lora_B}, prefix, {sharded_expert_adapter(self.tp_axis): self.tp_axis},
+            sharded_offsets, tp_group=self.base.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group")))
+        store_gate_up_adapter(out, prefix + "lora_B", sharded_offsets, self.tp_axis, self.gated)
         return out
 
 

@@ -139,7 +139,7 @@ class PortableGroupedLinear(MegatronModule):
         ep_axis = len(sharded_offsets)
         out = {}
         lora = ("lora_A", "lora_B") if self.lora_scaling is not None else ()
-        sharded_adapter = "lora_B" if self.tp_axis == 0 else "lora_A"  # split like the weight; the other replicated
+        sharded_adapter = sharded_expert_adapter(self.tp_axis)
         for i in range(self.num_gemms):
             expert_offsets = (*sharded_offsets, (ep_axis, offset + i, num_global))
             sub = make_sharded_tensors_for_checkpoint(
@@ -153,16 +153,29 @@ class PortableGroupedLinear(MegatronModule):
             out[f"{prefix}weight{i}"] = sub[f"{i}.weight"]
             out[f"{prefix}_extra_state{i or ''}"] = sub[f"{i}._extra_state"]
             out.update({f"{prefix}{x}{i}": sub[f"{i}.{x}"] for x in lora})
-            if lora and self.tp_axis == 0 and self.config.gated_linear_unit:
-                from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-
-                # B's local rows are [gate_i; up_i] like fc1's weight (TEGroupedMLP does the same for weight{i}):
-                # stored as [gate; up] on the global axis, so the adapters load at any expert-TP size
-                out[f"{prefix}lora_B{i}"] = apply_swiglu_sharded_factory(out[f"{prefix}lora_B{i}"], expert_offsets)
+            if lora:
+                store_gate_up_adapter(out, f"{prefix}lora_B{i}", expert_offsets, self.tp_axis,
+                                      self.config.gated_linear_unit)
         return out
 
     def backward_dw(self):
         pass
+
+
+def sharded_expert_adapter(tp_axis: int) -> str:
+    """The expert adapter factor split over expert TP like its base weight: fc1's B by rows (tp_axis 0), fc2's
+    A by columns (tp_axis 1); the other factor is whole on every rank."""
+    return "lora_B" if tp_axis == 0 else "lora_A"
+
+
+def store_gate_up_adapter(sharded: dict, key: str, offsets: tuple, tp_axis: int, gated: bool) -> None:
+    """fc1's B under SwiGLU: its local rows are [gate_i; up_i] like fc1's weight; stored as [gate; up] on the
+    global axis (megatron's swiglu factory, which MLP applies to the weight only), so the adapter loads at any
+    expert-TP size."""
+    if tp_axis == 0 and gated:
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+        sharded[key] = apply_swiglu_sharded_factory(sharded[key], offsets)
 
 
 def expert_adapter_factors(a: torch.Tensor, b: torch.Tensor, tp_axis: int, tp_group) -> tuple:
