@@ -20,6 +20,7 @@ from megatron.core.transformer.moe.experts import TEGroupedMLP
 from megatron.core.utils import divide
 
 from megatron_patch.runtime import kernels
+from megatron_patch.runtime.kernels import cpu_gemm
 
 
 RNG_FALSE_ALARM = "CPU RNG state changed within GPU RNG context"
@@ -229,7 +230,7 @@ class _GroupedLinearIntoMainGrad(torch.autograd.Function):
     """The grouped GEMM x @ W_e^T whose backward adds each expert's weight gradient straight into DDP's
     main_grad (one addmm_ per expert, as megatron's gradient_accumulation_fusion does for its linears)
     instead of into a fresh [E, in, out] tensor that DDP's hooks then add. CPU only: splitting the rows per
-    expert needs the counts on the host."""
+    expert needs the counts on the host. With oneDNN GEMMs (kernels/cpu_gemm.py) every GEMM is per expert."""
 
     @staticmethod
     def forward(ctx, x, tokens_per_expert, *weights):
@@ -237,6 +238,8 @@ class _GroupedLinearIntoMainGrad(torch.autograd.Function):
         # the parameters themselves, not saved tensors: under saved_tensors_hooks (memory meters, offloading)
         # saved tensors come back as other objects, without DDP's main_grad
         ctx.weights = weights
+        if cpu_gemm.takes(x):
+            return cpu_gemm.grouped_mm(x, _block(weights).transpose(1, 2), tokens_per_expert.tolist())
         return kernels.get("grouped_matmul", "cpu")(x, _block(weights).transpose(1, 2), tokens_per_expert)
 
     @staticmethod
@@ -245,13 +248,14 @@ class _GroupedLinearIntoMainGrad(torch.autograd.Function):
         weights = ctx.weights
         grad = grad.contiguous()
         dx = None
-        if ctx.needs_input_grad[0]:
-            dx = kernels.get("grouped_matmul", "cpu")(grad, _block(weights), tokens_per_expert)
         counts = tokens_per_expert.tolist()
+        if ctx.needs_input_grad[0]:
+            dx = cpu_gemm.grouped_mm(grad, _block(weights), counts) if cpu_gemm.takes(grad) else \
+                kernels.get("grouped_matmul", "cpu")(grad, _block(weights), tokens_per_expert)
         dummies = []
         for weight, rows, grad_rows in zip(weights, x.split(counts), grad.split(counts)):
             if rows.dtype == weight.main_grad.dtype:
-                weight.main_grad.addmm_(grad_rows.t(), rows)
+                cpu_gemm.addmm_(weight.main_grad, grad_rows.t(), rows)
             else:  # bf16/fp16 experts, fp32 main_grad: the GEMM in their dtype, then the add
                 weight.main_grad.add_(grad_rows.t().matmul(rows))
             weight.grad_added_to_main_grad = True

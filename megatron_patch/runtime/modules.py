@@ -22,6 +22,7 @@ from megatron_patch.runtime import kernels
 from megatron_patch.runtime.accelerator import get_accelerator
 from megatron_patch.runtime.blocked_attention import gathered_causal_attention
 from megatron_patch.runtime.context_parallel import CP_COMM_TYPES, gather_sequence, masked_chunk_attention
+from megatron_patch.runtime.kernels import cpu_gemm
 from megatron_patch.runtime.kernels.attention_blocks import has_fused_lse
 from megatron_patch.runtime.ring_attention import ring_attention
 
@@ -44,7 +45,7 @@ class DuplicatedLinear(MegatronModule):
         self.weight.allreduce = True
 
     def forward(self, x: torch.Tensor):
-        return torch.nn.functional.linear(x, self.weight), None
+        return cpu_gemm.linear(x, self.weight), None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint

@@ -177,6 +177,8 @@ MUTANTS: list[Mutant] = [
       "megatron_patch/runtime/grouped_experts.py",
       "    if tp_axis == 0 and gated:", "    if False:",
       (EXPERT_LORA, "-k", "match_single_rank")),
+    M("cpu_gemm: oneDNN's addmm_ overwrites the accumulated gradient", "megatron_patch/runtime/kernels/cpu_gemm.py",
+      "    return out.add_(mm(a, b))", "    return out.copy_(mm(a, b))", ("tests/test_cpu_gemm.py",)),
     M("expert LoRA: the whole factor counted on every expert-TP rank in the grad norm", "megatron_patch/models/lora.py",
       "    whole.shared = tp_rank != 0", "    pass", (EXPERT_LORA, "-k", "match_single_rank")),
 ]

@@ -1,0 +1,115 @@
+"""fp32 GEMMs on CPU through oneDNN (torch's mkldnn backend) instead of torch's default BLAS.
+
+torch multiplies fp32 CPU matrices with MKL's sgemm. On AMD CPUs MKL runs its AVX2 "zen" kernel even where the
+core has AVX-512 (measured on an AMD EPYC Zen 5: ~85 GFLOP/s on one thread at the shapes of our layers), while
+oneDNN's JIT kernels use AVX-512 (~150-190 GFLOP/s, same shapes). oneDNN computes in fp32 here (its default
+fpmath mode is strict: no bf16/tf32 down-conversion); only the summation order differs from MKL's, a few ulps
+of the sum of |terms|, as a different TP split does.
+
+`enabled()` decides once per process: on when the CPU has AVX-512 and torch has oneDNN, unless
+MP_CPU_GEMM=torch (MP_CPU_GEMM=onednn forces it on where oneDNN exists). Callers use `mm`/`addmm_` where they
+would use torch.mm/Tensor.addmm_: they fall back to torch for anything but fp32 CPU matrices.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from megatron_patch.errors import UserError
+
+ENV = "MP_CPU_GEMM"
+
+
+@functools.lru_cache(maxsize=None)
+def enabled() -> bool:
+    choice = os.environ.get(ENV, "auto").lower()
+    if choice not in ("auto", "onednn", "torch"):
+        raise UserError(f"{ENV}={choice!r}: use auto, onednn or torch")
+    if choice == "torch" or not _onednn_linear_available():
+        return False
+    return choice == "onednn" or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def takes(x: torch.Tensor) -> bool:
+    """True when GEMMs on x (fp32, CPU) go through oneDNN in this process."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and enabled()
+
+
+def _fits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (takes(a) and b.dtype == torch.float32 and b.device.type == "cpu" and b.dim() == 2 and a.dim() >= 2
+            and a.numel() > 0 and b.numel() > 0)
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for a [..., k] and b [k, n] (no autograd: for use inside autograd Functions)."""
+    if not _fits(a, b):
+        return torch.matmul(a, b)
+    rows = a.reshape(-1, a.shape[-1]) if a.dim() > 2 else a
+    # _linear_pointwise(x, w) is x @ w^T, w laid out [out, in]: b^T is that view of b (no copy).
+    out = torch.ops.mkldnn._linear_pointwise(rows, b.t(), None, "none", [], "")
+    return out.view(*a.shape[:-1], b.shape[1]) if a.dim() > 2 else out
+
+
+def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """out += a @ b (2-D), as out.addmm_(a, b)."""
+    if not (_fits(a, b) and a.dim() == 2 and out.dtype == torch.float32):
+        return out.addmm_(a, b)
+    return out.add_(mm(a, b))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) without bias, differentiable, its three GEMMs through oneDNN where it `takes` x."""
+    if not (takes(x) and weight.dtype == torch.float32):
+        return torch.nn.functional.linear(x, weight)
+    return _Linear.apply(x, weight)
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return mm(x, weight.t())
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        dx = mm(grad, weight) if ctx.needs_input_grad[0] else None
+        dw = mm(grad.reshape(-1, grad.shape[-1]).t(), x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
+def grouped_mm(x: torch.Tensor, weights: torch.Tensor, counts: list) -> torch.Tensor:
+    """x [tokens, in] sorted by expert, weights [E, in, out], counts per expert (host ints) -> [tokens, out]:
+    one oneDNN GEMM per expert (torch's CPU grouped_mm runs MKL's kernel per group)."""
+    return torch.cat([mm(rows, w) for rows, w in zip(x.split(counts), weights)])
+
+
+class OneDNNMatmuls(torch.overrides.TorchFunctionMode):
+    """Inside it, torch.matmul(a, b) / a.matmul(b) with a 2-D b go through `mm`: wraps code that is not ours
+    (megatron-core's linear autograd Functions) without copying it."""
+
+    _MATMULS = frozenset({torch.matmul, torch.Tensor.matmul})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._MATMULS and not kwargs and len(args) == 2 and args[1].dim() == 2:
+            return mm(*args)
+        return func(*args, **(kwargs or {}))
+
+
+def with_onednn_matmuls(fn):
+    """fn (an autograd Function's forward or backward) with its matmuls through oneDNN when `enabled()`."""
+
+    @functools.wraps(fn)
+    def call(*args):
+        if not enabled():
+            return fn(*args)
+        with OneDNNMatmuls():
+            return fn(*args)
+
+    return call

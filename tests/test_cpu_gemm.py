@@ -1,0 +1,131 @@
+"""fp32 GEMMs through oneDNN on CPU (runtime/kernels/cpu_gemm.py): the products equal float64 within a few ulps
+of the sum of |terms| (any summation order stays there; a wrong operand or layout is off by O(1)), oneDNN
+really runs where it is on, everything else falls back to torch, and megatron's linear Function, patched, gives
+torch's results. Single process, small."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from megatron_patch.errors import UserError
+from megatron_patch.runtime import adapters
+from megatron_patch.runtime.kernels import cpu_gemm
+
+EPS = torch.finfo(torch.float32).eps
+ULPS = 8  # measured: at most 3 eps of sum|terms| (k up to 1024)
+
+
+class OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def onednn(monkeypatch):
+    if not cpu_gemm._onednn_linear_available():
+        pytest.skip("this torch has no oneDNN (mkldnn) linear")
+    monkeypatch.setenv(cpu_gemm.ENV, "onednn")
+    cpu_gemm.enabled.cache_clear()
+    yield
+    cpu_gemm.enabled.cache_clear()
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_product(out, a, b, added=None):
+    """out == a @ b (+ added) within ULPS eps of sum|terms|, against float64."""
+    ref = a.double() @ b.double() + (0 if added is None else added.double())
+    scale = a.double().abs() @ b.double().abs() + (0 if added is None else added.double().abs())
+    err = ((out.double() - ref).abs() / scale.clamp_min(1e-30)).max().item()
+    assert err <= ULPS * EPS, f"error {err / EPS:.1f} eps of sum|terms|"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "a transposed", "b transposed"])
+def test_mm_and_addmm_equal_float64_within_ulps_and_run_onednn(onednn, layout):
+    a = torch.randn(96, 160, generator=gen(1))
+    b = torch.randn(160, 48, generator=gen(2))
+    if layout == "a transposed":
+        a = a.t().contiguous().t()
+    elif layout == "b transposed":
+        b = b.t().contiguous().t()
+    acc = torch.randn(96, 48, generator=gen(3))
+    with OpNames() as seen:
+        out = cpu_gemm.mm(a, b)
+        summed = cpu_gemm.addmm_(acc.clone(), a, b)
+    assert seen.names.count("_linear_pointwise") == 2 and "mm" not in seen.names and "addmm_" not in seen.names
+    assert_product(out, a, b)
+    assert_product(summed, a, b, added=acc)
+    x3 = torch.randn(4, 24, 160, generator=gen(4))  # leading dims folded, as torch.matmul does
+    assert_product(cpu_gemm.mm(x3, b).reshape(-1, 48), x3.reshape(-1, 160), b)
+
+
+def test_linear_and_grouped_gemms_equal_float64_within_ulps(onednn):
+    x = torch.randn(3, 40, 64, generator=gen(5), requires_grad=True)
+    w = torch.randn(24, 64, generator=gen(6), requires_grad=True)
+    g = torch.randn(3, 40, 24, generator=gen(7))
+    y = cpu_gemm.linear(x, w)
+    y.backward(g)
+    rows, grows = x.detach().reshape(-1, 64), g.reshape(-1, 24)
+    assert_product(y.detach().reshape(-1, 24), rows, w.detach().t())
+    assert_product(x.grad.reshape(-1, 64), grows, w.detach())
+    assert_product(w.grad, grows.t(), rows)
+
+    counts = [5, 0, 17, 10]  # an expert without tokens too
+    xs = torch.randn(sum(counts), 32, generator=gen(8))
+    ws = torch.randn(4, 32, 16, generator=gen(9))
+    out = cpu_gemm.grouped_mm(xs, ws, counts)
+    for rows_e, w_e, out_e in zip(xs.split(counts), ws, out.split(counts)):
+        if len(rows_e):
+            assert_product(out_e, rows_e, w_e)
+
+
+def test_other_dtypes_and_the_torch_setting_keep_torchs_gemm(onednn, monkeypatch):
+    a = torch.randn(16, 32, generator=gen(10)).bfloat16()
+    b = torch.randn(32, 8, generator=gen(11)).bfloat16()
+    assert torch.equal(cpu_gemm.mm(a, b), a @ b)
+    monkeypatch.setenv(cpu_gemm.ENV, "torch")
+    cpu_gemm.enabled.cache_clear()
+    assert not cpu_gemm.enabled()
+    a, b = a.float(), b.float()
+    with OpNames() as seen:
+        assert torch.equal(cpu_gemm.mm(a, b), a @ b)
+    assert "_linear_pointwise" not in seen.names
+    monkeypatch.setenv(cpu_gemm.ENV, "mkl")
+    cpu_gemm.enabled.cache_clear()
+    with pytest.raises(UserError, match="MP_CPU_GEMM='mkl': use auto, onednn or torch"):
+        cpu_gemm.enabled()
+
+
+def test_megatrons_linear_function_through_the_patch_equals_torch(onednn, monkeypatch):
+    from megatron.core.tensor_parallel import layers
+
+    cls = layers.LinearWithGradAccumulationAndAsyncCommunication
+    x = torch.randn(12, 2, 64, generator=gen(12))
+    w = torch.randn(40, 64, generator=gen(13))
+    g = torch.randn(12, 2, 40, generator=gen(14))
+
+    def run():
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = layers.linear_with_grad_accumulation_and_async_allreduce(xi, wi, None, False, False, False,
+                                                                     tp_group=object())
+        y.backward(g)
+        return y.detach(), xi.grad, wi.grad
+
+    reference = run()
+    for step in ("forward", "backward"):
+        patch = next(p for p in adapters.REGISTRY.patches if p.target.endswith(f"{cls.__name__}.{step}"))
+        monkeypatch.setattr(cls, step, staticmethod(patch.make(cls.__dict__[step].__func__)))
+    with OpNames() as seen:
+        patched = run()
+    assert seen.names.count("_linear_pointwise") == 3 and "mm" not in seen.names  # y, dx, dW
+    rows, grows = x.reshape(-1, 64), g.reshape(-1, 40)
+    for y, dx, dw in (patched, reference):  # both are the exact products within a few ulps
+        assert_product(y.reshape(-1, 40), rows, w.t())
+        assert_product(dx.reshape(-1, 64), grows, w)
+        assert_product(dw, grows.t(), rows)
