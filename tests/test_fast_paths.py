@@ -80,7 +80,7 @@ def test_expert_weight_grads_go_straight_into_main_grad():
     out = layer.grouped_forward(fused_x, torch.tensor(COUNTS))
     assert out.grad_fn.name().startswith("_GroupedLinearIntoMainGrad")
     out.backward(grad)
-    assert torch.equal(fused_x.grad, plain_x.grad)
+    torch.testing.assert_close(fused_x.grad, plain_x.grad, rtol=1e-6, atol=1e-6)  # oneDNN per expert on AVX-512
     for w, e, g in zip(layer.weights(), earlier, expected):
         assert w.grad_added_to_main_grad
         torch.testing.assert_close(w.main_grad, e + g, rtol=1e-6, atol=1e-6)

@@ -53,7 +53,8 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     rows = a.reshape(-1, a.shape[-1]) if a.dim() > 2 else a
     # _linear_pointwise(x, w) is x @ w^T, w laid out [out, in]: b^T is that view of b (no copy).
     out = torch.ops.mkldnn._linear_pointwise(rows, b.t(), None, "none", [], "")
-    return out.view(*a.shape[:-1], b.shape[1]) if a.dim() > 2 else out
+    # _unsafe_view, as torch.matmul folds back: not a view to autograd, so callers' outputs may be changed in place
+    return torch.ops.aten._unsafe_view(out, (*a.shape[:-1], b.shape[1])) if a.dim() > 2 else out
 
 
 def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
