@@ -104,12 +104,11 @@ class OneDNNMatmuls(torch.overrides.TorchFunctionMode):
 
 
 def with_onednn_matmuls(fn):
-    """fn (an autograd Function's forward or backward) with its matmuls through oneDNN when `enabled()`."""
+    """fn (an autograd Function's forward or backward) with its matmuls through oneDNN (the adapter applies it
+    only where `enabled()`; `mm` still falls back to torch for what oneDNN does not take)."""
 
     @functools.wraps(fn)
     def call(*args):
-        if not enabled():
-            return fn(*args)
         with OneDNNMatmuls():
             return fn(*args)
 
