@@ -85,6 +85,34 @@ def test_linear_and_grouped_gemms_equal_float64_within_ulps(onednn):
             assert_product(out_e, rows_e, w_e)
 
 
+def test_pieces_sum_to_n_with_few_distinct_sizes():
+    sizes = set()
+    for n in range(4097):
+        parts = cpu_gemm.pieces(n)
+        assert sum(parts) == n and parts == sorted(parts, reverse=True)
+        for part in parts:  # at most SIGNIFICANT_BITS significant bits
+            assert part >> max(part.bit_length() - cpu_gemm.SIGNIFICANT_BITS, 0) < 2 ** cpu_gemm.SIGNIFICANT_BITS
+        sizes.update(parts)
+    assert cpu_gemm.pieces(512) == [512] and cpu_gemm.pieces(130) == [128, 2]
+    assert len(sizes) <= 15 + 8 * 9  # 1..15, then 8 sizes per power of two up to 4096
+
+
+def test_rows_and_contraction_of_unaligned_sizes_are_cut_into_pieces(onednn):
+    """Expert GEMMs have data-dependent sizes: each new shape would compile a kernel, so they are cut (130 rows:
+    128 + 2, contraction 137: 136 + 1) and the products stay exact within ulps."""
+    a = torch.randn(130, 137, generator=gen(15))
+    b = torch.randn(137, 24, generator=gen(16))
+    acc = torch.randn(130, 24, generator=gen(17))
+    with OpNames() as seen:
+        out = cpu_gemm.mm(a, b)
+    assert seen.names.count("_linear_pointwise") == 2
+    assert_product(out, a, b)
+    with OpNames() as seen:
+        summed = cpu_gemm.addmm_(acc.clone(), a, b)
+    assert seen.names.count("_linear_pointwise") == 4  # 2 contraction pieces x 2 row pieces
+    assert_product(summed, a, b, added=acc)
+
+
 def test_other_dtypes_and_the_torch_setting_keep_torchs_gemm(onednn, monkeypatch):
     a = torch.randn(16, 32, generator=gen(10)).bfloat16()
     b = torch.randn(32, 8, generator=gen(11)).bfloat16()

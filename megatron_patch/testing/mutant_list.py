@@ -178,7 +178,10 @@ MUTANTS: list[Mutant] = [
       "    if tp_axis == 0 and gated:", "    if False:",
       (EXPERT_LORA, "-k", "match_single_rank")),
     M("cpu_gemm: oneDNN's addmm_ overwrites the accumulated gradient", "megatron_patch/runtime/kernels/cpu_gemm.py",
-      "    return out.add_(mm(a, b))", "    return out.copy_(mm(a, b))", ("tests/test_cpu_gemm.py",)),
+      "        out.add_(mm(a[:, start:start + size], b[start:start + size]))",
+      "        out.copy_(mm(a[:, start:start + size], b[start:start + size]))", ("tests/test_cpu_gemm.py",)),
+    M("cpu_gemm: every piece of the contraction starts at 0", "megatron_patch/runtime/kernels/cpu_gemm.py",
+      "        start += size", "        pass", ("tests/test_cpu_gemm.py",)),
     M("expert LoRA: the whole factor counted on every expert-TP rank in the grad norm", "megatron_patch/models/lora.py",
       "    whole.shared = tp_rank != 0", "    pass", (EXPERT_LORA, "-k", "match_single_rank")),
 ]

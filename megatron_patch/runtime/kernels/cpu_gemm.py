@@ -9,6 +9,12 @@ of the sum of |terms|, as a different TP split does.
 `enabled()` decides once per process: on when the CPU has AVX-512 and torch has oneDNN, unless
 MP_CPU_GEMM=torch (MP_CPU_GEMM=onednn forces it on where oneDNN exists). Callers use `mm`/`addmm_` where they
 would use torch.mm/Tensor.addmm_: they fall back to torch for anything but fp32 CPU matrices.
+
+oneDNN compiles a kernel per GEMM shape (~0.6 ms on first use, measured; then cached, 1024 shapes by default).
+Expert GEMMs have data-dependent rows (tokens per expert), so every step met new shapes: `mm` and `addmm_` cut
+the rows and the contraction into pieces whose sizes have at most SIGNIFICANT_BITS significant bits (130 ->
+128 + 2), about 8 sizes per power of two, all compiled after a few steps; shapes already of that form (the
+dense layers' 512, 1536, 384) stay one GEMM.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import torch
 from megatron_patch.errors import UserError
 
 ENV = "MP_CPU_GEMM"
+SIGNIFICANT_BITS = 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,13 +53,31 @@ def _fits(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.numel() > 0 and b.numel() > 0)
 
 
+def pieces(n: int) -> list[int]:
+    """n as a sum of sizes with at most SIGNIFICANT_BITS significant bits, largest first (130 -> [128, 2])."""
+    sizes = []
+    while n:
+        low = max(n.bit_length() - SIGNIFICANT_BITS, 0)
+        sizes.append((n >> low) << low)
+        n -= sizes[-1]
+    return sizes
+
+
+def _row_products(rows: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
+    """rows @ b (2-D) as a list of row blocks: one oneDNN GEMM per piece of the rows, or torch's one."""
+    if not _fits(rows, b):
+        return [torch.matmul(rows, b)]
+    # _linear_pointwise(x, w) is x @ w^T, w laid out [out, in]: b^T is that view of b (no copy).
+    return [torch.ops.mkldnn._linear_pointwise(block, b.t(), None, "none", [], "")
+            for block in rows.split(pieces(rows.shape[0]))]
+
+
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for a [..., k] and b [k, n] (no autograd: for use inside autograd Functions)."""
     if not _fits(a, b):
         return torch.matmul(a, b)
-    rows = a.reshape(-1, a.shape[-1]) if a.dim() > 2 else a
-    # _linear_pointwise(x, w) is x @ w^T, w laid out [out, in]: b^T is that view of b (no copy).
-    out = torch.ops.mkldnn._linear_pointwise(rows, b.t(), None, "none", [], "")
+    blocks = _row_products(a.reshape(-1, a.shape[-1]) if a.dim() > 2 else a, b)
+    out = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
     # _unsafe_view, as torch.matmul folds back: not a view to autograd, so callers' outputs may be changed in place
     return torch.ops.aten._unsafe_view(out, (*a.shape[:-1], b.shape[1])) if a.dim() > 2 else out
 
@@ -61,7 +86,11 @@ def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """out += a @ b (2-D), as out.addmm_(a, b)."""
     if not (_fits(a, b) and a.dim() == 2 and out.dtype == torch.float32):
         return out.addmm_(a, b)
-    return out.add_(mm(a, b))
+    start = 0
+    for size in pieces(a.shape[1]):  # the contraction in pieces too: one more rounding per piece
+        out.add_(mm(a[:, start:start + size], b[start:start + size]))
+        start += size
+    return out
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -88,7 +117,7 @@ class _Linear(torch.autograd.Function):
 def grouped_mm(x: torch.Tensor, weights: torch.Tensor, counts: list) -> torch.Tensor:
     """x [tokens, in] sorted by expert, weights [E, in, out], counts per expert (host ints) -> [tokens, out]:
     one oneDNN GEMM per expert (torch's CPU grouped_mm runs MKL's kernel per group)."""
-    return torch.cat([mm(rows, w) for rows, w in zip(x.split(counts), weights)])
+    return torch.cat([block for rows, w in zip(x.split(counts), weights) for block in _row_products(rows, w)])
 
 
 class OneDNNMatmuls(torch.overrides.TorchFunctionMode):
