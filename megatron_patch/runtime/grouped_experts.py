@@ -238,8 +238,9 @@ class _GroupedLinearIntoMainGrad(torch.autograd.Function):
         # the parameters themselves, not saved tensors: under saved_tensors_hooks (memory meters, offloading)
         # saved tensors come back as other objects, without DDP's main_grad
         ctx.weights = weights
+        ctx.counts = tokens_per_expert.tolist()  # one host read for forward and backward
         if cpu_gemm.takes(x):
-            return cpu_gemm.grouped_mm(x, _block(weights).transpose(1, 2), tokens_per_expert.tolist())
+            return cpu_gemm.grouped_mm(x, _block(weights).transpose(1, 2), ctx.counts)
         return kernels.get("grouped_matmul", "cpu")(x, _block(weights).transpose(1, 2), tokens_per_expert)
 
     @staticmethod
@@ -248,7 +249,7 @@ class _GroupedLinearIntoMainGrad(torch.autograd.Function):
         weights = ctx.weights
         grad = grad.contiguous()
         dx = None
-        counts = tokens_per_expert.tolist()
+        counts = ctx.counts
         if ctx.needs_input_grad[0]:
             dx = cpu_gemm.grouped_mm(grad, _block(weights), counts) if cpu_gemm.takes(grad) else \
                 kernels.get("grouped_matmul", "cpu")(grad, _block(weights), tokens_per_expert)
