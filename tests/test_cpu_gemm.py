@@ -48,38 +48,43 @@ def assert_product(out, a, b, added=None):
 
 @pytest.mark.parametrize("layout", ["contiguous", "a transposed", "b transposed"])
 def test_mm_and_addmm_equal_float64_within_ulps_and_run_onednn(onednn, layout):
-    a = torch.randn(96, 160, generator=gen(1))
-    b = torch.randn(160, 48, generator=gen(2))
+    a = torch.randn(192, 320, generator=gen(1))  # 11.8 MFLOP: over oneDNN's MIN_FLOPS (twice it for addmm_)
+    b = torch.randn(320, 96, generator=gen(2))
     if layout == "a transposed":
         a = a.t().contiguous().t()
     elif layout == "b transposed":
         b = b.t().contiguous().t()
-    acc = torch.randn(96, 48, generator=gen(3))
+    acc = torch.randn(192, 96, generator=gen(3))
     with OpNames() as seen:
         out = cpu_gemm.mm(a, b)
         summed = cpu_gemm.addmm_(acc.clone(), a, b)
     assert seen.names.count("_linear_pointwise") == 2 and "mm" not in seen.names and "addmm_" not in seen.names
     assert_product(out, a, b)
     assert_product(summed, a, b, added=acc)
-    x3 = torch.randn(4, 24, 160, generator=gen(4))  # leading dims folded, as torch.matmul does
-    assert_product(cpu_gemm.mm(x3, b).reshape(-1, 48), x3.reshape(-1, 160), b)
+    x3 = torch.randn(4, 48, 320, generator=gen(4))  # leading dims folded, as torch.matmul does
+    assert_product(cpu_gemm.mm(x3, b).reshape(-1, 96), x3.reshape(-1, 320), b)
 
 
 def test_linear_and_grouped_gemms_equal_float64_within_ulps(onednn):
-    x = torch.randn(3, 40, 64, generator=gen(5), requires_grad=True)
-    w = torch.randn(24, 64, generator=gen(6), requires_grad=True)
-    g = torch.randn(3, 40, 24, generator=gen(7))
-    y = cpu_gemm.linear(x, w)
-    y.backward(g)
-    rows, grows = x.detach().reshape(-1, 64), g.reshape(-1, 24)
-    assert_product(y.detach().reshape(-1, 24), rows, w.detach().t())
-    assert_product(x.grad.reshape(-1, 64), grows, w.detach())
+    x = torch.randn(3, 40, 256, generator=gen(5), requires_grad=True)
+    w = torch.randn(96, 256, generator=gen(6), requires_grad=True)
+    g = torch.randn(3, 40, 96, generator=gen(7))
+    with OpNames() as seen:
+        y = cpu_gemm.linear(x, w)
+        y.backward(g)
+    assert seen.names.count("_linear_pointwise") == 3
+    rows, grows = x.detach().reshape(-1, 256), g.reshape(-1, 96)
+    assert_product(y.detach().reshape(-1, 96), rows, w.detach().t())
+    assert_product(x.grad.reshape(-1, 256), grows, w.detach())
     assert_product(w.grad, grows.t(), rows)
 
-    counts = [5, 0, 17, 10]  # an expert without tokens too
-    xs = torch.randn(sum(counts), 32, generator=gen(8))
-    ws = torch.randn(4, 32, 16, generator=gen(9))
-    out = cpu_gemm.grouped_mm(xs, ws, counts)
+    counts = [5, 0, 70, 130]  # an expert without tokens; 70 = 64 + 6 and 130 = 128 + 2 rows
+    xs = torch.randn(sum(counts), 256, generator=gen(8))
+    ws = torch.randn(4, 256, 128, generator=gen(9))
+    with OpNames() as seen:
+        out = cpu_gemm.grouped_mm(xs, ws, counts)
+    # 64 and 128 rows through oneDNN; 5, 6 and 2 rows (under MIN_FLOPS) and the empty expert through torch's GEMM
+    assert seen.names.count("_linear_pointwise") == 2 and seen.names.count("mm") == 4
     for rows_e, w_e, out_e in zip(xs.split(counts), ws, out.split(counts)):
         if len(rows_e):
             assert_product(out_e, rows_e, w_e)
@@ -99,17 +104,20 @@ def test_pieces_sum_to_n_with_few_distinct_sizes():
 
 def test_rows_and_contraction_of_unaligned_sizes_are_cut_into_pieces(onednn):
     """Expert GEMMs have data-dependent sizes: each new shape would compile a kernel, so they are cut (130 rows:
-    128 + 2, contraction 137: 136 + 1) and the products stay exact within ulps."""
-    a = torch.randn(130, 137, generator=gen(15))
-    b = torch.randn(137, 24, generator=gen(16))
-    acc = torch.randn(130, 24, generator=gen(17))
+    128 + 2, contraction 273: 256 + 16 + 1), small pieces go to torch's GEMM, and the products stay exact
+    within ulps."""
+    a = torch.randn(130, 273, generator=gen(15))
+    b = torch.randn(273, 256, generator=gen(16))
+    acc = torch.randn(130, 256, generator=gen(17))
     with OpNames() as seen:
         out = cpu_gemm.mm(a, b)
-    assert seen.names.count("_linear_pointwise") == 2
+    assert seen.names.count("_linear_pointwise") == 1 and seen.names.count("mm") == 1  # 128 rows; 2 rows
     assert_product(out, a, b)
     with OpNames() as seen:
         summed = cpu_gemm.addmm_(acc.clone(), a, b)
-    assert seen.names.count("_linear_pointwise") == 4  # 2 contraction pieces x 2 row pieces
+    # contraction 256: oneDNN (128 rows) + torch (2 rows); 16 and 1: torch's addmm_, under twice MIN_FLOPS
+    assert seen.names.count("_linear_pointwise") == 1 and seen.names.count("mm") == 1
+    assert seen.names.count("addmm_") == 2
     assert_product(summed, a, b, added=acc)
 
 
@@ -134,9 +142,9 @@ def test_megatrons_linear_function_through_the_patch_equals_torch(onednn, monkey
     from megatron.core.tensor_parallel import layers
 
     cls = layers.LinearWithGradAccumulationAndAsyncCommunication
-    x = torch.randn(12, 2, 64, generator=gen(12))
-    w = torch.randn(40, 64, generator=gen(13))
-    g = torch.randn(12, 2, 40, generator=gen(14))
+    x = torch.randn(64, 2, 256, generator=gen(12))  # each of the three GEMMs 8.4 MFLOP: over MIN_FLOPS
+    w = torch.randn(128, 256, generator=gen(13))
+    g = torch.randn(64, 2, 128, generator=gen(14))
 
     def run():
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -152,8 +160,8 @@ def test_megatrons_linear_function_through_the_patch_equals_torch(onednn, monkey
     with OpNames() as seen:
         patched = run()
     assert seen.names.count("_linear_pointwise") == 3 and "mm" not in seen.names  # y, dx, dW
-    rows, grows = x.reshape(-1, 64), g.reshape(-1, 40)
+    rows, grows = x.reshape(-1, 256), g.reshape(-1, 128)
     for y, dx, dw in (patched, reference):  # both are the exact products within a few ulps
-        assert_product(y.reshape(-1, 40), rows, w.t())
-        assert_product(dx.reshape(-1, 64), grows, w)
+        assert_product(y.reshape(-1, 128), rows, w.t())
+        assert_product(dx.reshape(-1, 256), grows, w)
         assert_product(dw, grows.t(), rows)

@@ -14,7 +14,8 @@ oneDNN compiles a kernel per GEMM shape (~0.6 ms on first use, measured; then ca
 Expert GEMMs have data-dependent rows (tokens per expert), so every step met new shapes: `mm` and `addmm_` cut
 the rows and the contraction into pieces whose sizes have at most SIGNIFICANT_BITS significant bits (130 ->
 128 + 2), about 8 sizes per power of two, all compiled after a few steps; shapes already of that form (the
-dense layers' 512, 1536, 384) stay one GEMM.
+dense layers' 512, 1536, 384) stay one GEMM. A oneDNN call also costs ~20 us before any arithmetic (MKL's ~3 us):
+products under MIN_FLOPS (the tails of those cuts, tiny layers) stay with torch's GEMM, which is faster there.
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ from megatron_patch.errors import UserError
 
 ENV = "MP_CPU_GEMM"
 SIGNIFICANT_BITS = 4
+# Below this many FLOPs torch's GEMM wins (measured, one thread: x @ w^T with 256x512 weights is faster in MKL up
+# to ~12 rows); an accumulating product (addmm_) pays oneDNN's separate add as well: twice the bar.
+MIN_FLOPS = 4_000_000
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,9 +71,15 @@ def _row_products(rows: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
     """rows @ b (2-D) as a list of row blocks: one oneDNN GEMM per piece of the rows, or torch's one."""
     if not _fits(rows, b):
         return [torch.matmul(rows, b)]
+    return [_product(block, b) for block in rows.split(pieces(rows.shape[0]))]
+
+
+def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (2-D fp32 CPU): oneDNN from MIN_FLOPS up, torch's GEMM below."""
+    if 2 * a.shape[0] * a.shape[1] * b.shape[1] < MIN_FLOPS:
+        return torch.mm(a, b)
     # _linear_pointwise(x, w) is x @ w^T, w laid out [out, in]: b^T is that view of b (no copy).
-    return [torch.ops.mkldnn._linear_pointwise(block, b.t(), None, "none", [], "")
-            for block in rows.split(pieces(rows.shape[0]))]
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -88,7 +98,11 @@ def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return out.addmm_(a, b)
     start = 0
     for size in pieces(a.shape[1]):  # the contraction in pieces too: one more rounding per piece
-        out.add_(mm(a[:, start:start + size], b[start:start + size]))
+        a_piece, b_piece = a[:, start:start + size], b[start:start + size]
+        if 2 * a.shape[0] * size * b.shape[1] < 2 * MIN_FLOPS:
+            out.addmm_(a_piece, b_piece)
+        else:
+            out.add_(mm(a_piece, b_piece))
         start += size
     return out
 
