@@ -67,19 +67,23 @@ def pieces(n: int) -> list[int]:
     return sizes
 
 
+def _split(t: torch.Tensor, sizes: list, dim: int = 0) -> list:
+    return [t] if len(sizes) == 1 else t.split(sizes, dim)  # no split op for one piece
+
+
 def _row_products(rows: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
-    """rows @ b (2-D) as a list of row blocks: one oneDNN GEMM per piece of the rows, or torch's one."""
+    """rows @ b (2-D) as a list of row blocks: one GEMM per piece of the rows, or torch's one."""
     if not _fits(rows, b):
         return [torch.matmul(rows, b)]
-    return [_product(block, b) for block in rows.split(pieces(rows.shape[0]))]
+    b_t = b.t()  # _linear_pointwise(x, w) is x @ w^T, w laid out [out, in]: b^T is that view of b (no copy)
+    return [_product(block, b, b_t) for block in _split(rows, pieces(rows.shape[0]))]
 
 
-def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _product(a: torch.Tensor, b: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """a @ b (2-D fp32 CPU): oneDNN from MIN_FLOPS up, torch's GEMM below."""
     if 2 * a.shape[0] * a.shape[1] * b.shape[1] < MIN_FLOPS:
         return torch.mm(a, b)
-    # _linear_pointwise(x, w) is x @ w^T, w laid out [out, in]: b^T is that view of b (no copy).
-    return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -96,14 +100,15 @@ def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """out += a @ b (2-D), as out.addmm_(a, b)."""
     if not (_fits(a, b) and a.dim() == 2 and out.dtype == torch.float32):
         return out.addmm_(a, b)
-    start = 0
-    for size in pieces(a.shape[1]):  # the contraction in pieces too: one more rounding per piece
-        a_piece, b_piece = a[:, start:start + size], b[start:start + size]
-        if 2 * a.shape[0] * size * b.shape[1] < 2 * MIN_FLOPS:
+    sizes = pieces(a.shape[1])  # the contraction in pieces too: one more rounding per piece
+    for a_piece, b_piece in zip(_split(a, sizes, 1), _split(b, sizes)):
+        if 2 * a.shape[0] * a_piece.shape[1] * b.shape[1] < 2 * MIN_FLOPS:
             out.addmm_(a_piece, b_piece)
-        else:
-            out.add_(mm(a_piece, b_piece))
-        start += size
+            continue
+        row = 0
+        for block in _row_products(a_piece, b_piece):  # added where it lands: no cat
+            out.narrow(0, row, block.shape[0]).add_(block)
+            row += block.shape[0]
     return out
 
 
