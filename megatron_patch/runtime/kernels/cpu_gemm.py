@@ -72,16 +72,24 @@ def _split(t: torch.Tensor, sizes: list, dim: int = 0) -> list:
 
 
 def _row_products(rows: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
-    """rows @ b (2-D) as a list of row blocks: one GEMM per piece of the rows, or torch's one."""
-    if not _fits(rows, b):
-        return [torch.matmul(rows, b)]
+    """rows @ b (2-D) as a list of row blocks: `_blocks` where oneDNN fits, else torch's one GEMM."""
+    return _blocks(rows, b) if _fits(rows, b) else [torch.matmul(rows, b)]
+
+
+def _blocks(rows: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
+    """rows @ b for operands that `_fits`: one GEMM per piece of the rows."""
     b_t = b.t()  # _linear_pointwise(x, w) is x @ w^T, w laid out [out, in]: b^T is that view of b (no copy)
     return [_product(block, b, b_t) for block in _split(rows, pieces(rows.shape[0]))]
 
 
+def _small(m: int, k: int, n: int, bar: int = MIN_FLOPS) -> bool:
+    """An m x k x n product under `bar` FLOPs: torch's GEMM is faster there."""
+    return 2 * m * k * n < bar
+
+
 def _product(a: torch.Tensor, b: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """a @ b (2-D fp32 CPU): oneDNN from MIN_FLOPS up, torch's GEMM below."""
-    if 2 * a.shape[0] * a.shape[1] * b.shape[1] < MIN_FLOPS:
+    if _small(a.shape[0], a.shape[1], b.shape[1]):
         return torch.mm(a, b)
     return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
 
@@ -90,7 +98,7 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for a [..., k] and b [k, n] (no autograd: for use inside autograd Functions)."""
     if not _fits(a, b):
         return torch.matmul(a, b)
-    blocks = _row_products(a.reshape(-1, a.shape[-1]) if a.dim() > 2 else a, b)
+    blocks = _blocks(a.reshape(-1, a.shape[-1]) if a.dim() > 2 else a, b)
     out = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
     # _unsafe_view, as torch.matmul folds back: not a view to autograd, so callers' outputs may be changed in place
     return torch.ops.aten._unsafe_view(out, (*a.shape[:-1], b.shape[1])) if a.dim() > 2 else out
@@ -102,11 +110,11 @@ def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return out.addmm_(a, b)
     sizes = pieces(a.shape[1])  # the contraction in pieces too: one more rounding per piece
     for a_piece, b_piece in zip(_split(a, sizes, 1), _split(b, sizes)):
-        if 2 * a.shape[0] * a_piece.shape[1] * b.shape[1] < 2 * MIN_FLOPS:
+        if _small(a.shape[0], a_piece.shape[1], b.shape[1], 2 * MIN_FLOPS):
             out.addmm_(a_piece, b_piece)
             continue
         row = 0
-        for block in _row_products(a_piece, b_piece):  # added where it lands: no cat
+        for block in _blocks(a_piece, b_piece):  # added where it lands: no cat
             out.narrow(0, row, block.shape[0]).add_(block)
             row += block.shape[0]
     return out
