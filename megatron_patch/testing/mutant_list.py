@@ -183,6 +183,12 @@ MUTANTS: list[Mutant] = [
     M("cpu_gemm: every row block of an accumulated product lands on the first rows",
       "megatron_patch/runtime/kernels/cpu_gemm.py", "            row += block.shape[0]", "            pass",
       ("tests/test_cpu_gemm.py",)),
+    M("cpu attention: a GQA group's query heads overwrite each other's key/value gradients",
+      "megatron_patch/runtime/kernels/cpu_attention.py",
+      "                total.copy_(part) if first else total.add_(part)", "                total.copy_(part)",
+      ("tests/test_cpu_attention.py",)),
+    M("cpu attention: the causal triangle is not masked", "megatron_patch/runtime/kernels/cpu_attention.py",
+      "                scores.add_(bias)", "                pass", ("tests/test_cpu_attention.py",)),
     M("expert LoRA: the whole factor counted on every expert-TP rank in the grad norm", "megatron_patch/models/lora.py",
       "    whole.shared = tp_rank != 0", "    pass", (EXPERT_LORA, "-k", "match_single_rank")),
 ]

@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_patch.runtime.kernels import cpu_attention
+
 # npu_fusion_attention's causal modes (sparse_mode 2/3) take this fixed, compressed upper-triangular mask
 # instead of an [sq, sk] one, whatever the sequence length.
 _NPU_CAUSAL_MASK_SIZE = 2048
@@ -20,7 +22,9 @@ _NPU_DEFAULT_MASK = 0     # sparse_mode: use atten_mask as given (pre/next_tocke
 
 def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
                    attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Torch implementation, via scaled_dot_product_attention."""
+    """Torch implementation, via scaled_dot_product_attention (fp32 CPU: head-wise on oneDNN where that takes it)."""
+    if attn_mask is None and cpu_attention.takes(q, k, v):
+        return cpu_attention.headwise_attention(q, k, v, scale, causal)
     dqk, dv = q.shape[-1], v.shape[-1]
     if dv != dqk:
         # SDPA's fused kernels (CPU and CUDA flash) take one head dim; with MLA's 192/128 it fell back to the

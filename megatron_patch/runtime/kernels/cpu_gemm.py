@@ -82,14 +82,14 @@ def _blocks(rows: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
     return [_product(block, b, b_t) for block in _split(rows, pieces(rows.shape[0]))]
 
 
-def _small(m: int, k: int, n: int, bar: int = MIN_FLOPS) -> bool:
+def small_product(m: int, k: int, n: int, bar: int = MIN_FLOPS) -> bool:
     """An m x k x n product under `bar` FLOPs: torch's GEMM is faster there."""
     return 2 * m * k * n < bar
 
 
 def _product(a: torch.Tensor, b: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """a @ b (2-D fp32 CPU): oneDNN from MIN_FLOPS up, torch's GEMM below."""
-    if _small(a.shape[0], a.shape[1], b.shape[1]):
+    if small_product(a.shape[0], a.shape[1], b.shape[1]):
         return torch.mm(a, b)
     return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
 
@@ -110,7 +110,7 @@ def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return out.addmm_(a, b)
     sizes = pieces(a.shape[1])  # the contraction in pieces too: one more rounding per piece
     for a_piece, b_piece in zip(_split(a, sizes, 1), _split(b, sizes)):
-        if _small(a.shape[0], a_piece.shape[1], b.shape[1], 2 * MIN_FLOPS):
+        if small_product(a.shape[0], a_piece.shape[1], b.shape[1], 2 * MIN_FLOPS):
             out.addmm_(a_piece, b_piece)
             continue
         row = 0
