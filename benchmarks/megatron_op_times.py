@@ -17,8 +17,13 @@ def main(argv: list[str]) -> int:
     from megatron_patch.runtime.console import quiet_known_warnings
     from megatron_patch.training.arguments import build_parser, validate
     from megatron_patch.training.trainer import Trainer
-    from op_times import OpTimes  # next to this file
+    from megatron_patch.runtime.kernels import cpu_attention
+    from op_times import OpTimes, counted_as  # next to this file
 
+    # the head-wise CPU attention's GEMMs and softmax are attention (SDPA's fused kernel is by its op name)
+    for step in ("forward", "backward"):
+        setattr(cpu_attention._HeadwiseAttention, step,
+                staticmethod(counted_as("attention", getattr(cpu_attention._HeadwiseAttention, step))))
     quiet_known_warnings()
     args = build_parser("megatron_op_times").parse_args(pretrain_args)
     validate(args)

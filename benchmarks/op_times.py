@@ -11,6 +11,7 @@ kernel columns across sides, not that one. Accelerator ops are asynchronous: CPU
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -24,6 +25,21 @@ ATTENTION = frozenset({
     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
 })
 KINDS = ("gemm", "attention", "other_ops", "between_ops")
+_counted_as = []  # innermost `counted_as` kind, if any
+
+
+def counted_as(kind: str, fn):
+    """fn with every op it runs counted as `kind` (an attention built from GEMM and softmax ops, for example)."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        _counted_as.append(kind)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _counted_as.pop()
+
+    return call
 
 
 class OpTimes(TorchDispatchMode):
@@ -44,7 +60,8 @@ class OpTimes(TorchDispatchMode):
         start = time.perf_counter()
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        kind = "gemm" if name in GEMM else "attention" if name in ATTENTION else "other_ops"
+        kind = _counted_as[-1] if _counted_as else "gemm" if name in GEMM else "attention" if name in ATTENTION \
+            else "other_ops"
         self.seconds[kind] += time.perf_counter() - start
         return out
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from op_times import OpTimes  # noqa: E402
+from op_times import OpTimes, counted_as  # noqa: E402
 
 
 def test_linears_are_gemm_attention_is_attention_and_no_op_is_counted_twice():
@@ -18,6 +18,7 @@ def test_linears_are_gemm_attention_is_attention_and_no_op_is_counted_twice():
     with OpTimes() as attention_only:
         torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
         torch.softmax(q @ q.transpose(-1, -2), dim=-1).sum().backward()  # HF's eager path: bmm + softmax
+        counted_as("attention", torch.nn.functional.linear)(x, w).sum()  # GEMMs of a head-wise attention
     with OpTimes() as neither:
         (x * 2).relu().sum().backward()
 
