@@ -21,7 +21,7 @@ def setup(device: str | None = None) -> Accelerator:
         return acc
     if _STATE["device"] is not None:
         teardown()
-    from megatron_patch.runtime import adapters, npu_adapter, routing, static_dispatch  # noqa: F401 - register their patches
+    from megatron_patch.runtime import adapters, cpu_linear, npu_adapter, routing, static_dispatch  # noqa: F401 - register their patches
 
     adapters.import_entry_modules()
     adapters.register_torch_proxies(adapters.REGISTRY)
@@ -39,7 +39,7 @@ def teardown() -> None:
 
 
 def patch_status(device_type: str | None = None) -> list[dict]:
-    from megatron_patch.runtime import adapters, npu_adapter, routing, static_dispatch  # noqa: F401
+    from megatron_patch.runtime import adapters, cpu_linear, npu_adapter, routing, static_dispatch  # noqa: F401
 
     device_type = device_type or get_accelerator().type
     adapters.import_entry_modules()

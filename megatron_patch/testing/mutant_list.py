@@ -189,6 +189,12 @@ MUTANTS: list[Mutant] = [
       ("tests/test_cpu_attention.py",)),
     M("cpu attention: the causal triangle is not masked", "megatron_patch/runtime/kernels/cpu_attention.py",
       "                scores.add_(bias)", "                pass", ("tests/test_cpu_attention.py",)),
+    M("lean CPU linear: the weight gradient added to main_grad without telling DDP (it adds the placeholder too)",
+      "megatron_patch/runtime/cpu_linear.py", "                weight.grad_added_to_main_grad = True",
+      "                pass", ("tests/test_cpu_linear.py",)),
+    M("lean CPU linear: main_grad overwritten instead of accumulated", "megatron_patch/runtime/cpu_linear.py",
+      "            cpu_gemm.addmm_(weight.main_grad, grad_2d.t(), input_2d)",
+      "            weight.main_grad.copy_(cpu_gemm.mm(grad_2d.t(), input_2d))", ("tests/test_cpu_linear.py",)),
     M("expert LoRA: the whole factor counted on every expert-TP rank in the grad norm", "megatron_patch/models/lora.py",
       "    whole.shared = tp_rank != 0", "    pass", (EXPERT_LORA, "-k", "match_single_rank")),
 ]
