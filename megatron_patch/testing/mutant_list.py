@@ -185,7 +185,7 @@ MUTANTS: list[Mutant] = [
       ("tests/test_cpu_gemm.py",)),
     M("cpu attention: a GQA group's query heads overwrite each other's key/value gradients",
       "megatron_patch/runtime/kernels/cpu_attention.py",
-      "                total.copy_(part) if first else total.add_(part)", "                total.copy_(part)",
+      "        totals[kv] = part if totals[kv] is None else totals[kv].add_(part)", "        totals[kv] = part",
       ("tests/test_cpu_attention.py",)),
     M("cpu attention: the causal triangle is not masked", "megatron_patch/runtime/kernels/cpu_attention.py",
       "                scores.add_(bias)", "                pass", ("tests/test_cpu_attention.py",)),

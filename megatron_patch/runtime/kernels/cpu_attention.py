@@ -46,11 +46,22 @@ def _lp(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
 
 
-def _heads(q: torch.Tensor, k: torch.Tensor):
-    """(batch, query head, its key/value head, first query head of that group?) for every query head."""
-    b, h = q.shape[:2]
-    group = h // k.shape[1]
-    return [(i, j, j // group, j % group == 0) for i in range(b) for j in range(h)]
+def _each_head(t: torch.Tensor, transposed: bool = False) -> tuple:
+    """[b, h, s, d] -> b*h [s, d] views (or their [d, s] transposes), batch-major: one op for all heads."""
+    return (t.transpose(-1, -2) if transposed else t).flatten(0, 1).unbind(0)
+
+
+def _kv_head(n: int, heads: int, kv_heads: int) -> int:
+    """The key/value head of flattened query head n (GQA: `heads // kv_heads` query heads per group)."""
+    return n // heads * kv_heads + n % heads // (heads // kv_heads)
+
+
+def _sum_per_kv_head(parts: list, kv_of: list, like: torch.Tensor) -> torch.Tensor:
+    """[b, hk, s, d] from one part per query head: a GQA group's query heads add up."""
+    totals = [None] * (like.shape[0] * like.shape[1])
+    for part, kv in zip(parts, kv_of):
+        totals[kv] = part if totals[kv] is None else totals[kv].add_(part)
+    return torch.stack(totals).view(like.shape)
 
 
 class _HeadwiseAttention(torch.autograd.Function):
@@ -62,28 +73,30 @@ class _HeadwiseAttention(torch.autograd.Function):
         # q scaled into a contiguous tensor in one pass (the scale on q's d columns, not on the [sq, sk] scores)
         qs = torch.mul(q, scale, out=torch.empty(q.shape, dtype=q.dtype))
         bias = _causal_bias(q.shape[-2], k.shape[-2]) if causal else None
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
-        probs = []
-        for i, j, g, _ in _heads(q, k):
-            scores = _lp(qs[i, j], k[i, g])
+        kv_of = [_kv_head(n, q.shape[1], k.shape[1]) for n in range(q.shape[0] * q.shape[1])]
+        keys, values_t = _each_head(k), _each_head(v, transposed=True)
+        probs, outs = [], []
+        for q_head, kv in zip(_each_head(qs), kv_of):
+            scores = _lp(q_head, keys[kv])
             if bias is not None:
                 scores.add_(bias)
-            p = torch.softmax(scores, dim=-1)
-            probs.append(p)
-            out[i, j] = _lp(p, v[i, g].t())
+            probs.append(torch.softmax(scores, dim=-1))
+            outs.append(_lp(probs[-1], values_t[kv]))
         ctx.save_for_backward(qs, k, v, *probs)
-        ctx.scale = scale
-        return out
+        ctx.scale, ctx.kv_of = scale, kv_of
+        return torch.stack(outs).view(*q.shape[:-1], v.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         qs, k, v, *probs = ctx.saved_tensors
         grad = grad.contiguous()
-        dq, dk, dv = torch.empty_like(qs), torch.empty_like(k), torch.empty_like(v)
-        for (i, j, g, first), p in zip(_heads(qs, k), probs):
-            dout = grad[i, j]
-            dscores = torch._softmax_backward_data(_lp(dout, v[i, g]), p, -1, torch.float32)
-            dq[i, j] = _lp(dscores, k[i, g].t())
-            for total, part in ((dv[i, g], _lp(p.t(), dout.t())), (dk[i, g], _lp(dscores.t(), qs[i, j].t()))):
-                total.copy_(part) if first else total.add_(part)  # GQA: a group's query heads add up
-        return dq.mul_(ctx.scale), dk, dv, None, None
+        values, keys_t, queries_t = _each_head(v), _each_head(k, transposed=True), _each_head(qs, transposed=True)
+        dq, dk, dv = [], [], []
+        for p, dout, dout_t, q_t, kv in zip(probs, _each_head(grad), _each_head(grad, transposed=True), queries_t,
+                                            ctx.kv_of):
+            dscores = torch._softmax_backward_data(_lp(dout, values[kv]), p, -1, torch.float32)
+            dq.append(_lp(dscores, keys_t[kv]))
+            dk.append(_lp(dscores.t(), q_t))
+            dv.append(_lp(p.t(), dout_t))
+        return (torch.stack(dq).view(qs.shape).mul_(ctx.scale), _sum_per_kv_head(dk, ctx.kv_of, k),
+                _sum_per_kv_head(dv, ctx.kv_of, v), None, None)
