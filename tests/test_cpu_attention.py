@@ -5,6 +5,7 @@ small products, explicit masks and large score matrices to SDPA. Single process,
 import pytest
 import torch
 
+from megatron_patch.errors import UserError
 from megatron_patch.runtime.kernels import attention, cpu_attention, cpu_gemm
 
 from test_cpu_gemm import OpNames, gen, onednn  # noqa: F401  (onednn: the fixture forcing oneDNN GEMMs on)
@@ -92,3 +93,12 @@ def test_torch_gemms_keep_sdpa(monkeypatch):
         assert not cpu_attention.takes(*[megatron_layout(1, 2, 256, 64, i) for i in range(3)])
     finally:
         cpu_gemm.enabled.cache_clear()
+
+
+def test_the_sdpa_setting_keeps_sdpa_and_a_typo_is_refused(onednn, monkeypatch):
+    big = [megatron_layout(1, 2, 256, 64, i) for i in range(3)]
+    monkeypatch.setenv(cpu_attention.ENV, "sdpa")
+    assert not cpu_attention.takes(*big)
+    monkeypatch.setenv(cpu_attention.ENV, "onednn")
+    with pytest.raises(UserError, match="MP_CPU_ATTENTION='onednn': use auto or sdpa"):
+        cpu_attention.takes(*big)

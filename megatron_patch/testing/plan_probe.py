@@ -36,7 +36,25 @@ def measure_cases(rank: int, world: int, cases: list[dict]) -> list[dict]:
     """Per case: this rank's position, parameter counts, the saved-activation peak of a training step and, for a
     case with steps=N, the peak RSS growth over the built model of N Adam steps (DDP grad buffer, optimizer
     state, activations: the first case of a run, as ru_maxrss never goes down). Run with MALLOC_MMAP_THRESHOLD_
-    fixed in the environment so large tensors go back to the system when freed and RSS follows the live bytes."""
+    fixed in the environment so large tensors go back to the system when freed and RSS follows the live bytes.
+    Attention runs SDPA: a GPU/NPU run keeps fused attention's O(s) statistics, not the [s, s] probabilities of
+    the CPU head-wise path (kernels/cpu_attention.py), and the plan estimates the former."""
+    import os
+
+    from megatron_patch.runtime.kernels import cpu_attention
+
+    before = os.environ.get(cpu_attention.ENV)
+    os.environ[cpu_attention.ENV] = "sdpa"
+    try:
+        return [_measure(case) for case in cases]
+    finally:
+        if before is None:
+            del os.environ[cpu_attention.ENV]
+        else:
+            os.environ[cpu_attention.ENV] = before
+
+
+def _measure(case: dict) -> dict:
     import gc
 
     from megatron.core import parallel_state as ps
@@ -46,29 +64,26 @@ def measure_cases(rank: int, world: int, cases: list[dict]) -> list[dict]:
     from megatron_patch.training.setup_model import build_optimizer, wrap_ddp, zero_grads
     from megatron_patch.training.step import forward_backward
 
-    out = []
-    for case in cases:
-        hf_config, chunks, config = _build(case)
-        params = [p for c in chunks for p in c.parameters()]
-        row = dict(pp=ps.get_pipeline_model_parallel_rank(), tp=ps.get_tensor_model_parallel_rank(),
-                   ep=ps.get_expert_model_parallel_rank(), total=sum(p.numel() for p in params),
-                   trainable=sum(p.numel() for p in params if p.requires_grad))
-        gen = torch.Generator().manual_seed(0)
-        rows = case["mbs"] * case["num_micro"] * ps.get_data_parallel_world_size()
-        batch = batch_from_tokens(torch.randint(0, hf_config.vocab_size, (rows, case["seq"]), generator=gen))
-        gc.collect()
-        base = psutil.Process().memory_info().rss
-        chunks = wrap_ddp(chunks, config)
-        optimizer = build_optimizer(chunks, lr=1e-4) if case.get("steps") else None
-        with SavedTensorMeter(params) as meter:
-            forward_backward(chunks, batch, case["mbs"])
-        for _ in range(case.get("steps", 0)):
-            optimizer.step()
-            zero_grads(chunks, optimizer)
-            forward_backward(chunks, batch, case["mbs"])
-        row["rss_growth"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-        row["saved_peak"] = meter.peak
-        out.append(row)
-        del chunks, optimizer, meter
-        ps.destroy_model_parallel()
-    return out
+    hf_config, chunks, config = _build(case)
+    params = [p for c in chunks for p in c.parameters()]
+    row = dict(pp=ps.get_pipeline_model_parallel_rank(), tp=ps.get_tensor_model_parallel_rank(),
+               ep=ps.get_expert_model_parallel_rank(), total=sum(p.numel() for p in params),
+               trainable=sum(p.numel() for p in params if p.requires_grad))
+    gen = torch.Generator().manual_seed(0)
+    rows = case["mbs"] * case["num_micro"] * ps.get_data_parallel_world_size()
+    batch = batch_from_tokens(torch.randint(0, hf_config.vocab_size, (rows, case["seq"]), generator=gen))
+    gc.collect()
+    base = psutil.Process().memory_info().rss
+    chunks = wrap_ddp(chunks, config)
+    optimizer = build_optimizer(chunks, lr=1e-4) if case.get("steps") else None
+    with SavedTensorMeter(params) as meter:
+        forward_backward(chunks, batch, case["mbs"])
+    for _ in range(case.get("steps", 0)):
+        optimizer.step()
+        zero_grads(chunks, optimizer)
+        forward_backward(chunks, batch, case["mbs"])
+    row["rss_growth"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    row["saved_peak"] = meter.peak
+    del chunks, optimizer, meter
+    ps.destroy_model_parallel()
+    return row

@@ -6,14 +6,19 @@ each head's scores are one [sq, sk] oneDNN GEMM, its softmax one op, and the bac
 dP = dO V^T, dQ = dS K, dK = dS^T Q) around torch's softmax backward: 2.5-3.1 ms and 5.0-6.3 ms on the same
 shapes. It keeps each head's probabilities [sq, sk] for the backward (the flash kernel keeps O(sq)), so it is
 used only where they are small (`takes`); q/k and v head dims may differ (MLA: no zero-padding of v here).
+MP_CPU_ATTENTION=sdpa keeps SDPA everywhere (default auto).
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
+from megatron_patch.errors import UserError
 from megatron_patch.runtime.kernels import cpu_gemm
+
+ENV = "MP_CPU_ATTENTION"
 
 # Kept probabilities per call: at most this many bytes (sequence 512 x 512 with 16 heads of a micro-batch is 16 MiB).
 MAX_SAVED_BYTES = 16 << 20
@@ -25,8 +30,15 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     within MAX_SAVED_BYTES."""
     b, h, sq, d = q.shape
     sk = k.shape[-2]
-    return (cpu_gemm.takes(q) and k.dtype == v.dtype == torch.float32 and not cpu_gemm.small_product(sq, d, sk)
+    return (_allowed() and cpu_gemm.takes(q) and k.dtype == v.dtype == torch.float32 and not cpu_gemm.small_product(sq, d, sk)
             and b * h * sq * sk * 4 <= MAX_SAVED_BYTES)
+
+
+def _allowed() -> bool:
+    choice = os.environ.get(ENV, "auto").lower()
+    if choice not in ("auto", "sdpa"):
+        raise UserError(f"{ENV}={choice!r}: use auto or sdpa")
+    return choice == "auto"
 
 
 def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
