@@ -34,9 +34,12 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per setting first")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    settings = runpy.run_path(args.settings)["SETTINGS"]
-    if len(settings) < 2:
-        raise SystemExit(f"{args.settings}: SETTINGS needs at least two entries")
+    if not Path(args.settings).is_file():
+        return fail(f"{args.settings}: no such settings file; give a .py file defining SETTINGS (see "
+                    "benchmarks/ab_settings/)")
+    settings = runpy.run_path(args.settings).get("SETTINGS")
+    if not isinstance(settings, dict) or len(settings) < 2 or not all(map(callable, settings.values())):
+        return fail(f"{args.settings}: SETTINGS must map two or more names to switch functions")
 
     import torch
 
@@ -64,6 +67,11 @@ def main() -> int:
             trainer.close()
     report(seconds)
     return 0
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def run(trainer, settings: dict, warmup: int, pairs: int) -> dict:

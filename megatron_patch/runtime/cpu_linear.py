@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from megatron_patch.runtime.adapters import REGISTRY
+from megatron_patch.runtime.adapters import REGISTRY, PortableWgradAccumulation
 from megatron_patch.runtime.kernels import cpu_gemm
 
 
@@ -53,7 +53,7 @@ class _CpuLinear(torch.autograd.Function):
             grad_weight = cpu_gemm.mm(grad_2d.t(), input_2d)
         else:
             weight.main_grad = ctx.main_grad
-            cpu_gemm.addmm_(weight.main_grad, grad_2d.t(), input_2d)
+            PortableWgradAccumulation.wgrad_gemm_accum_fp32(input_2d, grad_2d, weight.main_grad)
             grad_weight = None
             if hasattr(weight, "grad_added_to_main_grad"):
                 # megatron's protocol: DDP's hook sees the flag and skips this placeholder

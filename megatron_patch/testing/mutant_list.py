@@ -193,7 +193,7 @@ MUTANTS: list[Mutant] = [
       "megatron_patch/runtime/cpu_linear.py", "                weight.grad_added_to_main_grad = True",
       "                pass", ("tests/test_cpu_linear.py",)),
     M("lean CPU linear: main_grad overwritten instead of accumulated", "megatron_patch/runtime/cpu_linear.py",
-      "            cpu_gemm.addmm_(weight.main_grad, grad_2d.t(), input_2d)",
+      "            PortableWgradAccumulation.wgrad_gemm_accum_fp32(input_2d, grad_2d, weight.main_grad)",
       "            weight.main_grad.copy_(cpu_gemm.mm(grad_2d.t(), input_2d))", ("tests/test_cpu_linear.py",)),
     M("expert LoRA: the whole factor counted on every expert-TP rank in the grad norm", "megatron_patch/models/lora.py",
       "    whole.shared = tp_rank != 0", "    pass", (EXPERT_LORA, "-k", "match_single_rank")),

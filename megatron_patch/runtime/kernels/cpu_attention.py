@@ -11,11 +11,9 @@ MP_CPU_ATTENTION=sdpa keeps SDPA everywhere (default auto).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from megatron_patch.errors import UserError
 from megatron_patch.runtime.kernels import cpu_gemm
 
 ENV = "MP_CPU_ATTENTION"
@@ -30,15 +28,9 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     within MAX_SAVED_BYTES."""
     b, h, sq, d = q.shape
     sk = k.shape[-2]
-    return (_allowed() and cpu_gemm.takes(q) and k.dtype == v.dtype == torch.float32 and not cpu_gemm.small_product(sq, d, sk)
+    return (cpu_gemm.env_choice(ENV, ("auto", "sdpa")) == "auto" and cpu_gemm.takes(q)
+            and k.dtype == v.dtype == torch.float32 and not cpu_gemm.small_product(sq, d, sk)
             and b * h * sq * sk * 4 <= MAX_SAVED_BYTES)
-
-
-def _allowed() -> bool:
-    choice = os.environ.get(ENV, "auto").lower()
-    if choice not in ("auto", "sdpa"):
-        raise UserError(f"{ENV}={choice!r}: use auto or sdpa")
-    return choice == "auto"
 
 
 def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:

@@ -33,11 +33,17 @@ SIGNIFICANT_BITS = 4
 MIN_FLOPS = 4_000_000
 
 
+def env_choice(name: str, choices: tuple) -> str:
+    """The environment variable `name` (default and first choice "auto"), refused unless one of `choices`."""
+    choice = os.environ.get(name, "auto").lower()
+    if choice not in choices:
+        raise UserError(f"{name}={choice!r}: use {', '.join(choices[:-1])} or {choices[-1]}")
+    return choice
+
+
 @functools.lru_cache(maxsize=None)
 def enabled() -> bool:
-    choice = os.environ.get(ENV, "auto").lower()
-    if choice not in ("auto", "onednn", "torch"):
-        raise UserError(f"{ENV}={choice!r}: use auto, onednn or torch")
+    choice = env_choice(ENV, ("auto", "onednn", "torch"))
     if choice == "torch" or not _onednn_linear_available():
         return False
     return choice == "onednn" or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
