@@ -80,14 +80,15 @@ def test_linear_and_grouped_gemms_equal_float64_within_ulps(onednn):
 
     counts = [5, 0, 70, 130]  # an expert without tokens; 70 = 64 + 6 and 130 = 128 + 2 rows
     xs = torch.randn(sum(counts), 256, generator=gen(8))
-    ws = torch.randn(4, 256, 128, generator=gen(9))
+    ws = torch.randn(4, 128, 256, generator=gen(9))  # [out, in] per expert, as linears hold them
     with OpNames() as seen:
-        out = cpu_gemm.grouped_mm(xs, ws, counts)
-    # 64 and 128 rows through oneDNN; 5, 6 and 2 rows (under MIN_FLOPS) and the empty expert through torch's GEMM
-    assert seen.names.count("_linear_pointwise") == 2 and seen.names.count("mm") == 4
+        out = cpu_gemm.grouped_times_transposed(xs, list(ws), counts)
+    # 64 and 128 rows through oneDNN; 5, 6 and 2 rows (under MIN_FLOPS) through torch's GEMM; no GEMM for no rows
+    assert seen.names.count("_linear_pointwise") == 2 and seen.names.count("mm") == 3
+    assert out.shape == (sum(counts), 128)
     for rows_e, w_e, out_e in zip(xs.split(counts), ws, out.split(counts)):
         if len(rows_e):
-            assert_product(out_e, rows_e, w_e)
+            assert_product(out_e, rows_e, w_e.t())
 
 
 def test_pieces_sum_to_n_with_few_distinct_sizes():

@@ -41,7 +41,7 @@ class _CpuLinear(torch.autograd.Function):
         ctx.save_for_backward(input, weight)
         ctx.main_grad = weight.main_grad if into_main_grad else None  # as megatron: the buffer of this forward
         ctx.has_bias = bias is not None
-        out = cpu_gemm.mm(input, weight.t())
+        out = cpu_gemm.times_transposed(input, weight)
         return out if bias is None else out + bias
 
     @staticmethod

@@ -240,7 +240,7 @@ class _GroupedLinearIntoMainGrad(torch.autograd.Function):
         ctx.weights = weights
         ctx.counts = tokens_per_expert.tolist()  # one host read for forward and backward
         if cpu_gemm.takes(x):
-            return cpu_gemm.grouped_mm(x, _block(weights).transpose(1, 2), ctx.counts)
+            return cpu_gemm.grouped_times_transposed(x, weights, ctx.counts)
         return kernels.get("grouped_matmul", "cpu")(x, _block(weights).transpose(1, 2), tokens_per_expert)
 
     @staticmethod
@@ -251,7 +251,8 @@ class _GroupedLinearIntoMainGrad(torch.autograd.Function):
         dx = None
         counts = ctx.counts
         if ctx.needs_input_grad[0]:
-            dx = cpu_gemm.grouped_mm(grad, _block(weights), counts) if cpu_gemm.takes(grad) else \
+            dx = cpu_gemm.grouped_times_transposed(grad, [w.t() for w in weights], counts) \
+                if cpu_gemm.takes(grad) else \
                 kernels.get("grouped_matmul", "cpu")(grad, _block(weights), tokens_per_expert)
         dummies = []
         for weight, rows, grad_rows in zip(weights, x.split(counts), grad.split(counts)):

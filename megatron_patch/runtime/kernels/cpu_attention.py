@@ -47,7 +47,7 @@ def _causal_bias(sq: int, sk: int) -> torch.Tensor:
 
 def _lp(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """a @ w^T on oneDNN (2-D operands, any strides)."""
-    return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise.default(a, w, None, "none", [], "")
 
 
 def _each_head(t: torch.Tensor, transposed: bool = False) -> tuple:

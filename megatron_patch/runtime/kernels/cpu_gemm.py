@@ -8,7 +8,8 @@ of the sum of |terms|, as a different TP split does.
 
 `enabled()` decides once per process: on when the CPU has AVX-512 and torch has oneDNN, unless
 MP_CPU_GEMM=torch (MP_CPU_GEMM=onednn forces it on where oneDNN exists). Callers use `mm`/`addmm_` where they
-would use torch.mm/Tensor.addmm_: they fall back to torch for anything but fp32 CPU matrices.
+would use torch.mm/Tensor.addmm_, `times_transposed` for F.linear's x @ W^T (oneDNN's own form: no transposed
+views made and undone per call): they fall back to torch for anything but fp32 CPU matrices.
 
 oneDNN compiles a kernel per GEMM shape (~0.6 ms on first use, measured; then cached, 1024 shapes by default).
 Expert GEMMs have data-dependent rows (tokens per expert), so every step met new shapes: `mm` and `addmm_` cut
@@ -58,34 +59,27 @@ def takes(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.device.type == "cpu" and enabled()
 
 
-def _fits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (takes(a) and b.dtype == torch.float32 and b.device.type == "cpu" and b.dim() == 2 and a.dim() >= 2
-            and a.numel() > 0 and b.numel() > 0)
+def _fits(a: torch.Tensor, w: torch.Tensor) -> bool:
+    """a [..., k] and w [n, k] (or [k, n]: only dtype, device and rank are checked) for oneDNN."""
+    return (a.dtype == torch.float32 and w.dtype == torch.float32 and a.device.type == "cpu"
+            and w.device.type == "cpu" and w.dim() == 2 and a.dim() >= 2 and a.numel() > 0 and w.numel() > 0
+            and enabled())
 
 
-def pieces(n: int) -> list[int]:
-    """n as a sum of sizes with at most SIGNIFICANT_BITS significant bits, largest first (130 -> [128, 2])."""
+@functools.lru_cache(maxsize=8192)
+def _piece_sizes(n: int) -> tuple:
+    """`pieces`, cached: asked for on every GEMM."""
     sizes = []
     while n:
         low = max(n.bit_length() - SIGNIFICANT_BITS, 0)
         sizes.append((n >> low) << low)
         n -= sizes[-1]
-    return sizes
+    return tuple(sizes)
 
 
-def _split(t: torch.Tensor, sizes: list, dim: int = 0) -> list:
-    return [t] if len(sizes) == 1 else t.split(sizes, dim)  # no split op for one piece
-
-
-def _row_products(rows: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
-    """rows @ b (2-D) as a list of row blocks: `_blocks` where oneDNN fits, else torch's one GEMM."""
-    return _blocks(rows, b) if _fits(rows, b) else [torch.matmul(rows, b)]
-
-
-def _blocks(rows: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
-    """rows @ b for operands that `_fits`: one GEMM per piece of the rows."""
-    b_t = b.t()  # _linear_pointwise(x, w) is x @ w^T, w laid out [out, in]: b^T is that view of b (no copy)
-    return [_product(block, b, b_t) for block in _split(rows, pieces(rows.shape[0]))]
+def pieces(n: int) -> list[int]:
+    """n as a sum of sizes with at most SIGNIFICANT_BITS significant bits, largest first (130 -> [128, 2])."""
+    return list(_piece_sizes(n))
 
 
 def small_product(m: int, k: int, n: int, bar: int = MIN_FLOPS) -> bool:
@@ -93,34 +87,61 @@ def small_product(m: int, k: int, n: int, bar: int = MIN_FLOPS) -> bool:
     return 2 * m * k * n < bar
 
 
-def _product(a: torch.Tensor, b: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-    """a @ b (2-D fp32 CPU): oneDNN from MIN_FLOPS up, torch's GEMM below."""
-    if small_product(a.shape[0], a.shape[1], b.shape[1]):
-        return torch.mm(a, b)
-    return torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
+@functools.lru_cache(maxsize=None)
+def _onednn_linear():
+    # the overload itself: calling the packet (torch.ops.mkldnn._linear_pointwise) resolves it on every call
+    return torch.ops.mkldnn._linear_pointwise.default
+
+
+def _times_transposed(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a @ w^T for a [m, k] (or [..., k]: oneDNN folds the leading dims) and w [n, k], any strides: oneDNN from
+    MIN_FLOPS up, torch's GEMM below. oneDNN's own form: `mm`'s b is w^T, a view."""
+    if small_product(a.numel() // a.shape[-1], a.shape[-1], w.shape[0]):
+        return torch.matmul(a, w.t())
+    return _onednn_linear()(a, w, None, "none", [], "")
+
+
+def _row_blocks(rows: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
+    """rows @ w^T (rows 2-D) as one product per piece of the rows."""
+    sizes = _piece_sizes(rows.shape[0])
+    if len(sizes) == 1:
+        return [_times_transposed(rows, w)]
+    return [_times_transposed(block, w) for block in rows.split(sizes)]
+
+
+def times_transposed(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a @ w^T for a [..., k] and w [n, k], F.linear without bias (no autograd: inside autograd Functions)."""
+    if not _fits(a, w):
+        return torch.matmul(a, w.t())
+    rows = a.numel() // a.shape[-1]
+    if len(_piece_sizes(rows)) == 1:  # one compiled size: leading dims stay (oneDNN folds them), no reshapes
+        return _times_transposed(a, w)
+    blocks = _row_blocks(a.reshape(rows, a.shape[-1]), w)
+    # _unsafe_view, as torch.matmul folds back: not a view to autograd, so callers' outputs may be changed in place
+    return torch.ops.aten._unsafe_view(torch.cat(blocks), (*a.shape[:-1], w.shape[0]))
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for a [..., k] and b [k, n] (no autograd: for use inside autograd Functions)."""
-    if not _fits(a, b):
-        return torch.matmul(a, b)
-    blocks = _blocks(a.reshape(-1, a.shape[-1]) if a.dim() > 2 else a, b)
-    out = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-    # _unsafe_view, as torch.matmul folds back: not a view to autograd, so callers' outputs may be changed in place
-    return torch.ops.aten._unsafe_view(out, (*a.shape[:-1], b.shape[1])) if a.dim() > 2 else out
+    return times_transposed(a, b.t()) if b.dim() == 2 else torch.matmul(a, b)
 
 
 def addmm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """out += a @ b (2-D), as out.addmm_(a, b)."""
     if not (_fits(a, b) and a.dim() == 2 and out.dtype == torch.float32):
         return out.addmm_(a, b)
-    sizes = pieces(a.shape[1])  # the contraction in pieces too: one more rounding per piece
-    for a_piece, b_piece in zip(_split(a, sizes, 1), _split(b, sizes)):
+    sizes = _piece_sizes(a.shape[1])  # the contraction in pieces too: one more rounding per piece
+    a_pieces, b_pieces = ((a,), (b,)) if len(sizes) == 1 else (a.split(sizes, 1), b.split(sizes))
+    for a_piece, b_piece in zip(a_pieces, b_pieces):
         if small_product(a.shape[0], a_piece.shape[1], b.shape[1], 2 * MIN_FLOPS):
             out.addmm_(a_piece, b_piece)
             continue
+        blocks = _row_blocks(a_piece, b_piece.t())
+        if len(blocks) == 1:
+            out.add_(blocks[0])
+            continue
         row = 0
-        for block in _blocks(a_piece, b_piece):  # added where it lands: no cat
+        for block in blocks:  # added where it lands: no cat
             out.narrow(0, row, block.shape[0]).add_(block)
             row += block.shape[0]
     return out
@@ -137,7 +158,7 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
         ctx.save_for_backward(x, weight)
-        return mm(x, weight.t())
+        return times_transposed(x, weight)
 
     @staticmethod
     def backward(ctx, grad):
@@ -147,10 +168,14 @@ class _Linear(torch.autograd.Function):
         return dx, dw
 
 
-def grouped_mm(x: torch.Tensor, weights: torch.Tensor, counts: list) -> torch.Tensor:
-    """x [tokens, in] sorted by expert, weights [E, in, out], counts per expert (host ints) -> [tokens, out]:
-    one oneDNN GEMM per expert (torch's CPU grouped_mm runs MKL's kernel per group)."""
-    return torch.cat([block for rows, w in zip(x.split(counts), weights) for block in _row_products(rows, w)])
+def grouped_times_transposed(x: torch.Tensor, weights, counts: list) -> torch.Tensor:
+    """x [tokens, in] sorted by expert, weights one [out, in] per expert (a linear's layout), counts per expert
+    (host ints) -> [tokens, out]: one oneDNN GEMM per expert and piece (torch's CPU grouped_mm runs MKL's
+    kernel per group)."""
+    if not (_fits(x, weights[0]) and x.dim() == 2):
+        return torch.cat([torch.matmul(rows, w.t()) for rows, w in zip(x.split(counts), weights)])
+    return torch.cat([block for rows, w in zip(x.split(counts), weights) if rows.shape[0]
+                      for block in _row_blocks(rows, w)] or [x.new_empty(0, weights[0].shape[0])])
 
 
 class OneDNNMatmuls(torch.overrides.TorchFunctionMode):
