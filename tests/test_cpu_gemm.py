@@ -166,3 +166,28 @@ def test_megatrons_linear_function_through_the_patch_equals_torch(onednn, monkey
         assert_product(y.reshape(-1, 128), rows, w.t())
         assert_product(dx.reshape(-1, 256), grows, w)
         assert_product(dw, grows.t(), rows)
+
+
+def test_a_functions_output_from_folded_rows_may_be_changed_in_place(onednn):
+    """megatron's linear Functions return mm's [s, b, n] output and callers change it in place: it must not be a
+    view to autograd, as torch.matmul's output isn't."""
+
+    class Linear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, b):
+            ctx.b = b
+            return cpu_gemm.mm(x, b)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad @ ctx.b.t(), None
+
+    x = torch.randn(8, 4, 320, generator=gen(18), requires_grad=True)  # 32 rows x 320 x 384: over MIN_FLOPS
+    b = torch.randn(320, 384, generator=gen(19))
+    with OpNames() as seen:  # (outside the mode below: under a dispatch mode outputs lose their view-ness)
+        Linear.apply(x, b)
+    assert seen.names.count("_linear_pointwise") == 1
+    out = Linear.apply(x, b)
+    out.sub_(out.max(-1, keepdim=True)[0].detach())  # as vocab-parallel cross entropy does to the logits
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones(8, 4, 384) @ b.t())

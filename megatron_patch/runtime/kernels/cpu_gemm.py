@@ -94,9 +94,9 @@ def _onednn_linear():
 
 
 def _times_transposed(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """a @ w^T for a [m, k] (or [..., k]: oneDNN folds the leading dims) and w [n, k], any strides: oneDNN from
-    MIN_FLOPS up, torch's GEMM below. oneDNN's own form: `mm`'s b is w^T, a view."""
-    if small_product(a.numel() // a.shape[-1], a.shape[-1], w.shape[0]):
+    """a @ w^T for a [m, k] and w [n, k], any strides: oneDNN from MIN_FLOPS up, torch's GEMM below. oneDNN's own
+    form: `mm`'s b is w^T, a view."""
+    if small_product(a.shape[0], a.shape[1], w.shape[0]):
         return torch.matmul(a, w.t())
     return _onednn_linear()(a, w, None, "none", [], "")
 
@@ -113,12 +113,15 @@ def times_transposed(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """a @ w^T for a [..., k] and w [n, k], F.linear without bias (no autograd: inside autograd Functions)."""
     if not _fits(a, w):
         return torch.matmul(a, w.t())
-    rows = a.numel() // a.shape[-1]
-    if len(_piece_sizes(rows)) == 1:  # one compiled size: leading dims stay (oneDNN folds them), no reshapes
-        return _times_transposed(a, w)
-    blocks = _row_blocks(a.reshape(rows, a.shape[-1]), w)
+    if a.dim() == 2:
+        blocks = _row_blocks(a, w)
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+    # Leading dims folded here, not by oneDNN: its output would be a view of its [rows, n] result, which autograd
+    # refuses to let callers change in place when returned from a custom Function (megatron's linears do).
+    blocks = _row_blocks(a.reshape(-1, a.shape[-1]), w)
+    out = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
     # _unsafe_view, as torch.matmul folds back: not a view to autograd, so callers' outputs may be changed in place
-    return torch.ops.aten._unsafe_view(torch.cat(blocks), (*a.shape[:-1], w.shape[0]))
+    return torch.ops.aten._unsafe_view(out, (*a.shape[:-1], w.shape[0]))
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
