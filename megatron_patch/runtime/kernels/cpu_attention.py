@@ -45,9 +45,7 @@ def _causal_bias(sq: int, sk: int) -> torch.Tensor:
     return torch.zeros(sq, sk).masked_fill_(torch.ones(sq, sk, dtype=torch.bool).triu(1), float("-inf"))
 
 
-def _lp(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """a @ w^T on oneDNN (2-D operands, any strides)."""
-    return torch.ops.mkldnn._linear_pointwise.default(a, w, None, "none", [], "")
+_lp = cpu_gemm.onednn_times_transposed  # a @ w^T on oneDNN at any size (`takes` leaves small heads to SDPA)
 
 
 def _each_head(t: torch.Tensor, transposed: bool = False) -> tuple:

@@ -61,9 +61,8 @@ def takes(x: torch.Tensor) -> bool:
 
 def _fits(a: torch.Tensor, w: torch.Tensor) -> bool:
     """a [..., k] and w [n, k] (or [k, n]: only dtype, device and rank are checked) for oneDNN."""
-    return (a.dtype == torch.float32 and w.dtype == torch.float32 and a.device.type == "cpu"
-            and w.device.type == "cpu" and w.dim() == 2 and a.dim() >= 2 and a.numel() > 0 and w.numel() > 0
-            and enabled())
+    return (takes(a) and w.dtype == torch.float32 and w.device.type == "cpu" and w.dim() == 2 and a.dim() >= 2
+            and a.numel() > 0 and w.numel() > 0)
 
 
 @functools.lru_cache(maxsize=8192)
@@ -87,10 +86,10 @@ def small_product(m: int, k: int, n: int, bar: int = MIN_FLOPS) -> bool:
     return 2 * m * k * n < bar
 
 
-@functools.lru_cache(maxsize=None)
-def _onednn_linear():
-    # the overload itself: calling the packet (torch.ops.mkldnn._linear_pointwise) resolves it on every call
-    return torch.ops.mkldnn._linear_pointwise.default
+def onednn_times_transposed(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a @ w^T on oneDNN, whatever the size, for 2-D fp32 CPU a [m, k] and w [n, k] (w any strides; a copied first
+    unless its rows are contiguous). The overload itself: calling the packet resolves it on every call."""
+    return torch.ops.mkldnn._linear_pointwise.default(a, w, None, "none", [], "")
 
 
 def _times_transposed(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -98,7 +97,7 @@ def _times_transposed(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     form: `mm`'s b is w^T, a view."""
     if small_product(a.shape[0], a.shape[1], w.shape[0]):
         return torch.matmul(a, w.t())
-    return _onednn_linear()(a, w, None, "none", [], "")
+    return onednn_times_transposed(a, w)
 
 
 def _row_blocks(rows: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:
@@ -113,13 +112,12 @@ def times_transposed(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """a @ w^T for a [..., k] and w [n, k], F.linear without bias (no autograd: inside autograd Functions)."""
     if not _fits(a, w):
         return torch.matmul(a, w.t())
-    if a.dim() == 2:
-        blocks = _row_blocks(a, w)
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
     # Leading dims folded here, not by oneDNN: its output would be a view of its [rows, n] result, which autograd
     # refuses to let callers change in place when returned from a custom Function (megatron's linears do).
-    blocks = _row_blocks(a.reshape(-1, a.shape[-1]), w)
+    blocks = _row_blocks(a if a.dim() == 2 else a.reshape(-1, a.shape[-1]), w)
     out = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+    if a.dim() == 2:
+        return out
     # _unsafe_view, as torch.matmul folds back: not a view to autograd, so callers' outputs may be changed in place
     return torch.ops.aten._unsafe_view(out, (*a.shape[:-1], w.shape[0]))
 
