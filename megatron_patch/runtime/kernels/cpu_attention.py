@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from megatron_patch.runtime.kernels import cpu_gemm
+from megatron_patch.runtime.kernels import cpu_gemm, cpu_transpose
 
 ENV = "MP_CPU_ATTENTION"
 
@@ -98,7 +98,7 @@ class _HeadwiseAttention(torch.autograd.Function):
                                             ctx.kv_of):
             dscores = torch._softmax_backward_data(_lp(dout, values[kv]), p, -1, torch.float32)
             dq.append(_lp(dscores, keys_t[kv]))
-            dk.append(_lp(dscores.t(), q_t))
-            dv.append(_lp(p.t(), dout_t))
+            dk.append(_lp(cpu_transpose.transposed(dscores), q_t))
+            dv.append(_lp(cpu_transpose.transposed(p), dout_t))
         return (torch.stack(dq).view(qs.shape).mul_(ctx.scale), _sum_per_kv_head(dk, ctx.kv_of, k),
                 _sum_per_kv_head(dv, ctx.kv_of, v), None, None)
