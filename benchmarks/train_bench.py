@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/train_bench.py [--steps 8] [--seq-length 256] [--global-batch-size 8]
                                                [--micro-batch-size 2] [--threads N] [--device cpu|cuda|npu]
                                                [--models dense moe] [--hidden H] [--layers L] [--experts E]
-                                               [--repeats 2] [--op-times-steps 2]
+                                               [--repeats 3] [--op-times-steps 2]
 
 Two models from make-mini, 4 layers, hidden 256, fp32 on CPU (bf16 on an accelerator):
   dense  Qwen2 (GQA 8 heads / 4 groups, SwiGLU 768)
@@ -221,8 +221,8 @@ def main() -> int:
     p.add_argument("--op-times-steps", type=int, default=2,
                    help="CPU: then run this many more steps of each side under benchmarks/op_times.py and print where "
                         "a step goes (GEMMs, attention, other ops, between ops); 0: not")
-    p.add_argument("--repeats", type=int, default=2,
-                   help="interleaved megatron/HF run pairs per model (default 2); rows give the median")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved megatron/HF run pairs per model (default 3); rows give the median")
     args = p.parse_args()
 
     import torch
