@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_patch.errors import UserError
-from megatron_patch.runtime.kernels import attention, cpu_attention, cpu_gemm
+from megatron_patch.runtime.kernels import attention, cpu_attention, cpu_gemm, cpu_native
 
 from test_cpu_gemm import OpNames, gen, onednn  # noqa: F401  (onednn: the fixture forcing oneDNN GEMMs on)
 
@@ -53,8 +53,19 @@ def reference_and_bounds(q, k, v, grad, scale, causal):
     return (out.detach(), dq, dk, dv), (out_scale, dq_scale, dk_scale, dv_scale)
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def native(request, monkeypatch):
+    """cpu_native's compiled kernels (causal softmax, transposes) on, or torch's ops in their place."""
+    monkeypatch.setenv(cpu_native.ENV, "auto" if request.param == "compiled" else "torch")
+    cpu_native._library.cache_clear()
+    if request.param == "compiled" and not cpu_native.active():
+        pytest.skip("cpu_native's kernels need an AVX-512 CPU and a C compiler")
+    yield request.param
+    cpu_native._library.cache_clear()
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_headwise_attention_equals_float64_within_ulps(onednn, case):
+def test_headwise_attention_equals_float64_within_ulps(onednn, native, case):
     b, h, hk, sq, sk, d, dv, causal = CASES[case]
     q, k, v = megatron_layout(b, h, sq, d, 1), megatron_layout(b, hk, sk, d, 2), megatron_layout(b, hk, sk, dv, 3)
     grad = torch.randn(b, h, sq, dv, generator=gen(4))

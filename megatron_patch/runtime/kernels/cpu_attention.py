@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from megatron_patch.runtime.kernels import cpu_gemm, cpu_transpose
+from megatron_patch.runtime.kernels import cpu_gemm, cpu_native
 
 ENV = "MP_CPU_ATTENTION"
 
@@ -43,6 +43,15 @@ def headwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 def _causal_bias(sq: int, sk: int) -> torch.Tensor:
     """[sq, sk]: 0 where query i sees key j (j <= i), -inf elsewhere."""
     return torch.zeros(sq, sk).masked_fill_(torch.ones(sq, sk, dtype=torch.bool).triu(1), float("-inf"))
+
+
+def _softmax(scores: torch.Tensor, causal: bool) -> torch.Tensor:
+    """softmax(scores) over the last dim; causal: query i sees keys 0..i (cpu_native's kernel where it runs)."""
+    if not causal:
+        return torch.softmax(scores, dim=-1)
+    if cpu_native.causal_softmax_(scores):
+        return scores
+    return torch.softmax(scores.add_(_causal_bias(*scores.shape)), dim=-1)
 
 
 _lp = cpu_gemm.onednn_times_transposed  # a @ w^T on oneDNN at any size (`takes` leaves small heads to SDPA)
@@ -74,15 +83,11 @@ class _HeadwiseAttention(torch.autograd.Function):
         k, v = k.contiguous(), v.contiguous()
         # q scaled into a contiguous tensor in one pass (the scale on q's d columns, not on the [sq, sk] scores)
         qs = torch.mul(q, scale, out=torch.empty(q.shape, dtype=q.dtype))
-        bias = _causal_bias(q.shape[-2], k.shape[-2]) if causal else None
         kv_of = [_kv_head(n, q.shape[1], k.shape[1]) for n in range(q.shape[0] * q.shape[1])]
         keys, values_t = _each_head(k), _each_head(v, transposed=True)
         probs, outs = [], []
         for q_head, kv in zip(_each_head(qs), kv_of):
-            scores = _lp(q_head, keys[kv])
-            if bias is not None:
-                scores.add_(bias)
-            probs.append(torch.softmax(scores, dim=-1))
+            probs.append(_softmax(_lp(q_head, keys[kv]), causal))
             outs.append(_lp(probs[-1], values_t[kv]))
         ctx.save_for_backward(qs, k, v, *probs)
         ctx.scale, ctx.kv_of = scale, kv_of
@@ -98,7 +103,7 @@ class _HeadwiseAttention(torch.autograd.Function):
                                             ctx.kv_of):
             dscores = torch._softmax_backward_data(_lp(dout, values[kv]), p, -1, torch.float32)
             dq.append(_lp(dscores, keys_t[kv]))
-            dk.append(_lp(cpu_transpose.transposed(dscores), q_t))
-            dv.append(_lp(cpu_transpose.transposed(p), dout_t))
+            dk.append(_lp(cpu_native.transposed(dscores), q_t))
+            dv.append(_lp(cpu_native.transposed(p), dout_t))
         return (torch.stack(dq).view(qs.shape).mul_(ctx.scale), _sum_per_kv_head(dk, ctx.kv_of, k),
                 _sum_per_kv_head(dv, ctx.kv_of, v), None, None)

@@ -26,7 +26,7 @@ import os
 import torch
 
 from megatron_patch.errors import UserError
-from megatron_patch.runtime.kernels import cpu_transpose
+from megatron_patch.runtime.kernels import cpu_native
 
 ENV = "MP_CPU_GEMM"
 SIGNIFICANT_BITS = 4
@@ -95,11 +95,11 @@ def onednn_times_transposed(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def _times_transposed(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """a @ w^T for a [m, k] and w [n, k], any strides: oneDNN from MIN_FLOPS up, torch's GEMM below. oneDNN's own
-    form: `mm`'s b is w^T, a view. A transposed a (weight gradients' grad^T) is copied by cpu_transpose, not by
+    form: `mm`'s b is w^T, a view. A transposed a (weight gradients' grad^T) is copied by cpu_native, not by
     torch's slower copy inside the op."""
     if small_product(a.shape[0], a.shape[1], w.shape[0]):
         return torch.matmul(a, w.t())
-    return onednn_times_transposed(a if a.stride(-1) == 1 else cpu_transpose.transposed(a.t()), w)
+    return onednn_times_transposed(a if a.stride(-1) == 1 else cpu_native.transposed(a.t()), w)
 
 
 def _row_blocks(rows: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor]:

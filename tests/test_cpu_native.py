@@ -1,0 +1,138 @@
+"""The compiled kernels (runtime/kernels/cpu_native.py): the transpose equal to torch's x.t().contiguous() bit for
+bit on any shape (whole 16x16 tiles, edges, rows with gaps), the causal softmax within a few ulps of float64 with
+exact zeros where masked, both compiled once into the cache named by MP_CACHE_DIR with no files left behind, used
+where they should be (weight gradients, attention), and torch's ops wherever they cannot run (no compiler,
+MP_CPU_NATIVE=torch). Single process, small."""
+import shutil
+
+import pytest
+import torch
+
+from megatron_patch.errors import UserError
+from megatron_patch.runtime.kernels import cpu_attention, cpu_gemm, cpu_native
+
+EPS = torch.finfo(torch.float32).eps
+
+AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+COMPILER = shutil.which("cc") is not None
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """A cache of its own and no kernel loaded yet; the process's kernel comes back afterwards."""
+    monkeypatch.setenv(cpu_native.CACHE_ENV, str(tmp_path / "cache"))
+    kernel = cpu_native._library  # a test may replace it; monkeypatch puts it back after this teardown
+    kernel.cache_clear()
+    yield tmp_path / "cache"
+    kernel.cache_clear()
+
+
+@pytest.fixture
+def compiled(fresh):
+    if not (AVX512 and COMPILER):
+        pytest.skip("needs an AVX-512 CPU and a C compiler (cc) for the compiled kernel")
+    assert cpu_native.active()
+    return fresh
+
+
+# rows x cols: whole tiles, ragged edges on either side or both, one row, one column
+SHAPES = [(512, 768), (64, 48), (137, 256), (256, 137), (19, 300), (300, 19), (1, 2048), (2048, 1), (33, 33)]
+
+
+@pytest.mark.parametrize("rows,cols", SHAPES)
+def test_equals_torchs_transposed_copy_bit_for_bit(compiled, rows, cols):
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows * 7 + cols))
+    gapped = torch.randn(rows, cols + 9)[:, 4:4 + cols]  # rows with gaps between them (a column slice)
+    for t in (x, gapped):
+        out = cpu_native.transposed(t)
+        assert out.is_contiguous() and torch.equal(out, t.t().contiguous())
+
+
+def test_compiles_once_into_the_cache_and_leaves_no_temporary_files(compiled):
+    assert [p.suffix for p in compiled.iterdir()] == [".so"]
+    built = next(compiled.iterdir()).stat().st_mtime_ns
+    cpu_native._library.cache_clear()
+    assert cpu_native.active() and next(compiled.iterdir()).stat().st_mtime_ns == built  # reused, not rebuilt
+
+
+def test_torchs_copy_without_a_compiler_or_when_asked(fresh, monkeypatch):
+    x = torch.randn(100, 300)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert not cpu_native.active() and torch.equal(cpu_native.transposed(x), x.t().contiguous())
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    cpu_native._library.cache_clear()
+    assert not cpu_native.active() and list(fresh.iterdir()) == []  # nothing half-built left
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv(cpu_native.ENV, "torch")
+    cpu_native._library.cache_clear()
+    assert not cpu_native.active()
+    monkeypatch.setenv(cpu_native.ENV, "fast")
+    cpu_native._library.cache_clear()
+    with pytest.raises(UserError, match="MP_CPU_NATIVE"):
+        cpu_native.active()
+
+
+class Counted:
+    """The loaded library with each C function's calls counted."""
+
+    def __init__(self, library):
+        self.library, self.calls = library, []
+
+    def __getattr__(self, name):
+        function = getattr(self.library, name)
+        return lambda *args: (self.calls.append(name), function(*args))[1]
+
+
+def test_weight_gradients_transpose_through_the_kernel_with_torchs_bits(compiled, monkeypatch):
+    """grad^T @ x through oneDNN: the left operand copied by the kernel (counted), the same bits as torch's copy."""
+    if not cpu_gemm._onednn_linear_available():
+        pytest.skip("this torch has no oneDNN (mkldnn) linear")
+    monkeypatch.setenv(cpu_gemm.ENV, "onednn")
+    cpu_gemm.enabled.cache_clear()
+    g = torch.Generator().manual_seed(5)
+    grad, x = torch.randn(512, 384, generator=g), torch.randn(512, 256, generator=g)
+    counted = Counted(cpu_native._library())
+    monkeypatch.setattr(cpu_native, "_library", lambda: counted)
+    fast = cpu_gemm.addmm_(torch.zeros(384, 256), grad.t(), x)
+    assert counted.calls == ["mp_transpose_f32"]
+    monkeypatch.setattr(cpu_native, "_library", lambda: None)
+    assert torch.equal(fast, cpu_gemm.addmm_(torch.zeros(384, 256), grad.t(), x))
+    cpu_gemm.enabled.cache_clear()
+
+
+def test_attention_runs_its_softmax_and_transposes_on_the_kernels(compiled, monkeypatch):
+    """Per head: the causal softmax in the forward, dS^T and P^T in the backward (test_cpu_attention checks the
+    values against float64 on both paths)."""
+    g = torch.Generator().manual_seed(6)
+    q, k = (torch.randn(2, 4, 128, 32, generator=g, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 4, 128, 16, generator=g, requires_grad=True)
+    counted = Counted(cpu_native._library())
+    monkeypatch.setattr(cpu_native, "_library", lambda: counted)
+    cpu_attention.headwise_attention(q, k, v, 0.2, True).backward(torch.randn(2, 4, 128, 16, generator=g))
+    assert sorted(set(counted.calls)) == ["mp_causal_softmax_f32", "mp_transpose_f32"]
+    assert counted.calls.count("mp_causal_softmax_f32") == 8 and counted.calls.count("mp_transpose_f32") == 16
+
+
+@pytest.mark.parametrize("rows,cols", [(256, 256), (100, 37), (37, 100), (5, 300), (64, 16)])
+def test_causal_softmax_equals_float64_within_ulps_with_masked_entries_zero(compiled, rows, cols):
+    """Each probability within 4 eps of float64, relative, per unit of its exponent's argument (exp(x - max) carries
+    the rounding of x - max: 1 + |x - max|; torch's softmax meets the same bound, measured: 1.3 at most), exact
+    zeros above the diagonal; wide score ranges reach exp's underflow (0 where float64 is below fp32's smallest
+    normal)."""
+    for spread in (1.0, 30.0):
+        scores = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows + cols)) * spread
+        hidden = torch.ones(rows, cols, dtype=torch.bool).triu(1)
+        masked = scores.double().masked_fill(hidden, float("-inf"))
+        ref = torch.softmax(masked, -1)
+        argument = 1 + (masked.amax(-1, keepdim=True) - scores.double()).abs()
+        mine = scores.clone()
+        assert cpu_native.causal_softmax_(mine)
+        assert torch.equal(mine[hidden], torch.zeros(int(hidden.sum())))
+        err = ((mine.double() - ref).abs() - 4 * EPS * argument * ref).max().item()
+        assert err <= torch.finfo(torch.float32).tiny, f"error {err:.3g} over the bound"
+
+
+def test_causal_softmax_leaves_what_it_cannot_take_to_torch(compiled):
+    for scores in (torch.randn(8, 8), torch.randn(64, 64, dtype=torch.float64), torch.randn(64, 64).t()):
+        before = scores.clone()
+        assert not cpu_native.causal_softmax_(scores) and torch.equal(scores, before)
