@@ -43,3 +43,14 @@ def te_minis(tmp_path_factory):
     from te_harness import make_minis
 
     return make_minis(tmp_path_factory.mktemp("te-minis"))
+
+
+@pytest.fixture
+def torch_ops_only(monkeypatch):
+    """cpu_native's compiled kernels off (MP_CPU_NATIVE=torch): for tests of torch's own ops and their bits."""
+    from megatron_patch.runtime.kernels import cpu_native
+
+    monkeypatch.setenv(cpu_native.ENV, "torch")
+    cpu_native._library.cache_clear()
+    yield
+    cpu_native._library.cache_clear()

@@ -7,9 +7,10 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megatron_patch.errors import UserError
-from megatron_patch.runtime.kernels import cpu_attention, cpu_gemm, cpu_native
+from megatron_patch.runtime.kernels import cpu_attention, cpu_gemm, cpu_native, swiglu
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -130,6 +131,41 @@ def test_causal_softmax_equals_float64_within_ulps_with_masked_entries_zero(comp
         assert torch.equal(mine[hidden], torch.zeros(int(hidden.sum())))
         err = ((mine.double() - ref).abs() - 4 * EPS * argument * ref).max().item()
         assert err <= torch.finfo(torch.float32).tiny, f"error {err:.3g} over the bound"
+
+
+def _swiglu_float64(x, grad):
+    """float64 swiglu and dx, and each element's sum of |terms| (the bound's scale: silu' crosses zero)."""
+    x = x.double().requires_grad_()
+    gate, up = x.chunk(2, dim=-1)
+    out = F.silu(gate) * up
+    out.backward(grad.double())
+    s = torch.sigmoid(gate.detach())
+    g, u = gate.detach(), up.detach()
+    d_gate_scale = (grad.double() * u).abs() * s * (1 + g.abs() * (1 - s))
+    d_up_scale = (grad.double() * g * s).abs()
+    return out.detach(), x.grad, out.detach().abs(), torch.cat([d_gate_scale, d_up_scale], -1)
+
+
+@pytest.mark.parametrize("layout", ["2-D", "3-D", "rows with gaps"])
+def test_swiglu_forward_and_backward_equal_float64_within_ulps(compiled, layout):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(300, 2 * 200, generator=g) * 4  # 200 per half: 12 tiles and a ragged tail of 8
+    if layout == "3-D":
+        x = x.view(3, 100, 400)
+    elif layout == "rows with gaps":
+        x = torch.randn(300, 410, generator=g)[:, 5:405] * 4
+    grad = torch.randn(*x.shape[:-1], 200, generator=g)
+    counted = Counted(cpu_native._library())
+    leaf = x.clone().requires_grad_() if layout != "rows with gaps" else x.requires_grad_()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_native, "_library", lambda: counted)
+        out = swiglu.swiglu(leaf)
+        out.backward(grad)
+    assert counted.calls == ["mp_swiglu_f32", "mp_swiglu_backward_f32"]
+    ref_out, ref_dx, out_scale, dx_scale = _swiglu_float64(x.detach(), grad)
+    for name, mine, ref, scale in (("out", out, ref_out, out_scale), ("dx", leaf.grad, ref_dx, dx_scale)):
+        err = ((mine.double() - ref).abs() / scale.clamp_min(1e-30)).max().item()
+        assert err <= 8 * EPS, f"{name}: error {err / EPS:.1f} eps of sum|terms|"
 
 
 def test_causal_softmax_leaves_what_it_cannot_take_to_torch(compiled):

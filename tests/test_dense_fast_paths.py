@@ -54,7 +54,7 @@ def _glu(x):  # megatron's unfused MLP path (mlp.py glu with glu_linear_offset 0
     return F.silu(gate) * (linear + 0.0)
 
 
-def test_fused_swiglu_has_the_unfused_paths_bits():
+def test_fused_swiglu_has_the_unfused_paths_bits(torch_ops_only):  # the compiled pass: test_cpu_native
     from megatron.core.fusions import fused_bias_swiglu as fbs
 
     swiglu = _patched("megatron.core.fusions.fused_bias_swiglu.bias_swiglu_impl", fbs.bias_swiglu_impl)

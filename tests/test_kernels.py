@@ -280,7 +280,7 @@ def test_apply_rope_npu(layout, npu_double):
 # ----------------------------------------------------------------------------------------------------------------
 # swiglu
 # ----------------------------------------------------------------------------------------------------------------
-def test_swiglu_torch():
+def test_swiglu_torch(torch_ops_only):
     x = torch.randn(4, 5, 24, generator=gen(7))
     gate, up = x[..., :12], x[..., 12:]
     close(swiglu.swiglu(x), gate * torch.sigmoid(gate) * up)
@@ -288,7 +288,7 @@ def test_swiglu_torch():
     close(swiglu.swiglu(x), load_megatron_function("fusions/fused_bias_swiglu.py", "swiglu")(x))
 
 
-def test_swiglu_torch_backward_is_autograds():
+def test_swiglu_torch_backward_is_autograds(torch_ops_only):
     # the custom backward (one gradient tensor, no cat) runs autograd's own ops: the same bits
     x = torch.randn(4, 5, 24, generator=gen(9))
     grad_out = torch.randn(4, 5, 12, generator=gen(10))

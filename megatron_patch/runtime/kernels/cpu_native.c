@@ -84,3 +84,40 @@ void mp_causal_softmax_f32(float *x, int64_t rows, int64_t cols, int64_t ss, int
         for (int64_t j = n; j < cols; j++) row[j] = 0.0f;
     }
 }
+
+/* SwiGLU on rows of x = [gate | up] (row stride xs): out[i, j] = silu(gate) * up, silu(g) = g / (1 + e^-g) as
+   torch computes it; out [rows, half] contiguous. */
+void mp_swiglu_f32(const float *x, int64_t rows, int64_t half, int64_t xs, float *out) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < rows; i++) {
+        const float *gate = x + i * xs, *up = gate + half;
+        float *o = out + i * half;
+        for (int64_t j = 0; j < half; j += 16) {
+            __mmask16 k = first(half - j);
+            __m512 g = _mm512_maskz_loadu_ps(k, gate + j);
+            __m512 act = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            _mm512_mask_storeu_ps(o + j, k, _mm512_mul_ps(act, _mm512_maskz_loadu_ps(k, up + j)));
+        }
+    }
+}
+
+/* Its backward: dx = [dgate | dup] [rows, 2 * half] contiguous from grad [rows, half] (row stride gs) and x:
+   dup = grad * silu(g), dgate = (grad * up) * s * (1 + g * (1 - s)) with s = 1 / (1 + e^-g) (torch's
+   silu_backward). */
+void mp_swiglu_backward_f32(const float *grad, int64_t gs, const float *x, int64_t rows, int64_t half, int64_t xs,
+                            float *dx) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < rows; i++) {
+        const float *gate = x + i * xs, *up = gate + half, *dy = grad + i * gs;
+        float *dgate = dx + i * 2 * half, *dup = dgate + half;
+        for (int64_t j = 0; j < half; j += 16) {
+            __mmask16 k = first(half - j);
+            __m512 g = _mm512_maskz_loadu_ps(k, gate + j), d = _mm512_maskz_loadu_ps(k, dy + j);
+            __m512 denominator = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+            __m512 s = _mm512_div_ps(one, denominator);
+            _mm512_mask_storeu_ps(dup + j, k, _mm512_mul_ps(d, _mm512_div_ps(g, denominator)));
+            __m512 slope = _mm512_mul_ps(s, _mm512_fmadd_ps(g, _mm512_sub_ps(one, s), one));
+            _mm512_mask_storeu_ps(dgate + j, k, _mm512_mul_ps(_mm512_mul_ps(d, _mm512_maskz_loadu_ps(k, up + j)), slope));
+        }
+    }
+}

@@ -3,22 +3,31 @@
 import torch
 import torch.nn.functional as F
 
+from megatron_patch.runtime.kernels import cpu_native
+
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
     """Torch implementation. x's last dim is [gate | up] (Megatron's gated linear_fc1 layout)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _SwiGLU.apply(x)
+    out = cpu_native.swiglu(x)
+    if out is not None:
+        return out
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
 class _SwiGLU(torch.autograd.Function):
     """silu(gate) * up whose backward writes both halves of the gradient into one [..., 2I] tensor, where
-    autograd would make two and then concatenate them (a full extra copy). Same ops as autograd's, so the
-    same bits."""
+    autograd would make two and then concatenate them (a full extra copy). On AVX-512 CPUs one compiled pass each
+    way (cpu_native: its exp, within ulps of torch's); elsewhere autograd's own ops, so autograd's bits."""
 
     @staticmethod
     def forward(ctx, x):
+        out = cpu_native.swiglu(x)
+        if out is not None:  # one compiled pass; its backward recomputes the sigmoid from x
+            ctx.save_for_backward(x)
+            return out
         gate, up = x.chunk(2, dim=-1)
         act = F.silu(gate)
         ctx.save_for_backward(gate, up, act)
@@ -26,12 +35,23 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        gate, up, act = ctx.saved_tensors
-        half = gate.shape[-1]
-        grad_x = grad.new_empty(*grad.shape[:-1], 2 * half)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_x[..., :half])
-        torch.mul(grad, act, out=grad_x[..., half:])
-        return grad_x
+        if len(ctx.saved_tensors) == 1:
+            (x,) = ctx.saved_tensors
+            grad_x = cpu_native.swiglu_backward(grad, x)
+            if grad_x is not None:
+                return grad_x
+            gate, up = x.chunk(2, dim=-1)
+            return _backward(grad, gate, up, F.silu(gate))
+        return _backward(grad, *ctx.saved_tensors)
+
+
+def _backward(grad, gate, up, act):
+    """Autograd's ops for d(silu(gate) * up), both halves written into one tensor."""
+    half = gate.shape[-1]
+    grad_x = grad.new_empty(*grad.shape[:-1], 2 * half)
+    torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_x[..., :half])
+    torch.mul(grad, act, out=grad_x[..., half:])
+    return grad_x
 
 
 def swiglu_npu(x: torch.Tensor) -> torch.Tensor:
