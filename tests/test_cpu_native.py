@@ -168,6 +168,34 @@ def test_swiglu_forward_and_backward_equal_float64_within_ulps(compiled, layout)
         assert err <= 8 * EPS, f"{name}: error {err / EPS:.1f} eps of sum|terms|"
 
 
+def test_weighted_swiglu_equals_float64_within_ulps_and_its_forward_is_swiglus_times_the_prob(compiled):
+    """The experts' SwiGLU times each token's router probability: the forward the same bits as the compiled SwiGLU
+    times the probability (megatron's order), x's and the probabilities' gradients within 8 eps of float64's sum of
+    |terms|; each way one call."""
+    g = torch.Generator().manual_seed(9)
+    x, probs = torch.randn(300, 400, generator=g) * 4, torch.rand(300, generator=g)
+    grad = torch.randn(300, 200, generator=g)
+    counted = Counted(cpu_native._library())
+    leaves = x.clone().requires_grad_(), probs.clone().requires_grad_()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_native, "_library", lambda: counted)
+        out = swiglu.weighted_swiglu(*leaves)
+        out.backward(grad)
+    assert counted.calls == ["mp_swiglu_f32", "mp_swiglu_backward_f32"]
+    with torch.no_grad():
+        assert torch.equal(out, swiglu.swiglu(x) * probs[:, None])
+    _, _, act_scale, _ = _swiglu_float64(x, grad)
+    xd, pd = x.double().requires_grad_(), probs.double().requires_grad_()
+    gate, up = xd.chunk(2, dim=-1)
+    (F.silu(gate) * up * pd[:, None]).backward(grad.double())
+    _, _, _, dx_scale = _swiglu_float64(x, grad * probs[:, None])
+    dp_scale = (grad.double().abs() * act_scale).sum(-1)
+    for name, mine, ref, scale in (("dx", leaves[0].grad, xd.grad, dx_scale), ("dprobs", leaves[1].grad, pd.grad,
+                                                                              dp_scale)):
+        err = ((mine.double() - ref).abs() / scale.clamp_min(1e-30)).max().item()
+        assert err <= 8 * EPS, f"{name}: error {err / EPS:.1f} eps of sum|terms|"
+
+
 def test_causal_softmax_leaves_what_it_cannot_take_to_torch(compiled):
     for scores in (torch.randn(8, 8), torch.randn(64, 64, dtype=torch.float64), torch.randn(64, 64).t()):
         before = scores.clone()

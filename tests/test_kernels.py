@@ -63,6 +63,7 @@ def test_registry_with_torch_npu(npu_double):
     assert kernels.get("core_attention", "npu") is attention.core_attention_npu
     assert kernels.get("apply_rope", "npu") is rope.apply_rope_npu
     assert kernels.get("swiglu", "npu") is swiglu.swiglu_npu
+    assert kernels.get("weighted_swiglu", "npu") is swiglu.weighted_swiglu_npu
     assert kernels.get("grouped_matmul", "npu") is moe.grouped_matmul_npu
     assert kernels.get("permute", "npu") is moe.permute_npu
     assert kernels.get("unpermute", "npu") is moe.unpermute_npu
@@ -302,6 +303,8 @@ def test_swiglu_torch_backward_is_autograds(torch_ops_only):
 def test_swiglu_npu(npu_double):
     x = torch.randn(4, 5, 24, generator=gen(8))
     close(swiglu.swiglu_npu(x), swiglu.swiglu(x))
+    flat, probs = x.view(20, 24), torch.rand(20, generator=gen(9))
+    close(swiglu.weighted_swiglu_npu(flat, probs), swiglu.swiglu(flat) * probs[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -302,12 +302,11 @@ class PortableGroupedMLP(TEGroupedMLP):
         x = permuted_local_hidden_states
         device = x.device.type
         fc1 = self.linear_fc1.grouped_forward(x, tokens_per_expert)
+        # As SequentialMLP's MLP: scale by the router prob in the promoted dtype, then back.
         if self.config.gated_linear_unit:
             if self.config.activation_func is not torch.nn.functional.silu:
                 raise ValueError("grouped experts: a gated unit other than SwiGLU is not supported")
-            act = kernels.get("swiglu", device)(fc1)
+            act = kernels.get("weighted_swiglu", device)(fc1, permuted_probs)
         else:
-            act = self.config.activation_func(fc1)
-        # As SequentialMLP's MLP: scale by the router prob in the promoted dtype, then back.
-        act = (act * permuted_probs.unsqueeze(-1)).to(fc1.dtype)
+            act = (self.config.activation_func(fc1) * permuted_probs.unsqueeze(-1)).to(fc1.dtype)
         return self.linear_fc2.grouped_forward(act, tokens_per_expert), None

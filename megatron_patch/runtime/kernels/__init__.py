@@ -19,6 +19,7 @@ _KERNELS: Dict[str, Tuple[str, str, Optional[str]]] = {
     "apply_rope": ("rope", "apply_rope", "apply_rope_npu"),
     "deinterleave": ("rope", "deinterleave", None),
     "swiglu": ("swiglu", "swiglu", "swiglu_npu"),
+    "weighted_swiglu": ("swiglu", "weighted_swiglu", "weighted_swiglu_npu"),
     "grouped_matmul": ("moe", "grouped_matmul", "grouped_matmul_npu"),
     "permute": ("moe", "permute", "permute_npu"),
     "unpermute": ("moe", "unpermute", "unpermute_npu"),

@@ -85,39 +85,49 @@ void mp_causal_softmax_f32(float *x, int64_t rows, int64_t cols, int64_t ss, int
     }
 }
 
-/* SwiGLU on rows of x = [gate | up] (row stride xs): out[i, j] = silu(gate) * up, silu(g) = g / (1 + e^-g) as
-   torch computes it; out [rows, half] contiguous. */
-void mp_swiglu_f32(const float *x, int64_t rows, int64_t half, int64_t xs, float *out) {
+/* silu(g) = g / (1 + e^-g) as torch computes it, and its slope s * (1 + g * (1 - s)), s = 1 / (1 + e^-g) (torch's
+   silu_backward). */
+static inline __m512 silu16(__m512 g, __m512 *slope) {
     const __m512 one = _mm512_set1_ps(1.0f);
+    __m512 denominator = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+    __m512 s = _mm512_div_ps(one, denominator);
+    if (slope) *slope = _mm512_mul_ps(s, _mm512_fmadd_ps(g, _mm512_sub_ps(one, s), one));
+    return _mm512_div_ps(g, denominator);
+}
+
+/* SwiGLU on rows of x = [gate | up] (row stride xs), times each row's router probability p[i] where p is given
+   (the experts'; megatron's order: (silu(gate) * up) * p): out [rows, half] contiguous. Without p the product by
+   1 is exact: plain SwiGLU. */
+void mp_swiglu_f32(const float *x, int64_t rows, int64_t half, int64_t xs, const float *p, float *out) {
     for (int64_t i = 0; i < rows; i++) {
         const float *gate = x + i * xs, *up = gate + half;
+        const __m512 prob = _mm512_set1_ps(p ? p[i] : 1.0f);
         float *o = out + i * half;
         for (int64_t j = 0; j < half; j += 16) {
             __mmask16 k = first(half - j);
-            __m512 g = _mm512_maskz_loadu_ps(k, gate + j);
-            __m512 act = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-            _mm512_mask_storeu_ps(o + j, k, _mm512_mul_ps(act, _mm512_maskz_loadu_ps(k, up + j)));
+            __m512 y = _mm512_mul_ps(silu16(_mm512_maskz_loadu_ps(k, gate + j), 0), _mm512_maskz_loadu_ps(k, up + j));
+            _mm512_mask_storeu_ps(o + j, k, _mm512_mul_ps(y, prob));
         }
     }
 }
 
-/* Its backward: dx = [dgate | dup] [rows, 2 * half] contiguous from grad [rows, half] (row stride gs) and x:
-   dup = grad * silu(g), dgate = (grad * up) * s * (1 + g * (1 - s)) with s = 1 / (1 + e^-g) (torch's
-   silu_backward). */
-void mp_swiglu_backward_f32(const float *grad, int64_t gs, const float *x, int64_t rows, int64_t half, int64_t xs,
-                            float *dx) {
-    const __m512 one = _mm512_set1_ps(1.0f);
+/* Its backward: dx = [dgate | dup] [rows, 2 * half] contiguous from grad [rows, half] (row stride gs), with
+   d = grad * p: dup = d * silu(gate), dgate = (d * up) * slope; where p is given, dp[i] = sum_j grad * silu * up. */
+void mp_swiglu_backward_f32(const float *grad, int64_t gs, const float *x, const float *p, int64_t rows,
+                            int64_t half, int64_t xs, float *dx, float *dp) {
     for (int64_t i = 0; i < rows; i++) {
         const float *gate = x + i * xs, *up = gate + half, *dy = grad + i * gs;
+        const __m512 prob = _mm512_set1_ps(p ? p[i] : 1.0f);
         float *dgate = dx + i * 2 * half, *dup = dgate + half;
+        __m512 dot = _mm512_setzero_ps();
         for (int64_t j = 0; j < half; j += 16) {
             __mmask16 k = first(half - j);
-            __m512 g = _mm512_maskz_loadu_ps(k, gate + j), d = _mm512_maskz_loadu_ps(k, dy + j);
-            __m512 denominator = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
-            __m512 s = _mm512_div_ps(one, denominator);
-            _mm512_mask_storeu_ps(dup + j, k, _mm512_mul_ps(d, _mm512_div_ps(g, denominator)));
-            __m512 slope = _mm512_mul_ps(s, _mm512_fmadd_ps(g, _mm512_sub_ps(one, s), one));
-            _mm512_mask_storeu_ps(dgate + j, k, _mm512_mul_ps(_mm512_mul_ps(d, _mm512_maskz_loadu_ps(k, up + j)), slope));
+            __m512 slope, u = _mm512_maskz_loadu_ps(k, up + j), raw = _mm512_maskz_loadu_ps(k, dy + j);
+            __m512 act = silu16(_mm512_maskz_loadu_ps(k, gate + j), &slope), d = _mm512_mul_ps(raw, prob);
+            dot = _mm512_fmadd_ps(raw, _mm512_mul_ps(act, u), dot);
+            _mm512_mask_storeu_ps(dup + j, k, _mm512_mul_ps(d, act));
+            _mm512_mask_storeu_ps(dgate + j, k, _mm512_mul_ps(_mm512_mul_ps(d, u), slope));
         }
+        if (dp) dp[i] = _mm512_reduce_add_ps(dot);
     }
 }

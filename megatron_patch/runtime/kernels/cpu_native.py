@@ -5,8 +5,9 @@
   thread (measured: [512, 768] in 160 us, a plain clone in 35 us). Weight gradients (grad^T @ x) and attention's
   backward (dS^T Q, P^T dO) pay it on every call: ~6 % of a MoE training step here. 16x16 tiles moved through
   AVX-512 registers: 70 us for the same matrix. Same bits (a copy).
-- `swiglu(x)`, `swiglu_backward(grad, x)`: silu(gate) * up on x = [gate | up] and its gradient, each one pass
-  (torch: silu, then a product; the backward three ops and the forward's silu kept for it).
+- `swiglu(x, probs=None)`, `swiglu_backward(grad, x, probs=None)`: silu(gate) * up on x = [gate | up] (times
+  each token's router probability for the grouped experts) and its gradients, each one pass (torch: silu, then
+  products; the backward three ops or more, and the forward's silu kept for it).
 - `causal_softmax_(scores)`: softmax under the causal mask, in place, over the unmasked part of each row only
   (torch adds a -inf bias and exponentiates the whole row): [256, 256] in 16 us against 50. Its exp (Cephes'
   polynomial) and its sum order are its own: within the few ulps of torch's result (measured: the same error
@@ -68,8 +69,8 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
     "mp_transpose_f32": [_PTR, _I64, _I64, _I64, _PTR, _I64],
     "mp_causal_softmax_f32": [_PTR, _I64, _I64, _I64, _I64],
-    "mp_swiglu_f32": [_PTR, _I64, _I64, _I64, _PTR],
-    "mp_swiglu_backward_f32": [_PTR, _I64, _PTR, _I64, _I64, _I64, _PTR],
+    "mp_swiglu_f32": [_PTR, _I64, _I64, _I64, _PTR, _PTR],
+    "mp_swiglu_backward_f32": [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR],
 }
 
 
@@ -123,29 +124,35 @@ def causal_softmax_(scores: torch.Tensor) -> bool:
     return True
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor | None:
-    """x [..., n] as a [rows, n] matrix the kernels read (a view where x's layout allows), or None."""
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., n] as the [rows, n] matrix the kernels read (a view where x's layout allows, else a copy)."""
     rows = x.reshape(-1, x.shape[-1])
-    return rows if _fits(rows) else None
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def swiglu(x: torch.Tensor) -> torch.Tensor | None:
-    """silu(gate) * up for x [..., 2 * half] = [gate | up]; None where the kernel does not run."""
-    library, rows = _library(), _rows(x)
-    if library is None or rows is None or rows.shape[1] % 2:
-        return None
-    half = rows.shape[1] // 2
-    out = x.new_empty(*x.shape[:-1], half)
-    library.mp_swiglu_f32(rows.data_ptr(), rows.shape[0], half, rows.stride(0), out.data_ptr())
+def takes_swiglu(x: torch.Tensor, probs: torch.Tensor | None = None) -> bool:
+    """Whether `swiglu` runs for x [..., 2 * half] (and probs [tokens], one per row of x, fp32, contiguous)."""
+    return (active() and _fits(_rows(x)) and x.shape[-1] % 2 == 0
+            and (probs is None or (probs.dtype == torch.float32 and probs.is_contiguous()
+                                   and probs.numel() == x.numel() // x.shape[-1] and probs.dim() == 1)))
+
+
+def swiglu(x: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up for x [..., 2 * half] = [gate | up], times probs[:, None] where given (megatron's order),
+    where `takes_swiglu`."""
+    rows = _rows(x)
+    out = x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+    _library().mp_swiglu_f32(rows.data_ptr(), rows.shape[0], out.shape[-1], rows.stride(0),
+                             None if probs is None else probs.data_ptr(), out.data_ptr())
     return out
 
 
-def swiglu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    """d(swiglu)/dx [..., 2 * half] for grad [..., half]; None where the kernel does not run."""
-    library, rows, grad_rows = _library(), _rows(x), _rows(grad)
-    if library is None or rows is None or grad_rows is None or 2 * grad_rows.shape[1] != rows.shape[1]:
-        return None
+def swiglu_backward(grad: torch.Tensor, x: torch.Tensor, probs: torch.Tensor | None = None) -> tuple:
+    """(dx, dprobs) of `swiglu` for grad [..., half]; dprobs None without probs."""
+    rows, grad_rows = _rows(x), _rows(grad)
     dx = x.new_empty(x.shape)
-    library.mp_swiglu_backward_f32(grad_rows.data_ptr(), grad_rows.stride(0), rows.data_ptr(), rows.shape[0],
-                                   grad_rows.shape[1], rows.stride(0), dx.data_ptr())
-    return dx
+    dprobs = None if probs is None else probs.new_empty(probs.shape)
+    _library().mp_swiglu_backward_f32(grad_rows.data_ptr(), grad_rows.stride(0), rows.data_ptr(),
+                                      None if probs is None else probs.data_ptr(), rows.shape[0], grad_rows.shape[1],
+                                      rows.stride(0), dx.data_ptr(), None if probs is None else dprobs.data_ptr())
+    return dx, dprobs

@@ -10,9 +10,8 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     """Torch implementation. x's last dim is [gate | up] (Megatron's gated linear_fc1 layout)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _SwiGLU.apply(x)
-    out = cpu_native.swiglu(x)
-    if out is not None:
-        return out
+    if cpu_native.takes_swiglu(x):
+        return cpu_native.swiglu(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -24,10 +23,9 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        out = cpu_native.swiglu(x)
-        if out is not None:  # one compiled pass; its backward recomputes the sigmoid from x
+        if cpu_native.takes_swiglu(x):  # one compiled pass; its backward recomputes the sigmoid from x
             ctx.save_for_backward(x)
-            return out
+            return cpu_native.swiglu(x)
         gate, up = x.chunk(2, dim=-1)
         act = F.silu(gate)
         ctx.save_for_backward(gate, up, act)
@@ -36,12 +34,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if len(ctx.saved_tensors) == 1:
-            (x,) = ctx.saved_tensors
-            grad_x = cpu_native.swiglu_backward(grad, x)
-            if grad_x is not None:
-                return grad_x
-            gate, up = x.chunk(2, dim=-1)
-            return _backward(grad, gate, up, F.silu(gate))
+            return cpu_native.swiglu_backward(grad, *ctx.saved_tensors)[0]
         return _backward(grad, *ctx.saved_tensors)
 
 
@@ -52,6 +45,30 @@ def _backward(grad, gate, up, act):
     torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_x[..., :half])
     torch.mul(grad, act, out=grad_x[..., half:])
     return grad_x
+
+
+def weighted_swiglu(x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """(swiglu(x) * probs[..., None]).to(x.dtype): the experts' activation scaled by each token's router probability
+    (megatron's unfused order); one compiled pass each way where cpu_native takes it."""
+    if cpu_native.takes_swiglu(x, probs):
+        return _WeightedSwiGLU.apply(x, probs)
+    return (swiglu(x) * probs.unsqueeze(-1)).to(x.dtype)
+
+
+def weighted_swiglu_npu(x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    return (swiglu_npu(x) * probs.unsqueeze(-1)).to(x.dtype)
+
+
+class _WeightedSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, probs):
+        ctx.save_for_backward(x, probs)
+        return cpu_native.swiglu(x, probs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, probs = ctx.saved_tensors
+        return cpu_native.swiglu_backward(grad, x, probs)
 
 
 def swiglu_npu(x: torch.Tensor) -> torch.Tensor:
