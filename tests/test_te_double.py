@@ -150,8 +150,13 @@ def _te_run(rank, world, minis, tokens, local, work):
 def runs(te_minis, tmp_path_factory):
     minis = {f: str(d) for f, d in te_minis.items()}
     tokens = _tokens(vocab=400)
-    local = run_ranks(_local_run, 1, timeout=240, args=(minis, tokens))[0]
-    te = run_te_ranks(_te_run, 1, timeout=300, args=(minis, tokens, local, str(tmp_path_factory.mktemp("te-ckpt"))))[0]
+    # Both ranks run torch's SwiGLU (the TE double's MLP has its own; the local spec's compiled CPU pass rounds
+    # its exp differently): the same ops on both sides, so TE and local must agree to the bit.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MP_CPU_NATIVE", "torch")
+        local = run_ranks(_local_run, 1, timeout=240, args=(minis, tokens))[0]
+        te = run_te_ranks(_te_run, 1, timeout=300,
+                          args=(minis, tokens, local, str(tmp_path_factory.mktemp("te-ckpt"))))[0]
     hf = {f: hf_logits(d, tokens) for f, d in minis.items()}
     return tokens, local, te, hf
 

@@ -37,21 +37,25 @@ def measure_cases(rank: int, world: int, cases: list[dict]) -> list[dict]:
     case with steps=N, the peak RSS growth over the built model of N Adam steps (DDP grad buffer, optimizer
     state, activations: the first case of a run, as ru_maxrss never goes down). Run with MALLOC_MMAP_THRESHOLD_
     fixed in the environment so large tensors go back to the system when freed and RSS follows the live bytes.
-    Attention runs SDPA: a GPU/NPU run keeps fused attention's O(s) statistics, not the [s, s] probabilities of
-    the CPU head-wise path (kernels/cpu_attention.py), and the plan estimates the former."""
+    Attention runs SDPA and SwiGLU torch's ops, as on a GPU/NPU: fused attention keeps O(s) statistics, not the
+    [s, s] probabilities of the CPU head-wise path (kernels/cpu_attention.py), and SwiGLU keeps silu(gate) beside
+    fc1's output, which the compiled CPU pass (kernels/cpu_native.py) recomputes; the plan estimates the former."""
     import os
 
-    from megatron_patch.runtime.kernels import cpu_attention
+    from megatron_patch.runtime.kernels import cpu_attention, cpu_native
 
-    before = os.environ.get(cpu_attention.ENV)
-    os.environ[cpu_attention.ENV] = "sdpa"
+    before = {name: os.environ.get(name) for name in (cpu_attention.ENV, cpu_native.ENV)}
+    os.environ.update({cpu_attention.ENV: "sdpa", cpu_native.ENV: "torch"})
+    cpu_native._library.cache_clear()  # read once per process: again with this setting, and after it
     try:
         return [_measure(case) for case in cases]
     finally:
-        if before is None:
-            del os.environ[cpu_attention.ENV]
-        else:
-            os.environ[cpu_attention.ENV] = before
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+        cpu_native._library.cache_clear()
 
 
 def _measure(case: dict) -> dict:
