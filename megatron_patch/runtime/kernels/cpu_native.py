@@ -108,7 +108,7 @@ def transposed(x: torch.Tensor) -> torch.Tensor:
     library = _library()
     if library is None or not _fits(x):
         return x.t().contiguous()
-    out = torch.empty(x.shape[1], x.shape[0])
+    out = x.new_empty(x.shape[1], x.shape[0])
     library.mp_transpose_f32(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr(), x.shape[0])
     return out
 
@@ -149,7 +149,7 @@ def swiglu(x: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
 
 def swiglu_backward(grad: torch.Tensor, x: torch.Tensor, probs: torch.Tensor | None = None) -> tuple:
     """(dx, dprobs) of `swiglu` for grad [..., half]; dprobs None without probs."""
-    rows, grad_rows = _rows(x), _rows(grad)
+    rows, grad_rows = _rows(x), _rows(grad.float())  # the output's gradient: fp32 as the output (a no-op)
     dx = x.new_empty(x.shape)
     dprobs = None if probs is None else probs.new_empty(probs.shape)
     _library().mp_swiglu_backward_f32(grad_rows.data_ptr(), grad_rows.stride(0), rows.data_ptr(),
