@@ -17,7 +17,8 @@ the rows and the contraction into pieces whose sizes have at most SIGNIFICANT_BI
 128 + 2), about 8 sizes per power of two, all compiled after a few steps; shapes already of that form (the
 dense layers' 512, 1536, 384) stay one GEMM. Grouped experts (`grouped_times_transposed`) instead round each
 expert's rows up to such a size and run one GEMM over them, the next expert's rows riding along and dropped: up to
-1/8 more rows against a second, small GEMM per expert (+3.4 % on a MoE step, paired A/B). A oneDNN call also costs ~20 us before any arithmetic (MKL's ~3 us):
+1/8 more rows against a second, small GEMM per expert (+3.4 % on a MoE step, paired A/B).
+A oneDNN call also costs ~20 us before any arithmetic (MKL's ~3 us):
 products under MIN_FLOPS (the tails of those cuts, tiny layers) stay with torch's GEMM, which is faster there.
 """
 from __future__ import annotations
@@ -68,12 +69,17 @@ def _fits(a: torch.Tensor, w: torch.Tensor) -> bool:
             and a.numel() > 0 and w.numel() > 0)
 
 
+def _low_bits(n: int) -> int:
+    """How many low bits of n fall below its SIGNIFICANT_BITS leading ones (the bits a piece size drops)."""
+    return max(n.bit_length() - SIGNIFICANT_BITS, 0)
+
+
 @functools.lru_cache(maxsize=8192)
 def _piece_sizes(n: int) -> tuple:
     """`pieces`, cached: asked for on every GEMM."""
     sizes = []
     while n:
-        low = max(n.bit_length() - SIGNIFICANT_BITS, 0)
+        low = _low_bits(n)
         sizes.append((n >> low) << low)
         n -= sizes[-1]
     return tuple(sizes)
@@ -189,7 +195,7 @@ def grouped_times_transposed(x: torch.Tensor, weights, counts: list) -> torch.Te
 @functools.lru_cache(maxsize=8192)
 def _rounded_up(n: int) -> int:
     """n rounded up to at most SIGNIFICANT_BITS significant bits (137 -> 144): a size `pieces` keeps whole."""
-    low = max(n.bit_length() - SIGNIFICANT_BITS, 0)
+    low = _low_bits(n)
     return -(-n >> low) << low
 
 
