@@ -18,8 +18,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: venv
 	bash examples/demo.sh
 
+# Two pytest-xdist workers, one test file each at a time (files share module fixtures); multi-rank tests
+# spawn their own ranks on top. TEST_WORKERS=0 runs everything in this one process.
+TEST_WORKERS ?= 2
+
 test: venv
-	TORCHDYNAMO_DISABLE=1 $(BIN)/python -m pytest -q tests
+	TORCHDYNAMO_DISABLE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # Not part of `make test`: one-line bugs from megatron_patch/testing/mutant_list.py, each must fail its tests.
 mutants: venv
