@@ -53,14 +53,21 @@ def reference_and_bounds(q, k, v, grad, scale, causal):
     return (out.detach(), dq, dk, dv), (out_scale, dq_scale, dk_scale, dv_scale)
 
 
-@pytest.fixture(params=["compiled", "torch"])
+@pytest.fixture(params=["compiled", "compiled GEMMs", "torch"])
 def native(request, monkeypatch):
-    """cpu_native's compiled kernels (causal softmax, transposes) on, or torch's ops in their place."""
-    monkeypatch.setenv(cpu_native.ENV, "auto" if request.param == "compiled" else "torch")
+    """cpu_native's compiled kernels (causal softmax, transposes) on, or torch's ops in their place; "compiled
+    GEMMs": on one thread with MP_CPU_GEMM=auto, the products on cpu_native's GEMM as well (no oneDNN)."""
+    monkeypatch.setenv(cpu_native.ENV, "torch" if request.param == "torch" else "auto")
     cpu_native._library.cache_clear()
-    if request.param == "compiled" and not cpu_native.active():
+    if request.param != "torch" and not cpu_native.active():
         pytest.skip("cpu_native's kernels need an AVX-512 CPU and a C compiler")
+    threads = torch.get_num_threads()
+    if request.param == "compiled GEMMs":
+        monkeypatch.setenv(cpu_gemm.ENV, "auto")
+        cpu_gemm.reset()
+        torch.set_num_threads(1)
     yield request.param
+    torch.set_num_threads(threads)
     cpu_native._library.cache_clear()
 
 
@@ -75,7 +82,8 @@ def test_headwise_attention_equals_float64_within_ulps(onednn, native, case):
     with OpNames() as seen:
         out = attention.core_attention(*leaves, scale=scale, causal=causal)
         out.backward(grad)
-    assert "_linear_pointwise" in seen.names and not [n for n in seen.names if "scaled_dot_product" in n]
+    assert ("_linear_pointwise" in seen.names) == (native != "compiled GEMMs")
+    assert not [n for n in seen.names if "scaled_dot_product" in n]
     refs, scales = reference_and_bounds(q, k, v, grad, scale, causal)
     for name, mine, ref, bound in zip(("out", "dq", "dk", "dv"), (out, *(t.grad for t in leaves)), refs, scales):
         err = ((mine.double() - ref).abs() / bound.clamp_min(1e-300)).max().item()  # keys no query sees: 0 and 0
@@ -99,11 +107,11 @@ def test_sdpa_keeps_small_products_masks_and_large_score_matrices(onednn, monkey
 
 def test_torch_gemms_keep_sdpa(monkeypatch):
     monkeypatch.setenv(cpu_gemm.ENV, "torch")
-    cpu_gemm.enabled.cache_clear()
+    cpu_gemm.reset()
     try:
         assert not cpu_attention.takes(*[megatron_layout(1, 2, 256, 64, i) for i in range(3)])
     finally:
-        cpu_gemm.enabled.cache_clear()
+        cpu_gemm.reset()
 
 
 def test_the_sdpa_setting_keeps_sdpa_and_a_typo_is_refused(onednn, monkeypatch):

@@ -29,9 +29,9 @@ def onednn(monkeypatch):
     if not cpu_gemm._onednn_linear_available():
         pytest.skip("this torch has no oneDNN (mkldnn) linear")
     monkeypatch.setenv(cpu_gemm.ENV, "onednn")
-    cpu_gemm.enabled.cache_clear()
+    cpu_gemm.reset()
     yield
-    cpu_gemm.enabled.cache_clear()
+    cpu_gemm.reset()
 
 
 def gen(seed):
@@ -129,14 +129,14 @@ def test_other_dtypes_and_the_torch_setting_keep_torchs_gemm(onednn, monkeypatch
     b = torch.randn(32, 8, generator=gen(11)).bfloat16()
     assert torch.equal(cpu_gemm.mm(a, b), a @ b)
     monkeypatch.setenv(cpu_gemm.ENV, "torch")
-    cpu_gemm.enabled.cache_clear()
+    cpu_gemm.reset()
     assert not cpu_gemm.enabled()
     a, b = a.float(), b.float()
     with OpNames() as seen:
         assert torch.equal(cpu_gemm.mm(a, b), a @ b)
     assert "_linear_pointwise" not in seen.names
     monkeypatch.setenv(cpu_gemm.ENV, "mkl")
-    cpu_gemm.enabled.cache_clear()
+    cpu_gemm.reset()
     with pytest.raises(UserError, match="MP_CPU_GEMM='mkl': use auto, onednn or torch"):
         cpu_gemm.enabled()
 

@@ -13,6 +13,7 @@ from megatron_patch.errors import UserError
 from megatron_patch.runtime.kernels import cpu_attention, cpu_gemm, cpu_native, swiglu
 
 EPS = torch.finfo(torch.float32).eps
+ULPS = 8  # as test_cpu_gemm: a few eps of the sum of |terms|
 
 AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 COMPILER = shutil.which("cc") is not None
@@ -89,7 +90,7 @@ def test_weight_gradients_transpose_through_the_kernel_with_torchs_bits(compiled
     if not cpu_gemm._onednn_linear_available():
         pytest.skip("this torch has no oneDNN (mkldnn) linear")
     monkeypatch.setenv(cpu_gemm.ENV, "onednn")
-    cpu_gemm.enabled.cache_clear()
+    cpu_gemm.reset()
     g = torch.Generator().manual_seed(5)
     grad, x = torch.randn(512, 384, generator=g), torch.randn(512, 256, generator=g)
     counted = Counted(cpu_native._library())
@@ -98,12 +99,14 @@ def test_weight_gradients_transpose_through_the_kernel_with_torchs_bits(compiled
     assert counted.calls == ["mp_transpose_f32"]
     monkeypatch.setattr(cpu_native, "_library", lambda: None)
     assert torch.equal(fast, cpu_gemm.addmm_(torch.zeros(384, 256), grad.t(), x))
-    cpu_gemm.enabled.cache_clear()
+    cpu_gemm.reset()
 
 
 def test_attention_runs_its_softmax_and_transposes_on_the_kernels(compiled, monkeypatch):
-    """Per head: the causal softmax in the forward, dS^T and P^T in the backward (test_cpu_attention checks the
-    values against float64 on both paths)."""
+    """Per head, with oneDNN's GEMMs: the causal softmax in the forward, dS^T and P^T in the backward
+    (test_cpu_attention checks the values against float64 on both paths)."""
+    monkeypatch.setenv(cpu_gemm.ENV, "onednn")
+    cpu_gemm.reset()
     g = torch.Generator().manual_seed(6)
     q, k = (torch.randn(2, 4, 128, 32, generator=g, requires_grad=True) for _ in range(2))
     v = torch.randn(2, 4, 128, 16, generator=g, requires_grad=True)
@@ -112,6 +115,78 @@ def test_attention_runs_its_softmax_and_transposes_on_the_kernels(compiled, monk
     cpu_attention.headwise_attention(q, k, v, 0.2, True).backward(torch.randn(2, 4, 128, 16, generator=g))
     assert sorted(set(counted.calls)) == ["mp_causal_softmax_f32", "mp_transpose_f32"]
     assert counted.calls.count("mp_causal_softmax_f32") == 8 and counted.calls.count("mp_transpose_f32") == 16
+    cpu_gemm.reset()
+
+
+@pytest.fixture
+def one_thread():
+    """This process on one thread, where cpu_native's GEMM runs (it is single-threaded)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _operand(rows, cols, layout, seed):
+    """[rows, cols] with contiguous rows, contiguous columns (a transposed view) or neither (a strided slice)."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "rows":
+        return torch.randn(rows, cols, generator=g)
+    if layout == "columns":
+        return torch.randn(cols, rows, generator=g).t()
+    return torch.randn(rows * 2, cols * 3, generator=g)[::2, 1::3]
+
+
+# m x k x n: whole 12 x 32 blocks, ragged edges, one row/column, k over one 256 block, n over one 512 block
+GEMM_SHAPES = [(96, 256, 64), (137, 48, 80), (1, 300, 1), (13, 1, 33), (40, 700, 97), (25, 64, 1100), (3, 5, 7)]
+
+
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
+def test_gemm_equals_float64_within_ulps_at_any_strides_and_accumulates(compiled, m, k, n):
+    """Against float64: within ULPS eps of the sum of |terms| (a wrong block, edge or stride is off by O(1)); into an
+    output whose rows have gaps; accumulating adds to what is there."""
+    for a_layout in ("rows", "columns", "strided"):
+        for b_layout in ("rows", "columns", "strided"):
+            a, b = _operand(m, k, a_layout, m + k), _operand(k, n, b_layout, k + n)
+            ref, scale = a.double() @ b.double(), a.double().abs() @ b.double().abs()
+            out = cpu_native.gemm(a, b)
+            assert out.shape == (m, n)
+            assert ((out.double() - ref).abs() <= ULPS * EPS * scale).all(), (a_layout, b_layout)
+            base = torch.randn(m, n + 5)
+            into, before, around = base[:, 2:2 + n], base[:, 2:2 + n].clone(), base.clone()
+            cpu_native.gemm(a, b, into, accumulate=True)
+            bound = ULPS * EPS * (scale + before.double().abs())
+            assert ((into.double() - (ref + before.double())).abs() <= bound).all(), (a_layout, b_layout)
+            assert torch.equal(base[:, :2], around[:, :2]) and torch.equal(base[:, 2 + n:], around[:, 2 + n:])
+
+
+def test_cpu_gemm_runs_the_compiled_gemm_on_one_thread_only(compiled, one_thread, monkeypatch):
+    """One thread: linear products, accumulated weight gradients and grouped experts on the kernel, within ulps of
+    float64; more threads: oneDNN's threaded GEMMs (or torch's), not the single-threaded kernel."""
+    g = torch.Generator().manual_seed(9)
+    x, w, grad = torch.randn(3, 50, 64, generator=g), torch.randn(96, 64, generator=g), torch.randn(150, 96, generator=g)
+    counts = [40, 0, 77, 33]
+    experts = [torch.randn(48, 64, generator=g) for _ in counts]
+    counted = Counted(cpu_native._library())
+    monkeypatch.setattr(cpu_native, "_library", lambda: counted)
+    y = cpu_gemm.times_transposed(x, w)
+    main_grad = torch.randn(96, 64, generator=g)
+    before = main_grad.clone()
+    cpu_gemm.addmm_(main_grad, grad.t(), x.reshape(150, 64))
+    grouped = cpu_gemm.grouped_times_transposed(x.reshape(150, 64), experts, counts)
+    assert counted.calls == ["mp_gemm_f32"] * 5  # 1 + 1 + one per expert with rows
+    rows = x.reshape(150, 64).double()
+    want = torch.cat([r @ e.double().t() for r, e in zip(rows.split(counts), experts)])
+    for out, ref, scale in ((y.double(), x.double() @ w.double().t(), x.double().abs() @ w.double().abs().t()),
+                            (main_grad.double() - before.double(), grad.double().t() @ rows,
+                             grad.double().abs().t() @ rows.abs() + before.double().abs()),
+                            (grouped.double(), want, torch.cat([r.abs() @ e.double().abs().t()
+                                                               for r, e in zip(rows.split(counts), experts)]))):
+        assert ((out - ref).abs() <= ULPS * EPS * scale).all()
+    torch.set_num_threads(2)
+    counted.calls.clear()
+    cpu_gemm.times_transposed(x, w)
+    assert "mp_gemm_f32" not in counted.calls
 
 
 @pytest.mark.parametrize("rows,cols", [(256, 256), (100, 37), (37, 100), (5, 300), (64, 16)])

@@ -54,7 +54,9 @@ def _softmax(scores: torch.Tensor, causal: bool) -> torch.Tensor:
     return torch.softmax(scores.add_(_causal_bias(*scores.shape)), dim=-1)
 
 
-_lp = cpu_gemm.onednn_times_transposed  # a @ w^T on oneDNN at any size (`takes` leaves small heads to SDPA)
+def _lp(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a @ w^T for one head, at any size (`takes` leaves small heads to SDPA), a and w any strides."""
+    return cpu_gemm.matrix_times_transposed(a, w, small_bar=0)
 
 
 def _each_head(t: torch.Tensor, transposed: bool = False) -> tuple:
@@ -103,7 +105,7 @@ class _HeadwiseAttention(torch.autograd.Function):
                                             ctx.kv_of):
             dscores = torch._softmax_backward_data(_lp(dout, values[kv]), p, -1, torch.float32)
             dq.append(_lp(dscores, keys_t[kv]))
-            dk.append(_lp(cpu_native.transposed(dscores), q_t))
-            dv.append(_lp(cpu_native.transposed(p), dout_t))
+            dk.append(_lp(dscores.t(), q_t))
+            dv.append(_lp(p.t(), dout_t))
         return (torch.stack(dq).view(qs.shape).mul_(ctx.scale), _sum_per_kv_head(dk, ctx.kv_of, k),
                 _sum_per_kv_head(dv, ctx.kv_of, v), None, None)

@@ -8,6 +8,10 @@
 - `swiglu(x, probs=None)`, `swiglu_backward(grad, x, probs=None)`: silu(gate) * up on x = [gate | up] (times
   each token's router probability for the grouped experts) and its gradients, each one pass (torch: silu, then
   products; the backward three ops or more, and the forward's silu kept for it).
+- `gemm(a, b, out=None, accumulate=False)`: a @ b (or out += a @ b) on one thread for operands of any strides:
+  BLIS's loop order, the right operand packed, the left one read in place, a 12 x 32 AVX-512 micro-kernel. About
+  oneDNN's speed on the products of a training step (180-210 GFLOP/s on one Zen 5 core) without its ~20 us per
+  call and per-shape compilation (kernels/cpu_gemm.py routes to it).
 - `causal_softmax_(scores)`: softmax under the causal mask, in place, over the unmasked part of each row only
   (torch adds a -inf bias and exponentiates the whole row): [256, 256] in 16 us against 50. Its exp (Cephes'
   polynomial) and its sum order are its own: within the few ulps of torch's result (measured: the same error
@@ -65,13 +69,15 @@ def _build(compiler: str) -> Path:
 
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-# C function -> argument types (all return void)
+# C function -> argument types (void unless in _RETURNS)
 _SIGNATURES = {
     "mp_transpose_f32": [_PTR, _I64, _I64, _I64, _PTR, _I64],
     "mp_causal_softmax_f32": [_PTR, _I64, _I64, _I64, _I64],
     "mp_swiglu_f32": [_PTR, _I64, _I64, _I64, _PTR, _PTR],
     "mp_swiglu_backward_f32": [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR],
+    "mp_gemm_f32": [_I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, ctypes.c_int],
 }
+_RETURNS = {"mp_gemm_f32": ctypes.c_int}
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,7 +94,7 @@ def _library():
         return None
     for name, argtypes in _SIGNATURES.items():
         function = getattr(library, name)
-        function.restype, function.argtypes = None, argtypes
+        function.restype, function.argtypes = _RETURNS.get(name), argtypes
     return library
 
 
@@ -156,3 +162,23 @@ def swiglu_backward(grad: torch.Tensor, x: torch.Tensor, probs: torch.Tensor | N
                                       None if probs is None else probs.data_ptr(), rows.shape[0], grad_rows.shape[1],
                                       rows.stride(0), dx.data_ptr(), None if probs is None else dprobs.data_ptr())
     return dx, dprobs
+
+
+def takes_gemm(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `gemm` runs a @ b: 2-D fp32 CPU matrices, this process on one thread (the kernel is single-threaded:
+    with more, oneDNN's threaded GEMMs are the faster choice)."""
+    return (active() and a.dim() == 2 and b.dim() == 2 and a.dtype == b.dtype == torch.float32
+            and a.device.type == b.device.type == "cpu" and torch.get_num_threads() == 1)
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+    """out = a @ b, or out += a @ b with accumulate, where `takes_gemm(a, b)`: a [m, k], b [k, n] of any strides
+    (transposed views are read as they are); out [m, n] fp32 with contiguous rows, new when None. No autograd."""
+    m, k = a.shape
+    n = b.shape[1]
+    if out is None:
+        out = a.new_empty(m, n)
+    if m and n and _library().mp_gemm_f32(m, n, k, a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(),
+                                           b.stride(0), b.stride(1), out.data_ptr(), out.stride(0), accumulate):
+        raise MemoryError(f"cpu_native.gemm: no memory for the packing buffer of a {m}x{k}x{n} product")
+    return out
