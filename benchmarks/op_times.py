@@ -26,6 +26,7 @@ ATTENTION = frozenset({
 })
 KINDS = ("gemm", "attention", "other_ops", "between_ops")
 _counted_as = []  # innermost `counted_as` kind, if any
+_timers = []  # the OpTimes in use, innermost last
 
 
 def counted_as(kind: str, fn):
@@ -42,21 +43,46 @@ def counted_as(kind: str, fn):
     return call
 
 
+def timed_as(kind: str, fn):
+    """fn, a kernel that is not an aten op (a compiled library called through ctypes), timed as `kind` as a whole
+    (the aten ops it runs, such as its output's allocation, included and not counted again); inside `counted_as`,
+    as that kind."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not _timers or _timers[-1].inside_kernel:
+            return fn(*args, **kwargs)
+        timer, start = _timers[-1], time.perf_counter()
+        timer.inside_kernel = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            timer.inside_kernel = False
+            timer.seconds[_counted_as[-1] if _counted_as else kind] += time.perf_counter() - start
+
+    return call
+
+
 class OpTimes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.seconds = dict.fromkeys(KINDS[:3], 0.0)
         self.wall = 0.0
+        self.inside_kernel = False  # within a `timed_as` kernel: its ops are part of its time
 
     def __enter__(self):
         self._start = time.perf_counter()
+        _timers.append(self)
         return super().__enter__()
 
     def __exit__(self, *exc):
         self.wall += time.perf_counter() - self._start
+        _timers.remove(self)
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.inside_kernel:
+            return func(*args, **(kwargs or {}))
         start = time.perf_counter()
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
