@@ -222,7 +222,7 @@ def grouped_times_transposed(x: torch.Tensor, weights, counts: list) -> torch.Te
     if not (_fits(x, weights[0]) and x.dim() == 2):
         return torch.cat([torch.matmul(rows, w.t()) for rows, w in zip(x.split(counts), weights)])
     if native(x, weights[0]):  # each expert's rows straight into its rows of the output: no cat, no padding
-        out, start = x.new_empty(x.shape[0], weights[0].shape[0]), 0
+        out, start = x.new_empty(sum(counts), weights[0].shape[0]), 0
         for n, w in zip(counts, weights):
             if n:
                 cpu_native.gemm(x.narrow(0, start, n), w.t(), out.narrow(0, start, n))
