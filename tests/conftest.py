@@ -56,6 +56,17 @@ def torch_ops_only(monkeypatch):
     cpu_native._library.cache_clear()
 
 
+@pytest.fixture
+def one_thread():
+    """This process on one thread, where cpu_native's GEMM runs (it is single-threaded)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # `make test` runs the files on two pytest-xdist workers, one file per worker at a time (--dist loadfile), in
 # collection order. These files take the longest (measured: about 1-4 minutes each on a 2-core box); started
 # first, they leave the short files to fill in at the end instead of one long file running alone.

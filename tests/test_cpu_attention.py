@@ -61,13 +61,11 @@ def native(request, monkeypatch):
     cpu_native._library.cache_clear()
     if request.param != "torch" and not cpu_native.active():
         pytest.skip("cpu_native's kernels need an AVX-512 CPU and a C compiler")
-    threads = torch.get_num_threads()
     if request.param == "compiled GEMMs":
         monkeypatch.setenv(cpu_gemm.ENV, "auto")
         cpu_gemm.reset()
-        torch.set_num_threads(1)
+        request.getfixturevalue("one_thread")
     yield request.param
-    torch.set_num_threads(threads)
     cpu_native._library.cache_clear()
 
 

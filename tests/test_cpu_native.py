@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from megatron_patch.errors import UserError
 from megatron_patch.runtime.kernels import cpu_attention, cpu_gemm, cpu_native, swiglu
+from test_cpu_gemm import onednn  # noqa: F401  (the fixture forcing oneDNN GEMMs on)
 
 EPS = torch.finfo(torch.float32).eps
 ULPS = 8  # as test_cpu_gemm: a few eps of the sum of |terms|
@@ -85,12 +86,8 @@ class Counted:
         return lambda *args: (self.calls.append(name), function(*args))[1]
 
 
-def test_weight_gradients_transpose_through_the_kernel_with_torchs_bits(compiled, monkeypatch):
+def test_weight_gradients_transpose_through_the_kernel_with_torchs_bits(compiled, onednn, monkeypatch):
     """grad^T @ x through oneDNN: the left operand copied by the kernel (counted), the same bits as torch's copy."""
-    if not cpu_gemm._onednn_linear_available():
-        pytest.skip("this torch has no oneDNN (mkldnn) linear")
-    monkeypatch.setenv(cpu_gemm.ENV, "onednn")
-    cpu_gemm.reset()
     g = torch.Generator().manual_seed(5)
     grad, x = torch.randn(512, 384, generator=g), torch.randn(512, 256, generator=g)
     counted = Counted(cpu_native._library())
@@ -99,14 +96,11 @@ def test_weight_gradients_transpose_through_the_kernel_with_torchs_bits(compiled
     assert counted.calls == ["mp_transpose_f32"]
     monkeypatch.setattr(cpu_native, "_library", lambda: None)
     assert torch.equal(fast, cpu_gemm.addmm_(torch.zeros(384, 256), grad.t(), x))
-    cpu_gemm.reset()
 
 
-def test_attention_runs_its_softmax_and_transposes_on_the_kernels(compiled, monkeypatch):
+def test_attention_runs_its_softmax_and_transposes_on_the_kernels(compiled, onednn, monkeypatch):
     """Per head, with oneDNN's GEMMs: the causal softmax in the forward, dS^T and P^T in the backward
     (test_cpu_attention checks the values against float64 on both paths)."""
-    monkeypatch.setenv(cpu_gemm.ENV, "onednn")
-    cpu_gemm.reset()
     g = torch.Generator().manual_seed(6)
     q, k = (torch.randn(2, 4, 128, 32, generator=g, requires_grad=True) for _ in range(2))
     v = torch.randn(2, 4, 128, 16, generator=g, requires_grad=True)
@@ -115,16 +109,6 @@ def test_attention_runs_its_softmax_and_transposes_on_the_kernels(compiled, monk
     cpu_attention.headwise_attention(q, k, v, 0.2, True).backward(torch.randn(2, 4, 128, 16, generator=g))
     assert sorted(set(counted.calls)) == ["mp_causal_softmax_f32", "mp_transpose_f32"]
     assert counted.calls.count("mp_causal_softmax_f32") == 8 and counted.calls.count("mp_transpose_f32") == 16
-    cpu_gemm.reset()
-
-
-@pytest.fixture
-def one_thread():
-    """This process on one thread, where cpu_native's GEMM runs (it is single-threaded)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _operand(rows, cols, layout, seed):
